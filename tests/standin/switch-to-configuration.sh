@@ -1,0 +1,30 @@
+#!/bin/sh
+# Stand-in for NixOS' switch-to-configuration, driven by files in
+# /var/lib/standin (the test world's control panel):
+#   fail      store paths whose activation exits 4 (after switching, like NixOS)
+#   hang      store paths whose activation waits while the file lists them
+#   activate-hook   an executable run first with (system, action)
+PATH=/usr/bin:/bin:$PATH
+self=@out@
+action="$1"
+ctl=/var/lib/standin
+mkdir -p "$ctl"
+echo "$self $action marker=${NIXOS_AUTODEPLOY_ACTIVATION:-}" >> "$ctl/activations.log"
+case "$action" in
+  switch|boot|test|dry-activate) ;;
+  *) echo "switch-to-configuration: unknown action $action" >&2; exit 1 ;;
+esac
+if [ -x "$ctl/activate-hook" ]; then "$ctl/activate-hook" "$self" "$action"; fi
+while [ -f "$ctl/hang" ] && grep -qxF "$self" "$ctl/hang"; do sleep 0.05; done
+echo "activating the configuration... ($action $self)"
+case "$action" in
+  switch|test) ln -sfn "$self" /run/current-system ;;
+esac
+case "$action" in
+  switch|boot) echo "$self" > "$ctl/boot-default" ;;
+esac
+if [ -f "$ctl/fail" ] && grep -qxF "$self" "$ctl/fail"; then
+  echo "warning: the following units failed: standin-broken.service" >&2
+  exit 4
+fi
+exit 0

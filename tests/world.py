@@ -1,0 +1,398 @@
+"""The test world: real nix, a signed binary cache on 127.0.0.1, isolated hosts.
+
+One harness for the tests, the demo and the benchmark:
+
+- ``build_world(dir)`` builds stand-in NixOS toplevels (tests/standin/) with
+  the real ``nix-build`` in a private mount namespace whose /nix is a
+  directory of ours, and copies them into a signed ``file://`` binary cache.
+- ``PointerServer`` serves that cache and the pointers over HTTP on 127.0.0.1.
+- ``Host`` is an isolated "NixOS host": every command runs in ``unshare -m``
+  with per-host directories bind-mounted over /nix, /run and /var/lib, so the
+  agent runs with its real default paths and an initially empty store that it
+  fills by substitution from the cache.  Stand-ins for systemctl,
+  systemd-run, kexec (and a nix-env wrapper) are first on PATH.
+
+Nothing outside the given directories changes; the machine needs root and
+``unshare``.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+AGENT = REPO / "autodeploy.py"
+STANDIN = HERE / "standin"
+STANDIN_BIN = STANDIN / "bin"
+METRICS = "/var/lib/prometheus-node-exporter-text/nixos-autodeploy.prom"
+
+# What the world builds: name -> arguments of tests/standin/systems.nix.
+SYSTEMS: dict[str, dict[str, object]] = {
+    "a": {},
+    "b": {},
+    "c": {},
+    "d": {},
+    "k": {"kernelVersion": "6.6"},          # another kernel than a/b/c/d
+    "notsystem": {"isSystem": False},       # a valid store path, not a system
+    "foreign": {"platform": "aarch64-linux"},
+    "missing": {},                          # built, never copied to the cache
+}
+
+
+def missing_prerequisites() -> str | None:
+    """Why the real-nix tests cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "needs root (mount namespaces and bind mounts over /nix, /run, /var/lib)"
+    for tool in ("unshare", "nix-build", "nix-store", "nix-env", "nix"):
+        if shutil.which(tool) is None:
+            return f"needs {tool} on PATH (Debian: apt-get install nix-bin util-linux)"
+    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True)
+    if probe.returncode != 0:
+        return f"needs `unshare -m` to work: {probe.stderr.decode().strip()}"
+    return None
+
+
+def base_nix_config(extra: str = "") -> str:
+    return "\n".join([
+        "sandbox = false",
+        "build-users-group =",
+        "experimental-features = nix-command",
+        "substituters =",
+        "fsync-metadata = false",
+        extra,
+    ])
+
+
+def in_namespace(binds: dict[str, Path], argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+    script = " && ".join(f'mount --bind "{src}" {dst}' for dst, src in binds.items())
+    cmd = ["unshare", "-m", "--propagation", "private", "/bin/sh", "-c",
+           script + ' && exec "$@"', "sh", *argv]
+    return subprocess.run(cmd, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Building the world
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class World:
+    root: Path
+    cache: Path
+    public_key: str
+    secret_key: Path
+    paths: dict[str, str]
+    drv: str
+
+    def path(self, name: str) -> str:
+        return self.paths[name]
+
+
+def build_world(root: Path, systems: dict[str, dict[str, object]] | None = None) -> World:
+    """Build the stand-in systems and a signed binary cache under ``root``."""
+    systems = SYSTEMS if systems is None else systems
+    root.mkdir(parents=True, exist_ok=True)
+    store = root / "build-nix"
+    cache = root / "cache"
+    store.mkdir(exist_ok=True)
+    cache.mkdir(exist_ok=True)
+    sk, pk = root / "cache.sk", root / "cache.pk"
+    if not sk.exists():
+        subprocess.run(["nix-store", "--generate-binary-cache-key", "autodeploy-test-cache-1", sk, pk],
+                       check=True, capture_output=True)
+    env = dict(os.environ, NIX_CONFIG=base_nix_config())
+    script = ["set -e"]
+    for name, args in systems.items():
+        argstr = " ".join(
+            f"--arg {k} {json.dumps(v) if not isinstance(v, bool) else str(v).lower()}"
+            if not isinstance(v, str) else f"--argstr {k} {v}" for k, v in args.items())
+        script.append(f"p=$(nix-build --no-out-link {STANDIN}/systems.nix --argstr name {name} {argstr})")
+        script.append(f'echo "{name} $p" >> {root}/paths.txt')
+        if name != "missing":
+            script.append(f"nix copy --to 'file://{cache}?secret-key={sk}&compression=none' $p")
+    script.append(f"nix-instantiate {STANDIN}/systems.nix --argstr name drvonly --add-root {root}/drv.gcroot "
+                  f"> {root}/drv.txt")
+    (root / "paths.txt").unlink(missing_ok=True)
+    result = in_namespace({"/nix": store}, ["/bin/sh", "-c", "\n".join(script)],
+                          env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"building the test world failed:\n{result.stdout}\n{result.stderr}")
+    paths = dict(line.split(" ", 1) for line in (root / "paths.txt").read_text().splitlines())
+    drv = (root / "drv.txt").read_text().strip()
+    return World(root, cache, pk.read_text().strip(), sk, paths, drv)
+
+
+# ---------------------------------------------------------------------------
+# HTTP: the binary cache and the pointers on 127.0.0.1
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Route:
+    body: bytes = b""
+    status: int = 200
+    delay: float = 0.0
+    headers: dict[str, str] = field(default_factory=dict)
+    etag: bool = False
+    content_type: str = "text/plain"
+    hook: Callable[[dict[str, str]], None] | None = None
+
+
+class PointerServer:
+    """Serves ``/cache/...`` from the binary cache directory and pointers set
+    by the test at any other path.  Records every request."""
+
+    def __init__(self, cache: Path) -> None:
+        self.cache = cache
+        self.routes: dict[str, Route] = {}
+        self.requests: list[dict[str, object]] = []
+        self.unreachable = False
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                server.requests.append({"path": self.path, "headers": dict(self.headers.items()),
+                                        "time": time.time()})
+                if server.unreachable and not self.path.startswith("/cache/"):
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if self.path.startswith("/cache/"):
+                    return self.serve_file(server.cache / self.path[len("/cache/"):])
+                route = server.routes.get(self.path)
+                if route is None:
+                    self.send_response(404)
+                    self.send_header("Content-Length", "9")
+                    self.end_headers()
+                    self.wfile.write(b"not found")
+                    return
+                if route.hook:
+                    route.hook(dict(self.headers.items()))
+                if route.delay:
+                    time.sleep(route.delay)
+                etag = f'"{hash(route.body) & 0xffffffff:x}"'
+                if route.etag and self.headers.get("If-None-Match") == etag:
+                    self.send_response(304)
+                    self.send_header("ETag", etag)
+                    self.end_headers()
+                    return
+                self.send_response(route.status)
+                self.send_header("Content-Type", route.content_type)
+                self.send_header("Content-Length", str(len(route.body)))
+                if route.etag:
+                    self.send_header("ETag", etag)
+                for k, v in route.headers.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(route.body)
+
+            def serve_file(self, path: Path) -> None:
+                try:
+                    data = path.resolve().read_bytes()
+                    if not str(path.resolve()).startswith(str(server.cache.resolve())):
+                        raise FileNotFoundError
+                except (FileNotFoundError, IsADirectoryError):
+                    self.send_response(404)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def cache_url(self) -> str:
+        return f"{self.base}/cache"
+
+    def set(self, path: str, body: bytes | str, **kwargs: object) -> str:
+        data = body.encode() if isinstance(body, str) else body
+        self.routes[path] = Route(data, **kwargs)  # type: ignore[arg-type]
+        return self.base + path
+
+    def pointer(self, store_path: str, path: str = "/pointer", **kwargs: object) -> str:
+        return self.set(path, store_path + "\n", **kwargs)
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+# ---------------------------------------------------------------------------
+# An isolated host
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+class Host:
+    """A NixOS host stand-in: its own /nix (store + profiles), /run and /var/lib."""
+
+    def __init__(self, root: Path, world: World, server: PointerServer,
+                 python: str = sys.executable) -> None:
+        self.root, self.world, self.server, self.python = root, world, server, python
+        self.nix, self.run_dir, self.var_lib = root / "nix", root / "run", root / "var-lib"
+        for d in (self.nix, self.run_dir, self.var_lib):
+            d.mkdir(parents=True, exist_ok=True)
+        self.env = {
+            "PATH": f"{STANDIN_BIN}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+            "NIX_CONFIG": base_nix_config(
+                f"substituters = {server.cache_url}\n"
+                f"trusted-public-keys = {world.public_key}\n"
+                "connect-timeout = 5\nstalled-download-timeout = 10\n"),
+            "HOME": str(root),
+            "LANG": "C.UTF-8",
+            "TZ": "UTC",
+        }
+
+    # -- running things inside the host -----------------------------------
+
+    @property
+    def binds(self) -> dict[str, Path]:
+        return {"/nix": self.nix, "/run": self.run_dir, "/var/lib": self.var_lib}
+
+    def sh(self, script: str, check: bool = True) -> RunResult:
+        r = in_namespace(self.binds, ["/bin/sh", "-c", script], env=self.env, capture_output=True, text=True)
+        if check and r.returncode != 0:
+            raise RuntimeError(f"host command failed ({r.returncode}): {script}\n{r.stdout}\n{r.stderr}")
+        return RunResult(r.returncode, r.stdout, r.stderr)
+
+    def agent_argv(self, *args: str) -> list[str]:
+        return [self.python, str(AGENT), *args]
+
+    def agent(self, *args: str, env: dict[str, str] | None = None, timeout: float = 120) -> RunResult:
+        r = in_namespace(self.binds, self.agent_argv(*args), env={**self.env, **(env or {})},
+                         capture_output=True, text=True, timeout=timeout)
+        return RunResult(r.returncode, r.stdout, r.stderr)
+
+    def agent_background(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+        script = " && ".join(f'mount --bind "{src}" {dst}' for dst, src in self.binds.items())
+        cmd = ["unshare", "-m", "--propagation", "private", "/bin/sh", "-c", script + ' && exec "$@"', "sh",
+               *self.agent_argv(*args)]
+        return subprocess.Popen(cmd, env={**self.env, **(env or {})}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    def once(self, url: str, *args: str, env: dict[str, str] | None = None) -> RunResult:
+        return self.agent("--once", "--url", url, "--prometheus-path", METRICS, *args, env=env)
+
+    # -- installing and inspecting ------------------------------------------
+
+    def install(self, system: str) -> None:
+        """The host as installed: `system` in store, profile, current and booted."""
+        self.sh(f"set -e; nix-store --realise {system} >/dev/null; "
+                f"/usr/bin/nix-env -p /nix/var/nix/profiles/system --set {system}; "
+                f"ln -sfn {system} /run/current-system; ln -sfn {system} /run/booted-system; "
+                f"mkdir -p /var/lib/standin; echo {system} > /var/lib/standin/boot-default")
+
+    def link(self, path: str) -> str | None:
+        """The store path a host symlink resolves to (seen from outside)."""
+        mapping = {"/nix": self.nix, "/run": self.run_dir, "/var/lib": self.var_lib}
+        current = path
+        for _ in range(10):
+            if current.startswith("/nix/store/") and current.count("/") == 3:
+                return current
+            outside = next((str(v) + current[len(k):] for k, v in mapping.items() if current.startswith(k + "/")),
+                           None)
+            if outside is None or not os.path.islink(outside):
+                return None
+            target = os.readlink(outside)
+            current = os.path.normpath(os.path.join(os.path.dirname(current), target))
+        return None
+
+    @property
+    def current(self) -> str | None:
+        return self.link("/run/current-system")
+
+    @property
+    def booted(self) -> str | None:
+        return self.link("/run/booted-system")
+
+    @property
+    def profile(self) -> str | None:
+        return self.link("/nix/var/nix/profiles/system")
+
+    def ctl(self, name: str) -> Path:
+        d = self.var_lib / "standin"
+        d.mkdir(parents=True, exist_ok=True)
+        return d / name
+
+    def calls(self) -> list[str]:
+        p = self.ctl("calls.log")
+        return p.read_text().splitlines() if p.exists() else []
+
+    def activations(self) -> list[str]:
+        p = self.ctl("activations.log")
+        return p.read_text().splitlines() if p.exists() else []
+
+    def state(self) -> dict:
+        p = self.var_lib / "nixos-autodeploy" / "state.json"
+        return json.loads(p.read_text()) if p.exists() else {}
+
+    def metrics_text(self) -> str:
+        return (self.var_lib / METRICS[len("/var/lib/"):]).read_text()
+
+    def metrics(self) -> dict[str, float]:
+        """Samples of the metrics file, keyed by `name{labels}` as written."""
+        out = {}
+        for line in self.metrics_text().splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                out[key] = float(value)
+        return out
+
+    def store_has(self, path: str) -> bool:
+        return (self.nix / "store" / os.path.basename(path)).exists()
+
+    def reboot(self) -> None:
+        """Simulate a reboot: /run is wiped; the boot loader's default boots."""
+        default = self.ctl("boot-default").read_text().strip()
+        for entry in self.run_dir.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        os.symlink(default, self.run_dir / "current-system")
+        os.symlink(default, self.run_dir / "booted-system")
+
+    def kill_orphans(self) -> None:
+        """Kill stand-in "units" left running (e.g. a hanging activation)."""
+        units = self.run_dir / "standin-units"
+        if units.exists():
+            for f in units.iterdir():
+                try:
+                    os.killpg(int(f.read_text()), signal.SIGKILL)
+                except (OSError, ValueError):
+                    pass
