@@ -122,8 +122,7 @@ def build_world(root: Path, systems: dict[str, dict[str, object]] | None = None)
         script.append(f'echo "{name} $p" >> {root}/paths.txt')
         if name != "missing":
             script.append(f"nix copy --to 'file://{cache}?secret-key={sk}&compression=none' $p")
-    script.append(f"nix-instantiate {STANDIN}/systems.nix --argstr name drvonly --add-root {root}/drv.gcroot "
-                  f"> {root}/drv.txt")
+    script.append(f"nix-instantiate --no-gc-warning {STANDIN}/systems.nix --argstr name drvonly > {root}/drv.txt")
     (root / "paths.txt").unlink(missing_ok=True)
     result = in_namespace({"/nix": store}, ["/bin/sh", "-c", "\n".join(script)],
                           env=env, capture_output=True, text=True)
