@@ -445,7 +445,7 @@ def switch_to_configuration(system: str, action: str) -> None:
 
 
 def activation_unit_active() -> bool:
-    result = run(["systemctl", "is-active", "--quiet", f"{ACTIVATION_UNIT}.service"], check=False)
+    result = run(["systemctl", "is-active", "--quiet", f"{ACTIVATION_UNIT}.service"], check=False, capture=True)
     return result.returncode == 0
 
 
@@ -1030,6 +1030,9 @@ class Agent:
         if state.intent and not cfg.dry_run:
             self.recover()
         pointer = self.fetch_pointer()
+        if state.quarantined and state.quarantined != pointer.path and not cfg.dry_run:
+            log(f"upstream moved on from the quarantined {state.quarantined}: quarantine lifted")
+            state.quarantined = state.quarantine_reason = None
         host = read_host()
         log(f"current={host.current} booted={host.booted} profile={host.profile} "
             f"deployed={state.deployed} upstream={pointer.path}")

@@ -373,8 +373,8 @@ def test_two_concurrent_runs_second_exits_at_once(host, world, server):
         assert host.state()["deployed"] == world.path("a")
     finally:
         host.ctl("hang").unlink()
-        out, err = first.communicate(timeout=60)
-    assert first.returncode == 0, err
+        first.wait(timeout=60)
+    assert first.returncode == 0, first.log_path.read_text()
     assert host.current == b and host.state()["deployed"] == b
 
 

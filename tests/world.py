@@ -158,6 +158,7 @@ class PointerServer:
         self.routes: dict[str, Route] = {}
         self.requests: list[dict[str, object]] = []
         self.unreachable = False
+        self.cache_delay = 0.0
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -204,6 +205,8 @@ class PointerServer:
                 self.wfile.write(route.body)
 
             def serve_file(self, path: Path) -> None:
+                if server.cache_delay:
+                    time.sleep(server.cache_delay)
                 try:
                     data = path.resolve().read_bytes()
                     if not str(path.resolve()).startswith(str(server.cache.resolve())):
@@ -301,8 +304,14 @@ class Host:
         script = " && ".join(f'mount --bind "{src}" {dst}' for dst, src in self.binds.items())
         cmd = ["unshare", "-m", "--propagation", "private", "/bin/sh", "-c", script + ' && exec "$@"', "sh",
                *self.agent_argv(*args)]
-        return subprocess.Popen(cmd, env={**self.env, **(env or {})}, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        # Output goes to a file, as the journal would take it: a unit started
+        # with `systemd-run --pipe` keeps writing there after the agent died.
+        self._bg = getattr(self, "_bg", 0) + 1
+        log = self.root / f"agent-background-{self._bg}.log"
+        with open(log, "w") as out:
+            proc = subprocess.Popen(cmd, env={**self.env, **(env or {})}, stdout=out, stderr=subprocess.STDOUT)
+        proc.log_path = log  # type: ignore[attr-defined]
+        return proc
 
     def once(self, url: str, *args: str, env: dict[str, str] | None = None) -> RunResult:
         return self.agent("--once", "--url", url, "--prometheus-path", METRICS, *args, env=env)
