@@ -432,7 +432,7 @@ def switch_to_configuration(system: str, action: str) -> None:
     """Activate through a transient unit so the activation survives our own
     service being stopped or restarted by that very activation."""
     os.makedirs(RUNTIME_DIR, exist_ok=True)
-    atomic_write(ACTIVATING_MARKER, f"{os.getpid()} {system} {action}\n")
+    atomic_write(ACTIVATING_MARKER, f"{os.getpid()}\n")
     try:
         run(["systemd-run", f"--unit={ACTIVATION_UNIT}", f"--setenv={ACTIVATION_ENV}=1",
              "--wait", "--pipe", "--collect", "--quiet", "--no-ask-password",

@@ -9,7 +9,13 @@ self=@out@
 action="$1"
 ctl=/var/lib/standin
 mkdir -p "$ctl"
-echo "$self $action marker=${NIXOS_AUTODEPLOY_ACTIVATION:-}" >> "$ctl/activations.log"
+# The agent marks its own activation twice (see module.nix): an environment
+# variable, and its PID in /run/nixos-autodeploy/activating.  marker=1 only
+# when both are there and the PID is alive.
+marker="${NIXOS_AUTODEPLOY_ACTIVATION:-}"
+pid=$(cat /run/nixos-autodeploy/activating 2>/dev/null || true)
+if [ -n "$marker" ] && ! { [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; }; then marker="env-only"; fi
+echo "$self $action marker=$marker" >> "$ctl/activations.log"
 case "$action" in
   switch|boot|test|dry-activate) ;;
   *) echo "switch-to-configuration: unknown action $action" >&2; exit 1 ;;

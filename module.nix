@@ -1,0 +1,559 @@
+# NixOS module for nixos-autodeploy: `system.autoDeploy`.
+#
+# Usage (without flakes): imports = [ /path/to/nixos-autodeploy/module.nix ];
+# With flakes: imports = [ inputs.nixos-autodeploy.nixosModules.default ];
+{
+  config,
+  lib,
+  pkgs,
+  utils,
+  ...
+}:
+
+let
+  inherit (lib)
+    literalExpression
+    mkEnableOption
+    mkIf
+    mkMerge
+    mkOption
+    optional
+    optionals
+    types
+    ;
+
+  cfg = config.system.autoDeploy;
+
+  defaultStateDir = "/var/lib/nixos-autodeploy";
+  unitName = "nixos-autodeploy.service";
+  triggerUnitName = "nixos-autodeploy-trigger.service";
+  # Name of the systemd credential holding the bearer token; the agent reads
+  # it from $CREDENTIALS_DIRECTORY/<name> (the `%d` specifier).
+  tokenCredential = "token";
+
+  # An absolute path given as a *string*, so that it is never copied into the
+  # world-readable Nix store: a Nix path literal (./token) is rejected instead
+  # of being silently imported. `types.externalPath` is recent; fall back on
+  # older nixpkgs.
+  externalPathType =
+    if types ? externalPath then
+      types.externalPath
+    else if types ? pathWith then
+      types.pathWith {
+        absolute = true;
+        inStore = false;
+      }
+    else
+      types.strMatching "/.*";
+
+  trustedKeysFile =
+    if cfg.trustedKeysFile != null then
+      # A path literal is copied to the store on purpose (public keys); a
+      # string is used as it is, on the host.
+      (if builtins.isPath cfg.trustedKeysFile then "${cfg.trustedKeysFile}" else cfg.trustedKeysFile)
+    else if cfg.trustedKeys != [ ] then
+      pkgs.writeText "nixos-autodeploy-trusted-keys" (lib.concatLines cfg.trustedKeys)
+    else
+      null;
+
+  opt = flag: value: optionals (value != null) [ flag (toString value) ];
+
+  # argv of the agent, every element a separate argument: escaped for systemd
+  # below, never glued together with string concatenation.
+  agentArgs = [
+    "${cfg.package}/bin/nixos-autodeploy"
+    "--once"
+    "--url"
+    cfg.url
+    "--switch-mode"
+    cfg.switchMode
+    "--timeout"
+    (toString cfg.timeout)
+    "--health-timeout"
+    (toString cfg.healthTimeout)
+  ]
+  ++ opt "--reboot-mode" cfg.rebootMode
+  ++ opt "--reboot-window" cfg.rebootWindow
+  ++ opt "--prometheus-path" cfg.prometheusFilePath
+  ++ optionals (cfg.stateDir != defaultStateDir) [
+    "--state-dir"
+    cfg.stateDir
+  ]
+  ++ lib.concatMap (check: [
+    "--health-check"
+    check
+  ]) cfg.healthChecks
+  ++ optional (!cfg.connectivityCheck) "--no-connectivity-check"
+  ++ opt "--trusted-keys" trustedKeysFile
+  ++ opt "--signature-url" cfg.signatureUrl
+  ++ opt "--hostname" cfg.hostname
+  ++ opt "--json-field" cfg.jsonField
+  ++ opt "--on-success" cfg.onSuccess
+  ++ opt "--on-failure" cfg.onFailure
+  ++ cfg.extraArgs;
+
+  # utils.escapeSystemdExecArgs JSON-quotes every argument and doubles `%` and
+  # `$`, so nothing the user writes is expanded by systemd. The token path is
+  # the one place where we *want* a specifier: `%d` is the unit's credentials
+  # directory ($CREDENTIALS_DIRECTORY, systemd >= 248). It is a constant and is
+  # appended unquoted on purpose.
+  execStart =
+    utils.escapeSystemdExecArgs agentArgs
+    + lib.optionalString (cfg.tokenFile != null) " --token-file %d/${tokenCredential}";
+
+  stateDirectory =
+    if lib.hasPrefix "/var/lib/" cfg.stateDir then lib.removePrefix "/var/lib/" cfg.stateDir else null;
+
+  # --- Trigger after a manual activation --------------------------------------
+  #
+  # Someone ran `nixos-rebuild switch` (or `test`) by hand: run the agent once
+  # right away so that nixos_autodeploy_dirty is correct at once, not one
+  # interval later.
+  #
+  # How: switch-to-configuration reads /run/nixos/activation-restart-list after
+  # the activation script ran, and starts every unit listed there that is not
+  # active. We *append* (several modules share that file) the name of a tiny
+  # helper unit, nixos-autodeploy-trigger.service, which runs
+  # `systemctl start --no-block nixos-autodeploy.service`. We do not list
+  # nixos-autodeploy.service itself: it is Type=oneshot, and
+  # switch-to-configuration waits for its start jobs, so `nixos-rebuild switch`
+  # would block for a whole agent run; and if that run deploys, the agent's own
+  # switch-to-configuration would wait forever for the lock held by the manual
+  # one (deadlock).
+  #
+  # Our own activation must not trigger anything. The agent runs
+  #   systemd-run --unit=nixos-autodeploy-activation \
+  #     --setenv=NIXOS_AUTODEPLOY_ACTIVATION=1 --wait ... switch-to-configuration
+  # and switch-to-configuration (both the Rust -ng and the Perl version) runs
+  # the activation script as a plain child process that inherits its
+  # environment, so the variable is visible below. As a second, independent
+  # marker the agent writes its PID to /run/nixos-autodeploy/activating before
+  # systemd-run and removes it afterwards; the marker only counts while that
+  # process is alive, so a crashed agent cannot silence the trigger (and
+  # /run/nixos-autodeploy is the unit's RuntimeDirectory, removed when the unit
+  # stops). Even without both markers nothing would be killed:
+  # nixos-autodeploy.service has restartIfChanged = false, so an active agent
+  # listed in the restart list is skipped, never restarted.
+  #
+  # Only switch/test activations count (NIXOS_ACTION is set by
+  # switch-to-configuration); the activation at boot does not trigger (the
+  # timer's OnBootSec does that), and dry-activate does not run this snippet.
+  activationSnippet = ''
+    case "''${NIXOS_ACTION-}" in
+      switch|test)
+        _autodeploy_own=0
+        if [ "''${NIXOS_AUTODEPLOY_ACTIVATION-}" = 1 ]; then
+          _autodeploy_own=1
+        elif [ -f /run/nixos-autodeploy/activating ]; then
+          _autodeploy_pid=$(cat /run/nixos-autodeploy/activating 2>/dev/null || true)
+          case "$_autodeploy_pid" in
+            "" | *[!0-9]*) ;;
+            *) if kill -0 "$_autodeploy_pid" 2>/dev/null; then _autodeploy_own=1; fi ;;
+          esac
+        fi
+        if [ "$_autodeploy_own" = 0 ]; then
+          mkdir -p /run/nixos
+          echo ${triggerUnitName} >> /run/nixos/activation-restart-list
+        fi
+        unset _autodeploy_own _autodeploy_pid
+        ;;
+    esac
+  '';
+in
+{
+  options.system.autoDeploy = {
+    enable = mkEnableOption "nixos-autodeploy, the pull-based deployment agent";
+
+    package = mkOption {
+      type = types.package;
+      default = pkgs.callPackage ./package.nix { nix = config.nix.package; };
+      defaultText = literalExpression "pkgs.callPackage ./package.nix { nix = config.nix.package; }";
+      example = literalExpression "inputs.nixos-autodeploy.packages.\${pkgs.stdenv.hostPlatform.system}.default";
+      description = ''
+        The agent package. The default runs `autodeploy.py` with a Python 3
+        and a {env}`PATH` holding the system's Nix, systemd, kexec-tools and
+        OpenSSH.
+      '';
+    };
+
+    url = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "https://cache.example.org/pointers/web-1";
+      description = ''
+        URL of the pointer: a text file holding the store path of this host's
+        system (or a JSON document, see {option}`system.autoDeploy.jsonField`).
+        Required when the agent is enabled.
+      '';
+    };
+
+    interval = mkOption {
+      type = types.str;
+      default = "*:0/5";
+      example = "hourly";
+      description = ''
+        When the agent polls the pointer, as a calendar event
+        (`OnCalendar=`) in the format described in {manpage}`systemd.time(7)`.
+
+        The default, every five minutes, is cheap: a poll that finds nothing
+        new is one conditional HTTP request (`If-None-Match`/`If-Modified-Since`)
+        and spawns no Nix process, while a new pointer or a manual change
+        (the dirty metric) shows up within minutes. Use
+        {option}`system.autoDeploy.randomizedDelay` to spread a fleet.
+      '';
+    };
+
+    randomizedDelay = mkOption {
+      type = types.str;
+      default = "0";
+      example = "4min";
+      description = ''
+        Random delay added to every timer run (`RandomizedDelaySec=`), a time
+        span as described in {manpage}`systemd.time(7)`. The delay is fixed
+        per host (`FixedRandomDelay=true`), so a fleet is spread evenly and
+        each host keeps a regular rhythm. Keep it below
+        {option}`system.autoDeploy.interval`.
+      '';
+    };
+
+    switchMode = mkOption {
+      type = types.enum [
+        "switch"
+        "boot"
+        "smart"
+      ];
+      default = "switch";
+      example = "smart";
+      description = ''
+        How a new system is activated: `switch` activates it now, `boot`
+        makes it the boot default only (it takes effect at the next reboot),
+        `smart` switches unless the kernel, initrd or systemd changed, in
+        which case it behaves like `boot`. Passed as `--switch-mode`.
+      '';
+    };
+
+    rebootMode = mkOption {
+      type = types.nullOr (
+        types.enum [
+          "reboot"
+          "kexec"
+        ]
+      );
+      default = null;
+      example = "reboot";
+      description = ''
+        What to do when the deployed system needs a reboot (boot or smart
+        mode): `null` never reboots (the metric
+        `nixos_autodeploy_reboot_required` says so), `reboot` reboots,
+        `kexec` boots the new kernel directly. Passed as `--reboot-mode`.
+      '';
+    };
+
+    rebootWindow = mkOption {
+      type = types.nullOr (
+        types.strMatching "([01][0-9]|2[0-3]):[0-5][0-9]-([01][0-9]|2[0-3]):[0-5][0-9]"
+      );
+      default = null;
+      example = "02:00-05:00";
+      description = ''
+        Local time window `HH:MM-HH:MM` (it may wrap midnight) outside of
+        which the agent does not reboot; `null` allows any time. Passed as
+        `--reboot-window`.
+      '';
+    };
+
+    wireNodeExporter = mkOption {
+      type = types.bool;
+      default = config.services.prometheus.exporters.node.enable;
+      defaultText = literalExpression "config.services.prometheus.exporters.node.enable";
+      example = false;
+      description = ''
+        Whether to hook the agent's metrics into the Prometheus node
+        exporter: creates {option}`system.autoDeploy.textfileDirectory`,
+        points the exporter's textfile collector at it
+        (`--collector.textfile.directory`) and makes it the default location of
+        {option}`system.autoDeploy.prometheusFilePath`.
+      '';
+    };
+
+    textfileDirectory = mkOption {
+      type = externalPathType;
+      default = "/var/lib/prometheus-node-exporter-text";
+      example = "/run/prometheus-textfiles";
+      description = ''
+        Directory read by the node exporter's textfile collector when
+        {option}`system.autoDeploy.wireNodeExporter` is enabled.
+      '';
+    };
+
+    prometheusFilePath = mkOption {
+      type = types.nullOr externalPathType;
+      default =
+        if cfg.wireNodeExporter then "${cfg.textfileDirectory}/nixos-autodeploy.prom" else null;
+      defaultText = literalExpression ''
+        if config.system.autoDeploy.wireNodeExporter
+        then "''${config.system.autoDeploy.textfileDirectory}/nixos-autodeploy.prom"
+        else null
+      '';
+      example = "/var/lib/prometheus-node-exporter-text/nixos-autodeploy.prom";
+      description = ''
+        Where the agent writes its metrics in the Prometheus text format
+        (atomically, on every run); `null` writes none. Passed as
+        `--prometheus-path`.
+      '';
+    };
+
+    stateDir = mkOption {
+      type = externalPathType;
+      default = defaultStateDir;
+      example = "/persist/nixos-autodeploy";
+      description = ''
+        Directory for the agent's state (what it deployed, counters,
+        quarantine, suspension). Below {file}`/var/lib` it is managed with
+        `StateDirectory=`, elsewhere with a tmpfiles rule. Passed as
+        `--state-dir` when it differs from the default.
+      '';
+    };
+
+    timeout = mkOption {
+      type = types.ints.positive;
+      default = 30;
+      example = 10;
+      description = "Timeout of each HTTP request, in seconds. Passed as `--timeout`.";
+    };
+
+    healthChecks = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [
+        "systemctl is-active nginx.service"
+        "curl -fsS http://localhost:8080/health"
+      ];
+      description = ''
+        Commands run with `/bin/sh -c` after an activation; if one fails
+        (or they take longer than {option}`system.autoDeploy.healthTimeout`)
+        the agent rolls back. Each is passed as `--health-check`.
+      '';
+    };
+
+    healthTimeout = mkOption {
+      type = types.ints.positive;
+      default = 120;
+      example = 300;
+      description = "Overall time limit of the health checks, in seconds. Passed as `--health-timeout`.";
+    };
+
+    connectivityCheck = mkOption {
+      type = types.bool;
+      default = true;
+      example = false;
+      description = ''
+        Whether the agent checks, after an activation, that it can still fetch
+        the pointer (and rolls back otherwise). `false` passes
+        `--no-connectivity-check`.
+      '';
+    };
+
+    trustedKeys = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [ "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJd4bmNxDPMJgwPUd0KgYHeFvVXbBHiTNm0GlzGlxyTL ci@example" ];
+      description = ''
+        Public keys (OpenSSH format, or allowed-signers lines) allowed to
+        sign pointers. When not empty, pointers must carry a valid signature.
+        They are written to a file in the Nix store that is passed as
+        `--trusted-keys`. Mutually exclusive with
+        {option}`system.autoDeploy.trustedKeysFile`.
+      '';
+    };
+
+    trustedKeysFile = mkOption {
+      type = types.nullOr types.path;
+      default = null;
+      example = "/etc/nixos-autodeploy/allowed_signers";
+      description = ''
+        An allowed-signers file, or a file of SSH public keys, to use instead
+        of {option}`system.autoDeploy.trustedKeys` (for keys managed outside
+        of the configuration). Passed as `--trusted-keys`.
+      '';
+    };
+
+    signatureUrl = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "https://cache.example.org/pointers/web-1.sig";
+      description = ''
+        URL of the pointer's signature; `null` means the pointer URL with
+        `.sig` appended. Passed as `--signature-url`.
+      '';
+    };
+
+    hostname = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "web-1";
+      description = ''
+        Host name that signed pointers must name; `null` uses the machine's
+        host name. Passed as `--hostname`.
+      '';
+    };
+
+    tokenFile = mkOption {
+      type = types.nullOr externalPathType;
+      default = null;
+      example = "/run/secrets/nixos-autodeploy-token";
+      description = ''
+        File holding a bearer token sent with every request
+        (`Authorization: Bearer`). Give it as a string: it is never copied to
+        the Nix store. The file is handed to the service with systemd's
+        `LoadCredential=` (it may be readable by root only) and the agent gets
+        `--token-file %d/${tokenCredential}`, i.e. a path below
+        {env}`CREDENTIALS_DIRECTORY`.
+      '';
+    };
+
+    jsonField = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "buildoutputs.out.path";
+      description = ''
+        Treat the pointer as JSON (for example a Hydra build) and take the
+        store path from this dotted field. Passed as `--json-field`.
+      '';
+    };
+
+    onSuccess = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "curl -fsS -X POST https://chat.example.org/hook -d deployed";
+      description = "Command (`/bin/sh -c`) run after a successful deploy. Passed as `--on-success`.";
+    };
+
+    onFailure = mkOption {
+      type = types.nullOr types.str;
+      default = null;
+      example = "curl -fsS -X POST https://chat.example.org/hook -d failed";
+      description = "Command (`/bin/sh -c`) run after a failed deploy. Passed as `--on-failure`.";
+    };
+
+    extraArgs = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [
+        "--verbose"
+        "--hook-timeout"
+        "30"
+      ];
+      description = "Further arguments for the agent, appended last, each one a separate argument.";
+    };
+  };
+
+  config = mkIf cfg.enable (mkMerge [
+    {
+      assertions = [
+        {
+          assertion = cfg.url != null && cfg.url != "";
+          message = "system.autoDeploy.url must be set when system.autoDeploy.enable is true.";
+        }
+        {
+          assertion = cfg.trustedKeys == [ ] || cfg.trustedKeysFile == null;
+          message = "system.autoDeploy.trustedKeys and system.autoDeploy.trustedKeysFile are mutually exclusive.";
+        }
+      ];
+
+      warnings =
+        optional (cfg.signatureUrl != null && trustedKeysFile == null)
+          "system.autoDeploy.signatureUrl is set but no trusted keys are configured, so signatures are not checked."
+        ++
+          optional
+            (
+              cfg.wireNodeExporter
+              && cfg.prometheusFilePath != null
+              && dirOf cfg.prometheusFilePath != cfg.textfileDirectory
+            )
+            "system.autoDeploy.prometheusFilePath is not in system.autoDeploy.textfileDirectory, so the node exporter will not see it.";
+
+      environment.systemPackages = [ cfg.package ];
+
+      systemd.services.nixos-autodeploy = {
+        description = "NixOS pull-based deployment agent";
+        wants = [ "network-online.target" ];
+        after = [ "network-online.target" ];
+
+        # The agent may be the one running the activation that changes this
+        # unit: never restart it from switch-to-configuration, and do not stop
+        # it when a new configuration drops the module.
+        restartIfChanged = false;
+        unitConfig.X-StopOnRemoval = false;
+
+        serviceConfig = {
+          Type = "oneshot";
+          ExecStart = execStart;
+          # No Restart=: the timer is the retry; a failing pointer or cache
+          # must not become a restart storm.
+
+          # Holds the own-activation marker (see above); systemd removes it,
+          # and with it any stale marker, when the run ends.
+          RuntimeDirectory = "nixos-autodeploy";
+          RuntimeDirectoryMode = "0755";
+        }
+        // lib.optionalAttrs (stateDirectory != null) {
+          StateDirectory = stateDirectory;
+          StateDirectoryMode = "0700";
+        }
+        // lib.optionalAttrs (cfg.tokenFile != null) {
+          # The secret stays where it is; systemd copies it into a private,
+          # root-only directory for the duration of the run.
+          LoadCredential = "${tokenCredential}:${cfg.tokenFile}";
+        };
+      };
+
+      systemd.timers.nixos-autodeploy = {
+        description = "Poll the NixOS deployment pointer";
+        wantedBy = [ "timers.target" ];
+        timerConfig = {
+          Unit = unitName;
+          OnCalendar = cfg.interval;
+          # One run shortly after every boot: confirms what was booted and
+          # records a deploy that needed a reboot.
+          OnBootSec = "2min";
+          RandomizedDelaySec = cfg.randomizedDelay;
+          FixedRandomDelay = true;
+          Persistent = true;
+        };
+      };
+
+      # Started through /run/nixos/activation-restart-list after a manual
+      # activation (see activationSnippet). Returns at once, so
+      # switch-to-configuration never waits for an agent run.
+      systemd.services.nixos-autodeploy-trigger = {
+        description = "Run nixos-autodeploy after a manual activation";
+        restartIfChanged = false;
+        serviceConfig = {
+          Type = "oneshot";
+          ExecStart = utils.escapeSystemdExecArgs [
+            "${config.systemd.package}/bin/systemctl"
+            "start"
+            "--no-block"
+            unitName
+          ];
+        };
+      };
+
+      system.activationScripts.nixos-autodeploy = {
+        deps = [ ];
+        text = activationSnippet;
+      };
+
+      systemd.tmpfiles.rules = optional (stateDirectory == null) "d ${cfg.stateDir} 0700 root root - -";
+    }
+
+    (mkIf cfg.wireNodeExporter {
+      services.prometheus.exporters.node = {
+        enabledCollectors = [ "textfile" ];
+        extraFlags = [ "--collector.textfile.directory=${cfg.textfileDirectory}" ];
+      };
+      systemd.tmpfiles.rules = [ "d ${cfg.textfileDirectory} 0755 root root - -" ];
+    })
+  ]);
+}

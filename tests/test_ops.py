@@ -1,0 +1,129 @@
+"""Operating a fleet: suspend/resume, hooks, status fields, the demo."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from test_cycle import promtool_ok, state_gauge
+from world import REPO
+
+STATUS_FIELDS = {
+    "version", "current", "booted", "profile", "deployed", "upstream", "upstream_revision", "state", "reason",
+    "dirty", "suspended", "suspend_reason", "suspended_since", "quarantined", "quarantine_reason", "last_run",
+    "last_run_success", "last_success", "last_error", "reboot_required", "reboot_reason", "rollbacks_total",
+    "deploys_total", "interrupted_deploy",
+}
+
+
+def test_suspend_and_resume_across_runs(host, world, server):
+    a, b = world.path("a"), world.path("b")
+    assert host.once(host.url).returncode == 0
+    r = host.agent("suspend", "--reason", "change freeze until Monday")
+    assert r.returncode == 0 and "suspended" in r.stderr
+    server.pointer(b)
+    for _ in range(2):  # persisted: every run stays suspended
+        r = host.once(host.url)
+        assert r.returncode == 0, r.stderr
+        assert "change freeze until Monday" in r.stderr
+        assert host.current == a and host.profile == a and not host.store_has(b)
+        assert state_gauge(host) == "suspended"
+        m = host.metrics()
+        assert m["nixos_autodeploy_suspended"] == 1
+        info = [k for k in m if k.startswith("nixos_autodeploy_info{")][0]
+        assert b.split("/")[-1] in info  # it still fetches and reports upstream
+    status = json.loads(host.agent("status", "--json").stdout)
+    assert status["suspended"] is True and status["suspend_reason"] == "change freeze until Monday"
+    assert status["upstream"] == b
+    assert "yes: change freeze until Monday" in host.agent("status").stdout
+    promtool_ok(host)
+
+    assert host.agent("resume").returncode == 0
+    r = host.once(host.url)
+    assert r.returncode == 0, r.stderr
+    assert host.current == b and host.state()["deployed"] == b
+    assert host.metrics()["nixos_autodeploy_suspended"] == 0
+    assert json.loads(host.agent("status", "--json").stdout)["suspended"] is False
+
+
+def hook_script(host, name: str, body: str = "") -> str:
+    out = host.root / f"{name}.env"
+    script = host.root / f"{name}.sh"
+    script.write_text("#!/bin/sh\nenv | grep ^NIXOS_AUTODEPLOY_ | sort > " + str(out) + "\n" + body)
+    script.chmod(0o755)
+    return str(script)
+
+
+def read_env(host, name: str) -> dict[str, str]:
+    path = host.root / f"{name}.env"
+    return dict(line.split("=", 1) for line in path.read_text().splitlines()) if path.exists() else {}
+
+
+def test_success_hook_gets_outcome_and_systems(host, world, server):
+    a, b = world.path("a"), world.path("b")
+    ok, bad = hook_script(host, "ok"), hook_script(host, "bad")
+    assert host.once(host.url, "--on-success", ok, "--on-failure", bad).returncode == 0
+    assert read_env(host, "ok") == {}  # tracking is not a deploy: no hook
+    server.pointer(b)
+    assert host.once(host.url, "--on-success", ok, "--on-failure", bad).returncode == 0
+    env = read_env(host, "ok")
+    assert env["NIXOS_AUTODEPLOY_OUTCOME"] == "deployed" and env["NIXOS_AUTODEPLOY_SUCCESS"] == "1"
+    assert env["NIXOS_AUTODEPLOY_OLD_SYSTEM"] == a and env["NIXOS_AUTODEPLOY_NEW_SYSTEM"] == b
+    assert env["NIXOS_AUTODEPLOY_ERROR"] == "" and env["NIXOS_AUTODEPLOY_EXIT_CODE"] == "0"
+    assert read_env(host, "bad") == {}
+
+
+def test_failure_hook_gets_the_error(host, world, server):
+    b = world.path("b")
+    ok, bad = hook_script(host, "ok"), hook_script(host, "bad")
+    assert host.once(host.url).returncode == 0
+    host.ctl("fail").write_text(b + "\n")
+    server.pointer(b)
+    assert host.once(host.url, "--on-success", ok, "--on-failure", bad).returncode == 5
+    env = read_env(host, "bad")
+    assert env["NIXOS_AUTODEPLOY_OUTCOME"] == "rolled_back" and env["NIXOS_AUTODEPLOY_SUCCESS"] == "0"
+    assert env["NIXOS_AUTODEPLOY_NEW_SYSTEM"] == b and env["NIXOS_AUTODEPLOY_EXIT_CODE"] == "5"
+    assert "exited with 4" in env["NIXOS_AUTODEPLOY_ERROR"]
+    assert env["NIXOS_AUTODEPLOY_ERROR_KIND"] == "activation"
+    assert read_env(host, "ok") == {}
+
+
+def test_failing_and_hanging_hooks_change_nothing(host, world, server):
+    b, c = world.path("b"), world.path("c")
+    assert host.once(host.url).returncode == 0
+    failing = hook_script(host, "failing", "exit 7\n")
+    server.pointer(b)
+    r = host.once(host.url, "--on-success", failing)
+    assert r.returncode == 0, r.stderr
+    assert "on-success hook exited with 7 (ignored)" in r.stderr
+    assert host.current == b and host.state()["deployed"] == b
+    assert state_gauge(host) == "deployed" and host.metrics()["nixos_autodeploy_last_run_success"] == 1
+
+    hanging = hook_script(host, "hanging", "sleep 60\n")
+    server.pointer(c)
+    r = host.once(host.url, "--on-success", hanging, "--hook-timeout", "1")
+    assert r.returncode == 0, r.stderr
+    assert "on-success hook failed" in r.stderr and "timed out" in r.stderr
+    assert host.current == c and state_gauge(host) == "deployed"
+
+
+def test_status_json_has_every_documented_field(host, world, server):
+    assert host.once(host.url).returncode == 0
+    data = json.loads(host.agent("status", "--json").stdout)
+    assert set(data) == STATUS_FIELDS
+    readme = (REPO / "README.md").read_text()
+    for name in STATUS_FIELDS:
+        assert f"`{name}`" in readme, f"status field {name} is not documented in README.md"
+
+
+def test_demo_runs_end_to_end():
+    r = subprocess.run([sys.executable, str(REPO / "tests" / "demo.py")], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    for needle in ("decision: track", "state: deployed: switched to", "staging for the next boot",
+                   "healthy after the reboot", 'nixos_autodeploy_dirty 1', "resume tracking",
+                   "nixos_autodeploy_state{state=\"pending_reboot\"} 1"):
+        assert needle in out, needle
+    assert "Done in" in out

@@ -1,0 +1,172 @@
+"""Pure logic: parsing, validation, decisions, windows, metrics rendering, CLI.
+No root, no nix, no network: these run anywhere (also in the flake's check phase)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import autodeploy as ad  # noqa: E402
+
+H = "0123456789abcdfghijklmnpqrsvwxyz"
+A = f"/nix/store/{H}-nixos-system-a"
+B = f"/nix/store/{'1' * 32}-nixos-system-b"
+C = f"/nix/store/{'2' * 32}-nixos-system-c"
+AGENT = Path(__file__).resolve().parent.parent / "autodeploy.py"
+
+
+# -- pointer parsing ---------------------------------------------------------
+
+def test_parse_plain_pointer_with_metadata():
+    p = ad.parse_pointer(f"\n  {A}  \nrevision: 12\nhosts: web1 web2\n".encode())
+    assert p.path == A and p.revision == 12 and p.metadata == {"revision": "12", "hosts": "web1 web2"}
+
+
+@pytest.mark.parametrize("body,needle", [
+    (b"", "empty"), (b"\n\n", "empty"), (b"<html>", "not a store path"), (b"/nix/store/abc", "store hash"),
+    (f"/nix/store/{H}".encode(), "store hash"), (f"/nix/store/{H}-".encode(), "name"),
+    (f"/nix/store/{H}-.hidden".encode(), "name"), (f"/nix/store/{H}-a b".encode(), "name"),
+    (f"/nix/store/{H}-x.drv".encode(), "derivation"), (f"/nix/store/{H}-x/bin".encode(), "name"),
+    (A.encode() + b"\x00", "NUL"), (b"\xff" + A.encode(), "UTF-8"), (f"{A}\nnot metadata".encode(), "key: value"),
+    (f"{A}\nrevision: ten".encode(), "integer"), (f"/nix/store/{'e' * 32}-x".encode(), "store hash"),
+    (f"/nix//store/{H}-x".encode(), "not a store path"), (f"/nix/store/{H}-{'n' * 212}".encode(), "name"),
+])
+def test_parse_refuses(body, needle):
+    with pytest.raises(ad.PointerError) as exc:
+        ad.parse_pointer(body)
+    assert needle in str(exc.value)
+    assert exc.value.exit_code == 4
+
+
+def test_refusal_shows_input_escaped_and_truncated():
+    with pytest.raises(ad.PointerError) as exc:
+        ad.parse_pointer(b"\x1b[2J" + b"x" * 1000)
+    msg = str(exc.value)
+    assert "\\x1b" in msg and "\x1b" not in msg and "(1004 bytes)" in msg and len(msg) < 300
+
+
+def test_parse_json_field():
+    body = f'{{"buildoutputs": {{"out": {{"path": "{A}"}}}}}}'.encode()
+    assert ad.parse_pointer(body, "buildoutputs.out.path").path == A
+    with pytest.raises(ad.PointerError, match="no field"):
+        ad.parse_pointer(body, "buildoutputs.dev.path")
+    with pytest.raises(ad.PointerError, match="not JSON"):
+        ad.parse_pointer(b"<html>", "x")
+
+
+# -- decisions (the table) ----------------------------------------------------
+
+def view(current, profile, booted=None):
+    return ad.HostView(current, booted or current, profile)
+
+
+def rec(deployed=None, staged_from=None, activation="switch"):
+    return ad.State(deployed=deployed, staged_from=staged_from, activation=activation)
+
+
+@pytest.mark.parametrize("host,upstream,state,force,action,dirty", [
+    (view(A, A), A, rec(), False, ad.Action.TRACK, False),                  # row 1
+    (view(A, A), A, rec(A), False, ad.Action.NOTHING, False),               # row 2
+    (view(A, B), B, rec(B, A, "boot"), False, ad.Action.NOTHING, False),    # row 2, reboot pending
+    (view(A, A), B, rec(A), False, ad.Action.DEPLOY, False),                # row 3
+    (view(A, B), C, rec(B, A, "boot"), False, ad.Action.DEPLOY, False),     # row 3 while a boot is staged
+    (view(B, B), B, rec(A), False, ad.Action.RESUME, False),                # row 4
+    (view(A, A), B, rec(), False, ad.Action.DIRTY, True),                   # row 5: no record
+    (view(C, C), B, rec(A), False, ad.Action.DIRTY, True),                  # row 5: nixos-rebuild switch
+    (view(C, A), B, rec(A), False, ad.Action.DIRTY, True),                  # row 5: nixos-rebuild test
+    (view(A, C), B, rec(A), False, ad.Action.DIRTY, True),                  # row 5: nixos-rebuild boot
+    (view(A, B), C, rec(B, A, "switch"), False, ad.Action.DIRTY, True),     # switch deploy, current moved back
+    (view(A, A), A, rec(), True, ad.Action.TRACK, False),
+    (view(C, C), B, rec(A), True, ad.Action.DEPLOY, False),                 # --force
+])
+def test_decision_table(host, upstream, state, force, action, dirty):
+    d = ad.decide(host, upstream, state, force)
+    assert (d.action, d.dirty) == (action, dirty), d.reason
+
+
+# -- reboot windows --------------------------------------------------------------
+
+def at(hh, mm):
+    return time.struct_time((2026, 1, 1, hh, mm, 0, 0, 1, 0))
+
+
+@pytest.mark.parametrize("window,hh,mm,inside", [
+    ("02:00-04:00", 2, 0, True), ("02:00-04:00", 3, 59, True), ("02:00-04:00", 4, 0, False),
+    ("02:00-04:00", 1, 59, False), ("23:30-01:00", 23, 30, True), ("23:30-01:00", 0, 59, True),
+    ("23:30-01:00", 1, 0, False), ("23:30-01:00", 12, 0, False),
+])
+def test_in_window(window, hh, mm, inside):
+    assert ad.in_window(ad.parse_window(window), at(hh, mm)) is inside
+
+
+@pytest.mark.parametrize("bad", ["2-4", "24:00-01:00", "01:00-01:00", "01:60-02:00", "x", "01:00"])
+def test_parse_window_refuses(bad):
+    with pytest.raises(Exception):
+        ad.parse_window(bad)
+
+
+# -- small helpers ---------------------------------------------------------------
+
+def test_redact_url():
+    assert ad.redact_url("https://user:s3cret@host:8443/p?x=1") == "https://***@host:8443/p?x=1"
+    assert ad.redact_url("http://host/p") == "http://host/p"
+
+
+def test_allowed_signers_from_public_keys(tmp_path):
+    f = tmp_path / "keys"
+    f.write_text("# ci keys\nssh-ed25519 AAAAC3Nza one@ci\n\nssh-ed25519 AAAAC3Nzb two@ci\n")
+    text = ad.allowed_signers(str(f))
+    assert text.splitlines() == [
+        'nixos-autodeploy namespaces="nixos-autodeploy" ssh-ed25519 AAAAC3Nza one@ci',
+        'nixos-autodeploy namespaces="nixos-autodeploy" ssh-ed25519 AAAAC3Nzb two@ci']
+    f.write_text('ci@example namespaces="nixos-autodeploy" ssh-ed25519 AAAAC3Nza\n')
+    assert ad.allowed_signers(str(f)) == 'ci@example namespaces="nixos-autodeploy" ssh-ed25519 AAAAC3Nza\n'
+
+
+def test_metrics_render_escapes_labels_and_has_one_state():
+    state = ad.State(deployed=A, upstream='/nix/store/x"\\\n', last_state="deployed", last_run=1.5,
+                     last_run_success=False, last_error={"kind": "fetch", "message": 'bad "quote"\nline'})
+    text = ad.render_metrics(state, ad.HostView(A, A, A), suspended=False)
+    assert 'upstream_generation="x\\"\\\\\\n"' in text
+    assert 'message="bad \\"quote\\"\\nline"' in text
+    states = [ln for ln in text.splitlines() if ln.startswith("nixos_autodeploy_state{")]
+    assert len(states) == len(ad.STATES) and sum(ln.endswith(" 1") for ln in states) == 1
+    for name in ("dirty", "reboot_required", "info", "last_run_timestamp_seconds", "rollbacks_total"):
+        assert f"# HELP nixos_autodeploy_{name} " in text and f"# TYPE nixos_autodeploy_{name} " in text
+
+
+def test_atomic_write_replaces_whole(tmp_path):
+    p = tmp_path / "f"
+    ad.atomic_write(str(p), "one\n")
+    ad.atomic_write(str(p), "two\n")
+    assert p.read_text() == "two\n" and [x.name for x in tmp_path.iterdir()] == ["f"]
+
+
+# -- command line ----------------------------------------------------------------
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--once"], "--url"), (["--url", "http://x", "--switch-mode", "reboot"], "switch-mode"),
+    (["--url", "http://x", "--reboot-mode", "now"], "reboot-mode"), (["--url", "http://x", "--timeout", "-1"], "timeout"),
+    (["--url", "http://x", "--reboot-window", "25:00-26:00"], "reboot window"), (["--url", "http://x", "--bogus"], "--bogus"),
+    (["status", "--jsn"], "--jsn"),
+])
+def test_bad_usage_exits_2_with_one_line(argv, needle):
+    r = subprocess.run([sys.executable, str(AGENT), *argv], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stdout == "" and len(r.stderr.strip().splitlines()) == 1 and needle in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_help_explains_every_option():
+    r = subprocess.run([sys.executable, str(AGENT), "run", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0
+    for opt in ("--url", "--once", "--switch-mode", "--reboot-mode", "--prometheus-path", "--state-dir", "--force",
+                "--dry-run", "--timeout", "--interval", "--verbose", "--health-check", "--reboot-window",
+                "--trusted-keys", "--token-file", "--json-field", "--on-success", "--on-failure"):
+        assert opt in r.stdout

@@ -1,0 +1,306 @@
+# End-to-end NixOS VM test of the module and the agent (needs KVM):
+#
+#   nix build .#checks.x86_64-linux.vm-test -L
+#
+# Two nodes: `cache` serves a binary cache (written with `nix copy --to
+# file://`) and the pointer file over HTTP; `machine` runs the agent. The
+# systems the machine is deployed to are variants of its own configuration
+# (built with extendModules, like specialisations, but *not* part of its
+# closure, so the agent really has to fetch them from the cache).
+#
+# Covered: the original tool's matrix (missing state / tracking / dirty, each
+# with the same or a different upstream), a manual activation triggering a run
+# while the agent's own activations do not, a boot-mode deploy followed by the
+# agent's reboot, the metrics as scraped from node-exporter, and the timer.
+{ pkgs, nixosModule }:
+
+let
+  inherit (pkgs) lib;
+  textfileDir = "/var/lib/prometheus-node-exporter-text";
+  promFile = "${textfileDir}/nixos-autodeploy.prom";
+  pointerUrl = "http://cache/pointer";
+in
+{
+  name = "nixos-autodeploy";
+
+  nodes.cache =
+    { nodes, ... }:
+    {
+      services.nginx = {
+        enable = true;
+        virtualHosts.cache = {
+          default = true;
+          root = "/srv/cache";
+        };
+      };
+      networking.firewall.allowedTCPPorts = [ 80 ];
+      systemd.tmpfiles.rules = [ "d /srv/cache 0755 root root - -" ];
+      nix.settings.experimental-features = [ "nix-command" ];
+      # Everything the test publishes must be valid in the cache node's store.
+      virtualisation.additionalPaths = [
+        nodes.machine.system.build.toplevel
+      ]
+      ++ lib.attrValues nodes.machine.autodeployTest.systems;
+      virtualisation.diskSize = 8192;
+      virtualisation.memorySize = 2048;
+    };
+
+  nodes.machine =
+    {
+      config,
+      lib,
+      extendModules,
+      ...
+    }:
+    {
+      imports = [ nixosModule ];
+
+      options.autodeployTest.systems = lib.mkOption {
+        type = lib.types.lazyAttrsOf lib.types.raw;
+        internal = true;
+        description = "Variants of this machine's system that the test deploys.";
+      };
+
+      config = {
+        autodeployTest.systems = lib.genAttrs [ "next" "third" ] (
+          name:
+          (extendModules {
+            modules = [ { environment.etc."autodeploy-test".text = name; } ];
+          }).config.system.build.toplevel
+        );
+        environment.etc."autodeploy-test".text = lib.mkDefault "base";
+
+        system.autoDeploy = {
+          enable = true;
+          url = pointerUrl;
+          healthChecks = [ "test -e /etc/autodeploy-test" ];
+        };
+        # Wires the textfile collector (system.autoDeploy.wireNodeExporter
+        # follows this) and sets the default prometheusFilePath = promFile.
+        services.prometheus.exporters.node.enable = true;
+
+        # The test starts every run itself (and the timer once, at the end).
+        systemd.timers.nixos-autodeploy.wantedBy = lib.mkForce [ ];
+        systemd.services.nixos-autodeploy.unitConfig.StartLimitIntervalSec = 0;
+
+        nix.settings = {
+          substituters = lib.mkForce [ "http://cache" ];
+          # The test cache is written by `nix copy` without a signing key.
+          require-sigs = false;
+        };
+
+        virtualisation = {
+          # A real boot loader, so that a boot-mode deploy takes effect at
+          # the next boot (without it the VM always boots its initial system).
+          useBootLoader = true;
+          # Downloaded systems must survive the reboot.
+          writableStoreUseTmpfs = false;
+          memorySize = 2048;
+          diskSize = 4096;
+        };
+        documentation.enable = false;
+      };
+    };
+
+  testScript =
+    { nodes, ... }:
+    let
+      base = nodes.machine.system.build.toplevel;
+      inherit (nodes.machine.autodeployTest.systems) next third;
+      agent = "${nodes.machine.system.autoDeploy.package}/bin/nixos-autodeploy";
+      exporterPort = toString nodes.machine.services.prometheus.exporters.node.port;
+    in
+    ''
+      import os
+      import re
+      import shlex
+      import time
+
+      BASE = "${base}"
+      NEXT = "${next}"
+      THIRD = "${third}"
+      PROM = "${promFile}"
+      METRICS_URL = "http://localhost:${exporterPort}/metrics"
+
+
+      def publish(path):
+          """What CI does: push the closure to the cache, then the pointer."""
+          cache.succeed(f"nix copy --to 'file:///srv/cache?compression=none' {path}")
+          # ETag / Last-Modified have a one-second resolution: make sure the
+          # new pointer never looks like the previous one.
+          time.sleep(1.1)
+          cache.succeed(f"echo {path} > /srv/cache/pointer.new && mv /srv/cache/pointer.new /srv/cache/pointer")
+          machine.succeed("curl -sf ${pointerUrl} | grep -qx " + shlex.quote(path))
+
+
+      def current():
+          return machine.succeed("readlink -f /run/current-system").strip()
+
+
+      def run_agent():
+          # Type=oneshot: returns when the run is over, fails if it failed.
+          machine.succeed("systemctl start nixos-autodeploy.service")
+
+
+      def forget_state():
+          machine.succeed("find /var/lib/nixos-autodeploy -mindepth 1 -delete")
+
+
+      def metrics():
+          return machine.succeed(f"cat {PROM}")
+
+
+      def gauge(name, text=None):
+          text = metrics() if text is None else text
+          m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+          assert m, f"{name} missing from:\n{text}"
+          return float(m.group(1))
+
+
+      def state(text=None):
+          text = metrics() if text is None else text
+          found = re.findall(r'^nixos_autodeploy_state\{state="(\w+)"\} 1(?:\.0)?$', text, re.M)
+          assert len(found) == 1, f"expected exactly one state, got {found}:\n{text}"
+          return found[0]
+
+
+      def info_label(label, text=None):
+          text = metrics() if text is None else text
+          m = re.search(rf'^nixos_autodeploy_info\{{.*\b{label}="([^"]*)"', text, re.M)
+          assert m, f"{label} missing from:\n{text}"
+          return m.group(1)
+
+
+      def trigger_runs():
+          """Runs of the manual-activation trigger during this boot."""
+          out = machine.succeed(
+              "journalctl -b -q -o cat -u nixos-autodeploy-trigger.service | grep -c '^Finished' || true"
+          )
+          return int(out.strip() or 0)
+
+
+      def expect(dirty, system, states=None):
+          text = metrics()
+          assert current() == system, f"current system {current()} != {system}"
+          assert gauge("nixos_autodeploy_dirty", text) == dirty, text
+          assert gauge("nixos_autodeploy_last_run_success", text) == 1, text
+          if states is not None:
+              assert state(text) in states, f"state {state(text)} not in {states}"
+          return text
+
+
+      start_all()
+      cache.wait_for_unit("nginx.service")
+      cache.wait_for_open_port(80)
+      machine.wait_for_unit("multi-user.target")
+      machine.wait_for_unit("prometheus-node-exporter.service")
+      machine.wait_for_open_port(${exporterPort})
+
+      with subtest("units are installed as configured"):
+          assert current() == BASE
+          machine.succeed("systemctl show -P Type nixos-autodeploy.service | grep -qx oneshot")
+          exec_start = machine.succeed("systemctl show -P ExecStart nixos-autodeploy.service")
+          for want in ["--once", "--url ${pointerUrl}", f"--prometheus-path {PROM}",
+                       "--switch-mode switch", "--health-check test -e /etc/autodeploy-test"]:
+              assert want in exec_start, f"{want!r} not in {exec_start}"
+          assert "--reboot-mode" not in exec_start
+          timer = machine.succeed("systemctl cat nixos-autodeploy.timer")
+          for want in ["OnCalendar=*:0/5", "OnBootSec=2min", "FixedRandomDelay=true", "Persistent=true"]:
+              assert want in timer, f"{want!r} not in timer:\n{timer}"
+          machine.fail(f"nix-store --check-validity {NEXT}")
+
+      with subtest("missing state, same upstream: tracked, not dirty"):
+          forget_state()
+          publish(BASE)
+          run_agent()
+          expect(0, BASE)
+
+      with subtest("tracking state, same upstream: up to date"):
+          run_agent()
+          expect(0, BASE, {"up_to_date"})
+
+      with subtest("tracking state, different upstream: deployed from the cache"):
+          publish(NEXT)
+          run_agent()
+          text = expect(0, NEXT, {"deployed", "up_to_date"})
+          assert gauge("nixos_autodeploy_deploys_total", text) >= 1
+          machine.succeed("grep -qx next /etc/autodeploy-test")
+          machine.succeed(f"nix-store --check-validity {NEXT}")
+          # The agent's own activation did not fire the manual-activation
+          # trigger, and the agent survived it (systemctl start succeeded).
+          assert trigger_runs() == 0
+
+      with subtest("missing state, different upstream: dirty, nothing deployed"):
+          forget_state()
+          publish(BASE)
+          run_agent()
+          expect(1, NEXT, {"dirty"})
+
+      with subtest("missing state, same upstream again: tracking NEXT"):
+          forget_state()
+          publish(NEXT)
+          run_agent()
+          expect(0, NEXT)
+
+      with subtest("a manual activation triggers a run that reports dirty"):
+          before = gauge("nixos_autodeploy_last_run_timestamp_seconds")
+          time.sleep(1.1)
+          # switch-to-configuration must return without waiting for the agent.
+          machine.succeed(f"timeout 300 {BASE}/bin/switch-to-configuration switch")
+          retry(lambda _last: gauge("nixos_autodeploy_last_run_timestamp_seconds") > before, timeout=120)
+          machine.wait_until_fails("systemctl is-active --quiet nixos-autodeploy.service", timeout=120)
+          assert trigger_runs() == 1
+          # deployed NEXT, current BASE, upstream NEXT
+          expect(1, BASE, {"dirty"})
+
+      with subtest("dirty state, different upstream: stays dirty, nothing deployed"):
+          run_agent()
+          expect(1, BASE, {"dirty"})
+
+      with subtest("dirty state, same upstream: adopted, not dirty"):
+          publish(BASE)
+          run_agent()
+          expect(0, BASE)
+          assert state() != "dirty"
+
+      with subtest("boot-mode deploy, then the agent reboots into it"):
+          publish(THIRD)
+          machine.succeed(
+              "systemd-run --unit=autodeploy-boot-mode --collect --service-type=exec "
+              "${agent} --once --url ${pointerUrl} --switch-mode boot --reboot-mode reboot "
+              f"--prometheus-path {PROM} --health-check 'test -e /etc/autodeploy-test'"
+          )
+          # The agent reboots the VM: wait for the next boot's backdoor.
+          machine.connected = False
+          machine.connect()
+          machine.wait_for_unit("multi-user.target")
+          assert current() == THIRD, current()
+          machine.succeed("grep -qx third /etc/autodeploy-test")
+          run_agent()
+          text = expect(0, THIRD, {"up_to_date", "deployed"})
+          assert gauge("nixos_autodeploy_reboot_required", text) == 0
+          assert info_label("booted_generation", text) == os.path.basename(THIRD)
+          assert info_label("current_generation", text) == os.path.basename(THIRD)
+          # The activation at boot is not a manual activation.
+          assert trigger_runs() == 0
+
+      with subtest("node-exporter serves the agent's metrics"):
+          machine.wait_for_unit("prometheus-node-exporter.service")
+          out = machine.succeed(f"curl -sf {METRICS_URL} | grep '^nixos_autodeploy_'")
+          for want in ["nixos_autodeploy_dirty 0", "nixos_autodeploy_reboot_required 0",
+                       'nixos_autodeploy_state{state="up_to_date"} 1',
+                       "nixos_autodeploy_last_run_timestamp_seconds ",
+                       "nixos_autodeploy_last_success_timestamp_seconds ",
+                       "nixos_autodeploy_info{"]:
+              assert want in out, f"{want!r} not scraped:\n{out}"
+          machine.succeed(f"curl -sf {METRICS_URL} | grep -qx 'node_textfile_scrape_error 0'")
+
+      with subtest("the timer runs the agent"):
+          before = gauge("nixos_autodeploy_last_run_timestamp_seconds")
+          time.sleep(1.1)
+          # OnBootSec=2min: elapses at once if the boot is older than that.
+          machine.succeed("systemctl start nixos-autodeploy.timer")
+          retry(lambda _last: gauge("nixos_autodeploy_last_run_timestamp_seconds") > before, timeout=300)
+          expect(0, THIRD)
+    '';
+}
