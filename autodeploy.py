@@ -68,11 +68,17 @@ import enum
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Final, Iterator, NoReturn
+
+# Heavy or rarely needed modules (subprocess, http.client, ssl, hashlib,
+# datetime, socket, tempfile) are imported where they are used: a no-op cycle
+# and `status` start faster without them.  typing is for annotations only.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import subprocess
+    from typing import Any, Final, NoReturn
 
 # ---------------------------------------------------------------------------
 # Constants
@@ -392,6 +398,7 @@ def run(argv: list[str], *, capture: bool = False, check: bool = True,
         stdin: bytes | None = None, new_session: bool = False) -> subprocess.CompletedProcess[str]:
     """Run a command.  Without capture its output goes to our stderr (the
     journal), never to stdout, which carries results only."""
+    import subprocess
     debug("running: " + " ".join(argv))
     try:
         proc = subprocess.Popen(
@@ -499,13 +506,12 @@ class HttpClient:
     def _connection(self, scheme: str, netloc: str) -> Any:
         conn = self._conns.get((scheme, netloc))
         if conn is None:
-            import http.client
+            client = http_client(tls=scheme == "https")
             if scheme == "https":
                 import ssl
-                conn = http.client.HTTPSConnection(netloc, timeout=self.timeout,
-                                                   context=ssl.create_default_context())
+                conn = client.HTTPSConnection(netloc, timeout=self.timeout, context=ssl.create_default_context())
             else:
-                conn = http.client.HTTPConnection(netloc, timeout=self.timeout)
+                conn = client.HTTPConnection(netloc, timeout=self.timeout)
             self._conns[(scheme, netloc)] = conn
         return conn
 
@@ -580,6 +586,27 @@ class HttpClient:
                 conn.close()
                 raise FetchError(f"GET {shown}: {describe_network_error(exc)}") from None
         raise FetchError(f"GET {shown}: connection closed")
+
+
+def http_client(tls: bool) -> Any:
+    """http.client, imported without ssl for plain http (ssl costs start-up
+    time and memory on every poll).  http.client imports ssl optionally: a
+    None entry in sys.modules makes that import fail, so it skips HTTPS."""
+    import importlib
+    module = sys.modules.get("http.client")
+    if module is None:
+        if tls or "ssl" in sys.modules:
+            module = importlib.import_module("http.client")
+        else:
+            sys.modules["ssl"] = None  # type: ignore[assignment]
+            try:
+                module = importlib.import_module("http.client")
+            finally:
+                del sys.modules["ssl"]
+    if tls and not hasattr(module, "HTTPSConnection"):
+        importlib.import_module("ssl")
+        module = importlib.reload(module)  # an http:// URL redirected to https://
+    return module
 
 
 def describe_network_error(exc: BaseException) -> str:

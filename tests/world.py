@@ -37,6 +37,9 @@ AGENT = REPO / "autodeploy.py"
 STANDIN = HERE / "standin"
 STANDIN_BIN = STANDIN / "bin"
 METRICS = "/var/lib/prometheus-node-exporter-text/nixos-autodeploy.prom"
+# Absolute, so a test may give the agent any PATH.
+UNSHARE = shutil.which("unshare") or "/usr/bin/unshare"
+MOUNT = shutil.which("mount") or "/usr/bin/mount"
 
 # What the world builds: name -> arguments of tests/standin/systems.nix.
 SYSTEMS: dict[str, dict[str, object]] = {
@@ -76,9 +79,8 @@ def base_nix_config(extra: str = "") -> str:
 
 
 def in_namespace(binds: dict[str, Path], argv: list[str], **kwargs) -> subprocess.CompletedProcess:
-    script = " && ".join(f'mount --bind "{src}" {dst}' for dst, src in binds.items())
-    cmd = ["unshare", "-m", "--propagation", "private", "/bin/sh", "-c",
-           script + ' && exec "$@"', "sh", *argv]
+    script = " && ".join(f'{MOUNT} --bind "{src}" {dst}' for dst, src in binds.items())
+    cmd = [UNSHARE, "-m", "--propagation", "private", "/bin/sh", "-c", script + ' && exec "$@"', "sh", *argv]
     return subprocess.run(cmd, **kwargs)
 
 
@@ -159,6 +161,7 @@ class PointerServer:
         self.requests: list[dict[str, object]] = []
         self.unreachable = False
         self.cache_delay = 0.0
+        self.bytes_sent = 0  # pointer body bytes (not the cache)
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -169,7 +172,7 @@ class PointerServer:
 
             def do_GET(self) -> None:  # noqa: N802
                 server.requests.append({"path": self.path, "headers": dict(self.headers.items()),
-                                        "time": time.time()})
+                                        "time": time.time(), "client": self.client_address})
                 if server.unreachable and not self.path.startswith("/cache/"):
                     self.send_response(503)
                     self.send_header("Content-Length", "0")
@@ -190,10 +193,13 @@ class PointerServer:
                     time.sleep(route.delay)
                 etag = f'"{hash(route.body) & 0xffffffff:x}"'
                 if route.etag and self.headers.get("If-None-Match") == etag:
+                    server.requests[-1]["status"] = 304
                     self.send_response(304)
                     self.send_header("ETag", etag)
                     self.end_headers()
                     return
+                server.requests[-1]["status"] = route.status
+                server.bytes_sent += len(route.body)
                 self.send_response(route.status)
                 self.send_header("Content-Type", route.content_type)
                 self.send_header("Content-Length", str(len(route.body)))
@@ -301,8 +307,8 @@ class Host:
         return RunResult(r.returncode, r.stdout, r.stderr)
 
     def agent_background(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-        script = " && ".join(f'mount --bind "{src}" {dst}' for dst, src in self.binds.items())
-        cmd = ["unshare", "-m", "--propagation", "private", "/bin/sh", "-c", script + ' && exec "$@"', "sh",
+        script = " && ".join(f'{MOUNT} --bind "{src}" {dst}' for dst, src in self.binds.items())
+        cmd = [UNSHARE, "-m", "--propagation", "private", "/bin/sh", "-c", script + ' && exec "$@"', "sh",
                *self.agent_argv(*args)]
         # Output goes to a file, as the journal would take it: a unit started
         # with `systemd-run --pipe` keeps writing there after the agent died.

@@ -1,0 +1,131 @@
+"""Cheap polls: a no-op cycle spawns nothing, conditional requests, loop mode."""
+
+from __future__ import annotations
+
+import os
+import signal
+import ssl
+import subprocess
+import threading
+import time
+import http.server
+
+import pytest
+
+from test_safety import wait_for
+
+TOOLS = ("nix", "nix-store", "nix-env", "nix-build", "systemd-run", "systemctl", "kexec", "ssh-keygen", "sh",
+         "curl", "hostname", "uname")
+
+
+def test_noop_cycle_spawns_no_process(host, world, tmp_path):
+    assert host.once(host.url).returncode == 0
+    spy = tmp_path / "spy"
+    spy.mkdir()
+    log = tmp_path / "spawned.log"
+    for tool in TOOLS:
+        (spy / tool).write_text(f"#!/bin/sh\necho {tool} >> {log}\nexit 99\n")
+        (spy / tool).chmod(0o755)
+    r = host.once(host.url, env={"PATH": str(spy)})
+    assert r.returncode == 0, r.stderr
+    assert "up to date" in r.stderr
+    assert not log.exists(), log.read_text()
+
+
+def test_conditional_requests_make_304_a_bodyless_noop(host, world, server):
+    b = world.path("b")
+    server.pointer(world.path("a"), etag=True)
+    assert host.once(host.url).returncode == 0
+    assert host.state()["etag"]
+    sent = server.bytes_sent
+    r = host.once(host.url)
+    assert r.returncode == 0, r.stderr
+    last = [q for q in server.requests if q["path"] == "/pointer"][-1]
+    assert last["headers"].get("If-None-Match") == host.state()["etag"]
+    assert last["status"] == 304 and server.bytes_sent == sent  # no body
+    assert "up to date" in r.stderr and host.metrics()["nixos_autodeploy_last_run_success"] == 1
+
+    server.pointer(b, etag=True)  # a new pointer: new ETag, 200 with body
+    r = host.once(host.url)
+    assert r.returncode == 0, r.stderr
+    assert host.current == b and host.state()["deployed"] == b
+
+
+def test_loop_mode_reuses_the_connection_and_stops_on_sigterm(host, world, server):
+    server.pointer(world.path("a"), etag=True)
+    proc = host.agent_background("--url", host.url, "--interval", "0.05", "--prometheus-path", "/run/m.prom")
+    try:
+        wait_for(lambda: sum(q["path"] == "/pointer" for q in server.requests) >= 20, what="20 polls")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    out = proc.log_path.read_text()
+    assert proc.returncode == 0, out
+    assert "stopped" in out
+    polls = [q for q in server.requests if q["path"] == "/pointer"]
+    assert len({q["client"] for q in polls}) == 1, "one kept-alive connection for every poll"
+    assert all(q["status"] == 304 for q in polls[1:])
+
+
+def test_sigterm_during_activation_waits_for_it(host, world, server):
+    b = world.path("b")
+    assert host.once(host.url).returncode == 0
+    host.ctl("hang").write_text(b + "\n")
+    server.pointer(b)
+    proc = host.agent_background("--url", host.url, "--interval", "3600")
+    try:
+        wait_for(lambda: host.activations(), what="the activation")
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(1)
+        assert proc.poll() is None, "the agent must not stop in the middle of an activation"
+    finally:
+        host.ctl("hang").unlink()
+    proc.wait(timeout=60)
+    assert proc.returncode == 0, proc.log_path.read_text()
+    assert host.current == b and host.state()["deployed"] == b and host.state()["intent"] is None
+
+
+# -- TLS -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tls_server(tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    r = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                        "-days", "1", "-subj", "/CN=127.0.0.1"], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip("openssl cannot make a certificate here")
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"x\n")
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"https://127.0.0.1:{httpd.server_address[1]}/pointer"
+    httpd.shutdown()
+
+
+def test_untrusted_tls_certificate_is_a_clear_fetch_error(host, world, tls_server):
+    r = host.once(tls_server)
+    assert r.returncode == 3, r.stderr
+    errors = [ln for ln in r.stderr.splitlines() if "error:" in ln]
+    assert len(errors) == 1 and "TLS error" in errors[0] and "CERTIFICATE_VERIFY_FAILED" in errors[0]
+    assert "Traceback" not in r.stderr
+    assert host.current == world.path("a")
+
+
+def test_http_redirect_to_https_is_followed(host, world, server, tls_server):
+    server.set("/moved", "", status=302, headers={"Location": tls_server})
+    r = host.once(server.base + "/moved")
+    assert r.returncode == 3, r.stderr  # followed to the https URL, whose certificate is untrusted
+    assert "TLS error" in r.stderr
