@@ -264,6 +264,7 @@ class State:
     highest_revision: int | None = None
     revision_path: str | None = None
     verified_digest: str | None = None  # sha256 of the last verified body+signature
+    signers_digest: str | None = None   # sha256 of the trusted keys that verified it
     etag: str | None = None
     last_modified: str | None = None
     quarantined: str | None = None
@@ -518,13 +519,16 @@ class HttpClient:
     def get(self, url: str, headers: dict[str, str] | None = None) -> Response:
         from urllib.parse import urljoin, urlsplit
         shown = redact_url(url)
+        origin = urlsplit(url)[:2]
         for _ in range(MAX_REDIRECTS + 1):
             parts = urlsplit(url)
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise FetchError(f"unsupported URL {shown!r}: only http:// and https:// are fetched")
             send = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}
             send.update(headers or {})
-            if self.token is not None:
+            # Like curl: credentials go to the origin only, never to another
+            # host (or scheme) a redirect points at.
+            if self.token is not None and parts[:2] == origin:
                 send["Authorization"] = f"Bearer {self.token}"
             if parts.username or parts.password:
                 import base64
@@ -1031,6 +1035,14 @@ class Agent:
     def cycle(self) -> Outcome:
         started = time.time()
         self.state = self.store.load()
+        if self.signers is not None:
+            import hashlib
+            keys = hashlib.sha256(self.signers.encode()).hexdigest()
+            if self.state.signers_digest != keys:
+                # The trusted keys changed (rotation, revocation): nothing verified
+                # before counts, and a 304 must not replay an unverified pointer.
+                self.state.verified_digest = self.state.etag = self.state.last_modified = None
+                self.state.signers_digest = keys
         outcome: Outcome
         try:
             outcome = self._cycle()
@@ -1091,7 +1103,7 @@ class Agent:
             return Outcome("quarantined", f"{pointer.path} is quarantined ({state.quarantine_reason}); "
                                           "waiting for a new upstream or --force")
         if Stopping.requested:
-            return Outcome("failed", "stop requested before deploying")
+            return Outcome(state.last_state or "up_to_date", f"stop requested: deploy of {pointer.path} postponed")
         return self.deploy(pointer.path, host)
 
     # -- fetching ----------------------------------------------------------
@@ -1543,6 +1555,9 @@ def format_window(window: tuple[int, int]) -> str:
 
 
 def command_run(cfg: Config) -> int:
+    from urllib.parse import urlsplit
+    if cfg.token_file and urlsplit(cfg.url).username is not None:
+        raise UsageError("give credentials either in the URL or with --token-file, not both")
     agent = Agent(cfg)
     if cfg.url.startswith("http://") and cfg.trusted_keys is None:
         log("warning: the pointer is fetched over plain http:// without --trusted-keys: anyone on the "
@@ -1737,7 +1752,7 @@ def build_parser() -> argparse.ArgumentParser:
     sign_p.add_argument("--hosts", nargs="+", default=[], metavar="HOST", help="hosts allowed to deploy it")
     sign_p.add_argument("--not-after", metavar="TIME", help="RFC 3339 expiry time")
     sign_p.add_argument("-o", "--output", required=True, metavar="FILE", help="pointer file (FILE.sig is written too)")
-    sign_p.add_argument("store_path", metavar="STOREPATH")
+    sign_p.add_argument("store_path", metavar="STOREPATH", nargs="?")
     return parser
 
 
@@ -1778,6 +1793,11 @@ def main(argv: list[str] | None = None) -> int:
             log("resumed" if was else "was not suspended")
             return 0
         if args.command == "sign":
+            # `--hosts H [H ...] STOREPATH`: the greedy --hosts took the store path.
+            if args.store_path is None and args.hosts and args.hosts[-1].startswith(STORE_DIR + "/"):
+                args.store_path = args.hosts.pop()
+            if args.store_path is None:
+                raise UsageError("autodeploy.py sign: the following arguments are required: STOREPATH")
             return command_sign(args.key, args.revision, args.hosts, args.not_after, args.store_path, args.output)
         return command_run(config_from_args(args))
     except AutodeployError as exc:
