@@ -1618,6 +1618,9 @@ def command_run(cfg: Config) -> int:
     from urllib.parse import urlsplit
     if cfg.token_file and urlsplit(cfg.url).username is not None:
         raise UsageError("give credentials either in the URL or with --token-file, not both")
+    if cfg.json_field and cfg.trusted_keys:
+        raise UsageError("--json-field cannot be combined with --trusted-keys: signed pointers are plain text "
+                         "with a `revision:` line")
     agent = Agent(cfg)
     if cfg.url.startswith("http://") and cfg.trusted_keys is None:
         log("warning: the pointer is fetched over plain http:// without --trusted-keys: anyone on the "

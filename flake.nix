@@ -105,7 +105,6 @@
                       trustedKeys = [ "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJd4bmNxDPMJgwPUd0KgYHeFvVXbBHiTNm0GlzGlxyTL ci" ];
                       tokenFile = "/run/keys/nixos-autodeploy-token";
                       hostname = "web-1";
-                      jsonField = "buildoutputs.out.path";
                       onSuccess = "true";
                       onFailure = "true";
                     };
@@ -124,7 +123,7 @@
               for want in '"--switch-mode" "smart"' '"--reboot-mode" "kexec"' \
                   '"--reboot-window" "02:00-05:00"' '"--no-connectivity-check"' \
                   '"--trusted-keys" "/nix/store/' '"--hostname" "web-1"' \
-                  '"--json-field" "buildoutputs.out.path"' ' --token-file %d/token' \
+                  ' --token-file %d/token' \
                   '"--prometheus-path" "/var/lib/prometheus-node-exporter-text/nixos-autodeploy.prom"' \
                   'LoadCredential=token:/run/keys/nixos-autodeploy-token' \
                   'Type=oneshot' 'X-RestartIfChanged=false' 'X-StopOnRemoval=false'; do

@@ -459,6 +459,12 @@ in
           assertion = cfg.trustedKeys == [ ] || cfg.trustedKeysFile == null;
           message = "system.autoDeploy.trustedKeys and system.autoDeploy.trustedKeysFile are mutually exclusive.";
         }
+        {
+          # A JSON answer (Hydra) carries no `revision:` line, which signed
+          # pointers require: the agent would refuse every pointer.
+          assertion = cfg.jsonField == null || trustedKeysFile == null;
+          message = "system.autoDeploy.jsonField cannot be combined with trusted keys (signed pointers are plain text).";
+        }
       ];
 
       warnings =

@@ -266,7 +266,6 @@ def test_every_option_reaches_the_agent(tmp_path):
         signatureUrl = "{URL}.signature";
         hostname = "web-1";
         tokenFile = "/run/keys/token";
-        jsonField = "buildoutputs.out.path";
         onSuccess = "echo ok";
         onFailure = "logger -t autodeploy failed";
         extraArgs = [ "--verbose" "--hook-timeout" "5" ];
@@ -285,7 +284,6 @@ def test_every_option_reaches_the_agent(tmp_path):
         "--health-timeout": ["33"],
         "--signature-url": [URL + ".signature"],
         "--hostname": ["web-1"],
-        "--json-field": ["buildoutputs.out.path"],
         "--on-success": ["echo ok"],
         "--on-failure": ["logger -t autodeploy failed"],
         "--hook-timeout": ["5"],
@@ -550,3 +548,13 @@ def test_activation_snippet_behaviour(tmp_path):
                                          "_MARKER": "not-a-pid"}) == line
     assert _run_snippet(tmp_path, text, {"NIXOS_ACTION": "switch",
                                          "_MARKER": ""}) == line
+
+
+@needs_eval
+def test_json_field_reaches_the_agent_and_excludes_trusted_keys(tmp_path):
+    r = evaluate(tmp_path, cfg(f'url = "{URL}"; jsonField = "buildoutputs.out.path";'))
+    assert r["failedAssertions"] == []
+    assert flag_values(exec_argv(r), "--json-field") == ["buildoutputs.out.path"]
+    r = evaluate(tmp_path, cfg(f'''url = "{URL}"; jsonField = "buildoutputs.out.path";
+                                  trustedKeys = [ "ssh-ed25519 AAAAkey1 ci" ];'''))
+    assert any("jsonField cannot be combined" in m for m in r["failedAssertions"])

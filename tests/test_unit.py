@@ -155,6 +155,7 @@ def test_atomic_write_replaces_whole(tmp_path):
     (["--url", "http://x", "--reboot-mode", "now"], "reboot-mode"), (["--url", "http://x", "--timeout", "-1"], "timeout"),
     (["--url", "http://x", "--reboot-window", "25:00-26:00"], "reboot window"), (["--url", "http://x", "--bogus"], "--bogus"),
     (["status", "--jsn"], "--jsn"),
+    (["--url", "http://x", "--json-field", "a.b", "--trusted-keys", "/dev/null"], "--json-field cannot"),
 ])
 def test_bad_usage_exits_2_with_one_line(argv, needle):
     r = subprocess.run([sys.executable, str(AGENT), *argv], capture_output=True, text=True)

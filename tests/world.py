@@ -166,6 +166,9 @@ class PointerServer:
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # Headers and body go out in two writes: without TCP_NODELAY each
+            # response would wait for the client's delayed ACK (about 40 ms).
+            disable_nagle_algorithm = True
 
             def log_message(self, *args: object) -> None:
                 pass
