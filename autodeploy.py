@@ -126,6 +126,11 @@ class AutodeployError(Exception):
     exit_code = 1
     kind = "internal"
 
+    def __init__(self, message: str, kind: str | None = None) -> None:
+        super().__init__(message)
+        if kind is not None:
+            self.kind = kind  # a finer kind for metrics and hooks
+
 
 class UsageError(AutodeployError):
     exit_code = 2
@@ -141,18 +146,10 @@ class PointerError(AutodeployError):
     exit_code = 4
     kind = "pointer"
 
-    def __init__(self, message: str, kind: str = "pointer") -> None:
-        super().__init__(message)
-        self.kind = kind
-
 
 class DeployError(AutodeployError):
     exit_code = 5
     kind = "deploy"
-
-    def __init__(self, message: str, kind: str = "deploy") -> None:
-        super().__init__(message)
-        self.kind = kind
 
 
 class LockHeld(AutodeployError):
@@ -1449,8 +1446,7 @@ class Agent:
             try:
                 self.health_checks()
             except DeployError as exc:
-                self.fail_and_roll_back_recovered(upstream, str(exc))
-                return
+                self.fail_and_roll_back(upstream, str(exc), "health")
             log(f"the interrupted deploy of {upstream} is active and healthy: recording it")
             self.finish_deploy(upstream, action, intent.get("previous_current"), intent.get("previous_profile"))
             return
@@ -1459,11 +1455,6 @@ class Agent:
         self.rollback(f"interrupted during phase {phase}")
         if count >= 2 and upstream:
             self.quarantine(upstream, f"interrupted {count} times during activation")
-
-    def fail_and_roll_back_recovered(self, upstream: str, why: str) -> None:
-        log(f"DEPLOY FAILED: {why}")
-        self.rollback(why)
-        self.quarantine(upstream, why)
 
     # -- rebooting ---------------------------------------------------------
 

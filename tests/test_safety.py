@@ -375,8 +375,11 @@ def test_sigkill_during_health_check_then_check_fails(host, world, server):
              what="the health check")
     kill(proc)
     r = host.once(host.url, "--health-check", "false")
-    assert r.returncode == 0, r.stderr  # the recovery rolled back; the cycle then found b quarantined
+    assert r.returncode == 5, r.stderr  # the recovery finished the deploy's checks, which failed
     assert "ROLLING BACK" in r.stderr
     assert_host(host, current=a, profile=a, deployed=a)
     assert host.metrics()["nixos_autodeploy_rollbacks_total"] == 1
+    assert state_gauge(host) == "rolled_back"
+    r = host.once(host.url, "--health-check", "false")
+    assert r.returncode == 0, r.stderr  # b stays quarantined: no deploy/rollback loop
     assert state_gauge(host) == "quarantined"
