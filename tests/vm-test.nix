@@ -281,6 +281,10 @@ in
           assert gauge("nixos_autodeploy_reboot_required", text) == 0
           assert info_label("booted_generation", text) == os.path.basename(THIRD)
           assert info_label("current_generation", text) == os.path.basename(THIRD)
+          # That first cycle after the reboot health-checked THIRD ("deployed");
+          # the next one is a plain no-op.
+          run_agent()
+          expect(0, THIRD, {"up_to_date"})
           # The activation at boot is not a manual activation.
           assert trigger_runs() == 0
 
