@@ -1301,6 +1301,11 @@ class Agent:
         if action == "boot":
             os.makedirs(RUNTIME_DIR, exist_ok=True)
             atomic_write(STAGED_MARKER, upstream + "\n")
+        else:
+            try:
+                os.unlink(STAGED_MARKER)  # a boot staged earlier was superseded
+            except FileNotFoundError:
+                pass
         state.deploys_total += 1
         # Record and clear the intent in one atomic write.
         self.record(upstream, staged_from=previous_current, activation=action, previous=previous_profile,
