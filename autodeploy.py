@@ -816,17 +816,28 @@ def check_trust(pointer: Pointer, state: State, cfg: Config) -> None:
         me = cfg.hostname or local_hostname()
         if me not in hosts:
             raise PointerError(f"pointer is for hosts {' '.join(hosts)}, not for {me}", "host")
-    if "not-after" in meta:
-        from datetime import datetime, timezone
-        try:
-            expiry = datetime.fromisoformat(meta["not-after"].replace("Z", "+00:00"))
-        except ValueError:
-            raise PointerError(f"pointer not-after is not an RFC 3339 time: {shorten(meta['not-after'])}",
-                               "expired") from None
-        if expiry.tzinfo is None:
-            expiry = expiry.replace(tzinfo=timezone.utc)
-        if datetime.now(timezone.utc) > expiry:
-            raise PointerError(f"pointer expired at {meta['not-after']}", "expired")
+    check_expiry(pointer)
+
+
+def parse_rfc3339(text: str) -> Any:
+    """An aware datetime (UTC when no offset is given); ValueError otherwise."""
+    from datetime import datetime, timezone
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
+
+
+def check_expiry(pointer: Pointer) -> None:
+    """Refuse a pointer past its `not-after:` (also one replayed by a 304)."""
+    if "not-after" not in pointer.metadata:
+        return
+    from datetime import datetime, timezone
+    text = pointer.metadata["not-after"]
+    try:
+        expiry = parse_rfc3339(text)
+    except ValueError:
+        raise PointerError(f"pointer not-after is not an RFC 3339 time: {shorten(text)}", "expired") from None
+    if datetime.now(timezone.utc) > expiry:
+        raise PointerError(f"pointer expired at {text}", "expired")
 
 
 def local_hostname() -> str:
@@ -1005,8 +1016,24 @@ def check_nixos_system(path: str, current: str | None) -> None:
                           f"this machine runs {ours!r}", "not_a_system")
 
 
+def mark_staged(system: str | None) -> None:
+    """Remember, until the next reboot wipes /run, that `system` waits for it;
+    None forgets a boot staged earlier (superseded by a switch)."""
+    if system is None:
+        try:
+            os.unlink(STAGED_MARKER)
+        except FileNotFoundError:
+            pass
+        return
+    os.makedirs(RUNTIME_DIR, exist_ok=True)
+    atomic_write(STAGED_MARKER, system + "\n")
+
+
 def reboot_status(state: State, host: HostView) -> tuple[bool, str | None]:
-    if state.deployed and host.profile == state.deployed and host.current != state.deployed:
+    staged = state.deployed and host.profile == state.deployed and host.current != state.deployed
+    # Without the marker the host has rebooted since: it booted the previous
+    # system (boot loader fallback), and another reboot would not help.
+    if staged and os.path.exists(STAGED_MARKER):
         return True, f"{basename_or_empty(state.deployed)} is staged for the next boot"
     differ = boot_differs(host.booted, host.current)
     if differ:
@@ -1182,7 +1209,7 @@ class Agent:
             pointer = Pointer(state.upstream, dict(state.upstream_metadata), state.upstream_revision,
                               signed=self.signers is not None)
             if self.signers is not None:
-                check_trust_expiry_only(pointer)
+                check_expiry(pointer)  # verified earlier; only its expiry can change
             return pointer
         if resp.status == 304:
             # We did not ask conditionally (or forgot the pointer): ask again plainly.
@@ -1298,14 +1325,7 @@ class Agent:
                       previous_profile: str | None) -> Outcome:
         state = self.state
         self.state.interrupted.pop(upstream, None)
-        if action == "boot":
-            os.makedirs(RUNTIME_DIR, exist_ok=True)
-            atomic_write(STAGED_MARKER, upstream + "\n")
-        else:
-            try:
-                os.unlink(STAGED_MARKER)  # a boot staged earlier was superseded
-            except FileNotFoundError:
-                pass
+        mark_staged(upstream if action == "boot" else None)
         state.deploys_total += 1
         # Record and clear the intent in one atomic write.
         self.record(upstream, staged_from=previous_current, activation=action, previous=previous_profile,
@@ -1389,8 +1409,7 @@ class Agent:
         state.rollbacks_total += 1
         self.quarantine(bad, str(exc))
         # The previous system is now what we deployed, staged for the next boot.
-        os.makedirs(RUNTIME_DIR, exist_ok=True)
-        atomic_write(STAGED_MARKER, (previous or "") + "\n")
+        mark_staged(previous or "")
         self.record(previous, staged_from=bad, activation="boot", previous=bad, verified=True)
         if self.cfg.reboot_mode is not None and previous:
             self.reboot(previous)
@@ -1507,8 +1526,6 @@ class Agent:
             state.last_success, state.last_error = ended, None
             log(f"state: {outcome.state}: {outcome.reason}")
         state.reboot_required, state.reboot_reason = reboot_status(state, host)
-        if outcome.state == "booted_previous":
-            state.reboot_required = False
         suspended = self.store.suspension() is not None
         try:
             self.store.save(state)
@@ -1544,17 +1561,6 @@ class Agent:
                 log(f"{which} hook exited with {result.returncode} (ignored)")
         except ProcessError as exc:
             log(f"{which} hook failed: {exc} (ignored)")
-
-
-def check_trust_expiry_only(pointer: Pointer) -> None:
-    """A 304 replays a pointer verified earlier; only its expiry can change."""
-    if "not-after" in pointer.metadata:
-        from datetime import datetime, timezone
-        expiry = datetime.fromisoformat(pointer.metadata["not-after"].replace("Z", "+00:00"))
-        if expiry.tzinfo is None:
-            expiry = expiry.replace(tzinfo=timezone.utc)
-        if datetime.now(timezone.utc) > expiry:
-            raise PointerError(f"pointer expired at {pointer.metadata['not-after']}", "expired")
 
 
 def read_token(path: str | None) -> str | None:
@@ -1649,8 +1655,6 @@ def status_fields(state_dir: str) -> dict[str, Any]:
     host = read_host()
     suspension = store.suspension()
     reboot_required, reboot_reason = reboot_status(state, host)
-    if state.last_state == "booted_previous" and host.current != state.deployed:
-        reboot_required, reboot_reason = False, state.last_reason
     return {
         "version": VERSION,
         "current": host.current, "booted": host.booted, "profile": host.profile,
@@ -1708,9 +1712,8 @@ def command_sign(key: str, revision: int, hosts: list[str], not_after: str | Non
     if hosts:
         lines.append("hosts: " + " ".join(hosts))
     if not_after:
-        from datetime import datetime
         try:
-            datetime.fromisoformat(not_after.replace("Z", "+00:00"))
+            parse_rfc3339(not_after)
         except ValueError:
             raise UsageError(f"--not-after {not_after!r} is not an RFC 3339 time") from None
         lines.append(f"not-after: {not_after}")

@@ -220,7 +220,9 @@ def test_booted_previous_system_is_reported_not_dirty(host, world, server):
         assert r.returncode == 0, r.stderr
         assert state_gauge(host) == "booted_previous"
         assert host.metrics()["nixos_autodeploy_dirty"] == 0
+        assert host.metrics()["nixos_autodeploy_reboot_required"] == 0
     assert host.calls().count("systemctl reboot") == 1  # no reboot loop
+    assert '"reboot_required": false' in host.agent("status", "--json").stdout
     assert "boot loader fallback" in host.agent("status").stdout
 
 
