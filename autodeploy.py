@@ -7,7 +7,10 @@ path of the system (optionally followed by ``key: value`` lines and an
 OpenSSH signature at ``URL.sig``).  On every host this agent, one cycle at a
 time:
 
- 1. fetches the pointer (bounded size, timeout, conditional request),
+ 1. fetches the pointer with urllib (proxies from the environment, one
+    deadline for the whole fetch, bounded body, retries of transient
+    failures, a conditional request only where the validators belong to a
+    pointer checked against the current URL, keys and host name),
  2. validates it (a plain store path, never a ``.drv``; signature, revision,
     host list and expiry when ``--trusted-keys`` is given),
  3. decides, from /run/current-system, /run/booted-system, the system profile,
@@ -51,11 +54,17 @@ Exit codes:
     0  cycle completed (up to date, deployed, tracking, dirty, suspended, quarantined)
     1  unexpected internal error
     2  usage: bad option or value
-    3  fetch failed (HTTP error, timeout, connection refused, TLS)
-    4  pointer refused (not a plain store path, signature, downgrade, other host, expired)
-    5  deploy failed (realise, not a NixOS system, activation, health check); host rolled back
-    6  another run holds the lock
+    3  fetch failed (HTTP error, timeout, connection refused, TLS, Content-Encoding)
+    4  pointer refused (not a plain store path, metadata, signature, downgrade, other host, expired)
+    5  deploy failed: a deploy was attempted (realise, not a NixOS system, activation, health
+       check); host rolled back
+    6  another run holds the host lock
     7  rollback failed: the host needs a human
+    8  not a NixOS host (/run/current-system is missing)
+    9  state: corrupt or unreadable (fail closed until `trust-reset`), unsafe directory, or not saved
+
+A SIGTERM/SIGINT while the agent only waits (a fetch, a unit) ends the run at
+once, writing nothing (exit 0); otherwise the current step is finished first.
 
 Logs go to stderr, results (``status``, ``--dry-run``) to stdout.
 """

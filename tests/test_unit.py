@@ -3,6 +3,7 @@ No root, no nix, no network: these run anywhere (also in the flake's check phase
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -172,3 +173,85 @@ def test_help_explains_every_option():
                 "--dry-run", "--timeout", "--interval", "--verbose", "--health-check", "--reboot-window",
                 "--trusted-keys", "--token-file", "--json-field", "--on-success", "--on-failure"):
         assert opt in r.stdout
+
+
+# -- strict metadata (a signed pointer means exactly what it says) -----------------------
+
+
+@pytest.mark.parametrize("lines,needle", [
+    ("revision: 1\nrevision: 2", "twice"),
+    ("revision: 1\nRevision: 2", "lower-case ASCII"),
+    ("revision: \uff11\uff12", "whole number"),             # fullwidth digits
+    (f"revision: 1{'0' * 400}", "whole number"),
+    (f"revision: {2**63}", "whole number"),
+    ("revision: -1", "whole number"),
+    ("revision: 1_000", "whole number"),
+    ("host: web1", "unknown key 'host'"),                    # misspelled restriction
+    ("not_after: 2030-01-01T00:00:00Z", "lower-case ASCII"),
+    ("notafter: 2030-01-01T00:00:00Z", "unknown key"),
+    ("h\u00f6sts: web1", "lower-case ASCII"),
+    ("hosts: web1\x1b[2J", "control characters"),
+    ("x-commit: abc\nx-commit: def", "twice"),
+])
+def test_metadata_is_strict(lines, needle):
+    with pytest.raises(ad.PointerError) as exc:
+        ad.parse_pointer(f"{A}\n{lines}\n".encode())
+    assert needle in str(exc.value)
+    assert str(exc.value).isprintable()
+
+
+def test_metadata_known_keys_and_annotations():
+    p = ad.parse_pointer(f"{A}\nrevision: {2**63 - 1}\nhosts: *\nnot-after: 2030-01-01T00:00:00Z\n"
+                         "x-commit: 0123abc\n".encode())
+    assert p.revision == 2**63 - 1 and p.metadata["hosts"] == "*" and p.metadata["x-commit"] == "0123abc"
+
+
+@pytest.mark.parametrize("line,needle", [
+    ('namespaces="git" ssh-ed25519 AAAAC3Nza', "starts with options"),
+    ('cert-authority ssh-ed25519 AAAAC3Nza', "starts with options"),
+    ('ci@example', "no public key"),
+])
+def test_trusted_keys_lines_with_options_first_are_refused(tmp_path, line, needle):
+    f = tmp_path / "keys"
+    f.write_text(line + "\n")
+    with pytest.raises(ad.UsageError) as exc:
+        ad.allowed_signers(str(f))
+    assert needle in str(exc.value)
+
+
+def test_state_with_wrong_types_is_corrupt():
+    for bad in ({"highest_revision": "5"}, {"highest_revision": True}, {"highest_revision": -1},
+                {"rollbacks_total": None}, {"deployed": 5}, [], {"pointer": "x"}):
+        with pytest.raises(ad.StateError):
+            ad.State.from_json(bad, "state.json")
+    state = ad.State.from_json({"highest_revision": 5, "unknown_future_field": 1}, "state.json")
+    assert state.highest_revision == 5
+
+
+def test_atomic_write_never_follows_a_planted_temp_name(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    target = tmp_path / "out"
+    for pid in range(os.getpid() - 5, os.getpid() + 5):
+        os.symlink(victim, tmp_path / f".out.{pid}.tmp")
+    ad.atomic_write(str(target), "new")
+    assert victim.read_text() == "precious" and target.read_text() == "new" and not target.is_symlink()
+
+
+def test_atomic_write_failure_keeps_the_old_file_and_no_temp(tmp_path, monkeypatch):
+    target = tmp_path / "out"
+    target.write_text("old")
+    real_write = os.write
+    calls = []
+
+    def short_then_full(fd, data):
+        calls.append(len(data))
+        if len(calls) == 1:
+            return real_write(fd, bytes(data[:3]))   # a short write
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(ad.os, "write", short_then_full)
+    with pytest.raises(OSError):
+        ad.atomic_write(str(target), "x" * 100)
+    monkeypatch.undo()
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert calls == [100, 97]  # the short write was continued, not ignored
