@@ -343,31 +343,42 @@ class State:
         if not isinstance(data, dict):
             raise StateError(f"{where} is corrupt (not a JSON object). {RECOVERY_HINT}")
         values = {}
-        for f in dataclasses.fields(cls):
-            if f.name not in data:
+        for name, types in field_types(cls).items():
+            if name not in data:
                 continue
-            value = data[f.name]
-            if not json_matches(value, str(f.type)):
-                raise StateError(f"{where} is corrupt ({f.name} is not {f.type}). {RECOVERY_HINT}")
-            values[f.name] = value
+            value = data[name]
+            if not json_matches(value, types):
+                raise StateError(f"{where} is corrupt ({name} is not of its type). {RECOVERY_HINT}")
+            values[name] = value
         if "highest_revision" in values and values["highest_revision"] is not None \
                 and not valid_revision(values["highest_revision"]):
             raise StateError(f"{where} is corrupt (highest_revision out of range). {RECOVERY_HINT}")
         return cls(**values)
 
 
-def json_matches(value: Any, annotation: str) -> bool:
-    """Whether a JSON value fits a field annotation such as `int | None`."""
-    kinds = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "dict": (dict,),
-             "list": (list,), "None": (type(None),), "Any": (object,)}
-    for alternative in annotation.split("|"):
-        base = alternative.strip().split("[", 1)[0]
-        types = kinds.get(base, (object,))
-        if isinstance(value, bool) and bool not in types and object not in types:
-            continue  # JSON true is not a number here
-        if isinstance(value, types):
-            return True
-    return False
+_FIELD_TYPES: dict[type, dict[str, tuple[type, ...]]] = {}
+
+
+def field_types(cls: type) -> dict[str, tuple[type, ...]]:
+    """The JSON types each field of a dataclass may hold, from its annotation
+    (`int | None` -> int, NoneType); computed once per class."""
+    if cls not in _FIELD_TYPES:
+        kinds = {"str": str, "int": int, "float": float, "bool": bool, "dict": dict, "list": list,
+                 "None": type(None), "Any": object}
+        _FIELD_TYPES[cls] = {
+            f.name: tuple(kinds.get(alt.strip().split("[", 1)[0], object) for alt in str(f.type).split("|"))
+            for f in dataclasses.fields(cls)}
+    return _FIELD_TYPES[cls]
+
+
+def json_matches(value: Any, types: tuple[type, ...]) -> bool:
+    """Whether a JSON value has one of these types (a float field takes an
+    integer; JSON true is never a number)."""
+    if isinstance(value, bool):
+        return bool in types or object in types
+    if isinstance(value, int) and float in types:
+        return True
+    return isinstance(value, types)
 
 
 def valid_revision(value: Any) -> bool:
@@ -406,7 +417,7 @@ class PointerRecord:
             record = cls(**data)
         except TypeError:
             return None
-        ok = all(json_matches(getattr(record, f.name), str(f.type)) for f in dataclasses.fields(cls))
+        ok = all(json_matches(getattr(record, name), types) for name, types in field_types(cls).items())
         return record if ok and len(record.body) <= MAX_PERSISTED_POINTER else None
 
 
@@ -1188,9 +1199,15 @@ class StateStore:
         self.path = os.path.join(state_dir, STATE_FILE)
         self.floor_path = os.path.join(state_dir, FLOOR_FILE)
         self.suspend_path = os.path.join(state_dir, SUSPEND_FILE)
+        self._dir_checked = False
+        self._floor_on_disk: Any = None  # what revision-floor holds, as last read or written
 
     def ensure_dir(self) -> None:
-        check_private_dir(self.dir, create=True)
+        """Checked once per run (loop mode: once per process); only root can
+        change a directory that passed."""
+        if not self._dir_checked:
+            check_private_dir(self.dir, create=True)
+            self._dir_checked = True
 
     def _read_json(self, path: str) -> Any:
         """The parsed file, None when missing; StateError when unreadable."""
@@ -1216,7 +1233,7 @@ class StateStore:
             state = State()
         else:
             state = State.from_json(data, self.path)
-        floor = self._read_json(self.floor_path)
+        floor = self._floor_on_disk = self._read_json(self.floor_path)
         if floor is not None:
             revision, path = (floor.get("revision"), floor.get("path")) if isinstance(floor, dict) else (None, None)
             if not valid_revision(revision) or not (path is None or isinstance(path, str)):
@@ -1229,8 +1246,9 @@ class StateStore:
         self.ensure_dir()
         atomic_write(self.path, json.dumps(dataclasses.asdict(state), indent=1, sort_keys=True) + "\n", 0o600)
         floor = {"revision": state.highest_revision, "path": state.revision_path}
-        if state.highest_revision is not None and self._read_json(self.floor_path) != floor:
+        if state.highest_revision is not None and self._floor_on_disk != floor:
             atomic_write(self.floor_path, json.dumps(floor) + "\n", 0o600)
+            self._floor_on_disk = floor
 
     def reset_trust(self, min_revision: int) -> State:
         """The operator's recovery: a floor set by hand; a corrupt state file
@@ -1251,7 +1269,8 @@ class StateStore:
         state.highest_revision, state.revision_path = min_revision, None
         state.pointer = None  # nothing verified under the old floor may be replayed
         atomic_write(self.path, json.dumps(dataclasses.asdict(state), indent=1, sort_keys=True) + "\n", 0o600)
-        atomic_write(self.floor_path, json.dumps({"revision": min_revision, "path": None}) + "\n", 0o600)
+        self._floor_on_disk = {"revision": min_revision, "path": None}
+        atomic_write(self.floor_path, json.dumps(self._floor_on_disk) + "\n", 0o600)
         return state
 
     def suspension(self) -> dict[str, Any] | None:

@@ -650,3 +650,15 @@ def test_agent_is_executable_in_git():
     assert r.stdout.startswith("100755 "), r.stdout
     r = subprocess.run([str(AGENT), "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--url" in r.stdout and "--once" in r.stdout and "trust-reset" in r.stdout
+
+
+def test_what_a_server_can_make_us_persist_is_bounded(host, world, server):
+    server.set("/pointer", world.path("a") + "\n" + "".join(f"x-junk-{i}: {'z' * 900}\n" for i in range(60)),
+               etag=True)
+    r = host.once(host.url)
+    assert r.returncode == 0, r.stderr
+    state_file = host.var_lib / "nixos-autodeploy" / "state.json"
+    assert host.state()["pointer"] is None          # over 8 KiB: never kept, never replayed
+    assert state_file.stat().st_size < 8 * 1024
+    r = host.once(host.url)
+    assert r.returncode == 0 and "If-None-Match" not in pointer_requests(server)[-1]["headers"]
