@@ -156,6 +156,12 @@ RETRY_BASE_SECONDS: Final = 1.0
 UNCONDITIONAL_EVERY_SECONDS: Final = 3600
 NIX_BASE32: Final = "0123456789abcdfghijklmnpqrsvwxyz"
 KEY_TYPES: Final = ("ssh-", "ecdsa-", "sk-")
+# authorized_keys options that take no value: at the start of a trusted-keys
+# line they would be read as a principal's name (sshd(8), AUTHORIZED_KEYS).
+AUTHORIZED_KEYS_FLAGS: Final = frozenset((
+    "agent-forwarding", "cert-authority", "no-agent-forwarding", "no-port-forwarding", "no-pty", "no-user-rc",
+    "no-x11-forwarding", "port-forwarding", "pty", "restrict", "user-rc", "x11-forwarding", "no-touch-required",
+    "verify-required"))
 ACTIVATION_WAIT_SECONDS: Final = 600
 
 # ---------------------------------------------------------------------------
@@ -181,6 +187,10 @@ class UsageError(AutodeployError):
 class FetchError(AutodeployError):
     exit_code = 3
     kind = "fetch"
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient  # the network failed, not the answer: worth another try
 
 
 class PointerError(AutodeployError):
@@ -353,9 +363,20 @@ class State:
         if "highest_revision" in values and values["highest_revision"] is not None \
                 and not valid_revision(values["highest_revision"]):
             raise StateError(f"{where} is corrupt (highest_revision out of range). {RECOVERY_HINT}")
+        inner = {"interrupted": {key: (int,) for key in values.get("interrupted") or {}},
+                 "last_error": {key: (str,) for key in values.get("last_error") or {}},
+                 "intent": {key: INTENT_FIELDS.get(key, (object,)) for key in values.get("intent") or {}}}
+        for name, types in inner.items():
+            if any(not json_matches(values[name][key], kinds) for key, kinds in types.items()):
+                raise StateError(f"{where} is corrupt ({name} holds a value of the wrong type). {RECOVERY_HINT}")
         return cls(**values)
 
 
+# What a deploy's intent may hold (state.json's `intent`).
+INTENT_FIELDS: Final = {
+    "phase": (str,), "upstream": (str,), "action": (str,), "previous_profile": (str, type(None)),
+    "previous_current": (str, type(None)), "started": (float,), "activated": (bool,), "reason": (str,),
+}
 _FIELD_TYPES: dict[type, dict[str, tuple[type, ...]]] = {}
 
 
@@ -408,6 +429,7 @@ class PointerRecord:
     etag: str | None
     last_modified: str | None
     verified: str | None             # sha256 of body + signature that verified
+    verified_at: float | None        # when ssh-keygen last verified them
     fetched_at: float                # last unconditional (200) fetch
 
     @classmethod
@@ -449,9 +471,9 @@ _verbose = False
 
 
 def log(message: str) -> None:
-    # printable() is the last safety net: whatever a message carries, it
-    # cannot move the cursor, forge a line or ring a bell on an operator's terminal.
-    print(f"{PROG}: {printable(message)}", file=sys.stderr, flush=True)
+    # outside_text() is the last safety net: whatever a message carries, it
+    # cannot move the cursor, forge a line, ring a bell or show a credential.
+    print(f"{PROG}: {outside_text(message)}", file=sys.stderr, flush=True)
 
 
 def debug(message: str) -> None:
@@ -470,10 +492,41 @@ def printable(text: str) -> str:
                    f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}" for c in text)
 
 
+_secrets: list[str] = []
+_secrets_pattern: Any = None
+
+
+def register_secrets(*values: str | None) -> None:
+    """Credentials we hold (bearer token, URL and proxy passwords, their
+    Basic encodings): redact() masks them wherever they show up."""
+    global _secrets_pattern
+    import re
+    for value in values:
+        if value and len(value) >= 4 and value not in _secrets:
+            _secrets.append(value)
+            _secrets_pattern = re.compile("|".join(re.escape(s) for s in sorted(_secrets, key=len, reverse=True)),
+                                          re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    return _secrets_pattern.sub("***", text) if _secrets_pattern is not None else text
+
+
+def outside_text(text: str) -> str:
+    """Text that came from outside, made safe to show or store: printable
+    and with every credential masked (also when a server echoes one back,
+    in any letter case)."""
+    return redact(printable(redact(text)))
+
+
 def shorten(data: bytes | str, limit: int = 120) -> str:
-    """An escaped, truncated rendering of untrusted input for error messages."""
-    text = repr(data[:limit])
-    return printable(text) + (f" ... ({len(data)} bytes)" if len(data) > limit else "")
+    """An escaped, redacted, truncated rendering of untrusted input for error
+    messages (redacted before it is cut, so no prefix of a secret shows)."""
+    if isinstance(data, bytes):
+        data = data.decode("utf-8", "backslashreplace")
+    size = len(data)
+    data = redact(data)
+    return outside_text(repr(data[:limit])) + (f" ... ({size} characters)" if size > limit else "")
 
 
 def redact_url(url: str) -> str:
@@ -639,8 +692,14 @@ def nix_set_profile(path: str) -> None:
 def switch_to_configuration(system: str, action: str) -> None:
     """Activate through a transient unit so the activation survives our own
     service being stopped or restarted by that very activation."""
-    os.makedirs(RUNTIME_DIR, exist_ok=True)
-    atomic_write(ACTIVATING_MARKER, f"{os.getpid()}\n")
+    try:
+        os.makedirs(RUNTIME_DIR, exist_ok=True)
+        atomic_write(ACTIVATING_MARKER, f"{os.getpid()}\n")
+    except OSError as exc:
+        # A full /run must not stop an activation (or the rollback after
+        # one) half-way; without the mark the module's hook may start the
+        # agent once more, and that run finds the host lock taken.
+        log(f"warning: cannot write {ACTIVATING_MARKER} ({exc.strerror}); activating anyway")
     try:
         run(["systemd-run", f"--unit={ACTIVATION_UNIT}", f"--setenv={ACTIVATION_ENV}=1",
              "--wait", "--pipe", "--collect", "--quiet", "--no-ask-password",
@@ -756,24 +815,10 @@ class Fetcher:
     def __init__(self, token: str | None = None) -> None:
         self.token = token
         self._opener: Any = None
-        self._secrets: list[str] = [token] if token else []
-
-    # -- text that came from outside --------------------------------------
-
-    def clean(self, text: str) -> str:
-        """Printable, with every credential we hold masked (also when a
-        server echoes it back)."""
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        text = printable(text)
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
+        register_secrets(token)
 
     def _error(self, message: str, transient: bool = False) -> FetchError:
-        err = FetchError(self.clean(message))
-        err.transient = transient  # type: ignore[attr-defined]
-        return err
+        return FetchError(outside_text(message)[:MAX_MESSAGE], transient)
 
     # -- the opener ----------------------------------------------------------
 
@@ -803,11 +848,15 @@ class Fetcher:
                 size = line.split(b";", 1)[0].strip()
                 if not size or len(size) > 16 or size.strip(b"0123456789abcdefABCDEF"):
                     self._close_conn()  # type: ignore[attr-defined]
-                    raise http.client.HTTPException(f"invalid chunk size {shorten(size, 20)}")
+                    raise http.client.HTTPException("invalid chunk size (not plain hex)")
                 return int(size, 16)
 
         class HTTPConnection(http.client.HTTPConnection):
             response_class = StrictResponse
+
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                self._create_connection = connect_interruptibly
 
         class HTTPHandler(urllib.request.HTTPHandler):
             def http_open(self, req: Any) -> Any:
@@ -819,6 +868,10 @@ class Fetcher:
 
                 class HTTPSConnection(http.client.HTTPSConnection):
                     response_class = StrictResponse
+
+                    def __init__(self, *args: Any, **kwargs: Any) -> None:
+                        super().__init__(*args, **kwargs)
+                        self._create_connection = connect_interruptibly
                 return self.do_open(HTTPSConnection, req, context=ssl.create_default_context())
 
         class Redirects(urllib.request.HTTPRedirectHandler):
@@ -838,14 +891,25 @@ class Fetcher:
                     raise fetcher._error("refused a redirect from https:// to plain http://")
                 new = super().redirect_request(req, fp, code, msg, headers, newurl)
                 if new is not None:
+                    # ProxyHandler adds the proxy's credentials as a plain
+                    # header, which urllib would copy to the next hop, even one
+                    # that bypasses the proxy (no_proxy); it adds them again
+                    # where the next hop goes through the proxy.
+                    new.headers.pop("Proxy-authorization", None)
                     new.first_origin = req.first_origin
                     new.credentials = req.credentials
                     if req.credentials and origin_of(new.full_url) == req.first_origin:
                         new.add_unredirected_header("Authorization", req.credentials)
-                    debug(f"redirected ({code}) to {fetcher.clean(target)}")
+                    debug(f"redirected ({code}) to {outside_text(target)}")
                 return new
 
-        handlers = [urllib.request.ProxyHandler(), HTTPHandler(), HTTPSHandler(), Redirects(),
+        from urllib.parse import urlsplit
+        proxies = urllib.request.getproxies()
+        for proxy in proxies.values():
+            parts = urlsplit(proxy if "://" in proxy else "http://" + proxy)
+            if parts.password is not None:
+                register_secrets(*credential_forms(parts.username or "", parts.password))
+        handlers = [urllib.request.ProxyHandler(proxies), HTTPHandler(), HTTPSHandler(), Redirects(),
                     urllib.request.HTTPDefaultErrorHandler(), urllib.request.HTTPErrorProcessor(),
                     urllib.request.UnknownHandler()]
         opener = urllib.request.OpenerDirector()
@@ -871,7 +935,7 @@ class Fetcher:
                 raise self._error(f"GET {shown}: timed out after {timeout:g}s", transient=True) from None
             except FetchError as exc:
                 pause = min(RETRY_BASE_SECONDS * 2 ** (attempt - 1), deadline.remaining() - 0.5)
-                if not getattr(exc, "transient", False) or attempt == tries or pause <= 0:
+                if not exc.transient or attempt == tries or pause <= 0:
                     raise
                 log(f"{exc} (try {attempt} of {tries}; retrying in {pause:.1f}s)")
                 with Stopping.interruptible() if interruptible else contextlib.nullcontext():
@@ -890,11 +954,9 @@ class Fetcher:
         send = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity", **headers}
         credentials = None
         if parts.username is not None:
-            import base64
-            from urllib.parse import unquote
-            raw = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
-            credentials = "Basic " + base64.b64encode(raw.encode()).decode()
-            self._secrets = list(dict.fromkeys(s for s in (*self._secrets, parts.password, credentials) if s))
+            forms = credential_forms(parts.username, parts.password or "")
+            register_secrets(*forms)
+            credentials = "Basic " + forms[-1]
             netloc = parts.netloc.rpartition("@")[2]
             url = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
         elif self.token:
@@ -929,11 +991,11 @@ class Fetcher:
         with response:
             try:
                 foreign = origin_of(response.geturl()) != request.first_origin
-                encoding = (response.headers.get("Content-Encoding") or "identity").strip().lower()
-                if encoding != "identity":
+                encoding = (response.headers.get("Content-Encoding") or "identity").strip()
+                if encoding.lower() != "identity":
                     raise self._error(f"GET {shown}: the server sent the body with Content-Encoding "
-                                      f"{encoding[:40]!r}; only identity is accepted (configure the server "
-                                      "not to compress the pointer)")
+                                      f"{shorten(encoding, 40)}; only identity is accepted (configure the "
+                                      "server not to compress the pointer)")
                 body = bytearray()
                 while len(body) <= limit:
                     piece = response.read(min(BODY_READ_PIECE, limit + 1 - len(body)))
@@ -960,6 +1022,52 @@ class Fetcher:
         return safe(headers.get("ETag")), safe(headers.get("Last-Modified"))
 
 
+def connect_interruptibly(address: tuple[str, int], timeout: Any = None, source_address: Any = None,
+                          *_args: Any) -> Any:
+    """socket.create_connection, but the name is resolved in a helper thread
+    that the main thread waits for in short steps: getaddrinfo() blocks in C,
+    where neither the deadline's alarm nor a SIGTERM could end it."""
+    import socket
+    import threading
+    host, port = address
+    found: dict[str, Any] = {}
+
+    def resolve() -> None:
+        try:
+            found["infos"] = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+        except OSError as exc:
+            found["error"] = exc
+    resolver = threading.Thread(target=resolve, name="resolve", daemon=True)
+    resolver.start()
+    while resolver.is_alive():
+        resolver.join(0.05)  # signal handlers run between the waits
+    if "error" in found:
+        raise found["error"]
+    last: OSError = OSError(f"no address for {host}")
+    for family, kind, proto, _name, sockaddr in found["infos"]:
+        sock = socket.socket(family, kind, proto)
+        try:
+            if timeout is not None and timeout is not socket._GLOBAL_DEFAULT_TIMEOUT:  # type: ignore[attr-defined]
+                sock.settimeout(timeout)
+            if source_address:
+                sock.bind(source_address)
+            sock.connect(sockaddr)
+            return sock
+        except OSError as exc:
+            last = exc
+            sock.close()
+    raise last
+
+
+def credential_forms(user: str, password: str) -> tuple[str, ...]:
+    """A password as it may be echoed: raw, percent-decoded, and the Basic
+    encoding of user:password (last)."""
+    import base64
+    from urllib.parse import unquote
+    basic = base64.b64encode(f"{unquote(user)}:{unquote(password)}".encode()).decode()
+    return password, unquote(password), basic
+
+
 def _transient(exc: BaseException) -> bool:
     """Worth another try: the network, not the answer, failed."""
     import http.client
@@ -984,6 +1092,9 @@ def describe_network_error(exc: BaseException | str) -> str:
         return "connection refused"
     if isinstance(exc, http.client.RemoteDisconnected):
         return "the server closed the connection without answering"
+    if isinstance(exc, (http.client.BadStatusLine, http.client.UnknownProtocol)):
+        # Not HTTP: whatever it said (an SMTP banner behind a redirect?) is not repeated.
+        return f"not an HTTP response ({type(exc).__name__})"
     if isinstance(exc, ConnectionResetError):
         return "connection reset by the server"
     if _is_tls_error(exc):
@@ -996,6 +1107,10 @@ def describe_network_error(exc: BaseException | str) -> str:
 # ---------------------------------------------------------------------------
 # Pointer: parsing and validation
 # ---------------------------------------------------------------------------
+
+
+def _no_json_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def validate_store_path(path: str, received: bytes | str, show: Excerpt = None) -> str:
@@ -1029,8 +1144,8 @@ def parse_pointer(body: bytes, json_field: str | None = None, show: Excerpt = No
         raise PointerError(f"pointer is not UTF-8: got {show(body)}") from None
     if json_field:
         try:
-            value: Any = json.loads(text)
-        except ValueError:
+            value: Any = json.loads(text, parse_constant=_no_json_constant)
+        except (ValueError, RecursionError):
             raise PointerError(f"pointer is not JSON: got {show(body)}") from None
         for key in json_field.split("."):
             if not isinstance(value, dict) or key not in value:
@@ -1039,7 +1154,10 @@ def parse_pointer(body: bytes, json_field: str | None = None, show: Excerpt = No
         if not isinstance(value, str):
             raise PointerError(f"JSON field {json_field!r} is not a string: got {show(repr(value))}")
         return Pointer(validate_store_path(value, value, show), {})
-    lines = [line.strip() for line in text.splitlines()]
+    # Lines end at \n only (not at U+2028 or \x1c, which str.splitlines()
+    # would split at and a checker in CI might not), and only ASCII blanks
+    # are trimmed: what the agent reads is what a plain text tool shows.
+    lines = [line.strip(" \t\r") for line in text.split("\n")]
     lines = [line for line in lines if line]
     if not lines:
         raise PointerError(f"pointer is empty: got {show(body)}")
@@ -1047,21 +1165,21 @@ def parse_pointer(body: bytes, json_field: str | None = None, show: Excerpt = No
     metadata: dict[str, str] = {}
     for line in lines[1:]:
         key, sep, value = line.partition(":")
-        key, value = key.strip(), value.strip()
+        key, value = key.strip(" \t"), value.strip(" \t")
         if not sep or not key or key.strip(POINTER_KEY_CHARS) or not key[0].isalpha():
             raise PointerError(f"pointer line is not `key: value` (keys are lower-case ASCII): got {show(line)}")
         if key not in POINTER_KEYS and not key.startswith("x-"):
-            raise PointerError(f"pointer has an unknown key {key!r} (known: {', '.join(POINTER_KEYS)}; "
+            raise PointerError(f"pointer has an unknown key {show(key)} (known: {', '.join(POINTER_KEYS)}; "
                                "free-form annotations start with `x-`)")
         if key in metadata:
-            raise PointerError(f"pointer has the key {key!r} twice")
+            raise PointerError(f"pointer has the key {show(key)} twice")
         if not value.isprintable():
-            raise PointerError(f"pointer value of {key!r} has control characters: got {show(value)}")
+            raise PointerError(f"pointer value of {show(key)} has control characters: got {show(value)}")
         metadata[key] = value
     revision = None
     if "revision" in metadata:
         text = metadata["revision"]
-        if not text.isascii() or not text.isdigit() or int(text) > MAX_REVISION:
+        if not text.isascii() or not text.isdigit() or text != str(int(text)) or int(text) > MAX_REVISION:
             raise PointerError(f"pointer revision is not a whole number from 0 to {MAX_REVISION}: "
                                f"got {show(text)}", "revision")
         revision = int(text)
@@ -1097,7 +1215,7 @@ def allowed_signers(trusted_keys_file: str) -> str:
         first = line.split(None, 1)[0]
         if first.startswith(KEY_TYPES):
             out.append(f'{SIGNATURE_NAMESPACE} namespaces="{SIGNATURE_NAMESPACE}" {line}')
-        elif "=" in first or '"' in first or first in ("cert-authority", "no-touch-required"):
+        elif "=" in first or '"' in first or first.lower() in AUTHORIZED_KEYS_FLAGS:
             raise UsageError(f"{where} starts with options ({shorten(first, 40)}); write an allowed-signers "
                              "line `PRINCIPALS [OPTIONS] KEYTYPE KEY` or a plain public key")
         elif not any(word.startswith(KEY_TYPES) for word in line.split()[1:]):
@@ -1209,8 +1327,9 @@ class StateStore:
             check_private_dir(self.dir, create=True)
             self._dir_checked = True
 
-    def _read_json(self, path: str) -> Any:
-        """The parsed file, None when missing; StateError when unreadable."""
+    def _read_json(self, path: str) -> dict[str, Any] | None:
+        """The file's JSON object, None when there is no file; StateError
+        when it is unreadable or anything but an object (JSON null too)."""
         try:
             with open(path, "rb") as f:
                 raw = f.read(MAX_STATE_BYTES + 1)
@@ -1221,8 +1340,11 @@ class StateStore:
         try:
             if len(raw) > MAX_STATE_BYTES:
                 raise ValueError(f"larger than {MAX_STATE_BYTES} bytes")
-            return json.loads(raw)
-        except ValueError as exc:
+            data = json.loads(raw, parse_constant=_no_json_constant)
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+            return data
+        except (ValueError, RecursionError) as exc:
             raise StateError(f"{path} is corrupt ({printable(str(exc))[:120]}). {RECOVERY_HINT}") from None
 
     def load(self) -> State:
@@ -1235,7 +1357,7 @@ class StateStore:
             state = State.from_json(data, self.path)
         floor = self._floor_on_disk = self._read_json(self.floor_path)
         if floor is not None:
-            revision, path = (floor.get("revision"), floor.get("path")) if isinstance(floor, dict) else (None, None)
+            revision, path = floor.get("revision"), floor.get("path")
             if not valid_revision(revision) or not (path is None or isinstance(path, str)):
                 raise StateError(f"{self.floor_path} is corrupt. {RECOVERY_HINT}")
             if state.highest_revision is None or revision > state.highest_revision:
@@ -1330,7 +1452,7 @@ def render_metrics(state: State, host: HostView, suspended: bool) -> str:
         lines.append(f"# HELP {full} {help_text}")
         lines.append(f"# TYPE {full} {kind}")
         for labels, value in samples:
-            rendered = ",".join(f'{k}="{escape_label(printable(v))}"' for k, v in labels.items())
+            rendered = ",".join(f'{k}="{escape_label(outside_text(v))}"' for k, v in labels.items())
             number = str(int(value)) if float(value).is_integer() else repr(round(float(value), 3))
             lines.append(f"{full}{{{rendered}}} {number}" if labels else f"{full} {number}")
 
@@ -1434,8 +1556,11 @@ def mark_staged(system: str | None) -> None:
         except FileNotFoundError:
             pass
         return
-    os.makedirs(RUNTIME_DIR, exist_ok=True)
-    atomic_write(STAGED_MARKER, system + "\n")
+    try:
+        os.makedirs(RUNTIME_DIR, exist_ok=True)
+        atomic_write(STAGED_MARKER, system + "\n")
+    except OSError as exc:
+        raise StateError(f"cannot write {STAGED_MARKER}: {exc.strerror}") from None
 
 
 def reboot_status(state: State, host: HostView) -> tuple[bool, str | None]:
@@ -1542,10 +1667,16 @@ class Agent:
                 raise StateError(f"cannot save the state to {self.store.path}: {exc.strerror}") from None
 
     def set_intent(self, phase: str, **fields: Any) -> None:
-        intent = dict(self.state.intent or {})
-        intent.update(fields, phase=phase)
-        self.state.intent = intent
-        self.save()
+        """Record the next step before taking it.  When that cannot be
+        recorded, the intent in memory stays what is on disk, so a rollback
+        acts on what really happened."""
+        before = self.state.intent
+        self.state.intent = {**(before or {}), **fields, "phase": phase}
+        try:
+            self.save()
+        except StateError:
+            self.state.intent = before
+            raise
 
     # -- one cycle ---------------------------------------------------------
 
@@ -1676,14 +1807,14 @@ class Agent:
             state.upstream, state.upstream_revision = pointer.path, pointer.revision
             return pointer
         pointer = parse_pointer(resp.body, cfg.json_field, self.excerpt(resp))
-        verified = None
+        verified: tuple[str | None, float | None] = (None, None)
         if self.signers is not None:
             pointer, verified = self.verify(pointer, resp.body, record)
         state.upstream, state.upstream_revision = pointer.path, pointer.revision
         keep = len(resp.body) <= MAX_PERSISTED_POINTER
         state.pointer = dataclasses.asdict(PointerRecord(
             **identity, body=resp.body.decode(), etag=resp.etag, last_modified=resp.last_modified,
-            verified=verified, fetched_at=time.time())) if keep else None
+            verified=verified[0], verified_at=verified[1], fetched_at=time.time())) if keep else None
         return pointer
 
     def excerpt(self, resp: Response) -> Callable[[bytes | str], str]:
@@ -1692,15 +1823,14 @@ class Agent:
         not become a way to read internal endpoints)."""
         if resp.foreign:
             return lambda _data: "(not shown: served by a redirect target on another host)"
+        return shorten
 
-        def show(data: bytes | str) -> str:
-            text = data.decode("utf-8", "backslashreplace") if isinstance(data, bytes) else data
-            return shorten(self.fetcher.clean(text))
-        return show
-
-    def verify(self, pointer: Pointer, body: bytes, record: PointerRecord | None) -> tuple[Pointer, str]:
+    def verify(self, pointer: Pointer, body: bytes,
+               record: PointerRecord | None) -> tuple[Pointer, tuple[str, float]]:
         """Signature (skipped when this very body and signature verified under
-        these keys before), then the trust rules; raises the floor."""
+        these keys within the hour: a key's valid-before= is honoured at
+        least that often), then the trust rules; raises the floor.  Returns
+        the pointer and (digest, when ssh-keygen verified it)."""
         import hashlib
         cfg, state = self.cfg, self.state
         try:
@@ -1709,21 +1839,23 @@ class Agent:
         except FetchError as exc:
             # The network failing is a fetch error; a server that answers
             # without a signature is refused like an unsigned pointer.
-            if getattr(exc, "transient", False):
+            if exc.transient:
                 raise FetchError(f"pointer signature unavailable: {exc}") from None
             raise PointerError(f"pointer signature unavailable: {exc}", "signature") from None
         digest = hashlib.sha256(body + b"\0" + signature).hexdigest()
-        if record is None or record.verified != digest:
+        verified_at = record.verified_at if record is not None and record.verified == digest else None
+        if verified_at is None or not 0 <= time.time() - verified_at < UNCONDITIONAL_EVERY_SECONDS:
             assert self.signers is not None
             principal = verify_signature(body, signature, self.signers, cfg.state_dir)
             debug(f"pointer signed by {printable(principal)}")
+            verified_at = time.time()
         check_trust(pointer, self.floor(), cfg)
         assert pointer.revision is not None
         if state.highest_revision is None or pointer.revision > state.highest_revision:
             state.highest_revision, state.revision_path = pointer.revision, pointer.path
         elif state.revision_path is None:
             state.revision_path = pointer.path
-        return dataclasses.replace(pointer, signed=True), digest
+        return dataclasses.replace(pointer, signed=True), (digest, verified_at)
 
     # -- nothing to deploy: reboot pending, verification after reboot -----
 
@@ -2041,9 +2173,9 @@ class Agent:
     def _record_outcome(self, outcome: Outcome, ended: float) -> None:
         state = self.state
         state.last_run_success = outcome.error is None
-        state.last_state, state.last_reason = outcome.state, printable(outcome.reason)[:MAX_MESSAGE]
+        state.last_state, state.last_reason = outcome.state, outside_text(outcome.reason)[:MAX_MESSAGE]
         if outcome.error is not None:
-            state.last_error = {"kind": outcome.error.kind, "message": printable(str(outcome.error))[:MAX_MESSAGE]}
+            state.last_error = {"kind": outcome.error.kind, "message": outside_text(str(outcome.error))[:MAX_MESSAGE]}
         else:
             state.last_success, state.last_error = ended, None
 
@@ -2063,7 +2195,7 @@ class Agent:
             "NIXOS_AUTODEPLOY_EXIT_CODE": str(outcome.error.exit_code if outcome.error else 0),
             "NIXOS_AUTODEPLOY_URL": redact_url(cfg.url),
         }
-        env.update({name: printable(value)[:MAX_MESSAGE] for name, value in hook_vars.items()})
+        env.update({name: outside_text(value)[:MAX_MESSAGE] for name, value in hook_vars.items()})
         which = "on-failure" if outcome.error else "on-success"
         try:
             result = shell(command, timeout=cfg.hook_timeout, env=env)
@@ -2143,13 +2275,14 @@ def command_run(cfg: Config) -> int:
         raise UsageError("--json-field cannot be combined with --trusted-keys: signed pointers are plain text "
                          "with a `revision:` line")
     agent = Agent(cfg)
-    if cfg.url.startswith("http://"):
-        if cfg.trusted_keys is None:
-            log("warning: the pointer is fetched over plain http:// without --trusted-keys: anyone on the "
-                "network path can point this host at another (validly signed) system")
-        if cfg.token_file or urlsplit(cfg.url).password is not None:
-            log("warning: credentials are sent over plain http://: anyone on the network path can read them; "
-                "use https://")
+    if cfg.url.startswith("http://") and cfg.trusted_keys is None:
+        log("warning: the pointer is fetched over plain http:// without --trusted-keys: anyone on the "
+            "network path can point this host at another (validly signed) system")
+    credentialed = [cfg.url] + ([agent.signature_url()] if cfg.trusted_keys else [])
+    if (cfg.token_file or urlsplit(cfg.url).password is not None) and \
+            any(url.startswith("http://") for url in credentialed):
+        log("warning: credentials are sent over plain http://: anyone on the network path can read them; "
+            "use https://")
     if cfg.dry_run:
         if os.path.lexists(cfg.state_dir):
             check_private_dir(cfg.state_dir)
@@ -2231,7 +2364,7 @@ def command_status(state_dir: str, as_json: bool) -> int:
         rows.append(("interrupted", json.dumps(fields["interrupted_deploy"], sort_keys=True)))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
-        print(f"{key:<{width}}  {printable(value) if value is not None else '-'}")
+        print(f"{key:<{width}}  {outside_text(value) if value is not None else '-'}")
     return 0
 
 
@@ -2329,20 +2462,28 @@ def http_url(text: str) -> str:
         raise argparse.ArgumentTypeError(f"invalid URL {redact_url(text)!r}: only http:// and https:// are fetched")
     if not host:
         raise argparse.ArgumentTypeError(f"invalid URL {redact_url(text)!r}: no host")
+    if port == 0:
+        raise argparse.ArgumentTypeError(f"invalid URL {redact_url(text)!r}: port 0")
+    netloc = parts.netloc
     if ":" in host:
         import ipaddress
         try:
             ipaddress.IPv6Address(host.split("%", 1)[0])
         except ValueError:
             raise argparse.ArgumentTypeError(f"invalid URL {redact_url(text)!r}: malformed IPv6 address") from None
-    netloc = parts.netloc
-    if not host.isascii():
+    else:
+        # The name as the resolver will get it: no escapes hiding control
+        # characters, no empty or over-long labels, punycode for IDN.
+        if "%" in host:
+            raise argparse.ArgumentTypeError(f"invalid URL {redact_url(text)!r}: percent-escapes in the host")
         try:
             ascii_host = host.encode("idna").decode("ascii")
         except UnicodeError:
-            raise argparse.ArgumentTypeError(f"invalid URL {redact_url(text)!r}: bad host name") from None
-        userinfo = parts.netloc.rpartition("@")[0]
-        netloc = (quote(userinfo, safe=":%") + "@" if userinfo else "") + ascii_host + (f":{port}" if port else "")
+            raise argparse.ArgumentTypeError(f"invalid URL {redact_url(text)!r}: bad host name "
+                                             "(an empty or over-long label?)") from None
+        if ascii_host != host:
+            userinfo = parts.netloc.rpartition("@")[0]
+            netloc = (quote(userinfo, safe=":%") + "@" if userinfo else "") + ascii_host + (f":{port}" if port else "")
     safe = "/%:@!$&'()*+,;=-._~?"
     return urlunsplit((parts.scheme, netloc, quote(parts.path, safe=safe), quote(parts.query, safe=safe), ""))
 
