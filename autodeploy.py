@@ -989,7 +989,7 @@ def render_metrics(state: State, host: HostView, suspended: bool) -> str:
                   "message": state.last_error.get("message", "")[:300]}, 1)])
     # Boot safety, refused pointers by reason, lag behind upstream (README: "Booting safely").
     metric("boot_failures_total", "counter",
-           "Staged systems the host did not boot into (boot loader fallback, failed boot assessment); "
+           "Staged systems the host did not boot into (boot loader fallback, e.g. after failed boot assessments); "
            "kept across runs.", [({}, state.boot_failures_total)])
     if state.boot_free_bytes is not None:
         metric("boot_free_bytes", "gauge", "Free bytes in /boot (only when /boot is a separate filesystem).",

@@ -480,3 +480,25 @@ def test_behind_upstream_and_waiting_for_the_window(host, world, server):
     m = host.metrics()
     assert m["nixos_autodeploy_behind_upstream_since_timestamp_seconds"] == 0
     assert m["nixos_autodeploy_reboot_window_wait"] == 0
+
+
+def test_sigkill_while_putting_the_boot_default_back_converges(host, world, server):
+    from test_safety import kill, wait_for
+    a, b = world.path("a"), world.path("b")
+    stage(host, b)
+    fall_back(host, a)
+    host.ctl("hang-after-nix-env").write_text("")
+    proc = host.agent_background("--once", "--url", host.url, "--switch-mode", "boot")
+    wait_for(lambda: host.profile == a, what="the profile going back")
+    kill(proc)
+    host.ctl("hang-after-nix-env").unlink()
+    state = host.state()
+    assert state["intent"]["phase"] == "rollback" and state["quarantined"] == b
+    assert state["boot_failures_total"] == 1 and state["deployed"] == a
+    r = host.once(host.url, "--switch-mode", "boot")
+    assert r.returncode == 0, r.stderr
+    assert "interrupted deploy" in r.stderr
+    assert_host(host, current=a, profile=a, deployed=a)
+    assert boot_default(host) == a
+    assert state_gauge(host) == "quarantined"
+    assert host.metrics()["nixos_autodeploy_boot_failures_total"] == 1
