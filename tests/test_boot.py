@@ -267,7 +267,7 @@ def fill(mount: Path, leave: int) -> Path:
 
 def test_full_boot_refuses_a_new_kernel_and_changes_nothing(boot_host, world, server):
     host = boot_host
-    a, b, c, k = world.path("a"), world.path("b"), world.path("c"), world.path("k")
+    b, c, k = world.path("b"), world.path("c"), world.path("k")
     mount = host.mount_boot(16 * MiB)
     assert host.once(host.url).returncode == 0
     server.pointer(b)
@@ -424,7 +424,7 @@ def test_history_keeps_the_last_20_attempts(host, world, server):
 
 
 def test_history_records_boot_attempts_and_their_verification(host, world, server):
-    a, b = world.path("a"), world.path("b")
+    b = world.path("b")
     stage(host, b)
     host.reboot()
     assert host.once(host.url, "--switch-mode", "boot").returncode == 0
