@@ -1136,10 +1136,43 @@ def read_loader_variable(name: str) -> str | None:
     return text if text and text.isprintable() else None
 
 
-def boot_entry_choice() -> tuple[str, str]:
-    """Who chose this boot's entry: ("manual", why) when systemd-boot says the
-    booted entry is not its default, ("loader", why) when it booted its
-    default, ("unknown", why) when the boot loader does not say (GRUB, BIOS)."""
+def exhausted_boot_entry(system: str) -> str | None:
+    """The systemd-boot entry of `system` that has no tries left (boot
+    counting: `<id>+0-<failed>.conf`), or None.  NixOS entries name their
+    system in the `options` line (`init=<toplevel>/init`)."""
+    import re
+    directory = os.path.join(BOOT_DIR, "loader", "entries")
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return None
+    wanted = f"init={system}/init"
+    for name in names:
+        if not re.search(r"\+0(-[0-9]+)?\.conf$", name):
+            continue
+        try:
+            with open(os.path.join(directory, name), errors="replace") as f:
+                text = f.read(64 * 1024)
+        except OSError:
+            continue
+        for line in text.splitlines():
+            words = line.split()
+            if words[:1] == ["options"] and wanted in words[1:]:
+                return name
+    return None
+
+
+def boot_entry_choice(staged: str | None = None) -> tuple[str, str]:
+    """Who chose this boot's entry instead of the staged system's:
+    ("loader", why) when the staged entry ran out of tries or systemd-boot
+    booted its default, ("manual", why) when systemd-boot says the booted
+    entry is not its default (LoaderEntryDefault: a default picked in the menu
+    or set with `bootctl set-default`), ("unknown", why) when it does not say
+    (GRUB, BIOS, or no LoaderEntryDefault: NixOS writes its default into
+    loader.conf)."""
+    exhausted = exhausted_boot_entry(staged) if staged else None
+    if exhausted is not None:
+        return "loader", f"boot entry {shorten(exhausted, 80)} has no tries left (boot counting)"
     selected = read_loader_variable("LoaderEntrySelected")
     default = read_loader_variable("LoaderEntryDefault")
     if selected is None or default is None:
@@ -1639,7 +1672,7 @@ class Agent:
         state = self.state
         bad, running = state.deployed, host.current
         assert bad is not None and running is not None
-        choice, detail = boot_entry_choice()
+        choice, detail = boot_entry_choice(bad)
         if choice == "manual":
             return Outcome("booted_previous", f"the host rebooted into {basename_or_empty(running)}, not the staged "
                                               f"{basename_or_empty(bad)}: {detail}; the staged system stays the "

@@ -502,3 +502,24 @@ def test_sigkill_while_putting_the_boot_default_back_converges(host, world, serv
     assert boot_default(host) == a
     assert state_gauge(host) == "quarantined"
     assert host.metrics()["nixos_autodeploy_boot_failures_total"] == 1
+
+
+def test_an_entry_without_tries_left_is_a_fallback_whatever_the_variables_say(boot_host, world, server):
+    """systemd-boot renames an entry that failed all its tries to `+0-N`: that
+    settles it, even when LoaderEntryDefault (a default pinned earlier) names
+    another entry than the one booted."""
+    host = boot_host
+    a, b = world.path("a"), world.path("b")
+    mount = host.mount_boot(8 * MiB)
+    stage(host, b)
+    fall_back(host, a)
+    entries = mount / "loader" / "entries"
+    (entries / "nixos-generation-1.conf").write_text(f"title NixOS\nlinux /x\noptions init={a}/init quiet\n")
+    (entries / "nixos-generation-2+0-3.conf").write_text(f"title NixOS\nlinux /y\noptions init={b}/init quiet\n")
+    env = {"NIXOS_AUTODEPLOY_EFIVARS": efivars(host, "nixos-generation-1.conf", "nixos-generation-2.conf")}
+    r = host.once(host.url, "--switch-mode", "boot", env=env)
+    assert r.returncode == 5, r.stderr
+    assert state_gauge(host) == "boot_failed"
+    failure = host.state()["boot_failure"]
+    assert failure["choice"] == "loader" and "nixos-generation-2+0-3.conf" in failure["reason"]
+    assert host.profile == a and boot_default(host) == a
