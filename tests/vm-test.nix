@@ -38,7 +38,12 @@ in
         };
       };
       networking.firewall.allowedTCPPorts = [ 80 ];
-      systemd.tmpfiles.rules = [ "d /srv/cache 0755 root root - -" ];
+      systemd.tmpfiles.rules = [
+        "d /srv/cache 0755 root root - -"
+        # `counted` runs its boot check (connectivity included) on its very
+        # first boot: its pointer must exist from the start.
+        "f /srv/cache/pointer-counted 0644 root root - ${nodes.counted.system.build.toplevel}"
+      ];
       nix.settings.experimental-features = [ "nix-command" ];
       # Everything the test publishes must be valid in the cache node's store.
       virtualisation.additionalPaths = [
@@ -141,7 +146,8 @@ in
           healthChecks = [ "! grep -qx broken /etc/autodeploy-test" ];
           bootAssessment = {
             enable = true;
-            wait = 10;
+            # Long enough for the cache node to come up during the first boot.
+            wait = 120;
           };
         };
         services.prometheus.exporters.node.enable = true;
@@ -398,6 +404,9 @@ in
               return counted.succeed(f"cat {PROM}")
 
           counted.wait_for_unit("multi-user.target")
+          # The first boot passed its boot check and was blessed.
+          counted.wait_until_succeeds("systemctl is-active nixos-autodeploy-boot-check.service", timeout=300)
+          counted.wait_until_succeeds("systemctl is-active systemd-bless-boot.service", timeout=60)
           unit = counted.succeed("systemctl cat nixos-autodeploy-boot-check.service")
           assert "Before=boot-complete.target" in unit, unit
           assert "boot-complete.target" in counted.succeed(
@@ -418,7 +427,7 @@ in
           assert counted_current() == BROKEN, counted_current()
           # The boot check fails (after its bounded wait): boot-complete.target
           # is not reached, systemd-bless-boot does not mark the entry good.
-          counted.wait_until_succeeds("systemctl is-failed nixos-autodeploy-boot-check.service", timeout=180)
+          counted.wait_until_succeeds("systemctl is-failed nixos-autodeploy-boot-check.service", timeout=400)
           counted.fail("systemctl is-active boot-complete.target")
           counted.fail("systemctl is-active systemd-bless-boot.service")
           counted.succeed("ls /boot/loader/entries | grep -q '+0'")  # no tries left
@@ -443,5 +452,6 @@ in
           assert "nixos_autodeploy_boot_failures_total 1" in text, text
           status = counted.succeed("${countedAgent} status")
           assert "boot failure" in status and "history" in status, status
+          assert "no tries left" in status, status
     '';
 }
