@@ -117,7 +117,6 @@ MAX_REDIRECTS: Final = 5
 NIX_BASE32: Final = "0123456789abcdfghijklmnpqrsvwxyz"
 KEY_TYPES: Final = ("ssh-", "ecdsa-", "sk-")
 ACTIVATION_WAIT_SECONDS: Final = 600
-BOOT_CHECK_RETRY_SECONDS: Final = 5.0
 
 # Boot assessment, /boot space and history (see "Booting safely" in README.md).
 BOOT_DIR: Final = "/boot"
@@ -133,6 +132,7 @@ LOADER_GUID: Final = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
 # Test-only: a directory standing in for EFIVARS_DIR (the test machines boot without EFI).
 EFIVARS_ENV: Final = "NIXOS_AUTODEPLOY_EFIVARS"
 BOOT_CHECK_FILE: Final = "boot-check.json"  # in the state directory, written by `check-boot`
+BOOT_CHECK_RETRY_SECONDS: Final = 5.0
 HISTORY_LENGTH: Final = 20
 POINTER_REFUSAL_REASONS: Final = ("signature", "revision", "host", "expired", "malformed")
 
