@@ -2100,9 +2100,10 @@ def command_check_boot(args: argparse.Namespace) -> int:
         write_boot_check(cfg.state_dir, booted, error)
     except OSError as exc:
         log(f"cannot record the boot check: {exc}")
+    shown = booted or "the booted system"
     if error is not None:
-        raise DeployError(f"BOOT CHECK FAILED for {booted}: {error}", "health")
-    log(f"boot check passed for {booted}")
+        raise DeployError(f"BOOT CHECK FAILED for {shown}: {error}", "health")
+    log(f"boot check passed for {shown}")
     return 0
 
 
