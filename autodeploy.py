@@ -56,8 +56,8 @@ Exit codes:
     2  usage: bad option or value
     3  fetch failed (HTTP error, timeout, connection refused, TLS, Content-Encoding)
     4  pointer refused (not a plain store path, metadata, signature, downgrade, other host, expired)
-    5  deploy failed: a deploy was attempted (realise, not a NixOS system, activation, health
-       check); host rolled back
+    5  deploy failed: a deploy was attempted (realise, not a NixOS system, no room in /boot,
+       activation, health check, the staged system did not boot); host rolled back
     6  another run holds the host lock
     7  rollback failed: the host needs a human
     8  not a NixOS host (/run/current-system is missing)
@@ -164,6 +164,24 @@ AUTHORIZED_KEYS_FLAGS: Final = frozenset((
     "verify-required"))
 ACTIVATION_WAIT_SECONDS: Final = 600
 
+# Boot assessment, /boot space and history (see "Booting safely" in README.md).
+BOOT_DIR: Final = "/boot"
+# Free space that must remain in /boot after the new kernel and initrd: the
+# loader entries, initrd secrets appended to the copied initrd, and the
+# filesystem's own overhead (FAT clusters) need room too.
+BOOT_SPACE_MARGIN_BYTES: Final = 4 * 1024 * 1024
+BOOT_SPACE_MARGIN_FRACTION: Final = 0.1
+BOOT_ID_FILE: Final = "/proc/sys/kernel/random/boot_id"
+# systemd's Boot Loader Interface variables (vendor GUID of systemd-boot).
+EFIVARS_DIR: Final = "/sys/firmware/efi/efivars"
+LOADER_GUID: Final = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
+# Test-only: a directory standing in for EFIVARS_DIR (the test machines boot without EFI).
+EFIVARS_ENV: Final = "NIXOS_AUTODEPLOY_EFIVARS"
+BOOT_CHECK_FILE: Final = "boot-check.json"  # in the state directory, written by `check-boot`
+BOOT_CHECK_RETRY_SECONDS: Final = 5.0
+HISTORY_LENGTH: Final = 20
+POINTER_REFUSAL_REASONS: Final = ("signature", "revision", "host", "expired", "malformed")
+
 # ---------------------------------------------------------------------------
 # Errors: one base class carrying its exit code; main() turns them into exits
 # ---------------------------------------------------------------------------
@@ -267,6 +285,7 @@ class Action(enum.Enum):
 STATES: Final = (
     "up_to_date", "tracking", "deployed", "pending_reboot", "dirty", "failed",
     "rolled_back", "quarantined", "suspended", "refused", "booted_previous",
+    "boot_failed",
 )
 
 
@@ -345,6 +364,15 @@ class State:
     dirty: bool = False
     reboot_required: bool = False
     reboot_reason: str | None = None
+    # Boot safety (README: "Booting safely").
+    staged_boot_id: str | None = None    # boot ID when `deployed` was staged for boot
+    boot_failures_total: int = 0
+    boot_failure: dict[str, Any] | None = None  # the last staged system that did not boot
+    boot_free_bytes: int | None = None   # free space in a separate /boot (None: not separate)
+    boot_needed_bytes: int | None = None  # what the last deploy needed there (with the margin)
+    behind_since: float | None = None    # since when the host does not run upstream
+    reboot_window_wait: bool = False     # a due reboot waits for --reboot-window
+    history: list[dict[str, Any]] = field(default_factory=list)  # last HISTORY_LENGTH attempts
 
     @classmethod
     def from_json(cls, data: Any, where: str) -> State:
@@ -1489,7 +1517,36 @@ def render_metrics(state: State, host: HostView, suspended: bool) -> str:
         metric("last_error_info", "gauge", "The last run's error (present only when it failed).",
                [({"kind": state.last_error.get("kind", ""),
                   "message": state.last_error.get("message", "")[:300]}, 1)])
+    # Boot safety, refused pointers by reason, lag behind upstream (README: "Booting safely").
+    metric("boot_failures_total", "counter",
+           "Staged systems the host did not boot into (boot loader fallback, e.g. after failed boot assessments); "
+           "kept across runs.", [({}, state.boot_failures_total)])
+    if state.boot_free_bytes is not None:
+        metric("boot_free_bytes", "gauge", "Free bytes in /boot (only when /boot is a separate filesystem).",
+               [({}, state.boot_free_bytes)])
+    if state.boot_needed_bytes is not None:
+        metric("boot_needed_bytes", "gauge",
+               "Bytes the last deploy needed in /boot for its kernel and initrd, margin included (0: already there).",
+               [({}, state.boot_needed_bytes)])
+    refused = pointer_refusal_reason(state)
+    metric("pointer_refused", "gauge",
+           "1 for the reason the last run refused the pointer (signature, revision, host, expired: may be an "
+           "attack; malformed: publishing is broken); all 0 otherwise.",
+           [({"reason": r}, int(r == refused)) for r in POINTER_REFUSAL_REASONS])
+    metric("behind_upstream_since_timestamp_seconds", "gauge",
+           "Unix time since which the host does not run the upstream system; 0 while it does.",
+           [({}, state.behind_since or 0)])
+    metric("reboot_window_wait", "gauge", "1 while a due reboot waits for the reboot window.",
+           [({}, int(bool(state.reboot_window_wait)))])
     return "\n".join(lines) + "\n"
+
+
+def pointer_refusal_reason(state: State) -> str | None:
+    """Why the last run refused the pointer, as a pointer_refused reason."""
+    if state.last_state != "refused":
+        return None
+    kind = (state.last_error or {}).get("kind", "")
+    return kind if kind in POINTER_REFUSAL_REASONS else "malformed"
 
 
 def write_metrics(path: str, state: State, host: HostView, suspended: bool) -> None:
@@ -1565,14 +1622,171 @@ def mark_staged(system: str | None) -> None:
 
 def reboot_status(state: State, host: HostView) -> tuple[bool, str | None]:
     staged = state.deployed and host.profile == state.deployed and host.current != state.deployed
-    # Without the marker the host has rebooted since: it booted the previous
-    # system (boot loader fallback), and another reboot would not help.
-    if staged and os.path.exists(STAGED_MARKER):
+    # Rebooted since (boot ID changed, or the marker is gone): it booted the
+    # previous system (boot loader fallback), and another reboot would not help.
+    if staged and not rebooted_since_staging(state):
         return True, f"{basename_or_empty(state.deployed)} is staged for the next boot"
     differ = boot_differs(host.booted, host.current)
     if differ:
         return True, "booted " + ", ".join(differ) + " differ from the current system's"
     return False, None
+
+
+# ---------------------------------------------------------------------------
+# Boot safety: reboots, the boot loader's choice, room in /boot
+# ---------------------------------------------------------------------------
+
+
+def current_boot_id() -> str | None:
+    """The kernel's random ID of this boot.  It tells a reboot apart even where
+    /run/nixos-autodeploy does not survive a run (the module's unit removes
+    its RuntimeDirectory when a run ends)."""
+    text = (_read(BOOT_ID_FILE) or "").strip()
+    return text or None
+
+
+def rebooted_since_staging(state: State) -> bool:
+    """Has the host booted since `state.deployed` was staged for the next boot?"""
+    boot_id = current_boot_id()
+    if state.staged_boot_id and boot_id:
+        return boot_id != state.staged_boot_id
+    return not os.path.exists(STAGED_MARKER)  # records written before boot IDs were kept
+
+
+def read_loader_variable(name: str) -> str | None:
+    """A Boot Loader Interface EFI variable of systemd-boot: 4 attribute bytes,
+    then a NUL-terminated UTF-16LE string; None when absent or garbled."""
+    directory = os.environ.get(EFIVARS_ENV) or EFIVARS_DIR
+    try:
+        with open(os.path.join(directory, f"{name}-{LOADER_GUID}"), "rb") as f:
+            data = f.read(4 + 2 * 1024)
+    except OSError:
+        return None
+    try:
+        text = data[4:].decode("utf-16-le").split("\0", 1)[0]
+    except UnicodeDecodeError:
+        return None
+    return text if text and text.isprintable() else None
+
+
+def exhausted_boot_entry(system: str) -> str | None:
+    """The systemd-boot entry of `system` that has no tries left (boot
+    counting: `<id>+0-<failed>.conf`), or None.  NixOS entries name their
+    system in the `options` line (`init=<toplevel>/init`)."""
+    import re
+    directory = os.path.join(BOOT_DIR, "loader", "entries")
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return None
+    wanted = f"init={system}/init"
+    for name in names:
+        if not re.search(r"\+0(-[0-9]+)?\.conf$", name):
+            continue
+        try:
+            with open(os.path.join(directory, name), errors="replace") as f:
+                text = f.read(64 * 1024)
+        except OSError:
+            continue
+        for line in text.splitlines():
+            words = line.split()
+            if words[:1] == ["options"] and wanted in words[1:]:
+                return name
+    return None
+
+
+def boot_entry_choice(staged: str | None = None) -> tuple[str, str]:
+    """Who chose this boot's entry instead of the staged system's:
+    ("loader", why) when the staged entry ran out of tries or systemd-boot
+    booted its default, ("manual", why) when systemd-boot says the booted
+    entry is not its default (LoaderEntryDefault: a default picked in the menu
+    or set with `bootctl set-default`), ("unknown", why) when it does not say
+    (GRUB, BIOS, or no LoaderEntryDefault: NixOS writes its default into
+    loader.conf)."""
+    exhausted = exhausted_boot_entry(staged) if staged else None
+    if exhausted is not None:
+        return "loader", f"boot entry {shorten(exhausted, 80)} has no tries left (boot counting)"
+    selected = read_loader_variable("LoaderEntrySelected")
+    default = read_loader_variable("LoaderEntryDefault")
+    if selected is None or default is None:
+        return "unknown", "the boot loader does not tell whether the entry was picked by hand"
+    if selected != default:
+        return "manual", f"boot entry {shorten(selected, 80)} was picked by hand; the default is {shorten(default, 80)}"
+    return "loader", f"the boot loader booted its default entry {shorten(selected, 80)}"
+
+
+def boot_is_separate() -> bool:
+    """Only a separate /boot filesystem can fill up on its own."""
+    try:
+        return os.stat(BOOT_DIR).st_dev != os.stat("/").st_dev
+    except OSError:
+        return False
+
+
+def boot_free_bytes() -> int | None:
+    if not boot_is_separate():
+        return None
+    try:
+        st = os.statvfs(BOOT_DIR)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def boot_copies(system: str) -> list[tuple[str, str]]:
+    """(store file, destination in /boot) for the kernel and initrd that the
+    boot loader installer copies into /boot, named as it names them:
+    systemd-boot-builder.py's copy_from_file() (EFI/nixos/<store dir>-<file>.efi)
+    or install-grub.pl's copyToKernelsDir() (kernels/<store path, / -> ->).
+    GRUB without /boot/kernels reads kernels from the store: nothing is copied."""
+    files = [os.path.realpath(os.path.join(system, name)) for name in ("kernel", "initrd")]
+    files = [f for f in files if f.startswith(STORE_DIR + "/") and os.path.isfile(f)]
+    grub = os.path.isdir(os.path.join(BOOT_DIR, "grub"))
+    systemd_boot = any(os.path.isdir(os.path.join(BOOT_DIR, d)) for d in ("loader", "EFI/nixos"))
+    if grub and not systemd_boot:
+        kernels = os.path.join(BOOT_DIR, "kernels")
+        if not os.path.isdir(kernels):
+            return []
+        return [(f, os.path.join(kernels, f[len(STORE_DIR) + 1:].replace("/", "-"))) for f in files]
+    # systemd-boot, or a layout we do not know: assume it copies like systemd-boot.
+    out = []
+    for f in files:
+        relative = f[len(STORE_DIR) + 1:]
+        store_dir, _, rest = relative.partition("/")
+        name = f"{store_dir}.efi" if not rest else f"{store_dir}-{os.path.basename(f)}.efi"
+        out.append((f, os.path.join(BOOT_DIR, "EFI", "nixos", name)))
+    return out
+
+
+def boot_space_needed(system: str) -> int:
+    """Bytes the system's kernel and initrd add to /boot (0 when already there)."""
+    return sum(os.path.getsize(src) for src, dest in boot_copies(system) if not os.path.exists(dest))
+
+
+def with_margin(needed: int) -> int:
+    return needed + max(BOOT_SPACE_MARGIN_BYTES, int(needed * BOOT_SPACE_MARGIN_FRACTION)) if needed else 0
+
+
+def write_boot_check(state_dir: str, system: str | None, error: AutodeployError | None) -> None:
+    StateStore(state_dir).ensure_dir()
+    record = {"boot_id": current_boot_id(), "system": system, "ok": error is None,
+              "error": outside_text(str(error))[:500] if error else None, "time": time.time()}
+    atomic_write(os.path.join(state_dir, BOOT_CHECK_FILE), json.dumps(record, sort_keys=True) + "\n", 0o600)
+
+
+def boot_check_failure(state_dir: str, system: str) -> str | None:
+    """Why `check-boot` failed for `system` during this boot, or None."""
+    try:
+        with open(os.path.join(state_dir, BOOT_CHECK_FILE)) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    boot_id = current_boot_id()
+    if not isinstance(record, dict) or boot_id is None or record.get("boot_id") != boot_id:
+        return None
+    if record.get("system") != system or record.get("ok") is not False:
+        return None
+    return str(record.get("error") or "no reason recorded")[:500]
 
 
 # ---------------------------------------------------------------------------
@@ -1649,6 +1863,9 @@ class Stopping:
 
 
 class Agent:
+    # The deploy attempt of this cycle, for the history ({path, revision, action, started}).
+    attempt: dict[str, Any] | None = None
+
     def __init__(self, cfg: Config, fetcher: Fetcher | None = None) -> None:
         self.cfg = cfg
         self.store = StateStore(cfg.state_dir)
@@ -1866,7 +2083,13 @@ class Agent:
         if host.current == deployed:
             if not state.verified:
                 log(f"running {deployed} for the first time after a reboot: checking its health")
+                self.begin_attempt(deployed, "verify")
                 try:
+                    # A failed boot assessment (check-boot) left this boot unblessed:
+                    # the boot loader would fall back later; roll back now instead.
+                    failed = boot_check_failure(cfg.state_dir, deployed)
+                    if failed is not None:
+                        raise DeployError(f"the boot assessment failed during this boot: {failed}", "health")
                     self.health_checks()
                 except DeployError as exc:
                     return self.rollback_after_boot(host, exc)
@@ -1876,10 +2099,8 @@ class Agent:
                                old_system=state.staged_from, new_system=deployed, deployed=True)
             return Outcome("up_to_date", "up to date")
         # Staged for boot, not running yet.
-        if not os.path.exists(STAGED_MARKER):
-            return Outcome("booted_previous",
-                           f"the host rebooted but runs {basename_or_empty(host.current)}, not the staged "
-                           f"{basename_or_empty(deployed)} (boot loader fallback or manual choice)")
+        if self.staged_boot_failed(host):
+            return self.boot_failed(host)
         if cfg.reboot_mode is not None:
             self.reboot(deployed)
         return Outcome("pending_reboot", f"{basename_or_empty(deployed)} is staged for the next boot")
@@ -1899,6 +2120,11 @@ class Agent:
         return mode.value
 
     def deploy(self, upstream: str, host: HostView) -> Outcome:
+        if self.staged_boot_failed(host):
+            # Upstream moved on while the staged system failed to boot: report
+            # that failure first; the next cycle deploys the new upstream.
+            return self.boot_failed(host)
+        self.begin_attempt(upstream, None)
         log(f"realising {upstream} from the binary cache")
         try:
             nix_realise(upstream)
@@ -1910,6 +2136,10 @@ class Agent:
             self.quarantine(upstream, str(exc))
             raise
         action = self.choose_action(upstream, host)
+        if self.attempt is not None:
+            self.attempt["action"] = action
+        # Before the profile changes: a full /boot would fail the activation half-way.
+        self.check_boot_space(upstream)
         previous_profile, previous_current = host.profile, host.current
         self.set_intent("profile", upstream=upstream, action=action, previous_profile=previous_profile,
                         previous_current=previous_current, started=time.time(), activated=False)
@@ -1945,6 +2175,7 @@ class Agent:
         state = self.state
         self.state.interrupted.pop(upstream, None)
         mark_staged(upstream if action == "boot" else None)
+        state.staged_boot_id = current_boot_id() if action == "boot" else None
         state.deploys_total += 1
         # Record and clear the intent in one atomic write.
         self.record(upstream, staged_from=previous_current, activation=action, previous=previous_profile,
@@ -2038,11 +2269,101 @@ class Agent:
         self.quarantine(bad, str(exc))
         # The previous system is now what we deployed, staged for the next boot.
         mark_staged(previous or "")
+        state.staged_boot_id = current_boot_id()
         self.record(previous, staged_from=bad, activation="boot", previous=bad, verified=True)
         if self.cfg.reboot_mode is not None and previous:
             self.reboot(previous)
         raise DeployError(f"{bad} failed its health checks after the reboot; profile rolled back to "
                           f"{previous}: {exc}", "health")
+
+    # -- boot safety: fallback, /boot space, history -------------------------
+
+    def begin_attempt(self, path: str, action: str | None) -> None:
+        state = self.state
+        revision = state.upstream_revision if path == state.upstream else None
+        self.attempt = {"path": path, "revision": revision, "action": action, "started": time.time()}
+
+    def staged_boot_failed(self, host: HostView) -> bool:
+        """A boot deploy was staged and the host has rebooted since, but runs
+        something else: the staged system did not boot (or was not chosen)."""
+        state = self.state
+        return bool(state.deployed and state.activation == "boot" and host.profile == state.deployed
+                    and host.current != state.deployed and rebooted_since_staging(state))
+
+    def boot_failed(self, host: HostView) -> Outcome:
+        """The host rebooted into what ran before the staged system: the boot
+        loader fell back (a failed boot assessment, a kernel that did not come
+        up) or someone picked the old entry.  A fallback is a failed deploy,
+        reported once: quarantine the staged path, put profile and boot default
+        back on what runs, record why."""
+        state = self.state
+        bad, running = state.deployed, host.current
+        assert bad is not None and running is not None
+        choice, detail = boot_entry_choice(bad)
+        if choice == "manual":
+            return Outcome("booted_previous", f"the host rebooted into {basename_or_empty(running)}, not the staged "
+                                              f"{basename_or_empty(bad)}: {detail}; the staged system stays the "
+                                              "boot default")
+        revision = state.upstream_revision if bad == state.upstream else None
+        self.attempt = {"path": bad, "revision": revision, "action": "boot", "started": time.time()}
+        why = (f"the host rebooted into {basename_or_empty(running)}, not the staged {basename_or_empty(bad)} "
+               f"(boot loader fallback: {detail})")
+        log(f"BOOT FAILED: {why}")
+        state.boot_failures_total += 1
+        state.boot_failure = {"path": bad, "booted": running, "choice": choice, "reason": why, "time": time.time()}
+        state.quarantined, state.quarantine_reason = bad, why
+        # What runs becomes the record, with the intent to put the profile and
+        # the boot default back on it: an interrupted cycle finishes that.
+        state.deployed, state.staged_from, state.activation = running, bad, "switch"
+        state.previous, state.verified, state.deployed_at = bad, True, time.time()
+        state.staged_boot_id = None
+        state.intent = {"phase": "rollback", "upstream": bad, "action": "boot", "previous_profile": running,
+                        "previous_current": running, "activated": True, "reason": why}
+        self.save()
+        try:
+            if host.profile != running:
+                nix_set_profile(running)
+            switch_to_configuration(running, "boot")
+        except ProcessError as err:
+            raise RollbackError(f"ROLLBACK FAILED after a boot failure ({err}); the host needs a human: "
+                                f"the boot default may still be {bad}") from None
+        mark_staged(None)
+        state.intent = None
+        self.save()
+        log(f"profile and boot default are back on {running}; {bad} is quarantined")
+        return Outcome("boot_failed", why, old_system=running, new_system=bad,
+                       error=DeployError(f"{bad} did not boot: {why}; profile and boot default are back on "
+                                         f"{running} and {basename_or_empty(bad)} is quarantined", "boot_failed"))
+
+    def check_boot_space(self, system: str) -> None:
+        """Refuse (nothing changed yet) when the new kernel and initrd would not
+        fit into a separate /boot with a margin."""
+        state = self.state
+        free = boot_free_bytes()
+        state.boot_free_bytes = free
+        if free is None:
+            state.boot_needed_bytes = None
+            debug(f"{BOOT_DIR} is not a separate filesystem: no space check")
+            return
+        needed = with_margin(boot_space_needed(system))
+        state.boot_needed_bytes = needed
+        if needed > free:
+            raise DeployError(f"{BOOT_DIR} has {free} bytes free, but the kernel and initrd of {system} need "
+                              f"{needed} bytes there (with the margin): not deploying; free space in {BOOT_DIR} "
+                              "(delete old generations, then `nix-collect-garbage -d` and "
+                              "`/run/current-system/bin/switch-to-configuration boot`)", "boot_space")
+        debug(f"{BOOT_DIR}: {free} bytes free, {needed} needed")
+
+    def record_attempt(self, outcome: Outcome, ended: float) -> None:
+        attempt, self.attempt = self.attempt, None
+        if attempt is None:
+            return
+        entry = {"time": round(attempt["started"], 3), "path": attempt["path"], "revision": attempt["revision"],
+                 "action": attempt["action"] or "deploy", "outcome": outcome.state,
+                 "duration": round(ended - attempt["started"], 3),
+                 "error_kind": outcome.error.kind if outcome.error else None}
+        history = self.state.history if isinstance(self.state.history, list) else []
+        self.state.history = (history + [entry])[-HISTORY_LENGTH:]
 
     # -- health checks -----------------------------------------------------
 
@@ -2146,6 +2467,16 @@ class Agent:
         state.last_run, state.last_run_duration = ended, ended - started
         state.reboot_required, state.reboot_reason = reboot_status(state, host)
         self._record_outcome(outcome, ended)
+        # Boot safety and history (README: "Booting safely").
+        self.record_attempt(outcome, ended)
+        state.boot_free_bytes = boot_free_bytes()
+        if state.upstream and host.current != state.upstream:
+            state.behind_since = state.behind_since or ended
+        else:
+            state.behind_since = None
+        state.reboot_window_wait = bool(state.reboot_required and cfg.reboot_mode is not None
+                                        and cfg.reboot_window is not None
+                                        and not in_window(cfg.reboot_window, now_local()))
         if not self.loaded:
             log("the state file is left as it is (it could not be read)")
         else:
@@ -2331,6 +2662,8 @@ def status_fields(state_dir: str) -> dict[str, Any]:
         "reboot_required": reboot_required, "reboot_reason": reboot_reason,
         "rollbacks_total": state.rollbacks_total, "deploys_total": state.deploys_total,
         "interrupted_deploy": state.intent,
+        "boot_failure": state.boot_failure, "boot_free_bytes": boot_free_bytes(),
+        "history": list(state.history) if isinstance(state.history, list) else [],
     }
 
 
@@ -2362,9 +2695,75 @@ def command_status(state_dir: str, as_json: bool) -> int:
     ]
     if fields["interrupted_deploy"]:
         rows.append(("interrupted", json.dumps(fields["interrupted_deploy"], sort_keys=True)))
+    if fields["boot_failure"]:
+        rows.append(("boot failure", f"{when(fields['boot_failure'].get('time'))}: "
+                                     f"{fields['boot_failure'].get('reason')}"))
+    if fields["boot_free_bytes"] is not None:
+        rows.append(("/boot free", f"{fields['boot_free_bytes'] / 1048576:.1f} MiB"))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {outside_text(value) if value is not None else '-'}")
+    print_history(fields["history"])
+    return 0
+
+
+def print_history(history: list[dict[str, Any]]) -> None:
+    """The deploy attempts as a short table, newest first."""
+    if not history:
+        print("history   none")
+        return
+    print(f"history (last {len(history)} deploy attempts, newest first):")
+    header = ("time", "action", "outcome", "duration", "revision", "path", "error")
+    table = [header]
+    for entry in reversed(history):
+        started = entry.get("time")
+        table.append((
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)) if isinstance(started, (int, float)) else "?",
+            str(entry.get("action") or "-"), str(entry.get("outcome") or "-"),
+            f"{entry['duration']:.1f}s" if isinstance(entry.get("duration"), (int, float)) else "-",
+            str(entry["revision"]) if entry.get("revision") is not None else "-",
+            basename_or_empty(entry.get("path")) or "-", str(entry.get("error_kind") or "-"),
+        ))
+    table = [tuple(outside_text(cell) for cell in row) for row in table]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+def command_check_boot(args: argparse.Namespace) -> int:
+    """The boot assessment (module: system.autoDeploy.bootAssessment): the health
+    checks for the booted system, retried until they pass or --wait ends (the
+    network may still be coming up).  A failure keeps boot-complete.target from
+    being reached, so systemd-bless-boot does not mark the entry good."""
+    require_root("autodeploy.py check-boot")
+    cfg = Config(url=args.url, state_dir=args.state_dir, timeout=args.timeout, verbose=args.verbose,
+                 health_checks=tuple(args.health_check), health_timeout=args.health_timeout,
+                 connectivity_check=not args.no_connectivity_check, token_file=args.token_file)
+    agent = Agent(cfg)
+    booted = store_path_of(BOOTED_SYSTEM)
+    deadline = time.monotonic() + args.wait
+    error: DeployError | None = None
+    for attempt in range(1, 100000):
+        try:
+            agent.health_checks()
+            error = None
+            break
+        except DeployError as exc:
+            error = exc
+        pause = min(BOOT_CHECK_RETRY_SECONDS, deadline - time.monotonic())
+        if pause <= 0:
+            break
+        log(f"boot check attempt {attempt} failed: {error}; retrying for up to "
+            f"{max(0.0, deadline - time.monotonic()):.0f}s more")
+        time.sleep(pause)
+    try:
+        write_boot_check(cfg.state_dir, booted, error)
+    except (OSError, StateError) as exc:
+        log(f"cannot record the boot check: {exc}")
+    shown = booted or "the booted system"
+    if error is not None:
+        raise DeployError(f"BOOT CHECK FAILED for {shown}: {error}", "health")
+    log(f"boot check passed for {shown}")
     return 0
 
 
@@ -2581,10 +2980,28 @@ def build_parser() -> argparse.ArgumentParser:
     reset_p.add_argument("--min-revision", required=True, type=int, metavar="N",
                          help="refuse signed pointers below revision N from now on (0 without signed pointers)")
     reset_p.add_argument("--state-dir", metavar="DIR", default=DEFAULT_STATE_DIR)
+
+    check_p = sub.add_parser("check-boot", help="boot assessment: health checks for the booted system "
+                                                "(run before boot-complete.target)")
+    check_p.add_argument("--url", required=True, type=http_url,
+                         help="pointer URL, fetched as the connectivity check")
+    check_p.add_argument("--health-check", action="append", default=[], metavar="CMD",
+                         help="run CMD via /bin/sh -c; non-zero fails the boot check (repeatable)")
+    check_p.add_argument("--health-timeout", type=positive, default=120.0, metavar="SECONDS",
+                         help="time allowed for one round of checks (default: 120)")
+    check_p.add_argument("--no-connectivity-check", action="store_true",
+                         help="do not require that the pointer URL is reachable")
+    check_p.add_argument("--wait", type=float, default=300.0, metavar="SECONDS",
+                         help="retry failing checks for up to SECONDS (network coming up; default: 300)")
+    check_p.add_argument("--timeout", type=positive, default=30.0, metavar="SECONDS", help="HTTP timeout")
+    check_p.add_argument("--token-file", metavar="FILE", help="send `Authorization: Bearer <token>` read from FILE")
+    check_p.add_argument("--state-dir", metavar="DIR", default=DEFAULT_STATE_DIR,
+                         help="where the result is recorded for the agent's next cycle")
+    check_p.add_argument("-v", "--verbose", action="store_true", help="log every command")
     return parser
 
 
-COMMANDS: Final = ("run", "status", "suspend", "resume", "sign", "trust-reset")
+COMMANDS: Final = ("run", "status", "suspend", "resume", "sign", "trust-reset", "check-boot")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -2616,6 +3033,8 @@ def main(argv: list[str] | None = None) -> int:
             return command_status(args.state_dir, args.json)
         if args.command == "trust-reset":
             return command_trust_reset(args.state_dir, args.min_revision)
+        if args.command == "check-boot":
+            return command_check_boot(args)
         if args.command == "suspend":
             require_root("autodeploy.py suspend")
             StateStore(args.state_dir).suspend(args.reason)

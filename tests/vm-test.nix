@@ -12,6 +12,10 @@
 # with the same or a different upstream), a manual activation triggering a run
 # while the agent's own activations do not, a boot-mode deploy followed by the
 # agent's reboot, the metrics as scraped from node-exporter, and the timer.
+# A third node, `counted`, boots with systemd-boot and boot counting
+# (boot.loader.systemd-boot.bootCounting) and system.autoDeploy.bootAssessment:
+# a staged system whose boot check fails is not blessed, systemd-boot falls
+# back to the previous generation, and the agent reports boot_failed once.
 { pkgs, nixosModule }:
 
 let
@@ -34,13 +38,22 @@ in
         };
       };
       networking.firewall.allowedTCPPorts = [ 80 ];
-      systemd.tmpfiles.rules = [ "d /srv/cache 0755 root root - -" ];
+      systemd.tmpfiles.rules = [
+        "d /srv/cache 0755 root root - -"
+        # `counted` runs its boot check (connectivity included) on its very
+        # first boot: its pointer must exist from the start.
+        "f /srv/cache/pointer-counted 0644 root root - ${nodes.counted.system.build.toplevel}"
+      ];
       nix.settings.experimental-features = [ "nix-command" ];
       # Everything the test publishes must be valid in the cache node's store.
       virtualisation.additionalPaths = [
         nodes.machine.system.build.toplevel
       ]
-      ++ lib.attrValues nodes.machine.autodeployTest.systems;
+      ++ lib.attrValues nodes.machine.autodeployTest.systems
+      ++ [
+        nodes.counted.system.build.toplevel
+        nodes.counted.autodeployTest.broken
+      ];
       virtualisation.diskSize = 8192;
       virtualisation.memorySize = 2048;
     };
@@ -102,12 +115,79 @@ in
       };
     };
 
+  # systemd-boot with boot counting; its "broken" variant boots but fails the
+  # boot check (the health check looks for the marker below).
+  nodes.counted =
+    {
+      config,
+      lib,
+      extendModules,
+      ...
+    }:
+    {
+      imports = [ nixosModule ];
+
+      options.autodeployTest.broken = lib.mkOption {
+        type = lib.types.raw;
+        internal = true;
+        description = "A variant of this machine's system that fails its boot check.";
+      };
+
+      config = {
+        autodeployTest.broken =
+          (extendModules {
+            modules = [ { environment.etc."autodeploy-test".text = "broken"; } ];
+          }).config.system.build.toplevel;
+        environment.etc."autodeploy-test".text = lib.mkDefault "base";
+
+        system.autoDeploy = {
+          enable = true;
+          url = "http://cache/pointer-counted";
+          healthChecks = [ "! grep -qx broken /etc/autodeploy-test" ];
+          bootAssessment = {
+            enable = true;
+            # Long enough for the cache node to come up during the first boot.
+            wait = 120;
+          };
+        };
+        services.prometheus.exporters.node.enable = true;
+        systemd.timers.nixos-autodeploy.wantedBy = lib.mkForce [ ];
+        systemd.services.nixos-autodeploy.unitConfig.StartLimitIntervalSec = 0;
+
+        boot.loader.systemd-boot = {
+          enable = true;
+          # One try: the first boot that is not blessed makes the entry bad.
+          bootCounting = {
+            enable = true;
+            tries = 1;
+          };
+        };
+        boot.loader.efi.canTouchEfiVariables = true;
+
+        nix.settings = {
+          substituters = lib.mkForce [ "http://cache" ];
+          require-sigs = false;
+        };
+        virtualisation = {
+          useBootLoader = true;
+          useEFIBoot = true;
+          writableStoreUseTmpfs = false;
+          memorySize = 2048;
+          diskSize = 4096;
+        };
+        documentation.enable = false;
+      };
+    };
+
   testScript =
     { nodes, ... }:
     let
       base = nodes.machine.system.build.toplevel;
       inherit (nodes.machine.autodeployTest.systems) next third;
       agent = "${nodes.machine.system.autoDeploy.package}/bin/nixos-autodeploy";
+      countedBase = nodes.counted.system.build.toplevel;
+      countedBroken = nodes.counted.autodeployTest.broken;
+      countedAgent = "${nodes.counted.system.autoDeploy.package}/bin/nixos-autodeploy";
       exporterPort = toString nodes.machine.services.prometheus.exporters.node.port;
     in
     ''
@@ -306,5 +386,72 @@ in
           machine.succeed("systemctl start nixos-autodeploy.timer")
           retry(lambda _last: gauge("nixos_autodeploy_last_run_timestamp_seconds") > before, timeout=300)
           expect(0, THIRD)
+
+      with subtest("a staged system that fails its boot check is not blessed and the host falls back"):
+          COUNTED_BASE = "${countedBase}"
+          BROKEN = "${countedBroken}"
+
+          def counted_publish(path):
+              cache.succeed(f"nix copy --to 'file:///srv/cache?compression=none' {path}")
+              time.sleep(1.1)
+              cache.succeed(f"echo {path} > /srv/cache/pointer-counted.new && "
+                            "mv /srv/cache/pointer-counted.new /srv/cache/pointer-counted")
+
+          def counted_current():
+              return counted.succeed("readlink -f /run/current-system").strip()
+
+          def counted_metrics():
+              return counted.succeed(f"cat {PROM}")
+
+          counted.wait_for_unit("multi-user.target")
+          # The first boot passed its boot check and was blessed.
+          counted.wait_until_succeeds("systemctl is-active nixos-autodeploy-boot-check.service", timeout=300)
+          # systemd-bless-boot removed the counter from the entry's name.
+          counted.wait_until_succeeds("! ls /boot/loader/entries | grep -qF '+'", timeout=60)
+          unit = counted.succeed("systemctl cat nixos-autodeploy-boot-check.service")
+          assert "Before=boot-complete.target" in unit, unit
+          assert "boot-complete.target" in counted.succeed(
+              "systemctl show -P RequiredBy nixos-autodeploy-boot-check.service"
+          )
+          counted_publish(COUNTED_BASE)
+          counted.succeed("systemctl start nixos-autodeploy.service")  # tracking
+          counted_publish(BROKEN)
+          counted.succeed(
+              "systemd-run --unit=autodeploy-boot-mode --collect --service-type=exec "
+              "${countedAgent} --once --url http://cache/pointer-counted --switch-mode boot "
+              f"--reboot-mode reboot --prometheus-path {PROM}"
+          )
+          # The agent reboots into BROKEN, whose entry carries a try counter.
+          counted.connected = False
+          counted.connect()
+          counted.wait_for_unit("multi-user.target")
+          assert counted_current() == BROKEN, counted_current()
+          # The boot check fails (after its bounded wait): boot-complete.target
+          # is not reached, systemd-bless-boot does not mark the entry good.
+          counted.wait_until_succeeds("systemctl is-failed nixos-autodeploy-boot-check.service", timeout=400)
+          counted.fail("systemctl is-active boot-complete.target")
+          counted.succeed("ls /boot/loader/entries | grep -q '+0'")  # no tries left
+          # Reboot without the agent: systemd-boot skips the bad entry.
+          counted.succeed("systemctl start --no-block reboot.target")
+          counted.connected = False
+          counted.connect()
+          counted.wait_for_unit("multi-user.target")
+          assert counted_current() == COUNTED_BASE, counted_current()
+          # Reported once, as a failure: exit 5, boot_failed, quarantined, the
+          # profile back on what runs.
+          counted.fail("systemctl start nixos-autodeploy.service")
+          text = counted_metrics()
+          assert 'nixos_autodeploy_state{state="boot_failed"} 1' in text, text
+          assert "nixos_autodeploy_boot_failures_total 1" in text, text
+          assert "nixos_autodeploy_last_run_success 0" in text, text
+          assert f'nixos_autodeploy_quarantined{{path="{BROKEN}"}} 1' in text, text
+          assert counted.succeed("readlink -f /nix/var/nix/profiles/system").strip() == COUNTED_BASE
+          counted.succeed("systemctl start nixos-autodeploy.service")
+          text = counted_metrics()
+          assert 'nixos_autodeploy_state{state="quarantined"} 1' in text, text
+          assert "nixos_autodeploy_boot_failures_total 1" in text, text
+          status = counted.succeed("${countedAgent} status")
+          assert "boot failure" in status and "history" in status, status
+          assert "no tries left" in status, status
     '';
 }
