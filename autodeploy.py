@@ -117,6 +117,23 @@ NIX_BASE32: Final = "0123456789abcdfghijklmnpqrsvwxyz"
 KEY_TYPES: Final = ("ssh-", "ecdsa-", "sk-")
 ACTIVATION_WAIT_SECONDS: Final = 600
 
+# Pointer metadata keys the agent knows (parse_pointer refuses others).
+POINTER_KEYS: Final = ("revision", "hosts", "not-after", "rollout", "rollout-start", "rollout-duration", "pause")
+# Rollout waves: a host's bucket is sha256(hostname NUL store path) mod this.
+ROLLOUT_BUCKETS: Final = 10000
+# FleetLock reboot slots (coreos/zincati docs/development/fleetlock/protocol.md).
+FLEETLOCK_DEFAULT_GROUP: Final = "default"
+MAX_FLEETLOCK_REPLY_BYTES: Final = 4096
+MACHINE_ID_FILE: Final = "/etc/machine-id"
+# Test-only: read the machine id from this file instead of /etc/machine-id.
+MACHINE_ID_ENV: Final = "NIXOS_AUTODEPLOY_MACHINE_ID_FILE"
+# Our application id for the app-specific machine id sent as FleetLock `id`
+# (as sd_id128_get_machine_app_specific(3) derives it; never the raw id).
+FLEETLOCK_APP_ID: Final = "132df055f2ca4227bc22539b0cad97fe"
+# In /run, so it is gone after a reboot: the FleetLock initialization step
+# (release any slot held from before) has been done since this boot.
+FLEETLOCK_STEADY_MARKER: Final = RUNTIME_DIR + "/fleetlock-steady"
+
 # ---------------------------------------------------------------------------
 # Errors: one base class carrying its exit code; main() turns them into exits
 # ---------------------------------------------------------------------------
@@ -198,6 +215,7 @@ class Action(enum.Enum):
 STATES: Final = (
     "up_to_date", "tracking", "deployed", "pending_reboot", "dirty", "failed",
     "rolled_back", "quarantined", "suspended", "refused", "booted_previous",
+    "waiting_rollout", "rollout_paused", "waiting_reboot_slot",
 )
 
 
@@ -226,6 +244,8 @@ class Config:
     on_success: str | None = None
     on_failure: str | None = None
     hook_timeout: float = 60.0
+    fleetlock_url: str | None = None
+    fleetlock_group: str = FLEETLOCK_DEFAULT_GROUP
 
 
 @dataclass(frozen=True)
@@ -280,6 +300,10 @@ class State:
     dirty: bool = False
     reboot_required: bool = False
     reboot_reason: str | None = None
+    rollout: dict[str, Any] | None = None          # this host's wave for upstream (see rollout_view)
+    reboot_slot: dict[str, Any] | None = None      # a FleetLock slot we may hold (asked, not released)
+    fleetlock_failures: dict[str, int] = field(default_factory=dict)  # "operation:kind" -> count
+    fleetlock_error: dict[str, str] | None = None  # the last lock operation's error, while unresolved
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> State:
@@ -958,6 +982,30 @@ def render_metrics(state: State, host: HostView, suspended: bool) -> str:
         metric("last_error_info", "gauge", "The last run's error (present only when it failed).",
                [({"kind": state.last_error.get("kind", ""),
                   "message": state.last_error.get("message", "")[:300]}, 1)])
+    # Rollouts and FleetLock (fleet view).
+    if state.rollout is not None:
+        view = state.rollout
+        metric("rollout_bucket", "gauge", "This host's rollout bucket (0..9999) for the upstream path; it deploys "
+               "when the bucket is below rollout_percent * 100.", [({}, view["bucket"])])
+        metric("rollout_percent", "gauge", "The upstream pointer's rollout percentage at the last run (ramped).",
+               [({}, view["percent"])])
+        metric("rollout_paused", "gauge", "1 while the upstream pointer pauses its rollout.",
+               [({}, int(bool(view["paused"])))])
+        if view.get("turn_at") is not None:
+            metric("rollout_turn_timestamp_seconds", "gauge", "Unix time from which the ramp admits this host.",
+                   [({}, view["turn_at"])])
+    metric("reboot_slot_held", "gauge", "1 while this host holds a FleetLock reboot slot.",
+           [({}, int(bool(state.reboot_slot and state.reboot_slot.get("granted"))))])
+    if state.fleetlock_failures:
+        metric("fleetlock_failures_total", "counter", "Failed FleetLock requests by operation and error kind "
+               "(kept across runs).",
+               [({"operation": key.partition(":")[0], "kind": key.partition(":")[2]}, count)
+                for key, count in sorted(state.fleetlock_failures.items())])
+    if state.fleetlock_error:
+        metric("fleetlock_last_error_info", "gauge", "The last FleetLock error (present until an operation succeeds).",
+               [({"operation": state.fleetlock_error.get("operation", ""),
+                  "kind": state.fleetlock_error.get("kind", ""),
+                  "message": state.fleetlock_error.get("message", "")[:300]}, 1)])
     return "\n".join(lines) + "\n"
 
 
@@ -1101,6 +1149,7 @@ class Agent:
         self.client = client or HttpClient(cfg.timeout, read_token(cfg.token_file))
         self.signers = allowed_signers(cfg.trusted_keys) if cfg.trusted_keys else None
         self.state = State()
+        self.slot_wait: str | None = None  # why this cycle's reboot waits for a FleetLock slot
 
     # -- state helpers -----------------------------------------------------
 
@@ -1128,8 +1177,9 @@ class Agent:
                 self.state.verified_digest = self.state.etag = self.state.last_modified = None
                 self.state.signers_digest = keys
         outcome: Outcome
+        self.slot_wait = None
         try:
-            outcome = self._cycle()
+            outcome = self.reboot_slot_outcome(self._cycle())
         except AutodeployError as exc:
             outcome = Outcome(self._failure_state(exc), str(exc), error=exc)
         except Exception as exc:  # noqa: BLE001 - reported, never a silent crash
@@ -1153,6 +1203,7 @@ class Agent:
         if state.intent and not cfg.dry_run:
             self.recover()
         pointer = self.fetch_pointer()
+        rollout = self.rollout_step(pointer)
         if state.quarantined and state.quarantined != pointer.path and not cfg.dry_run:
             log(f"upstream moved on from the quarantined {state.quarantined}: quarantine lifted")
             state.quarantined = state.quarantine_reason = None
@@ -1170,6 +1221,10 @@ class Agent:
                      Action.RESUME: f"would record {host.current} as deployed",
                      Action.NOTHING: "would do nothing", Action.DIRTY: "would do nothing (dirty)"}
             print(f"decision: {decision.action.value}: {decision.reason}\n{would[decision.action]}")
+            if state.rollout is not None:
+                held = self.rollout_hold(pointer.path, rollout) if decision.action == Action.DEPLOY else None
+                print(f"rollout: {describe_rollout(state.rollout, now_epoch())}"
+                      + (f"\nwould wait: {held.state}" if held is not None else ""))
             return Outcome("up_to_date", "dry run")
         state.dirty = decision.dirty
         if decision.action in (Action.TRACK, Action.RESUME):
@@ -1186,9 +1241,118 @@ class Agent:
         if state.quarantined == pointer.path and not cfg.force:
             return Outcome("quarantined", f"{pointer.path} is quarantined ({state.quarantine_reason}); "
                                           "waiting for a new upstream or --force")
+        held = self.rollout_hold(pointer.path, rollout)
+        if held is not None:
+            return held
         if Stopping.requested:
             return Outcome(state.last_state or "up_to_date", f"stop requested: deploy of {pointer.path} postponed")
         return self.deploy(pointer.path, host)
+
+    # -- rollout waves and the pause switch --------------------------------
+
+    def rollout_step(self, pointer: Pointer) -> Rollout:
+        """Validate the pointer's rollout fields (exit 4 when malformed) and
+        record where this host stands in the wave."""
+        rollout = parse_rollout(pointer.metadata)
+        if any(key in pointer.metadata for key in ("rollout", "rollout-start", "rollout-duration", "pause")):
+            hostname = self.cfg.hostname or local_hostname()
+            self.state.rollout = rollout_view(rollout, hostname, pointer.path, now_epoch())
+        else:
+            self.state.rollout = None
+        return rollout
+
+    def rollout_hold(self, upstream: str, rollout: Rollout) -> Outcome | None:
+        """Between the decision and the deploy: is it this host's turn?
+        `--force` skips the wave (a human picked this host) but never a pause
+        (the fleet-wide stop button; --force may sit in a host's extraArgs)."""
+        view = self.state.rollout
+        if view is None:
+            return None
+        where = describe_rollout(view, now_epoch())
+        if rollout.paused:
+            return Outcome("rollout_paused", f"not deploying {basename_or_empty(upstream)}: {where}")
+        if view["admitted"]:
+            return None
+        if self.cfg.force:
+            log(f"--force: deploying outside this host's wave ({where})")
+            return None
+        return Outcome("waiting_rollout", f"not deploying {basename_or_empty(upstream)} yet: {where}")
+
+    # -- FleetLock reboot slots --------------------------------------------
+
+    def take_reboot_slot(self) -> bool:
+        """Before a reboot or kexec: a FleetLock slot, or no reboot this cycle."""
+        cfg = self.cfg
+        if cfg.fleetlock_url is None:
+            return True
+        group = cfg.fleetlock_group
+        try:
+            client_id = fleetlock_id(machine_id_path())
+            # "May hold" from the moment we ask: the server can grant a slot
+            # whose answer never reaches us; only steady-state clears this.
+            slot = dict(self.state.reboot_slot or {})
+            slot.update({"group": slot.get("group", group), "id": client_id, "granted": slot.get("granted", False),
+                         "since": slot.get("since", time.time())})
+            self.state.reboot_slot = slot
+            self.save()
+            fleetlock_request(cfg.fleetlock_url, "pre-reboot", client_id, slot["group"], cfg.timeout)
+        except FleetLockError as exc:
+            self.fleetlock_failed("pre-reboot", exc)
+            self.slot_wait = str(exc)
+            return False
+        self.state.reboot_slot = dict(slot, granted=True)
+        self.state.fleetlock_error = None
+        self.save()
+        log(f"took a reboot slot in FleetLock group {slot['group']!r}")
+        return True
+
+    def release_reboot_slot(self) -> None:
+        """The host runs its deployed system, verified healthy: give back the
+        slot we may hold (steady-state).  Once per boot also without a record,
+        as the protocol's initialization step (the state may be older than a
+        slot taken before a crash)."""
+        cfg = self.cfg
+        if cfg.fleetlock_url is None or cfg.dry_run:
+            return
+        if self.state.reboot_slot is None and os.path.exists(FLEETLOCK_STEADY_MARKER):
+            return
+        group = (self.state.reboot_slot or {}).get("group") or cfg.fleetlock_group
+        try:
+            client_id = fleetlock_id(machine_id_path())
+            fleetlock_request(cfg.fleetlock_url, "steady-state", client_id, group, cfg.timeout)
+        except FleetLockError as exc:
+            self.fleetlock_failed("steady-state", exc)
+            return  # tried again next cycle
+        held = self.state.reboot_slot is not None
+        self.state.reboot_slot = self.state.fleetlock_error = None
+        self.save()
+        os.makedirs(RUNTIME_DIR, exist_ok=True)
+        atomic_write(FLEETLOCK_STEADY_MARKER, f"{group}\n")
+        log(f"released the reboot slot in FleetLock group {group!r}" if held else
+            f"FleetLock initialization: released any slot held in group {group!r}")
+
+    def fleetlock_failed(self, operation: str, exc: FleetLockError) -> None:
+        log(f"FleetLock {operation} failed: {exc}")
+        failures = self.state.fleetlock_failures
+        key = f"{operation}:{exc.kind}"
+        if key not in failures and len(failures) >= 32:
+            key = f"{operation}:other"  # bounded, whatever the server answers
+        failures[key] = failures.get(key, 0) + 1
+        self.state.fleetlock_error = {"operation": operation, "kind": exc.kind, "message": str(exc)[:300],
+                                      "time": str(time.time())}
+        self.save()
+
+    def reboot_slot_outcome(self, outcome: Outcome) -> Outcome:
+        """After the cycle: a reboot that waits for a slot is its own state;
+        a healthy host releases the slot it may hold."""
+        if self.slot_wait is not None and outcome.state == "pending_reboot":
+            outcome.state = "waiting_reboot_slot"
+            outcome.reason += f"; the reboot waits for a FleetLock slot ({self.slot_wait})"
+        elif outcome.state in ("deployed", "up_to_date", "tracking") and outcome.error is None:
+            host = read_host()
+            if host.current == self.state.deployed and self.state.verified and not os.path.exists(STAGED_MARKER):
+                self.release_reboot_slot()
+        return outcome
 
     # -- fetching ----------------------------------------------------------
 
@@ -1492,6 +1656,9 @@ class Agent:
         if Stopping.requested:
             log("stop requested: not rebooting now")
             return
+        if not self.take_reboot_slot():
+            log(f"reboot into {system} is due but no FleetLock slot was granted: retried next cycle")
+            return
         if cfg.reboot_mode == RebootMode.KEXEC:
             try:
                 kexec_load(system)
@@ -1612,6 +1779,249 @@ def format_window(window: tuple[int, int]) -> str:
 
 
 # ---------------------------------------------------------------------------
+# Rollouts: waves and the pause switch, from the pointer's metadata alone
+# ---------------------------------------------------------------------------
+#
+# `rollout: 10%` admits the hosts whose bucket (a stable hash of host name
+# and target store path, 0..9999) is below 1000; `rollout-start` plus
+# `rollout-duration` ramp that share linearly to 100%; `pause: true` (or
+# `hold`) stops every new deploy of the pointer.  A new store path reshuffles
+# the buckets, so the same machines are not always the canaries.
+
+
+@dataclass(frozen=True)
+class Rollout:
+    percent: float = 100.0        # the `rollout:` value: the share admitted at (and before) the start
+    start: float | None = None    # Unix time the ramp starts (`rollout-start:`)
+    duration: float | None = None  # seconds to ramp from `percent` to 100 (`rollout-duration:`)
+    paused: bool = False
+
+    def percent_at(self, now: float) -> float:
+        if self.start is None or self.duration is None or now <= self.start:
+            return self.percent
+        return min(100.0, self.percent + (100.0 - self.percent) * (now - self.start) / self.duration)
+
+    def admits(self, bucket: int, now: float) -> bool:
+        return bucket < self.percent_at(now) * ROLLOUT_BUCKETS / 100
+
+    def turn_at(self, bucket: int) -> float | None:
+        """From when the ramp admits `bucket`; None without a ramp."""
+        if self.start is None or self.duration is None:
+            return None
+        needed = bucket * 100 / ROLLOUT_BUCKETS
+        if needed < self.percent:
+            return self.start
+        return self.start + (needed - self.percent) / (100.0 - self.percent) * self.duration
+
+
+DURATION_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> float:
+    """`90m`, `24h`, `1d12h`, `3600s` (or plain seconds); ValueError otherwise."""
+    import re
+    text = text.strip()
+    if text.isdigit():
+        return float(text)
+    if not text or not re.fullmatch(r"(?:\d{1,9}[smhdw])+", text):
+        raise ValueError(f"not a duration: {text!r}")
+    return float(sum(int(n) * DURATION_UNITS[u] for n, u in re.findall(r"(\d+)([smhdw])", text)))
+
+
+def parse_rollout(metadata: dict[str, str]) -> Rollout:
+    """The rollout fields of a pointer, validated; PointerError (exit 4) otherwise."""
+    import re
+    percent, start, duration, paused = 100.0, None, None, False
+    if "rollout" in metadata:
+        text = metadata["rollout"]
+        if not re.fullmatch(r"\d{1,3}(?:\.\d{1,2})?%?", text) or float(text.rstrip("%")) > 100:
+            raise PointerError(f"pointer rollout is not a percentage between 0% and 100% "
+                               f"(e.g. `rollout: 10%`): got {shorten(text)}")
+        percent = float(text.rstrip("%"))
+    if ("rollout-start" in metadata) != ("rollout-duration" in metadata):
+        raise PointerError("pointer has only one of rollout-start and rollout-duration: a ramp needs both")
+    if "rollout-start" in metadata:
+        text = metadata["rollout-start"]
+        try:
+            start = parse_rfc3339(text).timestamp()
+        except ValueError:
+            raise PointerError(f"pointer rollout-start is not an RFC 3339 time: got {shorten(text)}") from None
+        text = metadata["rollout-duration"]
+        try:
+            duration = parse_duration(text)
+        except ValueError:
+            raise PointerError(f"pointer rollout-duration is not a duration such as 24h or 90m: "
+                               f"got {shorten(text)}") from None
+        if not 0 < duration <= 366 * 86400:
+            raise PointerError(f"pointer rollout-duration must be above 0 and at most 366d: got {shorten(text)}")
+    if "pause" in metadata:
+        text = metadata["pause"].lower()
+        if text not in ("true", "hold", "false"):
+            raise PointerError(f"pointer pause is not true, hold or false: got {shorten(metadata['pause'])}")
+        paused = text != "false"
+    return Rollout(percent, start, duration, paused)
+
+
+def rollout_bucket(hostname: str, store_path: str) -> int:
+    """A stable bucket in 0..9999 for this host and this release."""
+    import hashlib
+    digest = hashlib.sha256(hostname.encode() + b"\0" + store_path.encode()).digest()
+    return int.from_bytes(digest, "big") % ROLLOUT_BUCKETS
+
+
+def now_epoch() -> float:
+    """Unix time; the test-only NIXOS_AUTODEPLOY_NOW (ISO 8601, local time
+    unless it carries an offset) moves it as it moves the reboot window."""
+    injected = os.environ.get(NOW_ENV)
+    if injected:
+        from datetime import datetime
+        return datetime.fromisoformat(injected).timestamp()
+    return time.time()
+
+
+def rollout_view(rollout: Rollout, hostname: str, target: str, now: float) -> dict[str, Any]:
+    """What state.json, metrics and `status` know about this host's wave."""
+    bucket = rollout_bucket(hostname, target)
+    return {"target": target, "hostname": hostname, "bucket": bucket,
+            "start_percent": rollout.percent, "start": rollout.start, "duration": rollout.duration,
+            "percent": round(rollout.percent_at(now), 4), "paused": rollout.paused,
+            "admitted": rollout.admits(bucket, now), "turn_at": rollout.turn_at(bucket)}
+
+
+def describe_rollout(view: dict[str, Any], now: float) -> str:
+    """One line for logs and `status`: where the host is in the wave."""
+    rollout = Rollout(view["start_percent"], view["start"], view["duration"], view["paused"])
+    percent, bucket = rollout.percent_at(now), view["bucket"]
+    head = f"bucket {bucket} of {ROLLOUT_BUCKETS}, rollout at {percent:.2f}%"
+    if view["paused"]:
+        return head + ": paused by the pointer (no new deploys until it is republished without `pause`)"
+    if rollout.admits(bucket, now):
+        return head + ": this host's turn has come"
+    turn = rollout.turn_at(bucket)
+    if turn is None:
+        return head + f": waits until the pointer's rollout exceeds {bucket * 100 / ROLLOUT_BUCKETS:.2f}%"
+    when = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(turn))
+    return head + f": this host's turn comes at {when}"
+
+
+# ---------------------------------------------------------------------------
+# FleetLock: fleet-wide reboot slots (Zincati's protocol, own client)
+# ---------------------------------------------------------------------------
+#
+# POST {base}/v1/pre-reboot takes a slot of the group's counting semaphore,
+# POST {base}/v1/steady-state gives it back; both with the header
+# `fleet-lock-protocol: true` and {"client_params": {"id": ..., "group": ...}}.
+# 200 is success, anything else a failure with an optional JSON
+# {"kind": ..., "value": ...}.  Locks are owned by `id` and recursive, so
+# asking again for a slot we hold, or releasing one we do not hold, is fine.
+
+
+class FleetLockError(AutodeployError):
+    """A lock operation failed.  Caught by the agent: it means "no reboot this
+    cycle" (or "release again next cycle"), never an exit."""
+
+    exit_code = 3
+    kind = "fleetlock"
+
+
+def validate_fleetlock_group(text: str) -> str:
+    import re
+    if not re.fullmatch(r"[a-zA-Z0-9.-]{1,64}", text):
+        raise argparse.ArgumentTypeError(f"invalid FleetLock group {text!r}: letters, digits, `.` and `-` only")
+    return text
+
+
+def validate_fleetlock_url(text: str) -> str:
+    from urllib.parse import urlsplit
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise argparse.ArgumentTypeError(f"invalid FleetLock URL {redact_url(text)!r}: "
+                                         "an http:// or https:// base URL without query")
+    return text
+
+
+def fleetlock_id(machine_id_file: str) -> str:
+    """The app-specific machine id, as sd_id128_get_machine_app_specific(3)
+    computes it (HMAC-SHA256 keyed by the machine id over our app id, first
+    128 bits, UUID v4 bits): stable per machine, and the raw machine id never
+    leaves the host."""
+    import hashlib
+    import hmac
+    try:
+        with open(machine_id_file) as f:
+            text = f.read(64).strip()
+    except OSError as exc:
+        raise FleetLockError(f"cannot read the machine id {machine_id_file}: {exc.strerror}", "machine_id") from None
+    if len(text) != 32 or any(c not in "0123456789abcdef" for c in text):
+        raise FleetLockError(f"{machine_id_file} does not hold a machine id (32 lower-case hex digits)",
+                             "machine_id")
+    mac = bytearray(hmac.new(bytes.fromhex(text), bytes.fromhex(FLEETLOCK_APP_ID), hashlib.sha256).digest()[:16])
+    mac[6] = (mac[6] & 0x0F) | 0x40
+    mac[8] = (mac[8] & 0x3F) | 0x80
+    return mac.hex()
+
+
+def machine_id_path() -> str:
+    return os.environ.get(MACHINE_ID_ENV) or MACHINE_ID_FILE
+
+
+def printable(text: str, limit: int = 200) -> str:
+    """Server text made safe for logs and metric labels."""
+    return "".join(c if c.isprintable() else "?" for c in text[:limit])
+
+
+def fleetlock_request(base_url: str, operation: str, client_id: str, group: str, timeout: float) -> None:
+    """One FleetLock operation (`pre-reboot` or `steady-state`); returns on
+    HTTP 200, raises FleetLockError with the server's error kind otherwise."""
+    import http.client
+    import urllib.error
+    import urllib.request
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        # A redirected lock request is a failure: the protocol header exists
+        # so that no lock is taken by accident through a redirect.
+        def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+            return None
+
+    url = base_url.rstrip("/") + "/v1/" + operation
+    shown = redact_url(url)
+    body = json.dumps({"client_params": {"id": client_id, "group": group}}).encode()
+    request = urllib.request.Request(url, data=body, method="POST", headers={
+        "fleet-lock-protocol": "true", "Content-Type": "application/json", "User-Agent": USER_AGENT})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), NoRedirect())
+    try:
+        try:
+            with opener.open(request, timeout=timeout) as response:
+                status, reply = response.status, response.read(MAX_FLEETLOCK_REPLY_BYTES)
+        except urllib.error.HTTPError as exc:
+            status = exc.code
+            try:
+                reply = exc.read(MAX_FLEETLOCK_REPLY_BYTES)
+            finally:
+                exc.close()
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise FleetLockError(f"FleetLock {operation} at {shown}: "
+                             f"{describe_network_error(reason) if isinstance(reason, BaseException) else reason}",
+                             "unreachable") from None
+    if status == 200:
+        return
+    kind, value = f"http_{status}", ""
+    try:
+        error = json.loads(reply.decode("utf-8"))
+        if isinstance(error, dict) and isinstance(error.get("kind"), str) and isinstance(error.get("value"), str):
+            import re
+            # The spec asks servers for few kinds; a label must stay bounded anyway.
+            if re.fullmatch(r"[a-z0-9_]{1,40}", error["kind"]):
+                kind = error["kind"]
+            value = printable(error["value"])
+    except (UnicodeDecodeError, ValueError):
+        pass
+    raise FleetLockError(f"FleetLock {operation} at {shown} answered HTTP {status}"
+                         + (f" ({kind}): {value}" if value else ""), kind)
+
+
+# ---------------------------------------------------------------------------
 # Commands: run, status, suspend/resume, sign
 # ---------------------------------------------------------------------------
 
@@ -1670,6 +2080,8 @@ def status_fields(state_dir: str) -> dict[str, Any]:
         "reboot_required": reboot_required, "reboot_reason": reboot_reason,
         "rollbacks_total": state.rollbacks_total, "deploys_total": state.deploys_total,
         "interrupted_deploy": state.intent,
+        "rollout": state.rollout,
+        "reboot_slot": state.reboot_slot, "fleetlock_error": state.fleetlock_error,
     }
 
 
@@ -1700,13 +2112,25 @@ def command_status(state_dir: str, as_json: bool) -> int:
     ]
     if fields["interrupted_deploy"]:
         rows.append(("interrupted", json.dumps(fields["interrupted_deploy"], sort_keys=True)))
+    view = fields["rollout"]
+    if view is not None:
+        running = view["target"] == fields["deployed"]
+        rows.append(("rollout", f"{basename_or_empty(view['target'])}: " + (
+            "deployed on this host" if running else describe_rollout(view, now_epoch()))))
+    slot = fields["reboot_slot"]
+    if slot is not None:
+        rows.append(("reboot slot", ("held" if slot.get("granted") else "asked for")
+                     + f" in FleetLock group {slot.get('group')} since {when(slot.get('since'))}"))
+    if fields["fleetlock_error"]:
+        rows.append(("fleetlock error", fields["fleetlock_error"].get("message")))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value if value is not None else '-'}")
     return 0
 
 
-def command_sign(key: str, revision: int, hosts: list[str], not_after: str | None, path: str, output: str) -> int:
+def command_sign(key: str, revision: int, hosts: list[str], not_after: str | None, path: str, output: str,
+                 rollout: dict[str, str] | None = None) -> int:
     validate_store_path(path, path)
     lines = [path, f"revision: {revision}"]
     if hosts:
@@ -1717,6 +2141,7 @@ def command_sign(key: str, revision: int, hosts: list[str], not_after: str | Non
         except ValueError:
             raise UsageError(f"--not-after {not_after!r} is not an RFC 3339 time") from None
         lines.append(f"not-after: {not_after}")
+    lines += sign_rollout_lines(rollout or {})
     with open(output, "w") as f:
         f.write("\n".join(lines) + "\n")
     try:
@@ -1728,6 +2153,24 @@ def command_sign(key: str, revision: int, hosts: list[str], not_after: str | Non
         raise AutodeployError(f"ssh-keygen -Y sign failed: {result.stdout.strip()}")
     log(f"wrote {output} and {output}.sig (revision {revision})")
     return 0
+
+
+def sign_rollout_lines(rollout: dict[str, str]) -> list[str]:
+    """`sign --rollout/--rollout-start/--rollout-duration/--pause` as pointer
+    lines, checked by the agent's own parser so CI cannot publish what hosts refuse."""
+    try:
+        parse_rollout(rollout)
+    except PointerError as exc:
+        raise UsageError(f"sign: {exc}".replace("pointer ", "")) from None
+    return [f"{k}: {rollout[k]}" for k in ("rollout", "rollout-start", "rollout-duration", "pause") if k in rollout]
+
+
+def sign_rollout_metadata(args: argparse.Namespace) -> dict[str, str]:
+    meta = {"rollout": args.rollout, "rollout-start": args.rollout_start,
+            "rollout-duration": args.rollout_duration, "pause": "true" if args.pause else None}
+    if meta["rollout"] is not None and not meta["rollout"].endswith("%"):
+        meta["rollout"] += "%"
+    return {k: v for k, v in meta.items() if v is not None}
 
 
 # ---------------------------------------------------------------------------
@@ -1796,6 +2239,12 @@ def build_parser() -> argparse.ArgumentParser:
     run_p.add_argument("--on-failure", metavar="CMD", help="run CMD via /bin/sh -c after a failed run")
     run_p.add_argument("--hook-timeout", type=positive, default=60.0, metavar="SECONDS",
                        help="time allowed for a hook (default: 60)")
+    # Fleet rollouts: coordinated reboots.
+    run_p.add_argument("--fleetlock-url", type=validate_fleetlock_url, metavar="URL",
+                       help="take a FleetLock reboot slot (Zincati's protocol, e.g. airlock) at this base URL "
+                            "before every reboot or kexec, release it once healthy (default: no coordination)")
+    run_p.add_argument("--fleetlock-group", type=validate_fleetlock_group, default=FLEETLOCK_DEFAULT_GROUP,
+                       metavar="NAME", help=f"FleetLock reboot group (default: {FLEETLOCK_DEFAULT_GROUP})")
 
     status_p = sub.add_parser("status", help="what the host runs and what the agent knows (no network)")
     status_p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -1814,6 +2263,12 @@ def build_parser() -> argparse.ArgumentParser:
     sign_p.add_argument("--hosts", nargs="+", default=[], metavar="HOST", help="hosts allowed to deploy it")
     sign_p.add_argument("--not-after", metavar="TIME", help="RFC 3339 expiry time")
     sign_p.add_argument("-o", "--output", required=True, metavar="FILE", help="pointer file (FILE.sig is written too)")
+    # Fleet rollouts: waves and the pause switch.
+    sign_p.add_argument("--rollout", metavar="PERCENT", help="only hosts in the first PERCENT of buckets deploy "
+                        "(the start of the ramp with --rollout-start)")
+    sign_p.add_argument("--rollout-start", metavar="TIME", help="RFC 3339 time the ramp to 100%% starts")
+    sign_p.add_argument("--rollout-duration", metavar="DURATION", help="ramp length, e.g. 24h, 90m, 1d12h")
+    sign_p.add_argument("--pause", action="store_true", help="write `pause: true`: no host starts this deploy")
     sign_p.add_argument("store_path", metavar="STOREPATH", nargs="?")
     return parser
 
@@ -1831,6 +2286,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         trusted_keys=args.trusted_keys, signature_url=args.signature_url, hostname=args.hostname,
         token_file=args.token_file, json_field=args.json_field, on_success=args.on_success,
         on_failure=args.on_failure, hook_timeout=args.hook_timeout,
+        fleetlock_url=args.fleetlock_url, fleetlock_group=args.fleetlock_group,
     )
 
 
@@ -1860,7 +2316,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.store_path = args.hosts.pop()
             if args.store_path is None:
                 raise UsageError("autodeploy.py sign: the following arguments are required: STOREPATH")
-            return command_sign(args.key, args.revision, args.hosts, args.not_after, args.store_path, args.output)
+            return command_sign(args.key, args.revision, args.hosts, args.not_after, args.store_path, args.output,
+                                rollout=sign_rollout_metadata(args))
         return command_run(config_from_args(args))
     except AutodeployError as exc:
         log(f"error: {exc}")
