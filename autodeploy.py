@@ -985,7 +985,7 @@ def render_metrics(state: State, host: HostView, suspended: bool) -> str:
     # Rollouts and FleetLock (fleet view).
     if state.rollout is not None:
         view = state.rollout
-        metric("rollout_bucket", "gauge", "This host's rollout bucket (0..9999) for the upstream path; it deploys "
+        metric("rollout_bucket_number", "gauge", "This host's rollout bucket (0..9999) for the upstream path; it deploys "
                "when the bucket is below rollout_percent * 100.", [({}, view["bucket"])])
         metric("rollout_percent", "gauge", "The upstream pointer's rollout percentage at the last run (ramped).",
                [({}, view["percent"])])
