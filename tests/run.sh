@@ -1,6 +1,7 @@
 #!/bin/sh
 # The test command: sets up what the suite needs on a fresh Debian machine
-# (as root: nix-bin, prometheus for promtool, openssh-client, curl, pytest,
+# (as root: nix-bin, prometheus (promtool, and the server for the fleet test),
+# prometheus-node-exporter, openssh-client, curl, pytest,
 # PyYAML, actionlint) and runs the whole suite.  Extra arguments go to pytest.
 set -eu
 cd "$(dirname "$0")/.."
@@ -8,6 +9,8 @@ cd "$(dirname "$0")/.."
 need_apt=""
 command -v nix-store >/dev/null 2>&1 || need_apt="$need_apt nix-bin"
 command -v promtool >/dev/null 2>&1 || need_apt="$need_apt prometheus"
+command -v prometheus >/dev/null 2>&1 || need_apt="$need_apt prometheus"
+command -v prometheus-node-exporter >/dev/null 2>&1 || need_apt="$need_apt prometheus-node-exporter"
 command -v ssh-keygen >/dev/null 2>&1 || need_apt="$need_apt openssh-client"
 command -v curl >/dev/null 2>&1 || need_apt="$need_apt curl"
 command -v unshare >/dev/null 2>&1 || need_apt="$need_apt util-linux"
@@ -17,7 +20,8 @@ if [ -n "$need_apt" ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "tests/run.sh: installing:$need_apt" >&2
     apt-get update -qq >&2
-    # prometheus only for promtool: do not start its server.
+    # Debian starts the services it installs; the tests start their own
+    # prometheus and node-exporter on 127.0.0.1 with free ports.
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $need_apt >&2
   else
     echo "tests/run.sh: missing:$need_apt; the real-nix tests need root and Debian's packages." >&2

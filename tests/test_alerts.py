@@ -35,6 +35,10 @@ EXPECTED_ALERTS = {
     "NixosAutodeployQuarantined",
     "NixosAutodeploySuspended",
     "NixosAutodeployPointerRefused",
+    # Fleet rollouts (issue #14)
+    "NixosAutodeployWaitingRebootSlot",
+    "NixosAutodeployFleetLockFailing",
+    "NixosAutodeployRolloutPaused",
 }
 
 
@@ -74,6 +78,8 @@ def test_promtool_unit_tests_pass():
          "(nixos_autodeploy_last_run_success >= 0)"),
         # any state instead of "refused"
         ("NixosAutodeployPointerRefused", 'state="refused"} == 1', 'state=~".+"} == 1'),
+        # waiting for a free slot is not a lock server failure
+        ("NixosAutodeployFleetLockFailing", 'kind!="failed_lock_semaphore_full"', 'kind=~".+"'),
     ],
 )
 def test_unit_tests_catch_a_broken_rule(tmp_path, alert, old, new):
