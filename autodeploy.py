@@ -44,15 +44,20 @@ it:
 
 ``--force`` deploys upstream even when the host is not ours.  A quarantined
 upstream (it failed and was rolled back) is not deployed again until upstream
-changes or ``--force``.  An operator ``suspend`` stops all deploys.
+changes or ``--force``.  An operator ``suspend`` stops all deploys.  Between
+the decision and a deploy the pointer's rollout fields are obeyed (a host
+waits for its wave; ``pause`` stops new deploys), and with ``--fleetlock-url``
+every reboot first takes a FleetLock slot (see "Rollouts" and "FleetLock").
 
 Exit codes:
 
-    0  cycle completed (up to date, deployed, tracking, dirty, suspended, quarantined)
+    0  cycle completed (up to date, deployed, tracking, dirty, suspended, quarantined,
+       waiting for its rollout wave or a reboot slot, rollout paused)
     1  unexpected internal error
     2  usage: bad option or value
     3  fetch failed (HTTP error, timeout, connection refused, TLS)
-    4  pointer refused (not a plain store path, signature, downgrade, other host, expired)
+    4  pointer refused (not a plain store path, signature, downgrade, other host, expired,
+       malformed rollout fields)
     5  deploy failed (realise, not a NixOS system, activation, health check); host rolled back
     6  another run holds the lock
     7  rollback failed: the host needs a human
