@@ -1353,7 +1353,7 @@ class Agent:
         if self.slot_wait is not None and outcome.state == "pending_reboot":
             outcome.state = "waiting_reboot_slot"
             outcome.reason += f"; the reboot waits for a FleetLock slot ({self.slot_wait})"
-        elif outcome.state in ("deployed", "up_to_date", "tracking") and outcome.error is None:
+        elif self.cfg.fleetlock_url is not None and outcome.state in ("deployed", "up_to_date", "tracking"):
             host = read_host()
             if host.current == self.state.deployed and self.state.verified and not os.path.exists(STAGED_MARKER):
                 self.release_reboot_slot()
