@@ -1349,13 +1349,16 @@ class Agent:
 
     def reboot_slot_outcome(self, outcome: Outcome) -> Outcome:
         """After the cycle: a reboot that waits for a slot is its own state;
-        a healthy host releases the slot it may hold."""
+        a host that runs what it deployed, verified healthy, with nothing
+        staged, releases the slot it may hold (whatever else the cycle
+        decided: up to date, quarantined after a rollback, waiting for a wave)."""
         if self.slot_wait is not None and outcome.state == "pending_reboot":
             outcome.state = "waiting_reboot_slot"
             outcome.reason += f"; the reboot waits for a FleetLock slot ({self.slot_wait})"
-        elif self.cfg.fleetlock_url is not None and outcome.state in ("deployed", "up_to_date", "tracking"):
-            host = read_host()
-            if host.current == self.state.deployed and self.state.verified and not os.path.exists(STAGED_MARKER):
+        elif self.cfg.fleetlock_url is not None and outcome.error is None:
+            state, host = self.state, read_host()
+            if (host.current == state.deployed and state.verified and state.intent is None
+                    and not os.path.exists(STAGED_MARKER)):
                 self.release_reboot_slot()
         return outcome
 

@@ -246,6 +246,41 @@ def test_unlock_failure_is_retried_next_cycle(host, world, server, fleetlock):
     assert fleetlock.held() == [] and host.state()["reboot_slot"] is None
 
 
+def test_failed_boot_rolls_back_with_the_same_slot_then_releases_it(host, world, server, fleetlock):
+    a, b = world.path("a"), world.path("b")
+    check = ("--health-check", "test ! -e /var/lib/standin/unhealthy")
+    assert fl_once(host, fleetlock, *check).returncode == 0
+    server.pointer(b)
+    assert fl_once(host, fleetlock, *check).returncode == 0 and reboots(host) == 1
+    host.reboot()
+    assert host.current == b
+    host.ctl("unhealthy").write_text("1\n")
+    r = fl_once(host, fleetlock, *check)
+    assert r.returncode == 5, r.stderr
+    assert host.profile == a and reboots(host) == 2  # back to a, rebooting with the slot it holds (recursive)
+    assert fleetlock.held() == [lock_id(host)]
+    assert [e[4] for e in fleetlock.events if e[1] == "pre-reboot"] == [200, 200]
+    host.ctl("unhealthy").unlink()
+    host.reboot()
+    r = fl_once(host, fleetlock, *check)
+    assert r.returncode == 0, r.stderr
+    assert host.current == a and state_gauge(host) == "quarantined"
+    assert fleetlock.held() == [] and host.state()["reboot_slot"] is None
+
+
+def test_host_that_booted_the_previous_system_keeps_its_slot(host, world, server, fleetlock):
+    a, b = world.path("a"), world.path("b")
+    assert fl_once(host, fleetlock).returncode == 0
+    server.pointer(b)
+    assert fl_once(host, fleetlock).returncode == 0 and reboots(host) == 1
+    host.ctl("boot-default").write_text(a + "\n")  # the boot loader fell back to the previous entry
+    host.reboot()
+    r = fl_once(host, fleetlock)
+    assert r.returncode == 0 and state_gauge(host) == "booted_previous"
+    assert fleetlock.held() == [lock_id(host)]  # the group stops rebooting until a human looks
+    assert host.metrics()["nixos_autodeploy_reboot_slot_held"] == 1
+
+
 def test_no_slot_is_taken_outside_the_reboot_window(host, world, server, fleetlock):
     b = world.path("b")
     assert fl_once(host, fleetlock).returncode == 0
