@@ -315,6 +315,21 @@ def test_kexec_takes_a_slot_first(host, world, server, fleetlock):
 # ---------------------------------------------------------------------------
 
 
+def test_groups_have_their_own_slots(world, server, fleetlock, tmp_path):
+    a, b = world.path("a"), world.path("b")
+    web, db = (Host(tmp_path / name, world, server) for name in ("web", "db"))
+    for h, name in ((web, "web"), (db, "db")):
+        h.install(a)
+        h.url = server.pointer(a, f"/{name}")
+        assert fl_once(h, fleetlock, "--fleetlock-group", name).returncode == 0
+        server.pointer(b, f"/{name}")
+    assert fl_once(web, fleetlock, "--fleetlock-group", "web").returncode == 0
+    assert fl_once(db, fleetlock, "--fleetlock-group", "db").returncode == 0
+    assert reboots(web) == reboots(db) == 1  # one slot each, both at once
+    assert fleetlock.held("web") == [lock_id(web)] and fleetlock.held("db") == [lock_id(db)]
+    assert fleetlock.held("default") == []
+
+
 @pytest.mark.parametrize("hosts, slots", [(6, 2)])
 def test_parallel_boot_deploys_never_exceed_the_slots(world, server, fleetlock, tmp_path, hosts, slots):
     a, b = world.path("a"), world.path("b")
