@@ -180,10 +180,15 @@ def test_fleet_through_node_exporter_and_prometheus(world, server, tmp_path):
         assert states == {"web": "deployed", "db": "waiting_rollout", "cache": "waiting_reboot_slot"}, states
 
         # Every query the dashboard uses returns data.
+        empty: list[str] = []
+
         def all_queries_answer():
-            empty = [expr for expr in dashboard_queries() if not query(base, expr)]
+            empty[:] = [expr for expr in dashboard_queries() if not query(base, expr)]
             return not empty or None
-        wait_for("every dashboard query to return data", all_queries_answer, deadline, procs)
+        try:
+            wait_for("every dashboard query to return data", all_queries_answer, deadline, procs)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; dashboard queries without data: {empty}") from None
         table = {r["metric"]["instance"]: float(r["value"][1])
                  for r in query(base, "max by (instance) (nixos_autodeploy_rollout_bucket_number)")}
         assert table == {"web": bucket(names["web"], b), "db": bucket(names["db"], b)}
