@@ -47,15 +47,20 @@ it:
 
 ``--force`` deploys upstream even when the host is not ours.  A quarantined
 upstream (it failed and was rolled back) is not deployed again until upstream
-changes or ``--force``.  An operator ``suspend`` stops all deploys.
+changes or ``--force``.  An operator ``suspend`` stops all deploys.  Between
+the decision and a deploy the pointer's rollout fields are obeyed (a host
+waits for its wave; ``pause`` stops new deploys), and with ``--fleetlock-url``
+every reboot first takes a FleetLock slot (see "Rollouts" and "FleetLock").
 
 Exit codes:
 
-    0  cycle completed (up to date, deployed, tracking, dirty, suspended, quarantined)
+    0  cycle completed (up to date, deployed, tracking, dirty, suspended, quarantined,
+       waiting for its rollout wave or a reboot slot, rollout paused)
     1  unexpected internal error
     2  usage: bad option or value
     3  fetch failed (HTTP error, timeout, connection refused, TLS, Content-Encoding)
-    4  pointer refused (not a plain store path, metadata, signature, downgrade, other host, expired)
+    4  pointer refused (not a plain store path, metadata, signature, downgrade, other host, expired,
+       malformed rollout fields)
     5  deploy failed: a deploy was attempted (realise, not a NixOS system, no room in /boot,
        activation, health check, the staged system did not boot); host rolled back
     6  another run holds the host lock
@@ -134,7 +139,7 @@ SIGNATURE_NAMESPACE: Final = "nixos-autodeploy"
 SIGN_DEFAULT_VALIDITY_DAYS: Final = 30
 # Pointer metadata keys; anything else must start with `x-` (so that a
 # misspelled restriction such as `host:` is refused, not ignored).
-POINTER_KEYS: Final = ("revision", "hosts", "not-after")
+POINTER_KEYS: Final = ("revision", "hosts", "not-after", "rollout", "rollout-start", "rollout-duration", "pause")
 POINTER_KEY_CHARS: Final = "abcdefghijklmnopqrstuvwxyz0123456789-"
 MAX_REVISION: Final = 2**63 - 1
 
@@ -181,6 +186,20 @@ BOOT_CHECK_FILE: Final = "boot-check.json"  # in the state directory, written by
 BOOT_CHECK_RETRY_SECONDS: Final = 5.0
 HISTORY_LENGTH: Final = 20
 POINTER_REFUSAL_REASONS: Final = ("signature", "revision", "host", "expired", "malformed")
+# Rollout waves: a host's bucket is sha256(hostname NUL store path) mod this.
+ROLLOUT_BUCKETS: Final = 10000
+# FleetLock reboot slots (coreos/zincati docs/development/fleetlock/protocol.md).
+FLEETLOCK_DEFAULT_GROUP: Final = "default"
+MAX_FLEETLOCK_REPLY_BYTES: Final = 4096
+MACHINE_ID_FILE: Final = "/etc/machine-id"
+# Test-only: read the machine id from this file instead of /etc/machine-id.
+MACHINE_ID_ENV: Final = "NIXOS_AUTODEPLOY_MACHINE_ID_FILE"
+# Our application id for the app-specific machine id sent as FleetLock `id`
+# (as sd_id128_get_machine_app_specific(3) derives it; never the raw id).
+FLEETLOCK_APP_ID: Final = "132df055f2ca4227bc22539b0cad97fe"
+# In /run, so it is gone after a reboot: the FleetLock initialization step
+# (release any slot held from before) has been done since this boot.
+FLEETLOCK_STEADY_MARKER: Final = RUNTIME_DIR + "/fleetlock-steady"
 
 # ---------------------------------------------------------------------------
 # Errors: one base class carrying its exit code; main() turns them into exits
@@ -285,7 +304,7 @@ class Action(enum.Enum):
 STATES: Final = (
     "up_to_date", "tracking", "deployed", "pending_reboot", "dirty", "failed",
     "rolled_back", "quarantined", "suspended", "refused", "booted_previous",
-    "boot_failed",
+    "boot_failed", "waiting_rollout", "rollout_paused", "waiting_reboot_slot",
 )
 
 
@@ -314,6 +333,8 @@ class Config:
     on_success: str | None = None
     on_failure: str | None = None
     hook_timeout: float = 60.0
+    fleetlock_url: str | None = None
+    fleetlock_group: str = FLEETLOCK_DEFAULT_GROUP
 
 
 @dataclass(frozen=True)
@@ -373,6 +394,10 @@ class State:
     behind_since: float | None = None    # since when the host does not run upstream
     reboot_window_wait: bool = False     # a due reboot waits for --reboot-window
     history: list[dict[str, Any]] = field(default_factory=list)  # last HISTORY_LENGTH attempts
+    rollout: dict[str, Any] | None = None          # this host's wave for upstream (see rollout_view)
+    reboot_slot: dict[str, Any] | None = None      # a FleetLock slot we may hold (asked, not released)
+    fleetlock_failures: dict[str, int] = field(default_factory=dict)  # "operation:kind" -> count
+    fleetlock_error: dict[str, str] | None = None  # the last lock operation's error, while unresolved
 
     @classmethod
     def from_json(cls, data: Any, where: str) -> State:
@@ -907,6 +932,8 @@ class Fetcher:
 
             def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any,
                                  newurl: str) -> Any:
+                if not getattr(req, "follow", True):
+                    return None  # the redirect is the answer (an HTTPError)
                 # urllib would read the redirect's body whole, unbounded: we never need it.
                 fp.close()
                 from urllib.parse import urljoin, urlsplit
@@ -951,16 +978,24 @@ class Fetcher:
             limit: int = MAX_POINTER_BYTES, interruptible: bool = True) -> Response:
         """GET `url` within `timeout` seconds in all (tries included).  A
         SIGTERM ends an interruptible fetch at once (Interrupted)."""
+        return self.request(url, headers, timeout=timeout, limit=limit, interruptible=interruptible)
+
+    def request(self, url: str, headers: dict[str, str] | None = None, *, timeout: float,
+                limit: int = MAX_POINTER_BYTES, interruptible: bool = True, method: str = "GET",
+                data: bytes | None = None, follow: bool = True, answers: bool = False) -> Response:
+        """One request within one deadline.  `follow=False` treats a redirect
+        as an answer; `answers=True` returns every final status (its body
+        read like any other) instead of raising FetchError."""
         import contextlib
         deadline = Deadline(timeout)
-        shown = redact_url(url)
+        shown = f"{method} {redact_url(url)}"
         tries = FETCH_TRIES
         for attempt in range(1, tries + 1):
             try:
                 with deadline.guard(), Stopping.interruptible() if interruptible else contextlib.nullcontext():
-                    return self._get_once(url, headers or {}, deadline, limit, shown)
+                    return self._once(url, headers or {}, deadline, limit, shown, method, data, follow, answers)
             except _TimeUp:
-                raise self._error(f"GET {shown}: timed out after {timeout:g}s", transient=True) from None
+                raise self._error(f"{shown}: timed out after {timeout:g}s", transient=True) from None
             except FetchError as exc:
                 pause = min(RETRY_BASE_SECONDS * 2 ** (attempt - 1), deadline.remaining() - 0.5)
                 if not exc.transient or attempt == tries or pause <= 0:
@@ -970,8 +1005,8 @@ class Fetcher:
                     time.sleep(pause)
         raise AssertionError("unreachable")
 
-    def _get_once(self, url: str, headers: dict[str, str], deadline: Deadline, limit: int,
-                  shown: str) -> Response:
+    def _once(self, url: str, headers: dict[str, str], deadline: Deadline, limit: int, shown: str,
+              method: str, data: bytes | None, follow: bool, answers: bool) -> Response:
         import http.client
         import urllib.error
         import urllib.request
@@ -989,7 +1024,8 @@ class Fetcher:
             url = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
         elif self.token:
             credentials = f"Bearer {self.token}"
-        request = urllib.request.Request(url, headers=send)
+        request = urllib.request.Request(url, data=data, headers=send, method=method)
+        request.follow = follow
         request.first_origin = origin_of(url)
         request.credentials = credentials
         if credentials:
@@ -1002,44 +1038,51 @@ class Fetcher:
             response = self._opener.open(request, timeout=per_read)
         except urllib.error.HTTPError as exc:
             status = exc.code
+            if answers and status != 304:
+                with exc:
+                    return Response(status, self._read_body(exc, limit, shown), *self._validators(exc.headers))
             exc.close()  # its body is never read: it may echo secrets or hold anything
             if status == 304:
                 return Response(304, b"", *self._validators(exc.headers))
             if "redirect error that would lead to an infinite loop" in str(exc.msg):
-                raise self._error(f"GET {shown}: more than {MAX_REDIRECTS} redirects (or a loop)") from None
+                raise self._error(f"{shown}: more than {MAX_REDIRECTS} redirects (or a loop)") from None
             if status in (301, 302, 303, 307, 308):
-                raise self._error(f"GET {shown} answered HTTP {status} with no usable Location (only http:// "
+                raise self._error(f"{shown} answered HTTP {status} with no usable Location (only http:// "
                                   "and https:// redirects are followed)") from None
-            raise self._error(f"GET {shown} answered HTTP {status}", transient=status in (502, 503, 504)) from None
+            raise self._error(f"{shown} answered HTTP {status}", transient=status in (502, 503, 504)) from None
         except urllib.error.URLError as exc:
-            raise self._error(f"GET {shown}: {describe_network_error(exc.reason)}",
+            raise self._error(f"{shown}: {describe_network_error(exc.reason)}",
                               transient=_transient(exc.reason)) from None
         except (OSError, http.client.HTTPException, ValueError) as exc:
-            raise self._error(f"GET {shown}: {describe_network_error(exc)}", transient=_transient(exc)) from None
+            raise self._error(f"{shown}: {describe_network_error(exc)}", transient=_transient(exc)) from None
         with response:
             try:
                 foreign = origin_of(response.geturl()) != request.first_origin
                 encoding = (response.headers.get("Content-Encoding") or "identity").strip()
                 if encoding.lower() != "identity":
-                    raise self._error(f"GET {shown}: the server sent the body with Content-Encoding "
+                    raise self._error(f"{shown}: the server sent the body with Content-Encoding "
                                       f"{shorten(encoding, 40)}; only identity is accepted (configure the "
                                       "server not to compress the pointer)")
-                body = bytearray()
-                while len(body) <= limit:
-                    piece = response.read(min(BODY_READ_PIECE, limit + 1 - len(body)))
-                    if not piece:
-                        break
-                    body += piece
-                if len(body) > limit:
-                    raise self._error(f"GET {shown}: body exceeds the {limit}-byte limit")
-                missing = getattr(response, "length", None)  # what Content-Length promised and never came
-                if missing:
-                    raise self._error(f"GET {shown}: connection closed {missing} bytes before the end of the "
-                                      "body (IncompleteRead)", transient=True)
+                body = self._read_body(response, limit, shown)
             except (OSError, http.client.HTTPException, ValueError) as exc:
-                raise self._error(f"GET {shown}: {describe_network_error(exc)}",
-                                  transient=_transient(exc)) from None
-            return Response(response.status, bytes(body), *self._validators(response.headers), foreign=foreign)
+                raise self._error(f"{shown}: {describe_network_error(exc)}", transient=_transient(exc)) from None
+            return Response(response.status, body, *self._validators(response.headers), foreign=foreign)
+
+    def _read_body(self, response: Any, limit: int, shown: str) -> bytes:
+        """At most `limit` bytes, in bounded pieces, whatever the framing claims."""
+        body = bytearray()
+        while len(body) <= limit:
+            piece = response.read(min(BODY_READ_PIECE, limit + 1 - len(body)))
+            if not piece:
+                break
+            body += piece
+        if len(body) > limit:
+            raise self._error(f"{shown}: body exceeds the {limit}-byte limit")
+        missing = getattr(response, "length", None)  # what Content-Length promised and never came
+        if missing:
+            raise self._error(f"{shown}: connection closed {missing} bytes before the end of the body "
+                              "(IncompleteRead)", transient=True)
+        return bytes(body)
 
     def _validators(self, headers: Any) -> tuple[str | None, str | None]:
         """ETag and Last-Modified, only when they are safe to send back."""
@@ -1538,6 +1581,30 @@ def render_metrics(state: State, host: HostView, suspended: bool) -> str:
            [({}, state.behind_since or 0)])
     metric("reboot_window_wait", "gauge", "1 while a due reboot waits for the reboot window.",
            [({}, int(bool(state.reboot_window_wait)))])
+    # Rollouts and FleetLock (fleet view).
+    if state.rollout is not None:
+        view = state.rollout
+        metric("rollout_bucket_number", "gauge", "This host's rollout bucket (0..9999) for the upstream path; it deploys "
+               "when the bucket is below rollout_percent * 100.", [({}, view["bucket"])])
+        metric("rollout_percent", "gauge", "The upstream pointer's rollout percentage at the last run (ramped).",
+               [({}, view["percent"])])
+        metric("rollout_paused", "gauge", "1 while the upstream pointer pauses its rollout.",
+               [({}, int(bool(view["paused"])))])
+        if view.get("turn_at") is not None:
+            metric("rollout_turn_timestamp_seconds", "gauge", "Unix time from which the ramp admits this host.",
+                   [({}, view["turn_at"])])
+    metric("reboot_slot_held", "gauge", "1 while this host holds a FleetLock reboot slot.",
+           [({}, int(bool(state.reboot_slot and state.reboot_slot.get("granted"))))])
+    if state.fleetlock_failures:
+        metric("fleetlock_failures_total", "counter", "Failed FleetLock requests by operation and error kind "
+               "(kept across runs).",
+               [({"operation": key.partition(":")[0], "kind": key.partition(":")[2]}, count)
+                for key, count in sorted(state.fleetlock_failures.items())])
+    if state.fleetlock_error:
+        metric("fleetlock_last_error_info", "gauge", "The last FleetLock error (present until an operation succeeds).",
+               [({"operation": state.fleetlock_error.get("operation", ""),
+                  "kind": state.fleetlock_error.get("kind", ""),
+                  "message": state.fleetlock_error.get("message", "")[:300]}, 1)])
     return "\n".join(lines) + "\n"
 
 
@@ -1873,6 +1940,8 @@ class Agent:
         self.signers = allowed_signers(cfg.trusted_keys) if cfg.trusted_keys else None
         self.state = State()
         self.loaded = False  # a state that was not read must never be written over
+        self.slot_wait: str | None = None  # why this cycle's reboot waits for a FleetLock slot
+        self.lock_fetcher = Fetcher(None)  # the lock server gets no pointer credentials
 
     # -- state helpers -----------------------------------------------------
 
@@ -1900,11 +1969,12 @@ class Agent:
     def cycle(self) -> Outcome:
         started = time.time()
         outcome: Outcome
+        self.slot_wait = None
         try:
             self.loaded = False
             self.state = self.store.load()
             self.loaded = True
-            outcome = self._cycle()
+            outcome = self.reboot_slot_outcome(self._cycle())
         except Interrupted:
             # While only waiting (network, a unit): end now, write nothing.
             # An intent on disk is finished or rolled back by the next run.
@@ -1935,6 +2005,7 @@ class Agent:
         if state.intent and not cfg.dry_run:
             self.recover()
         pointer = self.fetch_pointer()
+        rollout = self.rollout_step(pointer)
         if state.quarantined and state.quarantined != pointer.path and not cfg.dry_run:
             log(f"upstream moved on from the quarantined {state.quarantined}: quarantine lifted")
             state.quarantined = state.quarantine_reason = None
@@ -1952,6 +2023,10 @@ class Agent:
                      Action.RESUME: f"would record {host.current} as deployed",
                      Action.NOTHING: "would do nothing", Action.DIRTY: "would do nothing (dirty)"}
             print(f"decision: {decision.action.value}: {decision.reason}\n{would[decision.action]}")
+            if state.rollout is not None:
+                held = self.rollout_hold(pointer.path, rollout) if decision.action == Action.DEPLOY else None
+                print(f"rollout: {describe_rollout(state.rollout, now_epoch())}"
+                      + (f"\nwould wait: {held.state}" if held is not None else ""))
             return Outcome("up_to_date", "dry run")
         state.dirty = decision.dirty
         if decision.action in (Action.TRACK, Action.RESUME):
@@ -1968,9 +2043,122 @@ class Agent:
         if state.quarantined == pointer.path and not cfg.force:
             return Outcome("quarantined", f"{pointer.path} is quarantined ({state.quarantine_reason}); "
                                           "waiting for a new upstream or --force")
+        held = self.rollout_hold(pointer.path, rollout)
+        if held is not None:
+            return held
         if Stopping.requested:
             return Outcome(state.last_state or "up_to_date", f"stop requested: deploy of {pointer.path} postponed")
         return self.deploy(pointer.path, host)
+
+    # -- rollout waves and the pause switch --------------------------------
+
+    def rollout_step(self, pointer: Pointer) -> Rollout:
+        """Validate the pointer's rollout fields (exit 4 when malformed) and
+        record where this host stands in the wave."""
+        rollout = parse_rollout(pointer.metadata)
+        if any(key in pointer.metadata for key in ("rollout", "rollout-start", "rollout-duration", "pause")):
+            hostname = self.cfg.hostname or local_hostname()
+            self.state.rollout = rollout_view(rollout, hostname, pointer.path, now_epoch())
+        else:
+            self.state.rollout = None
+        return rollout
+
+    def rollout_hold(self, upstream: str, rollout: Rollout) -> Outcome | None:
+        """Between the decision and the deploy: is it this host's turn?
+        `--force` skips the wave (a human picked this host) but never a pause
+        (the fleet-wide stop button; --force may sit in a host's extraArgs)."""
+        view = self.state.rollout
+        if view is None:
+            return None
+        where = describe_rollout(view, now_epoch())
+        if rollout.paused:
+            return Outcome("rollout_paused", f"not deploying {basename_or_empty(upstream)}: {where}")
+        if view["admitted"]:
+            return None
+        if self.cfg.force:
+            log(f"--force: deploying outside this host's wave ({where})")
+            return None
+        return Outcome("waiting_rollout", f"not deploying {basename_or_empty(upstream)} yet: {where}")
+
+    # -- FleetLock reboot slots --------------------------------------------
+
+    def take_reboot_slot(self) -> bool:
+        """Before a reboot or kexec: a FleetLock slot, or no reboot this cycle."""
+        cfg = self.cfg
+        if cfg.fleetlock_url is None:
+            return True
+        group = cfg.fleetlock_group
+        try:
+            client_id = fleetlock_id(machine_id_path())
+            # "May hold" from the moment we ask: the server can grant a slot
+            # whose answer never reaches us; only steady-state clears this.
+            slot = dict(self.state.reboot_slot or {})
+            slot.update({"group": slot.get("group", group), "id": client_id, "granted": slot.get("granted", False),
+                         "since": slot.get("since", time.time())})
+            self.state.reboot_slot = slot
+            self.save()
+            fleetlock_request(self.lock_fetcher, cfg.fleetlock_url, "pre-reboot", client_id, slot["group"],
+                              cfg.timeout)
+        except FleetLockError as exc:
+            self.fleetlock_failed("pre-reboot", exc)
+            self.slot_wait = str(exc)
+            return False
+        self.state.reboot_slot = dict(slot, granted=True)
+        self.state.fleetlock_error = None
+        self.save()
+        log(f"took a reboot slot in FleetLock group {slot['group']!r}")
+        return True
+
+    def release_reboot_slot(self) -> None:
+        """The host runs its deployed system, verified healthy: give back the
+        slot we may hold (steady-state).  Once per boot also without a record,
+        as the protocol's initialization step (the state may be older than a
+        slot taken before a crash)."""
+        cfg = self.cfg
+        if cfg.fleetlock_url is None or cfg.dry_run:
+            return
+        if self.state.reboot_slot is None and os.path.exists(FLEETLOCK_STEADY_MARKER):
+            return
+        group = (self.state.reboot_slot or {}).get("group") or cfg.fleetlock_group
+        try:
+            client_id = fleetlock_id(machine_id_path())
+            fleetlock_request(self.lock_fetcher, cfg.fleetlock_url, "steady-state", client_id, group, cfg.timeout)
+        except FleetLockError as exc:
+            self.fleetlock_failed("steady-state", exc)
+            return  # tried again next cycle
+        held = self.state.reboot_slot is not None
+        self.state.reboot_slot = self.state.fleetlock_error = None
+        self.save()
+        os.makedirs(RUNTIME_DIR, exist_ok=True)
+        atomic_write(FLEETLOCK_STEADY_MARKER, f"{group}\n")
+        log(f"released the reboot slot in FleetLock group {group!r}" if held else
+            f"FleetLock initialization: released any slot held in group {group!r}")
+
+    def fleetlock_failed(self, operation: str, exc: FleetLockError) -> None:
+        log(f"FleetLock {operation} failed: {exc}")
+        failures = self.state.fleetlock_failures
+        key = f"{operation}:{exc.kind}"
+        if key not in failures and len(failures) >= 32:
+            key = f"{operation}:other"  # bounded, whatever the server answers
+        failures[key] = failures.get(key, 0) + 1
+        self.state.fleetlock_error = {"operation": operation, "kind": exc.kind, "message": str(exc)[:300],
+                                      "time": str(time.time())}
+        self.save()
+
+    def reboot_slot_outcome(self, outcome: Outcome) -> Outcome:
+        """After the cycle: a reboot that waits for a slot is its own state;
+        a host that runs what it deployed, verified healthy, with nothing
+        staged, releases the slot it may hold (whatever else the cycle
+        decided: up to date, quarantined after a rollback, waiting for a wave)."""
+        if self.slot_wait is not None and outcome.state == "pending_reboot":
+            outcome.state = "waiting_reboot_slot"
+            outcome.reason += f"; the reboot waits for a FleetLock slot ({self.slot_wait})"
+        elif self.cfg.fleetlock_url is not None and outcome.error is None:
+            state, host = self.state, read_host()
+            if (host.current == state.deployed and state.verified and state.intent is None
+                    and not os.path.exists(STAGED_MARKER)):
+                self.release_reboot_slot()
+        return outcome
 
     # -- fetching ----------------------------------------------------------
 
@@ -2440,6 +2628,9 @@ class Agent:
         if Stopping.requested:
             log("stop requested: not rebooting now")
             return
+        if not self.take_reboot_slot():
+            log(f"reboot into {system} is due but no FleetLock slot was granted: retried next cycle")
+            return
         if cfg.reboot_mode == RebootMode.KEXEC:
             try:
                 kexec_load(system)
@@ -2587,6 +2778,224 @@ def format_window(window: tuple[int, int]) -> str:
 
 
 # ---------------------------------------------------------------------------
+# Rollouts: waves and the pause switch, from the pointer's metadata alone
+# ---------------------------------------------------------------------------
+#
+# `rollout: 10%` admits the hosts whose bucket (a stable hash of host name
+# and target store path, 0..9999) is below 1000; `rollout-start` plus
+# `rollout-duration` ramp that share linearly to 100%; `pause: true` (or
+# `hold`) stops every new deploy of the pointer.  A new store path reshuffles
+# the buckets, so the same machines are not always the canaries.
+
+
+@dataclass(frozen=True)
+class Rollout:
+    percent: float = 100.0        # the `rollout:` value: the share admitted at (and before) the start
+    start: float | None = None    # Unix time the ramp starts (`rollout-start:`)
+    duration: float | None = None  # seconds to ramp from `percent` to 100 (`rollout-duration:`)
+    paused: bool = False
+
+    def percent_at(self, now: float) -> float:
+        if self.start is None or self.duration is None or now <= self.start:
+            return self.percent
+        return min(100.0, self.percent + (100.0 - self.percent) * (now - self.start) / self.duration)
+
+    def admits(self, bucket: int, now: float) -> bool:
+        return bucket < self.percent_at(now) * ROLLOUT_BUCKETS / 100
+
+    def turn_at(self, bucket: int) -> float | None:
+        """From when the ramp admits `bucket`; None without a ramp."""
+        if self.start is None or self.duration is None:
+            return None
+        needed = bucket * 100 / ROLLOUT_BUCKETS
+        if needed < self.percent:
+            return self.start
+        return self.start + (needed - self.percent) / (100.0 - self.percent) * self.duration
+
+
+DURATION_UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> float:
+    """`90m`, `24h`, `1d12h`, `3600s` (or plain seconds); ValueError otherwise."""
+    import re
+    text = text.strip()
+    if text.isdigit():
+        return float(text)
+    if not text or not re.fullmatch(r"(?:\d{1,9}[smhdw])+", text):
+        raise ValueError(f"not a duration: {text!r}")
+    return float(sum(int(n) * DURATION_UNITS[u] for n, u in re.findall(r"(\d+)([smhdw])", text)))
+
+
+def parse_rollout(metadata: dict[str, str]) -> Rollout:
+    """The rollout fields of a pointer, validated; PointerError (exit 4) otherwise."""
+    import re
+    percent, start, duration, paused = 100.0, None, None, False
+    if "rollout" in metadata:
+        text = metadata["rollout"]
+        if not re.fullmatch(r"\d{1,3}(?:\.\d{1,2})?%?", text) or float(text.rstrip("%")) > 100:
+            raise PointerError(f"pointer rollout is not a percentage between 0% and 100% "
+                               f"(e.g. `rollout: 10%`): got {shorten(text)}")
+        percent = float(text.rstrip("%"))
+    if ("rollout-start" in metadata) != ("rollout-duration" in metadata):
+        raise PointerError("pointer has only one of rollout-start and rollout-duration: a ramp needs both")
+    if "rollout-start" in metadata:
+        text = metadata["rollout-start"]
+        try:
+            start = parse_rfc3339(text).timestamp()
+        except ValueError:
+            raise PointerError(f"pointer rollout-start is not an RFC 3339 time: got {shorten(text)}") from None
+        text = metadata["rollout-duration"]
+        try:
+            duration = parse_duration(text)
+        except ValueError:
+            raise PointerError(f"pointer rollout-duration is not a duration such as 24h or 90m: "
+                               f"got {shorten(text)}") from None
+        if not 0 < duration <= 366 * 86400:
+            raise PointerError(f"pointer rollout-duration must be above 0 and at most 366d: got {shorten(text)}")
+    if "pause" in metadata:
+        text = metadata["pause"].lower()
+        if text not in ("true", "hold", "false"):
+            raise PointerError(f"pointer pause is not true, hold or false: got {shorten(metadata['pause'])}")
+        paused = text != "false"
+    return Rollout(percent, start, duration, paused)
+
+
+def rollout_bucket(hostname: str, store_path: str) -> int:
+    """A stable bucket in 0..9999 for this host and this release."""
+    import hashlib
+    digest = hashlib.sha256(hostname.encode() + b"\0" + store_path.encode()).digest()
+    return int.from_bytes(digest, "big") % ROLLOUT_BUCKETS
+
+
+def now_epoch() -> float:
+    """Unix time; the test-only NIXOS_AUTODEPLOY_NOW (ISO 8601, local time
+    unless it carries an offset) moves it as it moves the reboot window."""
+    injected = os.environ.get(NOW_ENV)
+    if injected:
+        from datetime import datetime
+        return datetime.fromisoformat(injected).timestamp()
+    return time.time()
+
+
+def rollout_view(rollout: Rollout, hostname: str, target: str, now: float) -> dict[str, Any]:
+    """What state.json, metrics and `status` know about this host's wave."""
+    bucket = rollout_bucket(hostname, target)
+    return {"target": target, "hostname": hostname, "bucket": bucket,
+            "start_percent": rollout.percent, "start": rollout.start, "duration": rollout.duration,
+            "percent": round(rollout.percent_at(now), 4), "paused": rollout.paused,
+            "admitted": rollout.admits(bucket, now), "turn_at": rollout.turn_at(bucket)}
+
+
+def describe_rollout(view: dict[str, Any], now: float) -> str:
+    """One line for logs and `status`: where the host is in the wave."""
+    rollout = Rollout(view["start_percent"], view["start"], view["duration"], view["paused"])
+    percent, bucket = rollout.percent_at(now), view["bucket"]
+    head = f"bucket {bucket} of {ROLLOUT_BUCKETS}, rollout at {percent:.2f}%"
+    if view["paused"]:
+        return head + ": paused by the pointer (no new deploys until it is republished without `pause`)"
+    if rollout.admits(bucket, now):
+        return head + ": this host's turn has come"
+    turn = rollout.turn_at(bucket)
+    if turn is None:
+        return head + f": waits until the pointer's rollout exceeds {bucket * 100 / ROLLOUT_BUCKETS:.2f}%"
+    when = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(turn))
+    return head + f": this host's turn comes at {when}"
+
+
+# ---------------------------------------------------------------------------
+# FleetLock: fleet-wide reboot slots (Zincati's protocol, own client)
+# ---------------------------------------------------------------------------
+#
+# POST {base}/v1/pre-reboot takes a slot of the group's counting semaphore,
+# POST {base}/v1/steady-state gives it back; both with the header
+# `fleet-lock-protocol: true` and {"client_params": {"id": ..., "group": ...}}.
+# 200 is success, anything else a failure with an optional JSON
+# {"kind": ..., "value": ...}.  Locks are owned by `id` and recursive, so
+# asking again for a slot we hold, or releasing one we do not hold, is fine.
+
+
+class FleetLockError(AutodeployError):
+    """A lock operation failed.  Caught by the agent: it means "no reboot this
+    cycle" (or "release again next cycle"), never an exit."""
+
+    exit_code = 3
+    kind = "fleetlock"
+
+
+def validate_fleetlock_group(text: str) -> str:
+    import re
+    if not re.fullmatch(r"[a-zA-Z0-9.-]{1,64}", text):
+        raise argparse.ArgumentTypeError(f"invalid FleetLock group {text!r}: letters, digits, `.` and `-` only")
+    return text
+
+
+def validate_fleetlock_url(text: str) -> str:
+    from urllib.parse import urlsplit
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise argparse.ArgumentTypeError(f"invalid FleetLock URL {redact_url(text)!r}: "
+                                         "an http:// or https:// base URL without query")
+    return text
+
+
+def fleetlock_id(machine_id_file: str) -> str:
+    """The app-specific machine id, as sd_id128_get_machine_app_specific(3)
+    computes it (HMAC-SHA256 keyed by the machine id over our app id, first
+    128 bits, UUID v4 bits): stable per machine, and the raw machine id never
+    leaves the host."""
+    import hashlib
+    import hmac
+    try:
+        with open(machine_id_file) as f:
+            text = f.read(64).strip()
+    except OSError as exc:
+        raise FleetLockError(f"cannot read the machine id {machine_id_file}: {exc.strerror}", "machine_id") from None
+    if len(text) != 32 or any(c not in "0123456789abcdef" for c in text):
+        raise FleetLockError(f"{machine_id_file} does not hold a machine id (32 lower-case hex digits)",
+                             "machine_id")
+    mac = bytearray(hmac.new(bytes.fromhex(text), bytes.fromhex(FLEETLOCK_APP_ID), hashlib.sha256).digest()[:16])
+    mac[6] = (mac[6] & 0x0F) | 0x40
+    mac[8] = (mac[8] & 0x3F) | 0x80
+    return mac.hex()
+
+
+def machine_id_path() -> str:
+    return os.environ.get(MACHINE_ID_ENV) or MACHINE_ID_FILE
+
+
+def fleetlock_request(fetcher: Fetcher, base_url: str, operation: str, client_id: str, group: str,
+                      timeout: float) -> None:
+    """One FleetLock operation (`pre-reboot` or `steady-state`) through the
+    agent's fetcher (proxies, one deadline, bounded reply; no credentials,
+    no redirects followed); returns on HTTP 200, raises FleetLockError with
+    the server's error kind otherwise."""
+    url = base_url.rstrip("/") + "/v1/" + operation
+    body = json.dumps({"client_params": {"id": client_id, "group": group}}).encode()
+    try:
+        response = fetcher.request(url, {"fleet-lock-protocol": "true", "Content-Type": "application/json"},
+                                   method="POST", data=body, timeout=timeout, limit=MAX_FLEETLOCK_REPLY_BYTES,
+                                   interruptible=False, follow=False, answers=True)
+    except FetchError as exc:
+        raise FleetLockError(f"FleetLock {operation}: {exc}", "unreachable") from None
+    if response.status == 200:
+        return
+    kind, value = f"http_{response.status}", ""
+    try:
+        error = json.loads(response.body.decode("utf-8"))
+        if isinstance(error, dict) and isinstance(error.get("kind"), str) and isinstance(error.get("value"), str):
+            import re
+            # The spec asks servers for few kinds; a label must stay bounded anyway.
+            if re.fullmatch(r"[a-z0-9_]{1,40}", error["kind"]):
+                kind = error["kind"]
+            value = outside_text(error["value"])[:200]
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        pass
+    raise FleetLockError(f"FleetLock {operation} at {redact_url(url)} answered HTTP {response.status}"
+                         + (f" ({kind}): {value}" if value else ""), kind)
+
+
+# ---------------------------------------------------------------------------
 # Commands: run, status, suspend/resume, sign
 # ---------------------------------------------------------------------------
 
@@ -2664,6 +3073,8 @@ def status_fields(state_dir: str) -> dict[str, Any]:
         "interrupted_deploy": state.intent,
         "boot_failure": state.boot_failure, "boot_free_bytes": boot_free_bytes(),
         "history": list(state.history) if isinstance(state.history, list) else [],
+        "rollout": state.rollout,
+        "reboot_slot": state.reboot_slot, "fleetlock_error": state.fleetlock_error,
     }
 
 
@@ -2700,6 +3111,17 @@ def command_status(state_dir: str, as_json: bool) -> int:
                                      f"{fields['boot_failure'].get('reason')}"))
     if fields["boot_free_bytes"] is not None:
         rows.append(("/boot free", f"{fields['boot_free_bytes'] / 1048576:.1f} MiB"))
+    view = fields["rollout"]
+    if view is not None:
+        running = view["target"] == fields["deployed"]
+        rows.append(("rollout", f"{basename_or_empty(view['target'])}: " + (
+            "deployed on this host" if running else describe_rollout(view, now_epoch()))))
+    slot = fields["reboot_slot"]
+    if slot is not None:
+        rows.append(("reboot slot", ("held" if slot.get("granted") else "asked for")
+                     + f" in FleetLock group {slot.get('group')} since {when(slot.get('since'))}"))
+    if fields["fleetlock_error"]:
+        rows.append(("fleetlock error", fields["fleetlock_error"].get("message")))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {outside_text(value) if value is not None else '-'}")
@@ -2768,7 +3190,7 @@ def command_check_boot(args: argparse.Namespace) -> int:
 
 
 def command_sign(key: str, revision: int, hosts: list[str], all_hosts: bool, not_after: str | None,
-                 no_expiry: bool, path: str, output: str) -> int:
+                 no_expiry: bool, path: str, output: str, rollout: dict[str, str] | None = None) -> int:
     from datetime import datetime, timedelta, timezone
     validate_store_path(path, path)
     if not valid_revision(revision):
@@ -2794,6 +3216,7 @@ def command_sign(key: str, revision: int, hosts: list[str], all_hosts: bool, not
         not_after = expiry.strftime("%Y-%m-%dT%H:%M:%SZ")
     if not_after is not None:
         lines.append(f"not-after: {not_after}")
+    lines += sign_rollout_lines(rollout or {})
     atomic_write(output, "\n".join(lines) + "\n")
     try:
         os.unlink(output + ".sig")
@@ -2824,6 +3247,24 @@ def command_trust_reset(state_dir: str, min_revision: int) -> int:
     log(f"TRUST RESET by an operator (uid {os.getuid()}): revision floor set to {min_revision} "
         f"(was {before if before is not None else 'unknown'}); the next run fetches the pointer unconditionally")
     return 0
+
+
+def sign_rollout_lines(rollout: dict[str, str]) -> list[str]:
+    """`sign --rollout/--rollout-start/--rollout-duration/--pause` as pointer
+    lines, checked by the agent's own parser so CI cannot publish what hosts refuse."""
+    try:
+        parse_rollout(rollout)
+    except PointerError as exc:
+        raise UsageError(f"sign: {exc}".replace("pointer ", "")) from None
+    return [f"{k}: {rollout[k]}" for k in ("rollout", "rollout-start", "rollout-duration", "pause") if k in rollout]
+
+
+def sign_rollout_metadata(args: argparse.Namespace) -> dict[str, str]:
+    meta = {"rollout": args.rollout, "rollout-start": args.rollout_start,
+            "rollout-duration": args.rollout_duration, "pause": "true" if args.pause else None}
+    if meta["rollout"] is not None and not meta["rollout"].endswith("%"):
+        meta["rollout"] += "%"
+    return {k: v for k, v in meta.items() if v is not None}
 
 
 # ---------------------------------------------------------------------------
@@ -2951,6 +3392,12 @@ def build_parser() -> argparse.ArgumentParser:
     run_p.add_argument("--on-failure", metavar="CMD", help="run CMD via /bin/sh -c after a failed run")
     run_p.add_argument("--hook-timeout", type=positive, default=60.0, metavar="SECONDS",
                        help="time allowed for a hook (default: 60)")
+    # Fleet rollouts: coordinated reboots.
+    run_p.add_argument("--fleetlock-url", type=validate_fleetlock_url, metavar="URL",
+                       help="take a FleetLock reboot slot (Zincati's protocol, e.g. airlock) at this base URL "
+                            "before every reboot or kexec, release it once healthy (default: no coordination)")
+    run_p.add_argument("--fleetlock-group", type=validate_fleetlock_group, default=FLEETLOCK_DEFAULT_GROUP,
+                       metavar="NAME", help=f"FleetLock reboot group (default: {FLEETLOCK_DEFAULT_GROUP})")
 
     status_p = sub.add_parser("status", help="what the host runs and what the agent knows (no network)")
     status_p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -2973,6 +3420,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"RFC 3339 expiry time (default: {SIGN_DEFAULT_VALIDITY_DAYS} days from now)")
     sign_p.add_argument("--no-expiry", action="store_true", help="write no `not-after:` line")
     sign_p.add_argument("-o", "--output", required=True, metavar="FILE", help="pointer file (FILE.sig is written too)")
+    # Fleet rollouts: waves and the pause switch.
+    sign_p.add_argument("--rollout", metavar="PERCENT", help="only hosts in the first PERCENT of buckets deploy "
+                        "(the start of the ramp with --rollout-start)")
+    sign_p.add_argument("--rollout-start", metavar="TIME", help="RFC 3339 time the ramp to 100%% starts")
+    sign_p.add_argument("--rollout-duration", metavar="DURATION", help="ramp length, e.g. 24h, 90m, 1d12h")
+    sign_p.add_argument("--pause", action="store_true", help="write `pause: true`: no host starts this deploy")
     sign_p.add_argument("store_path", metavar="STOREPATH", nargs="?")
 
     reset_p = sub.add_parser("trust-reset", help="set the revision floor by hand (recovery from a corrupt or "
@@ -3014,6 +3467,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         trusted_keys=args.trusted_keys, signature_url=args.signature_url, hostname=args.hostname,
         token_file=args.token_file, json_field=args.json_field, on_success=args.on_success,
         on_failure=args.on_failure, hook_timeout=args.hook_timeout,
+        fleetlock_url=args.fleetlock_url, fleetlock_group=args.fleetlock_group,
     )
 
 
@@ -3052,7 +3506,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.store_path is None:
                 raise UsageError("autodeploy.py sign: the following arguments are required: STOREPATH")
             return command_sign(args.key, args.revision, args.hosts, args.all_hosts, args.not_after, args.no_expiry,
-                                args.store_path, args.output)
+                                args.store_path, args.output, rollout=sign_rollout_metadata(args))
         return command_run(config_from_args(args))
     except AutodeployError as exc:
         log(f"error: {exc}")

@@ -58,6 +58,15 @@ let
 
   opt = flag: value: optionals (value != null) [ flag (toString value) ];
 
+  # Fleet rollouts (issue #14): FleetLock reboot slots. The group is passed
+  # only with a URL, so an unused default never reaches the command line.
+  fleetlockArgs = optionals (cfg.fleetlock.url != null) [
+    "--fleetlock-url"
+    cfg.fleetlock.url
+    "--fleetlock-group"
+    cfg.fleetlock.group
+  ];
+
   # argv of the agent, every element a separate argument: escaped for systemd
   # below, never glued together with string concatenation.
   agentArgs = [
@@ -90,6 +99,7 @@ let
   ++ opt "--json-field" cfg.jsonField
   ++ opt "--on-success" cfg.onSuccess
   ++ opt "--on-failure" cfg.onFailure
+  ++ fleetlockArgs
   ++ cfg.extraArgs;
 
   # utils.escapeSystemdExecArgs JSON-quotes every argument and doubles `%` and
@@ -445,6 +455,35 @@ in
         "30"
       ];
       description = "Further arguments for the agent, appended last, each one a separate argument.";
+    };
+
+    # Fleet rollouts (issue #14): coordinated reboots with FleetLock.
+    fleetlock = {
+      url = mkOption {
+        type = types.nullOr (types.strMatching "https?://.+");
+        default = null;
+        example = "http://fleetlock.example.org:8080";
+        description = ''
+          Base URL of a FleetLock server (Zincati's reboot-slot protocol,
+          served by coreos/airlock or poseidon/fleetlock). Before every reboot
+          or kexec (`rebootMode`) the agent takes a slot with
+          `POST <url>/v1/pre-reboot`; without one it does not reboot this run
+          (state `waiting_reboot_slot`) and asks again on the next. Once the
+          new system is verified healthy it releases the slot
+          (`POST <url>/v1/steady-state`). `null` reboots without asking.
+          Passed as `--fleetlock-url`.
+        '';
+      };
+
+      group = mkOption {
+        type = types.strMatching "[a-zA-Z0-9.-]{1,64}";
+        default = "default";
+        example = "workers";
+        description = ''
+          FleetLock reboot group: hosts of one group share its slots. Passed
+          as `--fleetlock-group` (only together with `fleetlock.url`).
+        '';
+      };
     };
   };
 

@@ -1,7 +1,8 @@
 #!/bin/sh
 # The test command: sets up what the suite needs on a fresh Debian machine
-# (as root: nix-bin, prometheus for promtool, openssh-client, curl, nginx,
-# tinyproxy, openssl, pytest, PyYAML, actionlint) and runs the whole suite.  Extra arguments go to pytest.
+# (as root: nix-bin, prometheus (promtool, and the server for the fleet test),
+# prometheus-node-exporter, openssh-client, curl, nginx, tinyproxy, openssl,
+# pytest, PyYAML, actionlint) and runs the whole suite.  Extra arguments go to pytest.
 set -eu
 cd "$(dirname "$0")/.."
 
@@ -11,6 +12,8 @@ need_apt=""
 need() { command -v "$1" >/dev/null 2>&1 || [ -x "$1" ] || need_apt="$need_apt $2"; }
 need nix-store nix-bin
 need promtool prometheus
+need prometheus prometheus             # the server, for the fleet test
+need prometheus-node-exporter prometheus-node-exporter
 need ssh-keygen openssh-client
 need curl curl
 need unshare util-linux

@@ -41,6 +41,10 @@ EXPECTED_ALERTS = {
     "NixosAutodeployBootSpace",
     "NixosAutodeployMetricsGone",
     "NixosAutodeployBehindUpstream",
+    # Fleet rollouts (issue #14)
+    "NixosAutodeployWaitingRebootSlot",
+    "NixosAutodeployFleetLockFailing",
+    "NixosAutodeployRolloutPaused",
 }
 
 
@@ -89,6 +93,8 @@ def test_promtool_unit_tests_pass():
          "nixos_autodeploy_boot_free_bytes < 2 * nixos_autodeploy_boot_needed_bytes"),
         ("NixosAutodeployMetricsGone", "[1d])\n          unless", "[1d])\n          or"),
         ("NixosAutodeployBehindUpstream", "and (nixos_autodeploy_reboot_window_wait == 0)\n", "\n"),
+        # waiting for a free slot is not a lock server failure
+        ("NixosAutodeployFleetLockFailing", 'kind!="failed_lock_semaphore_full"', 'kind=~".+"'),
     ],
 )
 def test_unit_tests_catch_a_broken_rule(tmp_path, alert, old, new):

@@ -14,6 +14,7 @@ STATUS_FIELDS = {
     "dirty", "suspended", "suspend_reason", "suspended_since", "quarantined", "quarantine_reason", "last_run",
     "last_run_success", "last_success", "last_error", "reboot_required", "reboot_reason", "rollbacks_total",
     "deploys_total", "interrupted_deploy", "boot_failure", "boot_free_bytes", "history",
+    "rollout", "reboot_slot", "fleetlock_error",  # fleet rollouts (issue #14)
 }
 
 
