@@ -2149,14 +2149,18 @@ class Agent:
         """After the cycle: a reboot that waits for a slot is its own state;
         a host that runs what it deployed, verified healthy, with nothing
         staged, releases the slot it may hold (whatever else the cycle
-        decided: up to date, quarantined after a rollback, waiting for a wave)."""
+        decided: up to date, quarantined after a rollback, waiting for a wave).
+        Except after a boot failure: while the system that did not boot is
+        quarantined, the host keeps its slot, so the group stops rebooting
+        into it until upstream moves on (or --force)."""
         if self.slot_wait is not None and outcome.state == "pending_reboot":
             outcome.state = "waiting_reboot_slot"
             outcome.reason += f"; the reboot waits for a FleetLock slot ({self.slot_wait})"
         elif self.cfg.fleetlock_url is not None and outcome.error is None:
             state, host = self.state, read_host()
+            failed = state.boot_failure.get("path") if isinstance(state.boot_failure, dict) else None
             if (host.current == state.deployed and state.verified and state.intent is None
-                    and not os.path.exists(STAGED_MARKER)):
+                    and not os.path.exists(STAGED_MARKER) and (failed is None or failed != state.quarantined)):
                 self.release_reboot_slot()
         return outcome
 

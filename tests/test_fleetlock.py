@@ -268,17 +268,25 @@ def test_failed_boot_rolls_back_with_the_same_slot_then_releases_it(host, world,
     assert fleetlock.held() == [] and host.state()["reboot_slot"] is None
 
 
-def test_host_that_booted_the_previous_system_keeps_its_slot(host, world, server, fleetlock):
-    a, b = world.path("a"), world.path("b")
+def test_host_whose_staged_system_did_not_boot_keeps_its_slot(host, world, server, fleetlock):
+    a, b, c = world.path("a"), world.path("b"), world.path("c")
     assert fl_once(host, fleetlock).returncode == 0
     server.pointer(b)
     assert fl_once(host, fleetlock).returncode == 0 and reboots(host) == 1
     host.ctl("boot-default").write_text(a + "\n")  # the boot loader fell back to the previous entry
     host.reboot()
     r = fl_once(host, fleetlock)
-    assert r.returncode == 0 and state_gauge(host) == "booted_previous"
-    assert fleetlock.held() == [lock_id(host)]  # the group stops rebooting until a human looks
-    assert host.metrics()["nixos_autodeploy_reboot_slot_held"] == 1
+    assert r.returncode == 5 and state_gauge(host) == "boot_failed", r.stderr
+    for _ in range(2):  # the group stops rebooting into b while b is quarantined
+        assert fleetlock.held() == [lock_id(host)]
+        assert host.metrics()["nixos_autodeploy_reboot_slot_held"] == 1
+        r = fl_once(host, fleetlock)
+        assert r.returncode == 0 and state_gauge(host) == "quarantined", r.stderr
+    server.pointer(c)                                # upstream moves on: deployed, rebooted, verified
+    assert fl_once(host, fleetlock).returncode == 0 and reboots(host) == 2
+    host.reboot()
+    assert fl_once(host, fleetlock).returncode == 0 and host.current == c
+    assert fleetlock.held() == []
 
 
 def test_no_slot_is_taken_outside_the_reboot_window(host, world, server, fleetlock):
