@@ -495,7 +495,9 @@ def test_flood_with_a_negative_chunk_size_stays_small(host, world):
         srv.close()
     assert proc.returncode == 3, err
     assert "invalid chunk size" in err
-    assert usage.ru_maxrss < 60 * 1024, f"peak RSS {usage.ru_maxrss} KiB"
+    # The agent itself takes 15-25 MiB; the flood is sent for 10 s on loopback
+    # (gigabytes): buffering any of it would show at once.
+    assert usage.ru_maxrss < 100 * 1024, f"peak RSS {usage.ru_maxrss} KiB: {err}"
 
 
 def servers_unshare(host) -> str:
