@@ -300,6 +300,13 @@ class RawServer:
 
     def close(self) -> None:
         self.closed.set()
+        # shutdown() wakes the thread blocked in accept(); close() alone would
+        # leave the socket listening until then, and a later server of another
+        # test could be given the same port and lose connections to it.
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.sock.close()
         for conn in self.conns:
             try:
