@@ -3345,6 +3345,15 @@ other commands (see `autodeploy.py COMMAND --help`):
   sign          write a signed pointer (for CI)"""
 
 
+def add_check_options(parser: argparse.ArgumentParser, what: str) -> None:
+    """The health checks, shared by `run` and `check-boot`."""
+    parser.add_argument("--health-check", action="append", default=[], metavar="CMD", help=what)
+    parser.add_argument("--health-timeout", type=positive, default=120.0, metavar="SECONDS",
+                        help="time allowed for all health checks together (default: 120)")
+    parser.add_argument("--no-connectivity-check", action="store_true",
+                        help="do not require that the pointer URL is reachable (after activation, at boot)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="autodeploy.py", description=RUN_DESCRIPTION,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -3375,12 +3384,7 @@ def build_parser() -> argparse.ArgumentParser:
     run_p.add_argument("--interval", type=positive, default=300.0, metavar="SECONDS",
                        help="loop mode: seconds between cycles, with +-10%% jitter (default: 300)")
     run_p.add_argument("-v", "--verbose", action="store_true", help="log every command and show tracebacks")
-    run_p.add_argument("--health-check", action="append", default=[], metavar="CMD",
-                       help="after activation run CMD via /bin/sh -c; non-zero rolls back (repeatable)")
-    run_p.add_argument("--health-timeout", type=positive, default=120.0, metavar="SECONDS",
-                       help="time allowed for all health checks together (default: 120)")
-    run_p.add_argument("--no-connectivity-check", action="store_true",
-                       help="do not require that the pointer URL is still reachable after activation")
+    add_check_options(run_p, "after activation run CMD via /bin/sh -c; non-zero rolls back (repeatable)")
     run_p.add_argument("--reboot-window", type=parse_window, metavar="HH:MM-HH:MM",
                        help="reboot only inside this local-time window (may wrap midnight; default: any time)")
     run_p.add_argument("--trusted-keys", metavar="FILE",
@@ -3442,12 +3446,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "(run before boot-complete.target)")
     check_p.add_argument("--url", required=True, type=http_url,
                          help="pointer URL, fetched as the connectivity check")
-    check_p.add_argument("--health-check", action="append", default=[], metavar="CMD",
-                         help="run CMD via /bin/sh -c; non-zero fails the boot check (repeatable)")
-    check_p.add_argument("--health-timeout", type=positive, default=120.0, metavar="SECONDS",
-                         help="time allowed for one round of checks (default: 120)")
-    check_p.add_argument("--no-connectivity-check", action="store_true",
-                         help="do not require that the pointer URL is reachable")
+    add_check_options(check_p, "run CMD via /bin/sh -c; non-zero fails the boot check (repeatable)")
     check_p.add_argument("--wait", type=float, default=300.0, metavar="SECONDS",
                          help="retry failing checks for up to SECONDS (network coming up; default: 300)")
     check_p.add_argument("--timeout", type=positive, default=30.0, metavar="SECONDS", help="HTTP timeout")
