@@ -861,3 +861,55 @@ def test_flake_nixos_modules(can_eval, tmp_path):
     assert set(r["kinds"].values()) == {"set"}
     for name, units in r["units"].items():
         assert {SVC, TIMER, TRIGGER} <= set(units), name
+
+
+# --------------------------------------------------------------------------
+# package.nix as nixpkgs would take it
+
+PACKAGE_EVAL = """\
+let
+  lib = import @LIB@;
+  drv = name: extra: { type = "derivation"; inherit name; outPath = "/nix/store/x-${name}"; } // extra;
+  # python3 is the *host* platform's; pythonOnBuildForHost runs on the build platform.
+  python3 = drv "python3-host" {
+    meta.mainProgram = "python3";
+    pythonOnBuildForHost = drv "python3-build" { interpreter = "/nix/store/x-python3-build/bin/python3"; };
+    pkgs.pytestCheckHook = drv "pytest-check-hook" { };
+  };
+  p = import @REPO@/package.nix {
+    inherit lib python3;
+    stdenvNoCC = { mkDerivation = a: a; hostPlatform = lib.systems.elaborate "x86_64-linux"; };
+    makeWrapper = drv "make-wrapper" { };
+    nix = drv "nix" { };
+    systemd = drv "systemd" { };
+    kexec-tools = drv "kexec-tools" { meta.platforms = lib.platforms.linux; };
+    openssh = drv "openssh" { };
+  };
+in {
+  inherit (p) installPhase doCheck pytestFlags meta;
+  checkPhase = p.checkPhase or null;
+  nativeCheckInputs = map (d: d.name) p.nativeCheckInputs;
+  nativeBuildInputs = map (d: d.name) p.nativeBuildInputs;
+  functionArgs = builtins.attrNames (builtins.functionArgs (import @REPO@/package.nix));
+}
+"""
+
+
+def test_package_nix(can_eval, tmp_path):
+    f = tmp_path / "package-eval.nix"
+    f.write_text(PACKAGE_EVAL.replace("@LIB@", str(NIXPKGS_LIB)).replace("@REPO@", str(REPO)))
+    r = nix_eval(f)
+    # cross-compilation: bytecode by the build platform's Python, never the host's
+    assert "/nix/store/x-python3-build/bin/python3 -m compileall" in r["installPhase"]
+    assert "x-python3-host/bin/python3 -m" not in r["installPhase"]
+    assert "python3-build" in r["nativeBuildInputs"]
+    # the host's Python is what the wrapper runs
+    assert "makeWrapper /nix/store/x-python3-host/bin/python3" in r["installPhase"]
+    # unit tests through the usual check hook
+    assert r["doCheck"] is True and r["checkPhase"] is None
+    assert r["nativeCheckInputs"] == ["pytest-check-hook"]
+    assert r["pytestFlags"] == ["tests/test_unit.py"]
+    assert r["meta"]["mainProgram"] == "nixos-autodeploy"
+    assert r["meta"]["homepage"].startswith("https://")
+    # callPackage arguments are packages only (no doCheck knob)
+    assert "doCheck" not in r["functionArgs"]
