@@ -21,6 +21,7 @@ fail instead.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -913,3 +914,144 @@ def test_package_nix(can_eval, tmp_path):
     assert r["meta"]["homepage"].startswith("https://")
     # callPackage arguments are packages only (no doCheck knob)
     assert "doCheck" not in r["functionArgs"]
+
+
+# --------------------------------------------------------------------------
+# the VM test's script, run against a stand-in of the NixOS test driver
+
+VM_RENDER = """\
+let
+  lib = import @LIB@;
+  h = import @HARNESS@/default.nix { inherit lib; };
+  agent = import @REPO@/tests/vm-test-machine.nix { };
+  evalSystem = extra: (lib.evalModules {
+    modules = h.modules ++ [ @REPO@/module.nix agent.base extra ];
+  }).config;
+  fake = name: "/nix/store/${builtins.substring 0 32 (builtins.hashString "sha256" name)}-nixos-system-machine-${name}";
+  units = c: lib.mapAttrs (_: u: u.text) (lib.filterAttrs
+    (n: _: lib.hasPrefix "nixos-autodeploy" n || lib.hasPrefix "prometheus-" n) c.systemd.units);
+  base = evalSystem { };
+  variants = lib.mapAttrs (_: v: evalSystem { system.autoDeploy = v.autoDeploy; }) agent.variants;
+  # `nodes.machine` as the script sees it: the evaluated configuration, with
+  # stand-in store paths for the systems.
+  nodes.machine = base // {
+    system = base.system // { build.toplevel = fake "base"; };
+    autodeployTest.systems = lib.mapAttrs (n: _: fake n) agent.variants;
+  };
+  vm = import @REPO@/tests/vm-test.nix { pkgs = { inherit lib; }; nixosModule = { }; };
+in {
+  script = vm.testScript { inherit nodes; };
+  nodeNames = builtins.attrNames vm.nodes;
+  systems = { ${fake "base"} = { marker = "base"; units = units base; }; }
+    // lib.mapAttrs' (n: v: lib.nameValuePair (fake n) {
+      inherit (agent.variants.${n}) marker;
+      units = units v;
+    }) variants;
+}
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def _agent_parser():
+    """The agent's own command-line parser (autodeploy.build_parser)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("autodeploy_for_vm_test", REPO / "autodeploy.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+
+    def parse(argv):
+        argv = list(argv)
+        if argv and argv[0].endswith("/bin/nixos-autodeploy"):
+            argv = argv[1:]
+        if argv and argv[0] not in mod.COMMANDS:
+            argv.insert(0, "run")
+        return mod.build_parser().parse_args(argv)
+
+    return parse
+
+
+@pytest.fixture(scope="session")
+def vm_render(can_eval, tmp_path_factory):
+    f = tmp_path_factory.mktemp("vm") / "render.nix"
+    f.write_text(VM_RENDER.replace("@LIB@", str(NIXPKGS_LIB)).replace("@REPO@", str(REPO))
+                 .replace("@HARNESS@", str(HARNESS)))
+    return nix_eval(f)
+
+
+def _world(render):
+    sys.path.insert(0, str(HARNESS))
+    import driver_standin as ds
+    script = render["script"]
+    const = dict(re.findall(r'^([A-Z_]+) = "([^"]*)"$', script, re.M))
+    systems = {}
+    for path, s in render["systems"].items():
+        argv = parse_exec(value(s["units"][SVC], "Service", "ExecStart"))
+        systems[path] = ds.System(path, s["marker"], s["units"], argv)
+    world = ds.World(systems, const["BASE"], const["TOKEN"], const["TOKEN_FILE"], const["PROM"],
+                     _agent_parser(), int(re.search(r"localhost:(\d+)/metrics", script).group(1)))
+    return ds, script, world
+
+
+def test_driver_standin_has_the_real_signatures():
+    sys.path.insert(0, str(HARNESS))
+    import driver_standin as ds
+    assert ds.signature_mismatches() == []
+
+
+def test_vm_test_script_runs_against_the_driver_standin(vm_render):
+    ds, script, world = _world(vm_render)
+    assert sorted(vm_render["nodeNames"]) == ["cache", "machine"]
+    driver = ds.run_script(script, world)
+    assert len(driver.subtests) >= 12, driver.subtests
+    for name in ("tokenFile", "trustedKeys", "switchMode/rebootMode"):
+        assert any(name in s for s in driver.subtests), name
+    machine = driver.machines[1]
+    # the reboot: the module's own wiring staged BOOT_B and rebooted; the
+    # script waited for QEMU to exit and started the machine again
+    starts = [c for c in machine.calls if c[0] in ("start", "wait_for_shutdown")]
+    assert [c[0] for c in starts] == ["start", "wait_for_shutdown", "start"], starts
+    assert world.booted == world.current and world.current.endswith("-boot-b")
+
+
+@pytest.mark.parametrize("mutation,error", [
+    # what the released test did: retry's argument is timeout_seconds
+    (("timeout_seconds=120", "timeout=120"), TypeError),
+    # reconnecting after the guest's reboot without waiting for QEMU to exit
+    (("machine.wait_for_shutdown()\n    machine.start()\n",
+      "machine.connected = False\n    machine.connect()\n"), RuntimeError),
+    # a blocking start of a run that reboots the guest
+    (('machine.succeed("systemctl start --no-block nixos-autodeploy.service")',
+      'machine.succeed("systemctl start nixos-autodeploy.service")'), RuntimeError),
+    # a keyword the driver does not have
+    (('machine.wait_until_fails("systemctl is-active --quiet nixos-autodeploy.service", timeout=120)',
+      'machine.wait_until_fails("systemctl is-active --quiet nixos-autodeploy.service", timeout_seconds=120)'),
+     TypeError),
+])
+def test_driver_standin_rejects_what_the_driver_would(vm_render, mutation, error):
+    ds, script, world = _world(vm_render)
+    old, new = mutation
+    assert old in script, old
+    with pytest.raises(error):
+        ds.run_script(script.replace(old, new, 1), world)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c not in (
+    "missing-url", "empty-url", "keys-both", "json-keys", "node-has-dir-conflict",
+    "node-textfile-disabled", "disabled", "disabled-with-exporter")])
+def test_command_lines_parse_with_the_agents_parser(matrix, case):
+    """Every flag the module passes exists in the agent (its own parser)."""
+    argv = argv_of(ok(matrix[case]))
+    argv = [a.replace("%d/", "/run/credentials/nixos-autodeploy.service/") for a in argv]
+    parse = _agent_parser()
+    if case == "short-flags":
+        try:
+            args = parse(argv)
+        except BaseException as exc:  # argparse exits, the agent's Parser raises
+            pytest.xfail(f"the agent's parser does not take the original's short flags yet: {exc}")
+        assert args.force is True
+        assert str(getattr(args.switch_mode, "value", args.switch_mode)) == "boot"
+        assert str(getattr(args.reboot_mode, "value", args.reboot_mode)) == "kexec"
+        return
+    args = parse(argv)
+    assert args.url == flag_values(argv, "--url")[-1]
