@@ -361,10 +361,11 @@ in
       example = false;
       description = ''
         Whether to hook the agent's metrics into the Prometheus node
-        exporter: creates {option}`system.autoDeploy.textfileDirectory`,
-        points the exporter's textfile collector at it
-        (`--collector.textfile.directory`) and makes it the default location of
-        {option}`system.autoDeploy.prometheusFilePath`.
+        exporter: makes {option}`system.autoDeploy.textfileDirectory` the
+        default location of {option}`system.autoDeploy.prometheusFilePath`
+        and, unless the exporter already has a textfile directory (then that
+        one is used as it is), creates it and points the exporter's textfile
+        collector at it (`--collector.textfile.directory`).
       '';
     };
 
