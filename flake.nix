@@ -66,6 +66,9 @@
                 src = lib.fileset.toSource {
                   root = ./.;
                   fileset = lib.fileset.unions [
+                    # autodeploy.py: its argument parser checks every
+                    # generated command line.
+                    ./autodeploy.py
                     ./module.nix
                     ./package.nix
                     ./flake.nix
