@@ -7,7 +7,10 @@ path of the system (optionally followed by ``key: value`` lines and an
 OpenSSH signature at ``URL.sig``).  On every host this agent, one cycle at a
 time:
 
- 1. fetches the pointer (bounded size, timeout, conditional request),
+ 1. fetches the pointer with urllib (proxies from the environment, one
+    deadline for the whole fetch, bounded body, retries of transient
+    failures, a conditional request only where the validators belong to a
+    pointer checked against the current URL, keys and host name),
  2. validates it (a plain store path, never a ``.drv``; signature, revision,
     host list and expiry when ``--trusted-keys`` is given),
  3. decides, from /run/current-system, /run/booted-system, the system profile,
@@ -51,11 +54,17 @@ Exit codes:
     0  cycle completed (up to date, deployed, tracking, dirty, suspended, quarantined)
     1  unexpected internal error
     2  usage: bad option or value
-    3  fetch failed (HTTP error, timeout, connection refused, TLS)
-    4  pointer refused (not a plain store path, signature, downgrade, other host, expired)
-    5  deploy failed (realise, not a NixOS system, activation, health check); host rolled back
-    6  another run holds the lock
+    3  fetch failed (HTTP error, timeout, connection refused, TLS, Content-Encoding)
+    4  pointer refused (not a plain store path, metadata, signature, downgrade, other host, expired)
+    5  deploy failed: a deploy was attempted (realise, not a NixOS system, activation, health
+       check); host rolled back
+    6  another run holds the host lock
     7  rollback failed: the host needs a human
+    8  not a NixOS host (/run/current-system is missing)
+    9  state: corrupt or unreadable (fail closed until `trust-reset`), unsafe directory, or not saved
+
+A SIGTERM/SIGINT while the agent only waits (a fetch, a unit) ends the run at
+once, writing nothing (exit 0); otherwise the current step is finished first.
 
 Logs go to stderr, results (``status``, ``--dry-run``) to stdout.
 """
@@ -78,7 +87,10 @@ from dataclasses import dataclass, field
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import subprocess
-    from typing import Any, Final, NoReturn
+    from typing import Any, Callable, Final, NoReturn
+
+    # How a refused pointer is shown in its error (escaped, redacted, or withheld).
+    Excerpt = Callable[[bytes | str], str] | None
 
 # ---------------------------------------------------------------------------
 # Constants
@@ -98,10 +110,18 @@ UPSTREAM_GCROOT: Final = "/run/upstream-system"
 RUNTIME_DIR: Final = "/run/nixos-autodeploy"
 STAGED_MARKER: Final = RUNTIME_DIR + "/staged"
 ACTIVATING_MARKER: Final = RUNTIME_DIR + "/activating"
+# One lock per host, whatever --state-dir says: two agents must never
+# deploy at the same time.
+HOST_LOCK: Final = RUNTIME_DIR + "/lock"
 DEFAULT_STATE_DIR: Final = "/var/lib/nixos-autodeploy"
 STATE_FILE: Final = "state.json"
+FLOOR_FILE: Final = "revision-floor"
 SUSPEND_FILE: Final = "suspend.json"
-LOCK_FILE: Final = "lock"
+MAX_STATE_BYTES: Final = 4 * 1024 * 1024
+MAX_MESSAGE: Final = 1000  # an error message as stored, exported and passed to hooks
+RECOVERY_HINT: Final = ("Nothing is deployed until an operator checks the host and runs "
+                        "`autodeploy.py trust-reset --min-revision N` (N: the newest revision "
+                        "that was published, 0 without signed pointers).")
 
 ACTIVATION_UNIT: Final = "nixos-autodeploy-activation"
 # Set (via systemd-run --setenv) for our own activation, so the module's
@@ -111,8 +131,29 @@ ACTIVATION_ENV: Final = "NIXOS_AUTODEPLOY_ACTIVATION"
 NOW_ENV: Final = "NIXOS_AUTODEPLOY_NOW"
 
 SIGNATURE_NAMESPACE: Final = "nixos-autodeploy"
+SIGN_DEFAULT_VALIDITY_DAYS: Final = 30
+# Pointer metadata keys; anything else must start with `x-` (so that a
+# misspelled restriction such as `host:` is refused, not ignored).
+POINTER_KEYS: Final = ("revision", "hosts", "not-after")
+POINTER_KEY_CHARS: Final = "abcdefghijklmnopqrstuvwxyz0123456789-"
+MAX_REVISION: Final = 2**63 - 1
+
+# Fetching.
 MAX_POINTER_BYTES: Final = 64 * 1024
+MAX_SIGNATURE_BYTES: Final = 16 * 1024
+# A pointer body is kept (for 304 replays) only up to this size; a larger
+# one is always fetched whole.
+MAX_PERSISTED_POINTER: Final = 8 * 1024
+MAX_VALIDATOR: Final = 256
+MAX_HEADER_LINE: Final = 65536
+MAX_INTERIM_RESPONSES: Final = 8
 MAX_REDIRECTS: Final = 5
+BODY_READ_PIECE: Final = 16 * 1024
+FETCH_TRIES: Final = 4
+RETRY_BASE_SECONDS: Final = 1.0
+# Validators can be weak (nginx's ETag has one-second resolution): fetch
+# unconditionally at least this often.
+UNCONDITIONAL_EVERY_SECONDS: Final = 3600
 NIX_BASE32: Final = "0123456789abcdfghijklmnpqrsvwxyz"
 KEY_TYPES: Final = ("ssh-", "ecdsa-", "sk-")
 ACTIVATION_WAIT_SECONDS: Final = 600
@@ -160,6 +201,24 @@ class LockHeld(AutodeployError):
 class RollbackError(AutodeployError):
     exit_code = 7
     kind = "rollback"
+
+
+class NotNixOS(AutodeployError):
+    exit_code = 8
+    kind = "not_nixos"
+
+
+class StateError(AutodeployError):
+    """The state cannot be trusted or saved (corrupt, unsafe directory,
+    disk full): fail closed, deploy nothing."""
+
+    exit_code = 9
+    kind = "state"
+
+
+class Interrupted(BaseException):
+    """SIGTERM/SIGINT while waiting on the network or a unit: the run ends
+    now, changing nothing (raised only inside Stopping.interruptible())."""
 
 
 class ProcessError(AutodeployError):
@@ -257,13 +316,9 @@ class State:
     deployed_at: float | None = None
     upstream: str | None = None         # last upstream seen
     upstream_revision: int | None = None
-    upstream_metadata: dict[str, str] = field(default_factory=dict)
-    highest_revision: int | None = None
+    highest_revision: int | None = None  # the revision floor (also in revision-floor)
     revision_path: str | None = None
-    verified_digest: str | None = None  # sha256 of the last verified body+signature
-    signers_digest: str | None = None   # sha256 of the trusted keys that verified it
-    etag: str | None = None
-    last_modified: str | None = None
+    pointer: dict[str, Any] | None = None  # a PointerRecord: what a 304 may replay
     quarantined: str | None = None
     quarantine_reason: str | None = None
     interrupted: dict[str, int] = field(default_factory=dict)
@@ -282,9 +337,77 @@ class State:
     reboot_reason: str | None = None
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> State:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+    def from_json(cls, data: Any, where: str) -> State:
+        """Every known field must have its declared type (unknown fields, from
+        another version, are dropped); anything else is a corrupt file."""
+        if not isinstance(data, dict):
+            raise StateError(f"{where} is corrupt (not a JSON object). {RECOVERY_HINT}")
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in data:
+                continue
+            value = data[f.name]
+            if not json_matches(value, str(f.type)):
+                raise StateError(f"{where} is corrupt ({f.name} is not {f.type}). {RECOVERY_HINT}")
+            values[f.name] = value
+        if "highest_revision" in values and values["highest_revision"] is not None \
+                and not valid_revision(values["highest_revision"]):
+            raise StateError(f"{where} is corrupt (highest_revision out of range). {RECOVERY_HINT}")
+        return cls(**values)
+
+
+def json_matches(value: Any, annotation: str) -> bool:
+    """Whether a JSON value fits a field annotation such as `int | None`."""
+    kinds = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "dict": (dict,),
+             "list": (list,), "None": (type(None),), "Any": (object,)}
+    for alternative in annotation.split("|"):
+        base = alternative.strip().split("[", 1)[0]
+        types = kinds.get(base, (object,))
+        if isinstance(value, bool) and bool not in types and object not in types:
+            continue  # JSON true is not a number here
+        if isinstance(value, types):
+            return True
+    return False
+
+
+def valid_revision(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_REVISION
+
+
+@dataclass(frozen=True)
+class RevisionFloor:
+    """No signed pointer below this revision (nor another path at it)."""
+
+    revision: int | None
+    path: str | None
+
+
+@dataclass(frozen=True)
+class PointerRecord:
+    """The last pointer fetched whole, with what it was checked against.
+    A 304 replays it only when URL, signature URL, trusted keys and host
+    name are still the same: one record, so validators can never vouch
+    for a pointer that was not verified under the current keys."""
+
+    url: str                         # sha256 of the pointer URL (no credentials on disk)
+    signature_url: str | None        # sha256 of the signature URL, None without keys
+    keys: str | None                 # sha256 of the allowed signers, None without keys
+    hostname: str | None
+    body: str                        # the pointer as served (at most MAX_PERSISTED_POINTER)
+    etag: str | None
+    last_modified: str | None
+    verified: str | None             # sha256 of body + signature that verified
+    fetched_at: float                # last unconditional (200) fetch
+
+    @classmethod
+    def from_json(cls, data: Any) -> PointerRecord | None:
+        """None (fetch unconditionally) for anything that does not fit."""
+        try:
+            record = cls(**data)
+        except TypeError:
+            return None
+        ok = all(json_matches(getattr(record, f.name), str(f.type)) for f in dataclasses.fields(cls))
+        return record if ok and len(record.body) <= MAX_PERSISTED_POINTER else None
 
 
 @dataclass(frozen=True)
@@ -304,6 +427,7 @@ class Outcome:
     new_system: str | None = None
     deployed: bool = False
     error: AutodeployError | None = None
+    stopped: bool = False  # a signal ended the run; nothing was recorded
 
 
 # ---------------------------------------------------------------------------
@@ -314,7 +438,9 @@ _verbose = False
 
 
 def log(message: str) -> None:
-    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+    # printable() is the last safety net: whatever a message carries, it
+    # cannot move the cursor, forge a line or ring a bell on an operator's terminal.
+    print(f"{PROG}: {printable(message)}", file=sys.stderr, flush=True)
 
 
 def debug(message: str) -> None:
@@ -322,41 +448,107 @@ def debug(message: str) -> None:
         log(message)
 
 
+def printable(text: str) -> str:
+    """Text from outside made safe for terminals, logs, metrics labels, JSON
+    and hook variables: every non-printable character (control characters,
+    escape sequences, NUL, newlines, bidi overrides) as \\xNN or \\uNNNN."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else
+                   f"\\x{ord(c):02x}" if ord(c) < 0x100 else
+                   f"\\u{ord(c):04x}" if ord(c) < 0x10000 else f"\\U{ord(c):08x}" for c in text)
+
+
 def shorten(data: bytes | str, limit: int = 120) -> str:
     """An escaped, truncated rendering of untrusted input for error messages."""
     text = repr(data[:limit])
-    return text + (f" ... ({len(data)} bytes)" if len(data) > limit else "")
+    return printable(text) + (f" ... ({len(data)} bytes)" if len(data) > limit else "")
 
 
 def redact_url(url: str) -> str:
     """Mask credentials embedded in a URL (user:password@host)."""
     scheme, sep, rest = url.partition("://")
     if not sep:
-        return url
+        return printable(url)
     netloc, slash, tail = rest.partition("/")
     if "@" in netloc:
         netloc = "***@" + netloc.rpartition("@")[2]
-    return f"{scheme}://{netloc}{slash}{tail}"
+    return printable(f"{scheme}://{netloc}{slash}{tail}")
+
+
+# ---------------------------------------------------------------------------
+# Files root writes: nothing else opens a file for writing
+# ---------------------------------------------------------------------------
 
 
 def atomic_write(path: str, data: bytes | str, mode: int = 0o644) -> None:
-    """Write a file so that readers see the old or the new content, never half."""
+    """Write a file so that readers see the old or the new content, never
+    half.  The temporary file gets an unpredictable name and is created
+    with O_EXCL|O_NOFOLLOW, so a symlink planted in a directory others can
+    write (a shared textfile-collector directory) is never followed.  Short
+    writes are continued; any failure (ENOSPC) removes the temporary file,
+    keeps the old one and raises OSError."""
     if isinstance(data, str):
         data = data.encode()
     directory = os.path.dirname(path) or "."
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.urandom(8).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
     try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-    dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fchmod(fd, mode)  # whatever the umask
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def check_private_dir(path: str, *, create: bool = False, mode: int = 0o700) -> None:
+    """Like sshd's StrictModes: the directory and every directory above it
+    are owned by root (or by us) and not writable by group or others
+    (unless sticky, like /tmp), and none of them is a symlink planted by
+    someone else.  Created with `mode` when missing and `create`."""
+    import stat
+    if create and not os.path.lexists(path):
+        os.makedirs(path, mode=mode, exist_ok=True)
+    me = os.geteuid()
+    current = os.path.abspath(path)
+    first = True
+    while True:
+        try:
+            st = os.lstat(current)
+        except OSError as exc:
+            raise StateError(f"cannot use {path}: {current}: {exc.strerror}") from None
+        if stat.S_ISLNK(st.st_mode):
+            if st.st_uid not in (0, me):
+                raise StateError(f"refusing {path}: {current} is a symlink owned by uid {st.st_uid}")
+            check_private_dir(os.path.realpath(current))
+        elif not stat.S_ISDIR(st.st_mode):
+            raise StateError(f"refusing {path}: {current} is not a directory")
+        elif st.st_uid not in (0, me):
+            raise StateError(f"refusing {path}: {current} is owned by uid {st.st_uid}, not root "
+                             f"(fix: chown root: {current})")
+        elif st.st_mode & 0o022 and (first or not st.st_mode & stat.S_ISVTX):
+            raise StateError(f"refusing {path}: {current} is writable by group or others "
+                             f"(mode {stat.S_IMODE(st.st_mode):o}; fix: chmod go-w {current})")
+        parent = os.path.dirname(current)
+        if parent == current:
+            return
+        current, first = parent, False
 
 
 def store_path_of(link: str) -> str | None:
@@ -475,213 +667,319 @@ def shell(command: str, *, timeout: float, env: dict[str, str] | None = None) ->
 
 
 # ---------------------------------------------------------------------------
-# Pointer: fetching
+# Pointer: fetching (urllib, one opener, one deadline per fetch)
 # ---------------------------------------------------------------------------
+
+
+class Deadline:
+    """One time budget for a whole fetch: connection, redirects, headers,
+    body and retries.  Inside ``guard()`` a SIGALRM timer interrupts even a
+    server that trickles a byte a second (a socket timeout alone bounds each
+    read, not the request)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.end = time.monotonic() + seconds
+
+    def remaining(self) -> float:
+        return self.end - time.monotonic()
+
+    def guard(self) -> Any:
+        import contextlib
+
+        @contextlib.contextmanager
+        def armed() -> Any:
+            remaining = self.remaining()
+            if remaining <= 0:
+                raise _TimeUp()
+            try:
+                previous = signal.signal(signal.SIGALRM, _on_alarm)
+            except ValueError:  # not the main thread: per-read socket timeouts only
+                yield
+                return
+            signal.setitimer(signal.ITIMER_REAL, remaining)
+            try:
+                yield
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, previous)
+        return armed()
+
+
+class _TimeUp(BaseException):
+    """Raised by the alarm; a BaseException so that no library code that
+    catches Exception (or OSError) can swallow it."""
+
+
+def _on_alarm(_signum: int, _frame: Any) -> None:
+    raise _TimeUp()
 
 
 @dataclass(frozen=True)
 class Response:
-    status: int
+    status: int                      # 200..299, or 304
     body: bytes
     etag: str | None = None
     last_modified: str | None = None
+    foreign: bool = False            # served by a redirect target on another origin
 
 
-class HttpClient:
-    """A small HTTP/1.1 GET client on a plain socket: bounded headers and body,
-    Content-Length, chunked or close-delimited bodies, redirects, and a
-    kept-alive connection reused across polls in loop mode.
+def origin_of(url: str) -> tuple[str, str, int | None]:
+    from urllib.parse import urlsplit
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return parts.scheme, (parts.hostname or "").lower(), port
 
-    Why not urllib or http.client: they import the email package and ssl at
-    start-up (about 15 ms and 8 MB for every poll of a `--once` run).  Here
-    ssl is imported only for https:// URLs."""
 
-    def __init__(self, timeout: float, token: str | None = None) -> None:
-        self.timeout = timeout
+class Fetcher:
+    """GETs with urllib: proxies from the environment (http_proxy,
+    https_proxy, no_proxy), at most MAX_REDIRECTS redirects, never https ->
+    http, only http and https, credentials (bearer token, URL user:password)
+    only to the first URL's scheme, host and port.  Bodies are read in
+    bounded pieces; interim 1xx answers are skipped; a chunk size that is
+    not plain hex is an error.  Transient failures are retried within the
+    deadline.  Every string that came from a server passes clean(): escaped
+    and with the credentials redacted.  urllib keeps no connection alive,
+    so nothing is left open between polls."""
+
+    def __init__(self, token: str | None = None) -> None:
         self.token = token
-        self._conns: dict[tuple[str, str, int], _Connection] = {}
+        self._opener: Any = None
+        self._secrets: list[str] = [token] if token else []
 
-    def close(self) -> None:
-        for conn in self._conns.values():
-            conn.close()
-        self._conns.clear()
+    # -- text that came from outside --------------------------------------
 
-    def get(self, url: str, headers: dict[str, str] | None = None) -> Response:
-        from urllib.parse import urljoin, urlsplit
+    def clean(self, text: str) -> str:
+        """Printable, with every credential we hold masked (also when a
+        server echoes it back)."""
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        text = printable(text)
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def _error(self, message: str, transient: bool = False) -> FetchError:
+        err = FetchError(self.clean(message))
+        err.transient = transient  # type: ignore[attr-defined]
+        return err
+
+    # -- the opener ----------------------------------------------------------
+
+    def _build_opener(self) -> Any:
+        import http.client
+        import urllib.request
+        fetcher = self
+
+        class StrictResponse(http.client.HTTPResponse):
+            """Skips interim 1xx answers (103 Early Hints, 102) the way
+            http.client already skips 100, and reads a chunk size only when
+            it is plain hex (no sign, no 0x)."""
+
+            def _read_status(self) -> Any:  # type: ignore[override]
+                for _ in range(MAX_INTERIM_RESPONSES):
+                    version, status, reason = super()._read_status()  # type: ignore[misc]
+                    if 100 < status < 200 and status != 101:
+                        http.client.parse_headers(self.fp)
+                        continue
+                    return version, status, reason
+                raise http.client.HTTPException("too many interim (1xx) responses")
+
+            def _read_next_chunk_size(self) -> int:
+                line = self.fp.readline(MAX_HEADER_LINE + 1)
+                if len(line) > MAX_HEADER_LINE:
+                    raise http.client.LineTooLong("chunk size")
+                size = line.split(b";", 1)[0].strip()
+                if not size or len(size) > 16 or size.strip(b"0123456789abcdefABCDEF"):
+                    self._close_conn()  # type: ignore[attr-defined]
+                    raise http.client.HTTPException(f"invalid chunk size {shorten(size, 20)}")
+                return int(size, 16)
+
+        class HTTPConnection(http.client.HTTPConnection):
+            response_class = StrictResponse
+
+        class HTTPHandler(urllib.request.HTTPHandler):
+            def http_open(self, req: Any) -> Any:
+                return self.do_open(HTTPConnection, req)
+
+        class HTTPSHandler(urllib.request.HTTPSHandler):
+            def https_open(self, req: Any) -> Any:
+                import ssl
+
+                class HTTPSConnection(http.client.HTTPSConnection):
+                    response_class = StrictResponse
+                return self.do_open(HTTPSConnection, req, context=ssl.create_default_context())
+
+        class Redirects(urllib.request.HTTPRedirectHandler):
+            max_redirections = MAX_REDIRECTS
+
+            def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any,
+                                 newurl: str) -> Any:
+                # urllib would read the redirect's body whole, unbounded: we never need it.
+                fp.close()
+                from urllib.parse import urljoin, urlsplit
+                target = urljoin(req.full_url, newurl)
+                scheme = urlsplit(target).scheme
+                if scheme not in ("http", "https"):
+                    raise fetcher._error(f"redirected to an unsupported scheme {scheme!r}: only http:// and "
+                                         "https:// are fetched")
+                if urlsplit(req.full_url).scheme == "https" and scheme == "http":
+                    raise fetcher._error("refused a redirect from https:// to plain http://")
+                new = super().redirect_request(req, fp, code, msg, headers, newurl)
+                if new is not None:
+                    new.first_origin = req.first_origin
+                    new.credentials = req.credentials
+                    if req.credentials and origin_of(new.full_url) == req.first_origin:
+                        new.add_unredirected_header("Authorization", req.credentials)
+                    debug(f"redirected ({code}) to {fetcher.clean(target)}")
+                return new
+
+        handlers = [urllib.request.ProxyHandler(), HTTPHandler(), HTTPSHandler(), Redirects(),
+                    urllib.request.HTTPDefaultErrorHandler(), urllib.request.HTTPErrorProcessor(),
+                    urllib.request.UnknownHandler()]
+        opener = urllib.request.OpenerDirector()
+        for handler in handlers:
+            opener.add_handler(handler)
+        return opener
+
+    # -- one GET -------------------------------------------------------------
+
+    def get(self, url: str, headers: dict[str, str] | None = None, *, timeout: float,
+            limit: int = MAX_POINTER_BYTES, interruptible: bool = True) -> Response:
+        """GET `url` within `timeout` seconds in all (tries included).  A
+        SIGTERM ends an interruptible fetch at once (Interrupted)."""
+        import contextlib
+        deadline = Deadline(timeout)
         shown = redact_url(url)
-        origin = urlsplit(url)[:2]
-        for _ in range(MAX_REDIRECTS + 1):
-            parts = urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise FetchError(f"unsupported URL {shown!r}: only http:// and https:// are fetched")
+        tries = FETCH_TRIES
+        for attempt in range(1, tries + 1):
             try:
-                port = parts.port or (443 if parts.scheme == "https" else 80)
-            except ValueError:
-                raise FetchError(f"invalid port in URL {shown!r}") from None
-            host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-            send = {"Host": host if parts.port is None else f"{host}:{port}", "User-Agent": USER_AGENT,
-                    "Accept-Encoding": "identity"}
-            send.update(headers or {})
-            # Like curl: credentials go to the origin only, never to another
-            # host (or scheme) a redirect points at.
-            if self.token is not None and parts[:2] == origin:
-                send["Authorization"] = f"Bearer {self.token}"
-            if parts.username is not None:
-                import base64
-                from urllib.parse import unquote
-                raw = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
-                send["Authorization"] = "Basic " + base64.b64encode(raw.encode()).decode()
-            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-            status, body, rheaders = self._request(parts.scheme, parts.hostname, port, target, send, shown)
-            if status in (301, 302, 303, 307, 308) and rheaders.get("location"):
-                url = urljoin(url, rheaders["location"])
-                shown = redact_url(url)
-                debug(f"redirected to {shown}")
-                continue
+                with deadline.guard(), Stopping.interruptible() if interruptible else contextlib.nullcontext():
+                    return self._get_once(url, headers or {}, deadline, limit, shown)
+            except _TimeUp:
+                raise self._error(f"GET {shown}: timed out after {timeout:g}s", transient=True) from None
+            except FetchError as exc:
+                pause = min(RETRY_BASE_SECONDS * 2 ** (attempt - 1), deadline.remaining() - 0.5)
+                if not getattr(exc, "transient", False) or attempt == tries or pause <= 0:
+                    raise
+                log(f"{exc} (try {attempt} of {tries}; retrying in {pause:.1f}s)")
+                with Stopping.interruptible() if interruptible else contextlib.nullcontext():
+                    time.sleep(pause)
+        raise AssertionError("unreachable")
+
+    def _get_once(self, url: str, headers: dict[str, str], deadline: Deadline, limit: int,
+                  shown: str) -> Response:
+        import http.client
+        import urllib.error
+        import urllib.request
+        from urllib.parse import urlsplit, urlunsplit
+        if self._opener is None:
+            self._opener = self._build_opener()
+        parts = urlsplit(url)
+        send = {"User-Agent": USER_AGENT, "Accept-Encoding": "identity", **headers}
+        credentials = None
+        if parts.username is not None:
+            import base64
+            from urllib.parse import unquote
+            raw = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+            credentials = "Basic " + base64.b64encode(raw.encode()).decode()
+            self._secrets = list(dict.fromkeys(s for s in (*self._secrets, parts.password, credentials) if s))
+            netloc = parts.netloc.rpartition("@")[2]
+            url = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+        elif self.token:
+            credentials = f"Bearer {self.token}"
+        request = urllib.request.Request(url, headers=send)
+        request.first_origin = origin_of(url)
+        request.credentials = credentials
+        if credentials:
+            request.add_unredirected_header("Authorization", credentials)
+        # Each socket operation may take half of what is left, so that one
+        # silently dropped connection still leaves time for a retry; the
+        # alarm bounds the whole.
+        per_read = max(0.5, deadline.remaining() / 2)
+        try:
+            response = self._opener.open(request, timeout=per_read)
+        except urllib.error.HTTPError as exc:
+            status = exc.code
+            exc.close()  # its body is never read: it may echo secrets or hold anything
             if status == 304:
-                return Response(304, b"", rheaders.get("etag"), rheaders.get("last-modified"))
-            if not 200 <= status < 300:
-                snippet = f": {shorten(body, 80)}" if body else ""
-                raise FetchError(f"GET {shown} answered HTTP {status}{snippet}")
-            return Response(status, body, rheaders.get("etag"), rheaders.get("last-modified"))
-        raise FetchError(f"GET {shown}: more than {MAX_REDIRECTS} redirects")
-
-    def _request(self, scheme: str, hostname: str, port: int, target: str, headers: dict[str, str],
-                 shown: str) -> tuple[int, bytes, dict[str, str]]:
-        key = (scheme, hostname, port)
-        request = f"GET {target} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
-        for attempt in (1, 2):
-            conn = self._conns.pop(key, None)
-            reused = conn is not None
+                return Response(304, b"", *self._validators(exc.headers))
+            if "redirect error that would lead to an infinite loop" in str(exc.msg):
+                raise self._error(f"GET {shown}: more than {MAX_REDIRECTS} redirects (or a loop)") from None
+            if status in (301, 302, 303, 307, 308):
+                raise self._error(f"GET {shown} answered HTTP {status} with no usable Location (only http:// "
+                                  "and https:// redirects are followed)") from None
+            raise self._error(f"GET {shown} answered HTTP {status}", transient=status in (502, 503, 504)) from None
+        except urllib.error.URLError as exc:
+            raise self._error(f"GET {shown}: {describe_network_error(exc.reason)}",
+                              transient=_transient(exc.reason)) from None
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            raise self._error(f"GET {shown}: {describe_network_error(exc)}", transient=_transient(exc)) from None
+        with response:
             try:
-                if conn is None:
-                    conn = _Connection(scheme, hostname, port, self.timeout)
-                conn.send(request.encode("latin-1"))
-                status, rheaders, body, keep = conn.read_response(shown)
-            except FetchError:
-                if conn is not None:
-                    conn.close()
-                raise
-            except (_Closed, ConnectionResetError, BrokenPipeError) as exc:
-                if conn is not None:
-                    conn.close()
-                if reused and attempt == 1:
-                    continue  # the server closed our kept-alive connection: retry once
-                raise FetchError(f"GET {shown}: {describe_network_error(exc)}") from None
-            except (OSError, ValueError, UnicodeError) as exc:
-                if conn is not None:
-                    conn.close()
-                raise FetchError(f"GET {shown}: {describe_network_error(exc)}") from None
-            if keep:
-                self._conns[key] = conn
-            else:
-                conn.close()
-            return status, body, rheaders
-        raise FetchError(f"GET {shown}: connection closed")
+                foreign = origin_of(response.geturl()) != request.first_origin
+                encoding = (response.headers.get("Content-Encoding") or "identity").strip().lower()
+                if encoding != "identity":
+                    raise self._error(f"GET {shown}: the server sent the body with Content-Encoding "
+                                      f"{encoding[:40]!r}; only identity is accepted (configure the server "
+                                      "not to compress the pointer)")
+                body = bytearray()
+                while len(body) <= limit:
+                    piece = response.read(min(BODY_READ_PIECE, limit + 1 - len(body)))
+                    if not piece:
+                        break
+                    body += piece
+                if len(body) > limit:
+                    raise self._error(f"GET {shown}: body exceeds the {limit}-byte limit")
+                missing = getattr(response, "length", None)  # what Content-Length promised and never came
+                if missing:
+                    raise self._error(f"GET {shown}: connection closed {missing} bytes before the end of the "
+                                      "body (IncompleteRead)", transient=True)
+            except (OSError, http.client.HTTPException, ValueError) as exc:
+                raise self._error(f"GET {shown}: {describe_network_error(exc)}",
+                                  transient=_transient(exc)) from None
+            return Response(response.status, bytes(body), *self._validators(response.headers), foreign=foreign)
+
+    def _validators(self, headers: Any) -> tuple[str | None, str | None]:
+        """ETag and Last-Modified, only when they are safe to send back."""
+        def safe(value: str | None) -> str | None:
+            if value is None or len(value) > MAX_VALIDATOR or not value.isascii() or not value.isprintable():
+                return None
+            return value
+        return safe(headers.get("ETag")), safe(headers.get("Last-Modified"))
 
 
-class _Closed(Exception):
-    def __str__(self) -> str:
-        return "connection closed by the server"
-
-
-class _Connection:
-    MAX_HEADER_LINES: Final = 100
-
-    def __init__(self, scheme: str, hostname: str, port: int, timeout: float) -> None:
-        import socket
-        sock = socket.create_connection((hostname, port), timeout=timeout)
-        if scheme == "https":
-            import ssl
-            try:
-                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=hostname)
-            except BaseException:
-                sock.close()
-                raise
-        self.sock = sock
-        self.rfile = sock.makefile("rb")
-
-    def close(self) -> None:
-        self.rfile.close()
-        self.sock.close()
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def _line(self) -> bytes:
-        line = self.rfile.readline(MAX_POINTER_BYTES + 1)
-        if len(line) > MAX_POINTER_BYTES:
-            raise ValueError("response line too long")
-        return line
-
-    def read_response(self, shown: str) -> tuple[int, dict[str, str], bytes, bool]:
-        line = self._line()
-        if not line:
-            raise _Closed()
-        version, _, rest = line.decode("latin-1").rstrip("\r\n").partition(" ")
-        code = rest[:3]
-        if not version.startswith("HTTP/1.") or not code.isdigit():
-            raise FetchError(f"GET {shown}: not an HTTP response: {shorten(line, 60)}")
-        status = int(code)
-        headers: dict[str, str] = {}
-        for _ in range(self.MAX_HEADER_LINES):
-            line = self._line()
-            if line in (b"\r\n", b"\n", b""):
-                break
-            name, sep, value = line.decode("latin-1").partition(":")
-            if sep:
-                headers[name.strip().lower()] = value.strip()
-        else:
-            raise FetchError(f"GET {shown}: too many response headers")
-        keep = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
-        too_big = FetchError(f"GET {shown}: body exceeds the {MAX_POINTER_BYTES}-byte limit for a pointer")
-        if status in (204, 304) or 100 <= status < 200:
-            return status, headers, b"", keep
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            body = b""
-            while True:
-                size_line = self._line().split(b";")[0].strip()
-                size = int(size_line, 16)
-                if size == 0:
-                    while self._line() not in (b"\r\n", b"\n", b""):
-                        pass  # trailers
-                    return status, headers, body, keep
-                if len(body) + size > MAX_POINTER_BYTES:
-                    raise too_big
-                chunk = self.rfile.read(size)
-                if len(chunk) < size:
-                    raise _Closed()
-                body += chunk
-                self._line()
-        length = headers.get("content-length")
-        if length is not None:
-            if not length.isdigit():
-                raise FetchError(f"GET {shown}: invalid Content-Length {shorten(length, 40)}")
-            if int(length) > MAX_POINTER_BYTES:
-                raise FetchError(f"GET {shown}: body of {length} bytes exceeds the "
-                                 f"{MAX_POINTER_BYTES}-byte limit for a pointer")
-            body = self.rfile.read(int(length))
-            if len(body) < int(length):
-                raise FetchError(f"GET {shown}: connection closed after {len(body)} of {length} bytes")
-            return status, headers, body, keep
-        body = self.rfile.read(MAX_POINTER_BYTES + 1)  # delimited by the end of the connection
-        if len(body) > MAX_POINTER_BYTES:
-            raise too_big
-        return status, headers, body, False
-
-
-def describe_network_error(exc: BaseException) -> str:
+def _transient(exc: BaseException) -> bool:
+    """Worth another try: the network, not the answer, failed."""
+    import http.client
     import socket
+    return isinstance(exc, (ConnectionError, socket.timeout, TimeoutError, http.client.RemoteDisconnected,
+                            http.client.IncompleteRead)) and not _is_tls_error(exc)
+
+
+def _is_tls_error(exc: BaseException) -> bool:
+    name = type(exc).__name__
+    return "SSL" in name or "Certificate" in name
+
+
+def describe_network_error(exc: BaseException | str) -> str:
+    import http.client
+    import socket
+    if isinstance(exc, str):
+        return exc
     if isinstance(exc, (socket.timeout, TimeoutError)):
         return "timed out"
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused"
-    name = type(exc).__name__
-    if "SSL" in name or "Certificate" in name:
+    if isinstance(exc, http.client.RemoteDisconnected):
+        return "the server closed the connection without answering"
+    if isinstance(exc, ConnectionResetError):
+        return "connection reset by the server"
+    if _is_tls_error(exc):
         return f"TLS error: {exc}"
     if isinstance(exc, socket.gaierror):
         return f"cannot resolve host: {exc.strerror}"
-    return f"{name}: {exc}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 # ---------------------------------------------------------------------------
@@ -689,62 +987,73 @@ def describe_network_error(exc: BaseException) -> str:
 # ---------------------------------------------------------------------------
 
 
-def validate_store_path(path: str, received: bytes | str) -> str:
+def validate_store_path(path: str, received: bytes | str, show: Excerpt = None) -> str:
     """A plain top-level store path: /nix/store/<32 nix-base32>-<name>, never a .drv."""
+    show = show or shorten
     prefix = STORE_DIR + "/"
     if not path.startswith(prefix):
-        raise PointerError(f"pointer is not a store path under {STORE_DIR}: got {shorten(received)}")
+        raise PointerError(f"pointer is not a store path under {STORE_DIR}: got {show(received)}")
     base = path[len(prefix):]
     digest, dash, name = base[:32], base[32:33], base[33:]
     if len(digest) != 32 or any(c not in NIX_BASE32 for c in digest) or dash != "-":
-        raise PointerError(f"pointer has no valid store hash: got {shorten(received)}")
+        raise PointerError(f"pointer has no valid store hash: got {show(received)}")
     allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+-._?=")
     if not name or len(name) > 211 or name.startswith(".") or any(c not in allowed for c in name):
-        raise PointerError(f"pointer has an invalid store path name: got {shorten(received)}")
+        raise PointerError(f"pointer has an invalid store path name: got {show(received)}")
     if name.endswith(".drv"):
-        raise PointerError(f"pointer names a derivation (.drv); this agent never builds: got {shorten(received)}")
+        raise PointerError(f"pointer names a derivation (.drv); this agent never builds: got {show(received)}")
     return path
 
 
-def parse_pointer(body: bytes, json_field: str | None = None) -> Pointer:
-    """The first non-empty line is the store path; later lines are `key: value`."""
+def parse_pointer(body: bytes, json_field: str | None = None, show: Excerpt = None) -> Pointer:
+    """The first non-empty line is the store path; later lines are `key: value`
+    with keys from POINTER_KEYS (or `x-` annotations), each at most once.
+    `show` renders the refused input for the error (escaped, redacted)."""
+    show = show or shorten
     if b"\0" in body:
-        raise PointerError(f"pointer contains NUL bytes: got {shorten(body)}")
+        raise PointerError(f"pointer contains NUL bytes: got {show(body)}")
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
-        raise PointerError(f"pointer is not UTF-8: got {shorten(body)}") from None
+        raise PointerError(f"pointer is not UTF-8: got {show(body)}") from None
     if json_field:
         try:
             value: Any = json.loads(text)
         except ValueError:
-            raise PointerError(f"pointer is not JSON: got {shorten(body)}") from None
+            raise PointerError(f"pointer is not JSON: got {show(body)}") from None
         for key in json_field.split("."):
             if not isinstance(value, dict) or key not in value:
-                raise PointerError(f"JSON pointer has no field {json_field!r}: got {shorten(body)}")
+                raise PointerError(f"JSON pointer has no field {json_field!r}: got {show(body)}")
             value = value[key]
         if not isinstance(value, str):
-            raise PointerError(f"JSON field {json_field!r} is not a string: got {shorten(repr(value))}")
-        return Pointer(validate_store_path(value, value), {})
+            raise PointerError(f"JSON field {json_field!r} is not a string: got {show(repr(value))}")
+        return Pointer(validate_store_path(value, value, show), {})
     lines = [line.strip() for line in text.splitlines()]
     lines = [line for line in lines if line]
     if not lines:
-        raise PointerError(f"pointer is empty: got {shorten(body)}")
-    path = validate_store_path(lines[0], lines[0])
+        raise PointerError(f"pointer is empty: got {show(body)}")
+    path = validate_store_path(lines[0], lines[0], show)
     metadata: dict[str, str] = {}
     for line in lines[1:]:
         key, sep, value = line.partition(":")
-        key = key.strip()
-        if not sep or not key or not all(c.isalnum() or c in "-_" for c in key):
-            raise PointerError(f"pointer line is not `key: value`: got {shorten(line)}")
-        metadata[key.lower()] = value.strip()
+        key, value = key.strip(), value.strip()
+        if not sep or not key or key.strip(POINTER_KEY_CHARS) or not key[0].isalpha():
+            raise PointerError(f"pointer line is not `key: value` (keys are lower-case ASCII): got {show(line)}")
+        if key not in POINTER_KEYS and not key.startswith("x-"):
+            raise PointerError(f"pointer has an unknown key {key!r} (known: {', '.join(POINTER_KEYS)}; "
+                               "free-form annotations start with `x-`)")
+        if key in metadata:
+            raise PointerError(f"pointer has the key {key!r} twice")
+        if not value.isprintable():
+            raise PointerError(f"pointer value of {key!r} has control characters: got {show(value)}")
+        metadata[key] = value
     revision = None
     if "revision" in metadata:
-        try:
-            revision = int(metadata["revision"])
-        except ValueError:
-            raise PointerError(f"pointer revision is not an integer: got {shorten(metadata['revision'])}",
-                               "revision") from None
+        text = metadata["revision"]
+        if not text.isascii() or not text.isdigit() or int(text) > MAX_REVISION:
+            raise PointerError(f"pointer revision is not a whole number from 0 to {MAX_REVISION}: "
+                               f"got {show(text)}", "revision")
+        revision = int(text)
     return Pointer(path, metadata, revision)
 
 
@@ -754,20 +1063,34 @@ def parse_pointer(body: bytes, json_field: str | None = None) -> Pointer:
 
 
 def allowed_signers(trusted_keys_file: str) -> str:
-    """An allowed-signers document: the file itself, or one made from a file of
-    plain public keys (all given the principal `nixos-autodeploy`)."""
+    """An allowed-signers document from a file that holds, one per line,
+    plain public keys (`ssh-ed25519 AAAA... comment`: given the principal and
+    namespace `nixos-autodeploy`) or allowed-signers lines (`principals
+    [options] keytype key`: ssh-keygen honours their namespaces=,
+    valid-after=, valid-before= and cert-authority options).  A line that
+    starts with options (authorized_keys style) is refused: ssh-keygen would
+    read the options as a principal name and drop the restriction."""
     try:
         with open(trusted_keys_file) as f:
             text = f.read()
     except OSError as exc:
         raise UsageError(f"cannot read --trusted-keys {trusted_keys_file}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"--trusted-keys {trusted_keys_file} is not UTF-8 text") from None
     out = []
-    for line in text.splitlines():
+    for number, line in enumerate(text.splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        if line.startswith(KEY_TYPES):
+        where = f"--trusted-keys {trusted_keys_file} line {number}"
+        first = line.split(None, 1)[0]
+        if first.startswith(KEY_TYPES):
             out.append(f'{SIGNATURE_NAMESPACE} namespaces="{SIGNATURE_NAMESPACE}" {line}')
+        elif "=" in first or '"' in first or first in ("cert-authority", "no-touch-required"):
+            raise UsageError(f"{where} starts with options ({shorten(first, 40)}); write an allowed-signers "
+                             "line `PRINCIPALS [OPTIONS] KEYTYPE KEY` or a plain public key")
+        elif not any(word.startswith(KEY_TYPES) for word in line.split()[1:]):
+            raise UsageError(f"{where} holds no public key")
         else:
             out.append(line)
     if not out:
@@ -798,24 +1121,29 @@ def verify_signature(body: bytes, signature: bytes, signers: str, workdir: str) 
         return principal
 
 
-def check_trust(pointer: Pointer, state: State, cfg: Config) -> None:
-    """Rules for signed pointers: revision never goes down, one path per
-    revision, this host is listed, not expired."""
+def check_trust(pointer: Pointer, floor: RevisionFloor, cfg: Config) -> None:
+    """Rules for signed pointers, checked on every fetch and on every 304
+    replay: a revision, never below the floor, one path per revision; a
+    `hosts:` line that names this host (or is `*`); not expired."""
     meta = pointer.metadata
     if pointer.revision is None:
         raise PointerError("signed pointer has no `revision:` line", "revision")
-    if state.highest_revision is not None:
-        if pointer.revision < state.highest_revision:
+    if floor.revision is not None:
+        if pointer.revision < floor.revision:
             raise PointerError(f"pointer revision {pointer.revision} is lower than revision "
-                               f"{state.highest_revision} already accepted (downgrade refused)", "revision")
-        if pointer.revision == state.highest_revision and state.revision_path not in (None, pointer.path):
+                               f"{floor.revision} already accepted (downgrade refused)", "revision")
+        if pointer.revision == floor.revision and floor.path not in (None, pointer.path):
             raise PointerError(f"pointer revision {pointer.revision} names {pointer.path}, but that "
-                               f"revision was accepted as {state.revision_path}", "revision")
-    if "hosts" in meta:
-        hosts = meta["hosts"].replace(",", " ").split()
-        me = cfg.hostname or local_hostname()
-        if me not in hosts:
-            raise PointerError(f"pointer is for hosts {' '.join(hosts)}, not for {me}", "host")
+                               f"revision was accepted as {floor.path}", "revision")
+    if "hosts" not in meta:
+        raise PointerError("signed pointer has no `hosts:` line; a pointer for every host says `hosts: *` "
+                           "(without it, one host's signed pointer could be served to another)", "host")
+    hosts = meta["hosts"].replace(",", " ").split()
+    me = cfg.hostname or local_hostname()
+    if hosts != ["*"] and me not in hosts:
+        listed = " ".join(hosts)
+        raise PointerError(f"pointer is for hosts {listed[:200]}{'...' if len(listed) > 200 else ''}, "
+                           f"not for {me}", "host")
     check_expiry(pointer)
 
 
@@ -851,32 +1179,86 @@ def local_hostname() -> str:
 
 
 class StateStore:
+    """state.json (0600), the revision floor (kept in state.json and mirrored
+    in `revision-floor`, so that deleting or editing one does not lower it)
+    and the suspend file, in a root-owned directory nobody else can write."""
+
     def __init__(self, state_dir: str) -> None:
         self.dir = state_dir
         self.path = os.path.join(state_dir, STATE_FILE)
+        self.floor_path = os.path.join(state_dir, FLOOR_FILE)
         self.suspend_path = os.path.join(state_dir, SUSPEND_FILE)
 
     def ensure_dir(self) -> None:
-        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        check_private_dir(self.dir, create=True)
+
+    def _read_json(self, path: str) -> Any:
+        """The parsed file, None when missing; StateError when unreadable."""
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(MAX_STATE_BYTES + 1)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StateError(f"cannot read {path}: {exc.strerror}. {RECOVERY_HINT}") from None
+        try:
+            if len(raw) > MAX_STATE_BYTES:
+                raise ValueError(f"larger than {MAX_STATE_BYTES} bytes")
+            return json.loads(raw)
+        except ValueError as exc:
+            raise StateError(f"{path} is corrupt ({printable(str(exc))[:120]}). {RECOVERY_HINT}") from None
 
     def load(self) -> State:
-        try:
-            with open(self.path) as f:
-                data = json.load(f)
-        except FileNotFoundError:
-            return State()
-        except (OSError, ValueError) as exc:
-            raise AutodeployError(f"cannot read state file {self.path}: {exc}") from None
-        return State.from_json(data)
+        """The state, or a fresh one when there is none.  A corrupt or
+        unreadable file fails closed: it may have held the revision floor."""
+        data = self._read_json(self.path)
+        if data is None:
+            state = State()
+        else:
+            state = State.from_json(data, self.path)
+        floor = self._read_json(self.floor_path)
+        if floor is not None:
+            revision, path = (floor.get("revision"), floor.get("path")) if isinstance(floor, dict) else (None, None)
+            if not valid_revision(revision) or not (path is None or isinstance(path, str)):
+                raise StateError(f"{self.floor_path} is corrupt. {RECOVERY_HINT}")
+            if state.highest_revision is None or revision > state.highest_revision:
+                state.highest_revision, state.revision_path = revision, path
+        return state
 
     def save(self, state: State) -> None:
         self.ensure_dir()
         atomic_write(self.path, json.dumps(dataclasses.asdict(state), indent=1, sort_keys=True) + "\n", 0o600)
+        floor = {"revision": state.highest_revision, "path": state.revision_path}
+        if state.highest_revision is not None and self._read_json(self.floor_path) != floor:
+            atomic_write(self.floor_path, json.dumps(floor) + "\n", 0o600)
+
+    def reset_trust(self, min_revision: int) -> State:
+        """The operator's recovery: a floor set by hand; a corrupt state file
+        is kept aside for inspection and replaced by a fresh one."""
+        self.ensure_dir()
+        try:
+            state = self.load()
+        except StateError as exc:
+            aside = f"{self.path}.corrupt-{int(time.time())}"
+            if os.path.lexists(self.path):
+                os.rename(self.path, aside)
+                log(f"{exc}: moved aside to {aside}; starting from a fresh record")
+            try:
+                os.unlink(self.floor_path)
+            except FileNotFoundError:
+                pass
+            state = State()
+        state.highest_revision, state.revision_path = min_revision, None
+        state.pointer = None  # nothing verified under the old floor may be replayed
+        atomic_write(self.path, json.dumps(dataclasses.asdict(state), indent=1, sort_keys=True) + "\n", 0o600)
+        atomic_write(self.floor_path, json.dumps({"revision": min_revision, "path": None}) + "\n", 0o600)
+        return state
 
     def suspension(self) -> dict[str, Any] | None:
         try:
             with open(self.suspend_path) as f:
-                return json.load(f)
+                data = json.load(f)
+            return data if isinstance(data, dict) else {"reason": "unreadable suspend file", "since": None}
         except FileNotFoundError:
             return None
         except (OSError, ValueError):
@@ -893,18 +1275,23 @@ class StateStore:
         except FileNotFoundError:
             return False
 
-    def lock(self) -> int:
-        """An exclusive, non-blocking flock; the fd stays open for the run."""
-        import fcntl
-        self.ensure_dir()
-        fd = os.open(os.path.join(self.dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise LockHeld(f"another run holds the lock {os.path.join(self.dir, LOCK_FILE)}; "
-                           "nothing done") from None
-        return fd
+
+def host_lock() -> int:
+    """The host-wide lock (whatever the state directory): an exclusive,
+    non-blocking flock on a file in the root-only runtime directory, never
+    through a symlink.  The fd stays open for the run."""
+    import fcntl
+    check_private_dir(RUNTIME_DIR, create=True, mode=0o755)
+    try:
+        fd = os.open(HOST_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise StateError(f"cannot open the lock {HOST_LOCK}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise LockHeld(f"another run holds the host lock {HOST_LOCK}; nothing done") from None
+    return fd
 
 
 # ---------------------------------------------------------------------------
@@ -924,7 +1311,7 @@ def render_metrics(state: State, host: HostView, suspended: bool) -> str:
         lines.append(f"# HELP {full} {help_text}")
         lines.append(f"# TYPE {full} {kind}")
         for labels, value in samples:
-            rendered = ",".join(f'{k}="{escape_label(v)}"' for k, v in labels.items())
+            rendered = ",".join(f'{k}="{escape_label(printable(v))}"' for k, v in labels.items())
             number = str(int(value)) if float(value).is_integer() else repr(round(float(value), 3))
             lines.append(f"{full}{{{rendered}}} {number}" if labels else f"{full} {number}")
 
@@ -954,6 +1341,9 @@ def render_metrics(state: State, host: HostView, suspended: bool) -> str:
     if state.upstream_revision is not None:
         metric("upstream_revision", "gauge", "Revision of the last accepted signed pointer.",
                [({}, state.upstream_revision)])
+    if state.highest_revision is not None:
+        metric("revision_floor", "gauge", "No signed pointer below this revision is accepted (kept across runs).",
+               [({}, state.highest_revision)])
     if state.last_error and not state.last_run_success:
         metric("last_error_info", "gauge", "The last run's error (present only when it failed).",
                [({"kind": state.last_error.get("kind", ""),
@@ -1081,32 +1471,56 @@ def decide(host: HostView, upstream: str, state: State, force: bool) -> Decision
 
 
 class Stopping:
-    """SIGTERM/SIGINT end the agent between steps, never inside an activation."""
+    """SIGTERM/SIGINT end the agent between steps, never inside an
+    activation; while it only waits (on the network, on a unit) inside
+    interruptible(), they end the run at once, changing nothing."""
 
     requested = False
+    _waiting = 0
 
     @classmethod
     def install(cls) -> None:
         def handler(signum: int, _frame: Any) -> None:
-            log(f"received signal {signum}: stopping after the current step")
             cls.requested = True
+            if cls._waiting:
+                raise Interrupted(signum)
+            log(f"received signal {signum}: stopping after the current step")
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
 
+    @classmethod
+    def interruptible(cls) -> Any:
+        import contextlib
+
+        @contextlib.contextmanager
+        def waiting() -> Any:
+            if cls.requested:
+                raise Interrupted(0)
+            cls._waiting += 1
+            try:
+                yield
+            finally:
+                cls._waiting -= 1
+        return waiting()
+
 
 class Agent:
-    def __init__(self, cfg: Config, client: HttpClient | None = None) -> None:
+    def __init__(self, cfg: Config, fetcher: Fetcher | None = None) -> None:
         self.cfg = cfg
         self.store = StateStore(cfg.state_dir)
-        self.client = client or HttpClient(cfg.timeout, read_token(cfg.token_file))
+        self.fetcher = fetcher or Fetcher(read_token(cfg.token_file))
         self.signers = allowed_signers(cfg.trusted_keys) if cfg.trusted_keys else None
         self.state = State()
+        self.loaded = False  # a state that was not read must never be written over
 
     # -- state helpers -----------------------------------------------------
 
     def save(self) -> None:
         if not self.cfg.dry_run:
-            self.store.save(self.state)
+            try:
+                self.store.save(self.state)
+            except OSError as exc:
+                raise StateError(f"cannot save the state to {self.store.path}: {exc.strerror}") from None
 
     def set_intent(self, phase: str, **fields: Any) -> None:
         intent = dict(self.state.intent or {})
@@ -1118,18 +1532,17 @@ class Agent:
 
     def cycle(self) -> Outcome:
         started = time.time()
-        self.state = self.store.load()
-        if self.signers is not None:
-            import hashlib
-            keys = hashlib.sha256(self.signers.encode()).hexdigest()
-            if self.state.signers_digest != keys:
-                # The trusted keys changed (rotation, revocation): nothing verified
-                # before counts, and a 304 must not replay an unverified pointer.
-                self.state.verified_digest = self.state.etag = self.state.last_modified = None
-                self.state.signers_digest = keys
         outcome: Outcome
         try:
+            self.loaded = False
+            self.state = self.store.load()
+            self.loaded = True
             outcome = self._cycle()
+        except Interrupted:
+            # While only waiting (network, a unit): end now, write nothing.
+            # An intent on disk is finished or rolled back by the next run.
+            log("stopped by a signal while waiting: nothing more is done")
+            return Outcome("stopped", "stopped by a signal", stopped=True)
         except AutodeployError as exc:
             outcome = Outcome(self._failure_state(exc), str(exc), error=exc)
         except Exception as exc:  # noqa: BLE001 - reported, never a silent crash
@@ -1150,6 +1563,8 @@ class Agent:
 
     def _cycle(self) -> Outcome:
         cfg, state = self.cfg, self.state
+        if not os.path.lexists(CURRENT_SYSTEM):
+            raise NotNixOS(f"{CURRENT_SYSTEM} is missing: this is not a running NixOS system; nothing done")
         if state.intent and not cfg.dry_run:
             self.recover()
         pointer = self.fetch_pointer()
@@ -1160,7 +1575,7 @@ class Agent:
         log(f"current={host.current} booted={host.booted} profile={host.profile} "
             f"deployed={state.deployed} upstream={pointer.path}")
         if not host.current:
-            raise DeployError(f"{CURRENT_SYSTEM} is missing: this does not look like a NixOS host")
+            raise NotNixOS(f"{CURRENT_SYSTEM} does not point into {STORE_DIR}: not a NixOS system; nothing done")
         decision = decide(host, pointer.path, state, cfg.force)
         suspension = self.store.suspension()
         log(f"decision: {decision.action.value}: {decision.reason}")
@@ -1192,57 +1607,104 @@ class Agent:
 
     # -- fetching ----------------------------------------------------------
 
+    def pointer_identity(self) -> dict[str, str | None]:
+        """What a recorded pointer was checked against; a 304 replays it only
+        while all of it is unchanged."""
+        import hashlib
+
+        def digest(text: str) -> str:
+            return hashlib.sha256(text.encode()).hexdigest()
+        cfg, keyed = self.cfg, self.signers is not None
+        return {"url": digest(cfg.url),
+                "signature_url": digest(self.signature_url()) if keyed else None,
+                "keys": digest(self.signers) if self.signers is not None else None,
+                "hostname": (cfg.hostname or local_hostname()) if keyed else None}
+
+    def signature_url(self) -> str:
+        return self.cfg.signature_url or self.cfg.url + ".sig"
+
+    def floor(self) -> RevisionFloor:
+        return RevisionFloor(self.state.highest_revision, self.state.revision_path)
+
     def fetch_pointer(self) -> Pointer:
         cfg, state = self.cfg, self.state
-        headers: dict[str, str] = {}
-        if cfg.json_field:
-            headers["Accept"] = "application/json"
-        conditional = state.upstream is not None and (state.etag or state.last_modified)
+        identity = self.pointer_identity()
+        record = PointerRecord.from_json(state.pointer) if state.pointer else None
+        if record is not None and any(getattr(record, key) != value for key, value in identity.items()):
+            record = None  # another URL, other keys, another host name: it vouches for nothing
+        headers = {"Accept": "application/json"} if cfg.json_field else {}
+        age = time.time() - record.fetched_at if record else -1.0
+        conditional = (record is not None and bool(record.etag or record.last_modified)
+                       and 0 <= age < UNCONDITIONAL_EVERY_SECONDS
+                       and not (cfg.once and state.last_run_success is False))
         if conditional:
-            if state.etag:
-                headers["If-None-Match"] = state.etag
-            if state.last_modified:
-                headers["If-Modified-Since"] = state.last_modified
-        resp = self.client.get(cfg.url, headers)
-        if resp.status == 304 and conditional and state.upstream:
-            debug("pointer not modified (304)")
-            pointer = Pointer(state.upstream, dict(state.upstream_metadata), state.upstream_revision,
-                              signed=self.signers is not None)
-            if self.signers is not None:
-                check_expiry(pointer)  # verified earlier; only its expiry can change
-            return pointer
+            assert record is not None
+            if record.etag:
+                headers["If-None-Match"] = record.etag
+            if record.last_modified:
+                headers["If-Modified-Since"] = record.last_modified
+        resp = self.fetcher.get(cfg.url, headers, timeout=cfg.timeout)
         if resp.status == 304:
-            # We did not ask conditionally (or forgot the pointer): ask again plainly.
-            resp = self.client.get(cfg.url, {k: v for k, v in headers.items() if not k.startswith("If-")})
-        pointer = parse_pointer(resp.body, cfg.json_field)
+            if not conditional or record is None:
+                raise FetchError(f"GET {redact_url(cfg.url)} answered 304 Not Modified to an unconditional request")
+            debug("pointer not modified (304): checking the recorded pointer again")
+            pointer = parse_pointer(record.body.encode(), cfg.json_field)
+            if self.signers is not None:
+                # Expiry, the host list against today's --hostname and the
+                # floor can change without the body changing.
+                check_trust(pointer, self.floor(), cfg)
+                pointer = dataclasses.replace(pointer, signed=True)
+            state.upstream, state.upstream_revision = pointer.path, pointer.revision
+            return pointer
+        pointer = parse_pointer(resp.body, cfg.json_field, self.excerpt(resp))
+        verified = None
         if self.signers is not None:
-            pointer = self.verify(pointer, resp.body)
-        state.upstream = pointer.path
-        state.upstream_revision = pointer.revision
-        state.upstream_metadata = pointer.metadata
-        state.etag, state.last_modified = resp.etag, resp.last_modified
+            pointer, verified = self.verify(pointer, resp.body, record)
+        state.upstream, state.upstream_revision = pointer.path, pointer.revision
+        keep = len(resp.body) <= MAX_PERSISTED_POINTER
+        state.pointer = dataclasses.asdict(PointerRecord(
+            **identity, body=resp.body.decode(), etag=resp.etag, last_modified=resp.last_modified,
+            verified=verified, fetched_at=time.time())) if keep else None
         return pointer
 
-    def verify(self, pointer: Pointer, body: bytes) -> Pointer:
+    def excerpt(self, resp: Response) -> Callable[[bytes | str], str]:
+        """How the refused pointer is shown: escaped and redacted, and not at
+        all when a redirect target on another host served it (the agent must
+        not become a way to read internal endpoints)."""
+        if resp.foreign:
+            return lambda _data: "(not shown: served by a redirect target on another host)"
+
+        def show(data: bytes | str) -> str:
+            text = data.decode("utf-8", "backslashreplace") if isinstance(data, bytes) else data
+            return shorten(self.fetcher.clean(text))
+        return show
+
+    def verify(self, pointer: Pointer, body: bytes, record: PointerRecord | None) -> tuple[Pointer, str]:
+        """Signature (skipped when this very body and signature verified under
+        these keys before), then the trust rules; raises the floor."""
         import hashlib
         cfg, state = self.cfg, self.state
-        sig_url = cfg.signature_url or cfg.url + ".sig"
         try:
-            signature = self.client.get(sig_url).body
+            signature = self.fetcher.get(self.signature_url(), timeout=cfg.timeout,
+                                         limit=MAX_SIGNATURE_BYTES).body
         except FetchError as exc:
+            # The network failing is a fetch error; a server that answers
+            # without a signature is refused like an unsigned pointer.
+            if getattr(exc, "transient", False):
+                raise FetchError(f"pointer signature unavailable: {exc}") from None
             raise PointerError(f"pointer signature unavailable: {exc}", "signature") from None
         digest = hashlib.sha256(body + b"\0" + signature).hexdigest()
-        if digest != state.verified_digest:
+        if record is None or record.verified != digest:
             assert self.signers is not None
             principal = verify_signature(body, signature, self.signers, cfg.state_dir)
-            debug(f"pointer signed by {principal}")
-        check_trust(pointer, state, cfg)
-        state.verified_digest = digest
-        if state.highest_revision is None or (pointer.revision or 0) > state.highest_revision:
+            debug(f"pointer signed by {printable(principal)}")
+        check_trust(pointer, self.floor(), cfg)
+        assert pointer.revision is not None
+        if state.highest_revision is None or pointer.revision > state.highest_revision:
             state.highest_revision, state.revision_path = pointer.revision, pointer.path
         elif state.revision_path is None:
             state.revision_path = pointer.path
-        return dataclasses.replace(pointer, signed=True)
+        return dataclasses.replace(pointer, signed=True), digest
 
     # -- nothing to deploy: reboot pending, verification after reboot -----
 
@@ -1286,7 +1748,6 @@ class Agent:
         return mode.value
 
     def deploy(self, upstream: str, host: HostView) -> Outcome:
-        state = self.state
         log(f"realising {upstream} from the binary cache")
         try:
             nix_realise(upstream)
@@ -1307,7 +1768,14 @@ class Agent:
         except ProcessError as exc:
             self.rollback(f"setting the profile failed: {exc}")
             raise DeployError(f"cannot set the system profile: {exc}", "activation") from None
-        self.set_intent("activate", activated=True)
+        try:
+            self.set_intent("activate", activated=True)
+        except StateError:
+            # Nothing is activated yet: put the profile back.  Should even that
+            # not be recorded, the intent on disk (phase "profile") makes the
+            # next run do the same.
+            self.rollback("the activation could not be recorded", count=False)
+            raise
         log(f"activating {upstream}: switch-to-configuration {action}")
         try:
             switch_to_configuration(upstream, action)
@@ -1365,7 +1833,7 @@ class Agent:
         intent = self.state.intent or {}
         prev_profile, prev_current = intent.get("previous_profile"), intent.get("previous_current")
         action = intent.get("action", "switch")
-        self.set_intent("rollback", reason=why)
+        self.save_best_effort("rollback intent", lambda: self.set_intent("rollback", reason=why))
         log(f"ROLLING BACK to {prev_current} (profile {prev_profile}): {why}")
         try:
             host = read_host()
@@ -1385,8 +1853,17 @@ class Agent:
                                 f"expected profile={prev_profile} current={prev_current}")
         self.state.intent = None
         self.state.rollbacks_total += int(count)
-        self.save()
+        self.save_best_effort("rollback", self.save)
         log(f"rolled back: current={host.current} profile={host.profile}")
+
+    def save_best_effort(self, what: str, write: Callable[[], None]) -> None:
+        """A rollback goes on when the state cannot be written (disk full):
+        restoring the host matters more, and the intent last written makes
+        the next run converge to the same end."""
+        try:
+            write()
+        except StateError as exc:
+            log(f"warning: {what} not recorded: {exc}")
 
     def rollback_after_boot(self, host: HostView, exc: DeployError) -> Outcome:
         """The staged system booted and is unhealthy: profile back to the
@@ -1422,13 +1899,11 @@ class Agent:
         cfg = self.cfg
         deadline = time.monotonic() + cfg.health_timeout
         if cfg.connectivity_check:
-            probe = HttpClient(min(cfg.timeout, cfg.health_timeout), self.client.token)
             try:
-                probe.get(cfg.url)
+                # Not interruptible: a deploy under way is finished and recorded.
+                self.fetcher.get(cfg.url, timeout=min(cfg.timeout, cfg.health_timeout), interruptible=False)
             except FetchError as exc:
                 raise DeployError(f"connectivity check failed: {exc}", "health") from None
-            finally:
-                probe.close()
             debug("connectivity check passed")
         for command in cfg.health_checks:
             remaining = deadline - time.monotonic()
@@ -1451,11 +1926,12 @@ class Agent:
         log(f"found an interrupted deploy of {upstream} (phase {phase}): converging")
         if phase in ("activate", "check", "rollback"):
             waited = 0.0
-            while activation_unit_active() and waited < ACTIVATION_WAIT_SECONDS:
-                if waited == 0:
-                    log(f"{ACTIVATION_UNIT}.service is still running: waiting for it")
-                time.sleep(1)
-                waited += 1
+            with Stopping.interruptible():  # SIGTERM ends the wait at once; the intent stays
+                while activation_unit_active() and waited < ACTIVATION_WAIT_SECONDS:
+                    if waited == 0:
+                        log(f"{ACTIVATION_UNIT}.service is still running: waiting for it")
+                    time.sleep(1)
+                    waited += 1
             if waited >= ACTIVATION_WAIT_SECONDS:
                 raise DeployError(f"{ACTIVATION_UNIT}.service still running after {waited:.0f}s", "activation")
         host = read_host()
@@ -1511,32 +1987,46 @@ class Agent:
     def _finish(self, outcome: Outcome, started: float) -> None:
         cfg, state = self.cfg, self.state
         if cfg.dry_run:
+            if outcome.error is not None:
+                log(f"error: {outcome.error}")
             return
         host = read_host()
         ended = time.time()
-        failed = outcome.error is not None
         state.last_run, state.last_run_duration = ended, ended - started
-        state.last_run_success = not failed
-        state.last_state, state.last_reason = outcome.state, outcome.reason
-        if failed:
-            assert outcome.error is not None
-            state.last_error = {"kind": outcome.error.kind, "message": str(outcome.error)}
+        state.reboot_required, state.reboot_reason = reboot_status(state, host)
+        self._record_outcome(outcome, ended)
+        if not self.loaded:
+            log("the state file is left as it is (it could not be read)")
+        else:
+            try:
+                self.store.save(state)
+            except (OSError, StateError) as exc:
+                why = exc.strerror if isinstance(exc, OSError) else str(exc)
+                err = StateError(f"the state was NOT saved ({why}); the next run repeats or finishes this one")
+                if outcome.error is None:
+                    outcome.error, outcome.state = err, "failed"
+                    self._record_outcome(outcome, ended)
+                else:
+                    log(f"error: {err}")
+        if outcome.error is not None:
             log(f"error: {outcome.error}")
         else:
-            state.last_success, state.last_error = ended, None
             log(f"state: {outcome.state}: {outcome.reason}")
-        state.reboot_required, state.reboot_reason = reboot_status(state, host)
-        suspended = self.store.suspension() is not None
-        try:
-            self.store.save(state)
-        except OSError as exc:
-            log(f"cannot write state: {exc}")
         if cfg.prometheus_path:
             try:
-                write_metrics(cfg.prometheus_path, state, host, suspended)
+                write_metrics(cfg.prometheus_path, state, host, self.store.suspension() is not None)
             except OSError as exc:
                 log(f"cannot write metrics to {cfg.prometheus_path}: {exc}")
         self.run_hook(outcome)
+
+    def _record_outcome(self, outcome: Outcome, ended: float) -> None:
+        state = self.state
+        state.last_run_success = outcome.error is None
+        state.last_state, state.last_reason = outcome.state, printable(outcome.reason)[:MAX_MESSAGE]
+        if outcome.error is not None:
+            state.last_error = {"kind": outcome.error.kind, "message": printable(str(outcome.error))[:MAX_MESSAGE]}
+        else:
+            state.last_success, state.last_error = ended, None
 
     def run_hook(self, outcome: Outcome) -> None:
         cfg = self.cfg
@@ -1544,7 +2034,7 @@ class Agent:
         if not command:
             return
         env = dict(os.environ)
-        env.update({
+        hook_vars = {
             "NIXOS_AUTODEPLOY_OUTCOME": outcome.state,
             "NIXOS_AUTODEPLOY_SUCCESS": "0" if outcome.error else "1",
             "NIXOS_AUTODEPLOY_OLD_SYSTEM": outcome.old_system or "",
@@ -1553,7 +2043,8 @@ class Agent:
             "NIXOS_AUTODEPLOY_ERROR_KIND": outcome.error.kind if outcome.error else "",
             "NIXOS_AUTODEPLOY_EXIT_CODE": str(outcome.error.exit_code if outcome.error else 0),
             "NIXOS_AUTODEPLOY_URL": redact_url(cfg.url),
-        })
+        }
+        env.update({name: printable(value)[:MAX_MESSAGE] for name, value in hook_vars.items()})
         which = "on-failure" if outcome.error else "on-success"
         try:
             result = shell(command, timeout=cfg.hook_timeout, env=env)
@@ -1568,14 +2059,16 @@ def read_token(path: str | None) -> str | None:
         return None
     try:
         st = os.stat(path)
-        with open(path) as f:
-            token = f.read().strip()
+        with open(path, "rb") as f:
+            token = f.read(64 * 1024).decode("ascii").strip()
     except OSError as exc:
         raise UsageError(f"cannot read --token-file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"--token-file {path} is not ASCII") from None
     if st.st_mode & 0o077:
         log(f"warning: token file {path} is readable by group or others (mode {st.st_mode & 0o777:o})")
-    if not token or any(c in token for c in "\r\n"):
-        raise UsageError(f"--token-file {path} holds no single-line token")
+    if not token or not token.isprintable() or any(c.isspace() for c in token):
+        raise UsageError(f"--token-file {path} holds no single-line token (printable ASCII, no spaces)")
     return token
 
 
@@ -1616,19 +2109,35 @@ def format_window(window: tuple[int, int]) -> str:
 # ---------------------------------------------------------------------------
 
 
+def require_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise UsageError(f"{what} must run as root (it reads and writes {DEFAULT_STATE_DIR}, the system profile "
+                         "and /run); nothing was done")
+
+
 def command_run(cfg: Config) -> int:
     from urllib.parse import urlsplit
+    require_root("autodeploy.py run")
     if cfg.token_file and urlsplit(cfg.url).username is not None:
         raise UsageError("give credentials either in the URL or with --token-file, not both")
     if cfg.json_field and cfg.trusted_keys:
         raise UsageError("--json-field cannot be combined with --trusted-keys: signed pointers are plain text "
                          "with a `revision:` line")
     agent = Agent(cfg)
-    if cfg.url.startswith("http://") and cfg.trusted_keys is None:
-        log("warning: the pointer is fetched over plain http:// without --trusted-keys: anyone on the "
-            "network path can point this host at another (validly signed) system")
-    store = agent.store
-    lock_fd = store.lock() if not cfg.dry_run else None
+    if cfg.url.startswith("http://"):
+        if cfg.trusted_keys is None:
+            log("warning: the pointer is fetched over plain http:// without --trusted-keys: anyone on the "
+                "network path can point this host at another (validly signed) system")
+        if cfg.token_file or urlsplit(cfg.url).password is not None:
+            log("warning: credentials are sent over plain http://: anyone on the network path can read them; "
+                "use https://")
+    if cfg.dry_run:
+        if os.path.lexists(cfg.state_dir):
+            check_private_dir(cfg.state_dir)
+        lock_fd = None
+    else:
+        agent.store.ensure_dir()
+        lock_fd = host_lock()
     Stopping.install()
     try:
         if cfg.once or cfg.dry_run:
@@ -1644,7 +2153,6 @@ def command_run(cfg: Config) -> int:
         log("stopped")
         return 0
     finally:
-        agent.client.close()
         if lock_fd is not None:
             os.close(lock_fd)
 
@@ -1659,6 +2167,7 @@ def status_fields(state_dir: str) -> dict[str, Any]:
         "version": VERSION,
         "current": host.current, "booted": host.booted, "profile": host.profile,
         "deployed": state.deployed, "upstream": state.upstream, "upstream_revision": state.upstream_revision,
+        "revision_floor": state.highest_revision,
         "state": state.last_state, "reason": state.last_reason,
         "dirty": state.dirty,
         "suspended": suspension is not None,
@@ -1686,6 +2195,7 @@ def command_status(state_dir: str, as_json: bool) -> int:
     rows = [
         ("current", fields["current"]), ("booted", fields["booted"]), ("profile", fields["profile"]),
         ("deployed", fields["deployed"]), ("upstream", f"{fields['upstream']}{rev}" if fields["upstream"] else None),
+        ("revision floor", str(fields["revision_floor"]) if fields["revision_floor"] is not None else "none"),
         ("state", f"{fields['state'] or 'never run'}" + (f": {fields['reason']}" if fields["reason"] else "")),
         ("dirty", "yes" if fields["dirty"] else "no"),
         ("suspended", f"yes: {fields['suspend_reason'] or 'no reason given'} (since {when(fields['suspended_since'])})"
@@ -1702,23 +2212,38 @@ def command_status(state_dir: str, as_json: bool) -> int:
         rows.append(("interrupted", json.dumps(fields["interrupted_deploy"], sort_keys=True)))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
-        print(f"{key:<{width}}  {value if value is not None else '-'}")
+        print(f"{key:<{width}}  {printable(value) if value is not None else '-'}")
     return 0
 
 
-def command_sign(key: str, revision: int, hosts: list[str], not_after: str | None, path: str, output: str) -> int:
+def command_sign(key: str, revision: int, hosts: list[str], all_hosts: bool, not_after: str | None,
+                 no_expiry: bool, path: str, output: str) -> int:
+    from datetime import datetime, timedelta, timezone
     validate_store_path(path, path)
-    lines = [path, f"revision: {revision}"]
-    if hosts:
-        lines.append("hosts: " + " ".join(hosts))
-    if not_after:
+    if not valid_revision(revision):
+        raise UsageError(f"--revision must be a whole number from 0 to {MAX_REVISION}")
+    if bool(hosts) == all_hosts:
+        raise UsageError("name the hosts that may deploy this pointer with --hosts H [H ...], or sign it for "
+                         "every host with --all-hosts (a pointer without a host list could be replayed on any host)")
+    bad = [h for h in hosts if not h.isprintable() or h == "*" or any(c.isspace() or c == "," for c in h)]
+    if bad:
+        raise UsageError(f"--hosts: not a host name: {shorten(bad[0], 60)}")
+    if not_after is not None and no_expiry:
+        raise UsageError("--not-after and --no-expiry exclude each other")
+    lines = [path, f"revision: {revision}", "hosts: " + (" ".join(hosts) if hosts else "*")]
+    if not_after is not None:
         try:
             parse_rfc3339(not_after)
         except ValueError:
             raise UsageError(f"--not-after {not_after!r} is not an RFC 3339 time") from None
+    elif not no_expiry:
+        # TUF's freshness rule: a replayed old pointer stops working even
+        # where a host lost its revision floor.
+        expiry = datetime.now(timezone.utc) + timedelta(days=SIGN_DEFAULT_VALIDITY_DAYS)
+        not_after = expiry.strftime("%Y-%m-%dT%H:%M:%SZ")
+    if not_after is not None:
         lines.append(f"not-after: {not_after}")
-    with open(output, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    atomic_write(output, "\n".join(lines) + "\n")
     try:
         os.unlink(output + ".sig")
     except FileNotFoundError:
@@ -1726,7 +2251,27 @@ def command_sign(key: str, revision: int, hosts: list[str], not_after: str | Non
     result = ssh_keygen(["-Y", "sign", "-f", key, "-n", SIGNATURE_NAMESPACE, output])
     if result.returncode != 0:
         raise AutodeployError(f"ssh-keygen -Y sign failed: {result.stdout.strip()}")
-    log(f"wrote {output} and {output}.sig (revision {revision})")
+    log(f"wrote {output} and {output}.sig (revision {revision}"
+        + (f", valid until {not_after})" if not_after else ", never expires)"))
+    return 0
+
+
+def command_trust_reset(state_dir: str, min_revision: int) -> int:
+    require_root("autodeploy.py trust-reset")
+    if not valid_revision(min_revision):
+        raise UsageError(f"--min-revision must be a whole number from 0 to {MAX_REVISION}")
+    store = StateStore(state_dir)
+    with_lock = host_lock()
+    try:
+        try:
+            before = store.load().highest_revision
+        except StateError:
+            before = None
+        store.reset_trust(min_revision)
+    finally:
+        os.close(with_lock)
+    log(f"TRUST RESET by an operator (uid {os.getuid()}): revision floor set to {min_revision} "
+        f"(was {before if before is not None else 'unknown'}); the next run fetches the pointer unconditionally")
     return 0
 
 
@@ -1750,29 +2295,79 @@ def positive(text: str) -> float:
     return value
 
 
+def http_url(text: str) -> str:
+    """An http(s) URL, checked before anything runs; non-ASCII is
+    percent-encoded and an international host name becomes punycode."""
+    from urllib.parse import quote, urlsplit, urlunsplit
+    if not text.isprintable() or any(c.isspace() for c in text):
+        raise argparse.ArgumentTypeError(f"invalid URL {shorten(text, 80)}: spaces or control characters")
+    try:
+        parts = urlsplit(text)
+        host, port = parts.hostname, parts.port
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"invalid URL {redact_url(text)!r}: {exc}") from None
+    if parts.scheme not in ("http", "https"):
+        raise argparse.ArgumentTypeError(f"invalid URL {redact_url(text)!r}: only http:// and https:// are fetched")
+    if not host:
+        raise argparse.ArgumentTypeError(f"invalid URL {redact_url(text)!r}: no host")
+    if ":" in host:
+        import ipaddress
+        try:
+            ipaddress.IPv6Address(host.split("%", 1)[0])
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid URL {redact_url(text)!r}: malformed IPv6 address") from None
+    netloc = parts.netloc
+    if not host.isascii():
+        try:
+            ascii_host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise argparse.ArgumentTypeError(f"invalid URL {redact_url(text)!r}: bad host name") from None
+        userinfo = parts.netloc.rpartition("@")[0]
+        netloc = (quote(userinfo, safe=":%") + "@" if userinfo else "") + ascii_host + (f":{port}" if port else "")
+    safe = "/%:@!$&'()*+,;=-._~?"
+    return urlunsplit((parts.scheme, netloc, quote(parts.path, safe=safe), quote(parts.query, safe=safe), ""))
+
+
+RUN_DESCRIPTION: Final = """\
+Pull-based deployment agent for NixOS hosts: fetch the pointer at --url,
+realise the system it names from the binary cache, activate it, roll back
+what fails, write metrics.  `run` is the default command.
+
+other commands (see `autodeploy.py COMMAND --help`):
+  status        what the host runs and what the agent knows (no network)
+  suspend       stop deploying on this host until `resume`
+  resume        deploy again after `suspend`
+  trust-reset   set the revision floor by hand (recovery; logged)
+  sign          write a signed pointer (for CI)"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="autodeploy.py", description="Pull-based deployment agent for NixOS hosts.",
-                    epilog="Commands: run (default), status, suspend, resume, sign. "
-                           "See `autodeploy.py COMMAND --help`.")
+    parser = Parser(prog="autodeploy.py", description=RUN_DESCRIPTION,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"{PROG} {VERSION}")
     sub = parser.add_subparsers(dest="command", parser_class=Parser)
 
-    run_p = sub.add_parser("run", help="deploy what the pointer URL names (the default command)")
-    run_p.add_argument("--url", required=True, help="URL of the pointer (one store path, optional key: value lines)")
+    run_p = sub.add_parser("run", help="deploy what the pointer URL names (the default command)",
+                           prog="autodeploy.py [run]", description=RUN_DESCRIPTION,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    run_p.add_argument("--url", required=True, type=http_url,
+                       help="URL of the pointer (one store path, optional key: value lines)")
     run_p.add_argument("--once", action="store_true", help="run one cycle and exit (as the systemd timer does)")
-    run_p.add_argument("--switch-mode", type=SwitchMode, choices=list(SwitchMode), default=SwitchMode.SWITCH,
+    run_p.add_argument("-s", "--switch-mode", type=SwitchMode, choices=list(SwitchMode), default=SwitchMode.SWITCH,
                        metavar="{switch,boot,smart}",
                        help="switch now, stage for the next boot, or smart: boot only when kernel, initrd or "
                             "modules change (default: switch)")
-    run_p.add_argument("--reboot-mode", type=RebootMode, choices=list(RebootMode), default=None,
+    run_p.add_argument("-r", "--reboot-mode", type=RebootMode, choices=list(RebootMode), default=None,
                        metavar="{reboot,kexec}", help="reboot (or kexec) after a boot-mode deploy (default: never)")
     run_p.add_argument("--prometheus-path", metavar="FILE", help="write Prometheus metrics to FILE (textfile collector)")
     run_p.add_argument("--state-dir", metavar="DIR", default=DEFAULT_STATE_DIR,
                        help=f"where the agent keeps its record (default: {DEFAULT_STATE_DIR})")
-    run_p.add_argument("--force", action="store_true",
+    run_p.add_argument("-f", "--force", action="store_true",
                        help="deploy upstream even when the host was deployed by hand or upstream is quarantined")
     run_p.add_argument("--dry-run", action="store_true", help="print the decision and what would be done; change nothing")
-    run_p.add_argument("--timeout", type=positive, default=30.0, metavar="SECONDS", help="HTTP timeout (default: 30)")
+    run_p.add_argument("--timeout", type=positive, default=30.0, metavar="SECONDS",
+                       help="time allowed for the whole fetch of the pointer, retries included (and again for "
+                            "its signature) (default: 30)")
     run_p.add_argument("--interval", type=positive, default=300.0, metavar="SECONDS",
                        help="loop mode: seconds between cycles, with +-10%% jitter (default: 300)")
     run_p.add_argument("-v", "--verbose", action="store_true", help="log every command and show tracebacks")
@@ -1786,7 +2381,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="reboot only inside this local-time window (may wrap midnight; default: any time)")
     run_p.add_argument("--trusted-keys", metavar="FILE",
                        help="require pointers signed by one of these keys (allowed-signers file or public keys)")
-    run_p.add_argument("--signature-url", metavar="URL", help="where the signature is (default: URL.sig)")
+    run_p.add_argument("--signature-url", metavar="URL", type=http_url,
+                       help="where the signature is (default: URL.sig)")
     run_p.add_argument("--hostname", metavar="NAME", help="this host's name for `hosts:` (default: the machine's)")
     run_p.add_argument("--token-file", metavar="FILE", help="send `Authorization: Bearer <token>` read from FILE")
     run_p.add_argument("--json-field", metavar="PATH",
@@ -1811,14 +2407,24 @@ def build_parser() -> argparse.ArgumentParser:
     sign_p = sub.add_parser("sign", help="write a signed pointer (for CI)")
     sign_p.add_argument("--key", required=True, help="OpenSSH private key")
     sign_p.add_argument("--revision", required=True, type=int, help="monotonic revision number")
-    sign_p.add_argument("--hosts", nargs="+", default=[], metavar="HOST", help="hosts allowed to deploy it")
-    sign_p.add_argument("--not-after", metavar="TIME", help="RFC 3339 expiry time")
+    sign_p.add_argument("--hosts", nargs="+", default=[], metavar="HOST",
+                        help="hosts allowed to deploy it (this or --all-hosts is required)")
+    sign_p.add_argument("--all-hosts", action="store_true", help="any host may deploy it (writes `hosts: *`)")
+    sign_p.add_argument("--not-after", metavar="TIME",
+                        help=f"RFC 3339 expiry time (default: {SIGN_DEFAULT_VALIDITY_DAYS} days from now)")
+    sign_p.add_argument("--no-expiry", action="store_true", help="write no `not-after:` line")
     sign_p.add_argument("-o", "--output", required=True, metavar="FILE", help="pointer file (FILE.sig is written too)")
     sign_p.add_argument("store_path", metavar="STOREPATH", nargs="?")
+
+    reset_p = sub.add_parser("trust-reset", help="set the revision floor by hand (recovery from a corrupt or "
+                                                 "lost state; logged)")
+    reset_p.add_argument("--min-revision", required=True, type=int, metavar="N",
+                         help="refuse signed pointers below revision N from now on (0 without signed pointers)")
+    reset_p.add_argument("--state-dir", metavar="DIR", default=DEFAULT_STATE_DIR)
     return parser
 
 
-COMMANDS: Final = ("run", "status", "suspend", "resume", "sign")
+COMMANDS: Final = ("run", "status", "suspend", "resume", "sign", "trust-reset")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -1837,6 +2443,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
 def main(argv: list[str] | None = None) -> int:
     global _verbose
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv in (["-h"], ["--help"]):
+        argv = ["run", "--help"]  # the default command's options, and the other commands
     if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "--version"):
         argv.insert(0, "run")
     _verbose = "-v" in argv or "--verbose" in argv
@@ -1846,11 +2454,15 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("autodeploy.py: the following arguments are required: --url")
         if args.command == "status":
             return command_status(args.state_dir, args.json)
+        if args.command == "trust-reset":
+            return command_trust_reset(args.state_dir, args.min_revision)
         if args.command == "suspend":
+            require_root("autodeploy.py suspend")
             StateStore(args.state_dir).suspend(args.reason)
             log(f"suspended: {args.reason or 'no reason given'}")
             return 0
         if args.command == "resume":
+            require_root("autodeploy.py resume")
             was = StateStore(args.state_dir).resume()
             log("resumed" if was else "was not suspended")
             return 0
@@ -1860,12 +2472,13 @@ def main(argv: list[str] | None = None) -> int:
                 args.store_path = args.hosts.pop()
             if args.store_path is None:
                 raise UsageError("autodeploy.py sign: the following arguments are required: STOREPATH")
-            return command_sign(args.key, args.revision, args.hosts, args.not_after, args.store_path, args.output)
+            return command_sign(args.key, args.revision, args.hosts, args.all_hosts, args.not_after, args.no_expiry,
+                                args.store_path, args.output)
         return command_run(config_from_args(args))
     except AutodeployError as exc:
         log(f"error: {exc}")
         return exc.exit_code
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Interrupted):
         log("interrupted")
         return 130
     except Exception as exc:  # noqa: BLE001

@@ -52,4 +52,4 @@ def host(world, server, tmp_path):
     h.install(world.path("a"))
     h.url = server.pointer(world.path("a"))
     yield h
-    h.kill_orphans()
+    h.cleanup()

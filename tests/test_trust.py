@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -57,8 +58,7 @@ def sign(key: Key, revision: int, path: str, out: Path, hosts: tuple[str, ...] =
     `-o FILE STOREPATH` comes after --hosts so the greedy `--hosts H [H ...]`
     ends there (see test_sign_documented_argument_order for the spec's order)."""
     argv = [sys.executable, str(AGENT), "sign", "--key", str(key.private), "--revision", str(revision)]
-    if hosts:
-        argv += ["--hosts", *hosts]
+    argv += ["--hosts", *hosts] if hosts else ["--all-hosts"]
     if not_after:
         argv += ["--not-after", not_after]
     argv += ["-o", str(out), path]
@@ -446,13 +446,33 @@ def test_sign_documented_argument_order(keys, world, tmp_path):
     r = subprocess.run([sys.executable, str(AGENT), "sign", "--key", str(keys["ci1"].private), "--revision", "7",
                         "--hosts", "web1", "web2", b, "-o", str(out)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert out.read_text().splitlines() == [b, "revision: 7", "hosts: web1 web2"]
+    lines = out.read_text().splitlines()
+    assert lines[:3] == [b, "revision: 7", "hosts: web1 web2"] and len(lines) == 4
+    # not-after is written by default, 30 days ahead (TUF's freshness rule)
+    assert lines[3].startswith("not-after: ")
+    expiry = datetime.fromisoformat(lines[3].split(": ", 1)[1].replace("Z", "+00:00"))
+    assert timedelta(days=29, hours=23) < expiry - datetime.now(timezone.utc) <= timedelta(days=30)
     assert Path(f"{out}.sig").exists()
+
+
+def test_sign_requires_a_host_list_or_all_hosts(keys, world, tmp_path):
+    b, out = world.path("b"), tmp_path / "pointer"
+    base = [sys.executable, str(AGENT), "sign", "--key", str(keys["ci1"].private), "--revision", "7"]
+    r = subprocess.run(base + ["-o", str(out), b], capture_output=True, text=True)
+    assert r.returncode == 2 and "--all-hosts" in r.stderr and len(r.stderr.splitlines()) == 1
+    assert not out.exists()
+    r = subprocess.run(base + ["--all-hosts", "--no-expiry", "-o", str(out), b], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert out.read_text().splitlines() == [b, "revision: 7", "hosts: *"]
+    for bad in (["--hosts", "*"], ["--hosts", "a,b"], ["--hosts", "web1", "--all-hosts"],
+                ["--all-hosts", "--no-expiry", "--not-after", "2030-01-01T00:00:00Z"]):
+        r = subprocess.run(base + bad + ["-o", str(out), b], capture_output=True, text=True)
+        assert r.returncode == 2, (bad, r.stderr)
 
 
 def test_sign_rejects_a_drv_and_a_bad_expiry(keys, world, tmp_path):
     base = [sys.executable, str(AGENT), "sign", "--key", str(keys["ci1"].private), "--revision", "1",
-            "-o", str(tmp_path / "p")]
+            "--all-hosts", "-o", str(tmp_path / "p")]
     r = subprocess.run(base + [world.drv], capture_output=True, text=True)
     assert r.returncode == 4 and ".drv" in r.stderr
     r = subprocess.run(base[:-2] + ["--not-after", "next tuesday", "-o", str(tmp_path / "p"), world.path("b")],

@@ -78,8 +78,14 @@ def base_nix_config(extra: str = "") -> str:
     ])
 
 
+def bind_script(binds: dict[str, Path]) -> str:
+    # --rbind: a file system a test mounted below a host directory (a small
+    # tmpfs for a full disk) comes along.
+    return " && ".join(f'{MOUNT} --rbind "{src}" {dst}' for dst, src in binds.items())
+
+
 def in_namespace(binds: dict[str, Path], argv: list[str], **kwargs) -> subprocess.CompletedProcess:
-    script = " && ".join(f'{MOUNT} --bind "{src}" {dst}' for dst, src in binds.items())
+    script = bind_script(binds)
     cmd = [UNSHARE, "-m", "--propagation", "private", "/bin/sh", "-c", script + ' && exec "$@"', "sh", *argv]
     return subprocess.run(cmd, **kwargs)
 
@@ -310,7 +316,7 @@ class Host:
         return RunResult(r.returncode, r.stdout, r.stderr)
 
     def agent_background(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-        script = " && ".join(f'{MOUNT} --bind "{src}" {dst}' for dst, src in self.binds.items())
+        script = bind_script(self.binds)
         cmd = [UNSHARE, "-m", "--propagation", "private", "/bin/sh", "-c", script + ' && exec "$@"', "sh",
                *self.agent_argv(*args)]
         # Output goes to a file, as the journal would take it: a unit started
@@ -403,6 +409,28 @@ class Host:
                 entry.unlink()
         os.symlink(default, self.run_dir / "current-system")
         os.symlink(default, self.run_dir / "booted-system")
+
+    def small_disk(self, where: str, size: str) -> Path:
+        """Mount a tmpfs of `size` at the host's `where` (under /var/lib or
+        /run); unmounted by cleanup()."""
+        outside = self.outside(where)
+        outside.mkdir(parents=True, exist_ok=True)
+        subprocess.run([MOUNT, "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(outside)], check=True)
+        self._mounts = [*getattr(self, "_mounts", []), outside]
+        return outside
+
+    def outside(self, path: str) -> Path:
+        """Where a path of the host lives outside its namespace."""
+        for inside, outside in self.binds.items():
+            if path == inside or path.startswith(inside + "/"):
+                return outside / path[len(inside):].lstrip("/")
+        raise ValueError(f"{path} is not inside the host")
+
+    def cleanup(self) -> None:
+        self.kill_orphans()
+        for mounted in reversed(getattr(self, "_mounts", [])):
+            subprocess.run(["umount", "-l", str(mounted)], check=False)
+        self._mounts = []
 
     def kill_orphans(self) -> None:
         """Kill stand-in "units" left running (e.g. a hanging activation)."""

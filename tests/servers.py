@@ -1,0 +1,319 @@
+"""Real servers for the network tests, all on 127.0.0.1, bounded, stopped by the tests.
+
+- ``Nginx``: Debian's nginx serving pointer files from a directory, with its
+  real ETag/Last-Modified, ``gzip on``, a location that forces
+  ``Content-Encoding: gzip``, redirects of every kind (301/302/303/307/308,
+  to another origin, https -> http) and TLS with a test CA.  Optionally it
+  answers only connections coming from the forward proxy (``only_from``),
+  so a test host that ignores its proxy fails.
+- ``Tinyproxy``: Debian's tinyproxy as the forward proxy, its outgoing
+  connections bound to its own loopback address.
+- ``RawServer``: a socket server whose every connection is handled by a test
+  function, for what no real server sends on purpose (negative chunk sizes,
+  endless headers, trickled bodies, 103 before 200, silence).
+- ``TestCA``: a CA and a server certificate for 127.0.0.1 made with openssl.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+TINYPROXY = shutil.which("tinyproxy") or "/usr/bin/tinyproxy"
+OPENSSL = shutil.which("openssl") or "/usr/bin/openssl"
+
+
+def missing(*tools: str) -> str | None:
+    for tool in tools:
+        if not os.path.exists(tool):
+            return f"{tool} is not installed (tests/run.sh installs it on Debian)"
+    return None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(host: str, port: int, proc: subprocess.Popen | None = None, timeout: float = 10) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before listening on {host}:{port}")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {host}:{port} after {timeout}s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+# ---------------------------------------------------------------------------
+# A test CA (openssl)
+# ---------------------------------------------------------------------------
+
+
+class TestCA:
+    __test__ = False  # not a pytest class
+
+    def __init__(self, root: Path) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.cert, key = root / "ca.pem", root / "ca.key"
+        self.server_cert, self.server_key = root / "server.pem", root / "server.key"
+        conf = root / "ext.cnf"
+        conf.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n")
+
+        def ssl(*args: str) -> None:
+            subprocess.run([OPENSSL, *args], check=True, capture_output=True)
+        ssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-keyout", str(key), "-out", str(self.cert), "-days", "2", "-subj", "/CN=autodeploy test CA")
+        csr = root / "server.csr"
+        ssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-keyout", str(self.server_key), "-out", str(csr), "-subj", "/CN=127.0.0.1")
+        ssl("x509", "-req", "-in", str(csr), "-CA", str(self.cert), "-CAkey", str(key), "-CAcreateserial",
+            "-out", str(self.server_cert), "-days", "2", "-extfile", str(conf))
+
+
+# ---------------------------------------------------------------------------
+# nginx
+# ---------------------------------------------------------------------------
+
+
+class Nginx:
+    """nginx in the foreground (no master process, so it needs no other user)
+    serving ``root`` on an http and an https port."""
+
+    def __init__(self, root: Path, ca: TestCA | None = None, only_from: str | None = None,
+                 other_origin: str | None = None) -> None:
+        self.dir = root
+        self.docroot = root / "www"
+        self.docroot.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.tls_port = free_port() if ca else None
+        access = f"allow {only_from}; deny all;" if only_from else ""
+        other = other_origin or f"http://127.0.0.1:{self.port}"
+        redirects = "\n".join(
+            f"location = /r{code} {{ return {code} /pointer; }}" for code in (301, 302, 303, 307, 308))
+        tls = ""
+        if ca is not None:
+            tls = f"""
+    server {{
+        listen 127.0.0.1:{self.tls_port} ssl;
+        ssl_certificate {ca.server_cert};
+        ssl_certificate_key {ca.server_key};
+        root {self.docroot};
+        {access}
+        location = /to-plain {{ return 302 http://127.0.0.1:{self.port}/pointer; }}
+        location / {{ try_files $uri =404; }}
+    }}"""
+        conf = root / "nginx.conf"
+        conf.write_text(f"""
+daemon off;
+master_process off;
+worker_processes 1;
+pid {root}/nginx.pid;
+error_log {root}/error.log warn;
+events {{ worker_connections 64; }}
+http {{
+    access_log {root}/access.log;
+    client_body_temp_path {root}/tmp-body;
+    proxy_temp_path {root}/tmp-proxy;
+    fastcgi_temp_path {root}/tmp-fastcgi;
+    uwsgi_temp_path {root}/tmp-uwsgi;
+    scgi_temp_path {root}/tmp-scgi;
+    default_type text/plain;
+    types {{ }}
+    gzip on;
+    gzip_min_length 1;
+    gzip_types text/plain;
+    server {{
+        listen 127.0.0.1:{self.port};
+        root {self.docroot};
+        {access}
+        {redirects}
+        location = /chain {{ return 302 /r301; }}
+        location = /loop {{ return 302 /loop2; }}
+        location = /loop2 {{ return 302 /loop; }}
+        location = /elsewhere {{ return 302 {other}/pointer; }}
+        location = /forced-gzip {{ add_header Content-Encoding gzip; try_files /pointer =404; }}
+        location / {{ try_files $uri =404; }}
+    }}{tls}
+}}
+""")
+        self.proc = subprocess.Popen([NGINX, "-c", str(conf), "-p", str(root)], stdout=subprocess.DEVNULL,
+                                     stderr=open(root / "stderr.log", "w"))
+        try:
+            wait_listening("127.0.0.1", self.port, self.proc)
+            if self.tls_port:
+                wait_listening("127.0.0.1", self.tls_port, self.proc)
+        except RuntimeError:
+            self.close()
+            raise RuntimeError((root / "stderr.log").read_text() + (root / "error.log").read_text())
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def tls_base(self) -> str:
+        return f"https://127.0.0.1:{self.tls_port}"
+
+    def publish(self, body: str | bytes, name: str = "pointer", mtime: float | None = None) -> str:
+        """Write a file the way CI would (atomically); returns its URL."""
+        data = body.encode() if isinstance(body, str) else body
+        path = self.docroot / name
+        tmp = path.with_name(f".{name}.tmp")
+        tmp.write_bytes(data)
+        if mtime is not None:
+            os.utime(tmp, (mtime, mtime))
+        tmp.rename(path)
+        return f"{self.base}/{name}"
+
+    def access_log(self) -> list[str]:
+        path = self.dir / "access.log"
+        return path.read_text().splitlines() if path.exists() else []
+
+    def close(self) -> None:
+        stop(self.proc)
+
+
+# ---------------------------------------------------------------------------
+# tinyproxy
+# ---------------------------------------------------------------------------
+
+
+class Tinyproxy:
+    """The forward proxy; it connects out from ``bind`` (a loopback address
+    of its own), so a server can tell proxied from direct connections."""
+
+    def __init__(self, root: Path, bind: str = "127.0.0.3") -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.bind = bind
+        self.log = root / "tinyproxy.log"
+        conf = root / "tinyproxy.conf"
+        conf.write_text(f"""
+User root
+Group root
+Port {self.port}
+Listen 127.0.0.1
+Bind {bind}
+Timeout 30
+LogFile "{self.log}"
+LogLevel Connect
+PidFile "{root}/tinyproxy.pid"
+MaxClients 20
+Allow 127.0.0.1
+DisableViaHeader Yes
+""")
+        self.proc = subprocess.Popen([TINYPROXY, "-d", "-c", str(conf)], stdout=subprocess.DEVNULL,
+                                     stderr=open(root / "stderr.log", "w"))
+        try:
+            wait_listening("127.0.0.1", self.port, self.proc)
+        except RuntimeError:
+            self.close()
+            raise RuntimeError((root / "stderr.log").read_text())
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def requests(self) -> list[str]:
+        return [line for line in self.log.read_text().splitlines()
+                if "Request (file descriptor" in line or "CONNECT" in line] if self.log.exists() else []
+
+    def close(self) -> None:
+        stop(self.proc)
+
+
+# ---------------------------------------------------------------------------
+# A raw socket server for what real servers do not send on purpose
+# ---------------------------------------------------------------------------
+
+
+class RawServer:
+    """Every connection goes to ``handler(conn, n)`` (n counts connections
+    from 0) in a thread of its own; ``close()`` stops accepting and closes
+    what is open, so a handler that waits for ever ends with the test."""
+
+    def __init__(self, handler: Callable[[socket.socket, int], None]) -> None:
+        self.handler = handler
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        self.requests: list[bytes] = []
+        self.closed = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/pointer"
+
+    def _accept(self) -> None:
+        n = 0
+        while not self.closed.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            threading.Thread(target=self._serve, args=(conn, n), daemon=True).start()
+            n += 1
+
+    def _serve(self, conn: socket.socket, n: int) -> None:
+        try:
+            conn.settimeout(60)
+            self.requests.append(read_request(conn))
+            self.handler(conn, n)
+        except OSError:
+            pass
+        finally:
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+    def sleep(self, seconds: float) -> bool:
+        """Sleep unless the server is closing; False when it is."""
+        return not self.closed.wait(seconds)
+
+    def close(self) -> None:
+        self.closed.set()
+        self.sock.close()
+        for conn in self.conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+                conn.close()
+            except OSError:
+                pass
+
+
+def read_request(conn: socket.socket) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data and len(data) < 65536:
+        piece = conn.recv(4096)
+        if not piece:
+            break
+        data += piece
+    return data
