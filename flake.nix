@@ -94,7 +94,7 @@
                 export NIX_STORE_DIR=$TEST_ROOT/store
                 nix-store --init
                 cp -r $src source && chmod -R u+w source && cd source
-                python3 -m pytest -q -p no:cacheprovider tests/test_module.py
+                python3 -m pytest -q -p no:cacheprovider tests/test_module.py tests/test_module_boot.py
                 touch $out
               '';
 

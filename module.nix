@@ -602,6 +602,31 @@ in
     };
   };
 
+  # --- Boot assessment (issue #13): options --------------------------------
+  options.system.autoDeploy.bootAssessment = {
+    enable = mkEnableOption ''
+      the boot assessment: a check unit, ordered before and required by
+      `boot-complete.target`, that runs `nixos-autodeploy check-boot` with the
+      agent's health checks and connectivity check. With systemd-boot's boot
+      counting ({option}`boot.loader.systemd-boot.bootCounting.enable`), a
+      failing check keeps the boot entry from being blessed by
+      `systemd-bless-boot.service`, and after its tries the boot loader falls
+      back to the previous generation. See {manpage}`systemd.special(7)`
+      (`boot-complete.target`) and {manpage}`systemd-bless-boot.service(8)`
+    '';
+
+    wait = mkOption {
+      type = types.ints.unsigned;
+      default = 300;
+      example = 600;
+      description = ''
+        How long, in seconds, `check-boot` retries failing checks while the
+        network comes up before it gives up and fails the boot. Passed as
+        `check-boot --wait`.
+      '';
+    };
+  };
+
   config = mkMerge [
     (mkIf cfg.enable {
       assertions = [
@@ -755,5 +780,70 @@ in
       # existing one is left as its owner set it up.
       systemd.tmpfiles.rules = mkIf wireFlag [ "d ${cfg.textfileDirectory} 0755 root root - -" ];
     }
+
+    # --- Boot assessment (issue #13): the check unit ---------------------------
+    #
+    # systemd-bless-boot.service (pulled in when systemd-boot booted an entry
+    # with a try counter) requires boot-complete.target; this unit is required
+    # by that target and ordered before it, so a failing check fails the
+    # target and the entry is never marked good. Without boot counting
+    # nothing pulls boot-complete.target in and the unit does not run: the
+    # agent's own verification after the reboot stays the safety net.
+    (mkIf (cfg.enable && cfg.bootAssessment.enable) {
+      warnings =
+        optional (!(config.boot.loader.systemd-boot.bootCounting.enable or false))
+          "system.autoDeploy.bootAssessment is enabled but boot.loader.systemd-boot.bootCounting.enable is not: no boot entry carries a try counter, so nothing reaches boot-complete.target and the boot check does not run (the agent still verifies a boot-mode deploy after the reboot).";
+
+      systemd.services.nixos-autodeploy-boot-check = {
+        description = "nixos-autodeploy boot assessment (health checks before the boot is blessed)";
+        requiredBy = [ "boot-complete.target" ];
+        before = [ "boot-complete.target" ];
+        wants = [ "network-online.target" ];
+        after = [ "network-online.target" ];
+        # Its health checks find what the agent's unit finds.
+        inherit (cfg) path environment;
+        # It judges a boot, not a configuration: never (re)started by an activation.
+        restartIfChanged = false;
+        unitConfig.X-StopOnRemoval = false;
+        serviceConfig = {
+          Type = "oneshot";
+          RemainAfterExit = true;
+          ExecStart =
+            utils.escapeSystemdExecArgs (
+              [
+                "${cfg.package}/bin/nixos-autodeploy"
+                "check-boot"
+                "--url"
+                cfg.url
+                "--wait"
+                (toString cfg.bootAssessment.wait)
+                "--timeout"
+                (toString cfg.timeout)
+                "--health-timeout"
+                (toString cfg.healthTimeout)
+              ]
+              ++ optionals (cfg.stateDir != defaultStateDir) [
+                "--state-dir"
+                cfg.stateDir
+              ]
+              ++ lib.concatMap (check: [
+                "--health-check"
+                check
+              ]) cfg.healthChecks
+              ++ optional (!cfg.connectivityCheck) "--no-connectivity-check"
+            )
+            + lib.optionalString (cfg.tokenFile != null) " --token-file %d/${tokenCredential}";
+          # Bounded: the retries, one last round of checks, and some slack.
+          TimeoutStartSec = cfg.bootAssessment.wait + cfg.healthTimeout + 60;
+        }
+        // lib.optionalAttrs (stateDirectory != null) {
+          StateDirectory = stateDirectory;
+          StateDirectoryMode = "0700";
+        }
+        // lib.optionalAttrs (cfg.tokenFile != null) {
+          LoadCredential = "${tokenCredential}:${cfg.tokenFile}";
+        };
+      };
+    })
   ];
 }

@@ -35,6 +35,12 @@ EXPECTED_ALERTS = {
     "NixosAutodeployQuarantined",
     "NixosAutodeploySuspended",
     "NixosAutodeployPointerRefused",
+    # issue #13
+    "NixosAutodeployPointerMalformed",
+    "NixosAutodeployBootFailed",
+    "NixosAutodeployBootSpace",
+    "NixosAutodeployMetricsGone",
+    "NixosAutodeployBehindUpstream",
 }
 
 
@@ -72,8 +78,17 @@ def test_promtool_unit_tests_pass():
         # old last_success must then fire, and the test must notice
         ("NixosAutodeployFailing", "(nixos_autodeploy_last_run_success == 0)",
          "(nixos_autodeploy_last_run_success >= 0)"),
-        # any state instead of "refused"
-        ("NixosAutodeployPointerRefused", 'state="refused"} == 1', 'state=~".+"} == 1'),
+        # a malformed pointer paging as a possible attack
+        ("NixosAutodeployPointerRefused", 'reason=~"signature|revision|host|expired"}',
+         'reason=~"signature|revision|host|expired|malformed"}'),
+        # issue #13: plausible mistakes in the new rules
+        ("NixosAutodeployPointerMalformed", 'reason="malformed"} == 1', 'reason=~".+"} == 1'),
+        ("NixosAutodeployBootFailed", "increase(nixos_autodeploy_boot_failures_total[1h]) > 0",
+         "nixos_autodeploy_boot_failures_total > 0"),
+        ("NixosAutodeployBootSpace", "nixos_autodeploy_boot_free_bytes < nixos_autodeploy_boot_needed_bytes",
+         "nixos_autodeploy_boot_free_bytes < 2 * nixos_autodeploy_boot_needed_bytes"),
+        ("NixosAutodeployMetricsGone", "[1d])\n          unless", "[1d])\n          or"),
+        ("NixosAutodeployBehindUpstream", "and (nixos_autodeploy_reboot_window_wait == 0)\n", "\n"),
     ],
 )
 def test_unit_tests_catch_a_broken_rule(tmp_path, alert, old, new):

@@ -414,6 +414,8 @@ def test_https_through_the_proxy(proxied_nginx, proxy, ca, monkeypatch):
     ("ftp://example.org/p", "only http"), ("http:///p", "no host"), ("http://a b/p", "spaces"),
     ("http://host/p\x1b[2J", "control"), ("http://[::1/p", "IPv6"), ("http://[zz::1]/p", "IPv6"),
     ("http://host:99999/p", "out of range"), ("example.org/pointer", "only http"),
+    ("http://h%00x/p", "percent-escapes"), ("http://a..b/p", "bad host name"), (f"http://{'a' * 70}.com/p", "bad host"),
+    ("http://h:0/p", "port 0"),
 ])
 def test_bad_urls_are_usage_errors(url, needle):
     import argparse
@@ -426,3 +428,70 @@ def test_urls_are_encoded():
     assert ad.http_url("https://bücher.example/päth?q=ü") == "https://xn--bcher-kva.example/p%C3%A4th?q=%C3%BC"
     assert ad.http_url("http://[::1]:8080/p") == "http://[::1]:8080/p"
     assert ad.http_url("http://u:p@host/a%20b") == "http://u:p@host/a%20b"
+
+
+# ---------------------------------------------------------------------------
+# Found by the adversarial review of this fetcher (each reproduced first)
+
+
+def test_proxy_credentials_never_reach_a_hop_that_bypasses_the_proxy(tmp_path, ca, proxy, raw_server,
+                                                                     monkeypatch):
+    capture = raw_server(canned(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
+    nginx = servers.Nginx(tmp_path / "nginx", ca, other_origin=f"http://localhost:{capture.port}")
+    try:
+        monkeypatch.setenv("http_proxy", proxy.url.replace("http://", "http://ops:Pr0xyPass@"))
+        monkeypatch.setenv("no_proxy", "localhost")
+        assert fetch(f"{nginx.base}/elsewhere").body == b"ok"   # via the proxy, then direct
+    finally:
+        nginx.close()
+    assert b"proxy-authorization" not in capture.requests[0].lower()
+    assert b"Pr0xyPass" not in capture.requests[0]
+
+
+def test_proxy_password_echoed_by_the_proxy_is_masked(raw_server, monkeypatch):
+    fake_proxy = raw_server(canned(b"HTTP/1.1 407 Proxy Authentication Required for ops:Pr0xyPass\r\n"
+                                   b"Content-Length: 0\r\n\r\n"))
+    monkeypatch.setenv("https_proxy", f"http://ops:Pr0xyPass@127.0.0.1:{fake_proxy.port}")
+    message = refused("https://127.0.0.1:9/pointer")
+    assert "407" in message and "Pr0xyPass" not in message
+
+
+@pytest.mark.parametrize("response", [
+    b"HTTP/1.1 200 OK\r\nContent-Encoding: TOK-8C1F2E-secret-TOKEN-WITH-A-LONG-TAIL-xyz\r\n\r\nabc",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\ntok-8c1f2e-SECRET-TOKEN-WITH-A-LONG-TAIL-xyz\r\n",
+], ids=["content-encoding", "chunk-size"])
+def test_token_echoed_in_framing_is_masked(raw_server, response):
+    srv = raw_server(canned(response))
+    message = refused(srv.url, token="tok-8c1f2e-SECRET-TOKEN-WITH-A-LONG-TAIL-xyz")
+    assert "8c1f2e" not in message.lower()
+
+
+def test_a_non_http_service_behind_a_redirect_is_not_read_back(raw_server):
+    banner = raw_server(canned(b"220 mail.internal.corp ESMTP Postfix secret-build-42 " + b"x" * 60000 + b"\r\n"))
+    start = raw_server(canned(f"HTTP/1.1 302 Found\r\nLocation: http://localhost:{banner.port}/\r\n\r\n".encode()))
+    message = refused(start.url)
+    assert "not an HTTP response" in message
+    assert "mail.internal" not in message and len(message) < 300
+
+
+def test_dns_that_never_answers_is_cut_off_by_the_deadline(monkeypatch):
+    import socket as socket_mod
+
+    def hanging(*args, **kwargs):
+        time.sleep(8)
+        raise socket_mod.gaierror(-3, "Temporary failure in name resolution")
+    monkeypatch.setattr(socket_mod, "getaddrinfo", hanging)
+    started = time.monotonic()
+    assert "timed out after 1.5s" in refused("http://pointer.example/p", timeout=1.5)
+    assert time.monotonic() - started < 2.5
+
+
+def test_url_credentials_are_masked_in_every_form(raw_server):
+    echo = b"pointer for deploy, ZGVwbG95OnBAc3Mh and p@ss! and p%40ss%21"
+    srv = raw_server(canned(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(echo), echo)))
+    resp = fetch(srv.url.replace("http://", "http://deploy:p%40ss%21@"))
+    with pytest.raises(ad.PointerError) as exc:
+        ad.parse_pointer(resp.body)
+    message = str(exc.value)
+    assert "ZGVwbG95OnBAc3Mh" not in message and "p@ss!" not in message and "p%40ss%21" not in message
+    assert "***" in message

@@ -197,10 +197,13 @@ def test_disk_full_right_after_the_profile_changed_rolls_back(host, world, serve
     assert host.once(host.url).returncode == 0
     server.pointer(b)
     host.ctl("fill-after-nix-env").write_text("")
+    host.ctl("fail").write_text(a + "\n")   # a unit of `a` fails when restarted: no activation may happen
+    activations = len(host.activations())
     r = host.once(host.url)
     assert r.returncode == 9, r.stderr
     assert host.profile == a and host.current == a, r.stderr   # converged: nothing half-done
-    assert not any(line.split()[0] == b for line in host.activations())
+    assert len(host.activations()) == activations               # nothing was activated, not even `a`
+    host.ctl("fail").unlink()
     (state_dir / "filler").unlink()
     r = host.once(host.url)                  # the next run converges and deploys
     assert r.returncode == 0, r.stderr
@@ -650,3 +653,71 @@ def test_agent_is_executable_in_git():
     assert r.stdout.startswith("100755 "), r.stdout
     r = subprocess.run([str(AGENT), "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "--url" in r.stdout and "--once" in r.stdout and "trust-reset" in r.stdout
+
+
+def test_what_a_server_can_make_us_persist_is_bounded(host, world, server):
+    server.set("/pointer", world.path("a") + "\n" + "".join(f"x-junk-{i}: {'z' * 900}\n" for i in range(60)),
+               etag=True)
+    r = host.once(host.url)
+    assert r.returncode == 0, r.stderr
+    state_file = host.var_lib / "nixos-autodeploy" / "state.json"
+    assert host.state()["pointer"] is None          # over 8 KiB: never kept, never replayed
+    assert state_file.stat().st_size < 8 * 1024
+    r = host.once(host.url)
+    assert r.returncode == 0 and "If-None-Match" not in pointer_requests(server)[-1]["headers"]
+
+
+# ---------------------------------------------------------------------------
+# Found by the adversarial review of this change (each reproduced first)
+
+
+def test_token_echoed_as_a_pointer_key_leaks_nowhere(host, world, server, tmp_path):
+    token = "deadbeefcafe0123456789abcdef0123"
+    token_file = host.var_lib / "token"
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
+    hook, dump = hook_dump(host, tmp_path)
+    for body in (f"{world.path('a')}\n{token}: echoed\n", f"{world.path('a')}\nx-{token}: 1\nx-{token}: 2\n"):
+        server.set("/pointer", body)
+        r = host.once(host.url, "--token-file", "/var/lib/token", "--on-failure", hook)
+        assert r.returncode == 4, r.stderr
+        assert token not in r.stderr + everything_persisted(host) + dump.read_text()
+
+
+def test_full_run_directory_during_activation_still_deploys(host, world, server):
+    b = world.path("b")
+    assert host.once(host.url).returncode == 0
+    run_dir = host.small_disk("/run/nixos-autodeploy", "16k")
+    fill_leaving(run_dir, 0)
+    server.pointer(b)
+    r = host.once(host.url)
+    assert r.returncode == 0, r.stderr
+    assert "cannot write /run/nixos-autodeploy/activating" in r.stderr
+    assert host.current == b and host.profile == b and host.state()["intent"] is None
+
+
+def test_credentials_to_a_plain_http_signature_url_are_warned_about(host, world, keys, tmp_path):
+    token_file = host.var_lib / "token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
+    trusted = trust_file(tmp_path / "t.pub", keys["ci1"].public)
+    r = host.once("https://127.0.0.1:9/pointer", "--signature-url", "http://127.0.0.1:9/pointer.sig",
+                  "--trusted-keys", str(trusted), "--token-file", "/var/lib/token", "--timeout", "1")
+    assert r.stderr.count("credentials are sent over plain http://") == 1, r.stderr
+
+
+def test_a_key_past_valid_before_is_refused_within_the_hour(host, world, server, keys, tmp_path):
+    valid_before = time.strftime("%Y%m%d%H%M%SZ", time.gmtime(time.time() + 4))
+    trusted = trust_file(tmp_path / "signers", f'ci valid-before="{valid_before}" {keys["ci1"].public}')
+    body, sig = sign(keys["ci1"], 1, world.path("a"), tmp_path / "p")
+    serve(server, body, sig)
+    assert host.once(host.url, "--trusted-keys", str(trusted)).returncode == 0
+    time.sleep(5)
+    r = host.once(host.url, "--trusted-keys", str(trusted))
+    assert r.returncode == 0, r.stderr      # the same pointer, verified less than an hour ago
+    state_file = host.var_lib / "nixos-autodeploy" / "state.json"
+    data = json.loads(state_file.read_text())
+    data["pointer"]["verified_at"] -= 3601
+    state_file.write_text(json.dumps(data))
+    r = host.once(host.url, "--trusted-keys", str(trusted))
+    assert r.returncode == 4 and error_kind(host) == "signature", r.stderr

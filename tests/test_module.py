@@ -284,6 +284,9 @@ CASES = {
     "node-prom-elsewhere": node("enable = true;", 'prometheusFilePath = "/tmp/elsewhere.prom";'),
     "node-textfile-listed": node('enable = true; enabledCollectors = [ "systemd" "textfile" ];'),
     "node-textfile-disabled": node('enable = true; disabledCollectors = [ "textfile" ];'),
+    # the boot assessment (issue #13): its check unit shares path and token
+    "boot-assessment": ad('''bootAssessment.enable = true; tokenFile = "/run/keys/token";
+        healthChecks = [ "curl -fsS http://localhost/" ]; path = [ pkgs.curl ];'''),
     # the README quick start, the flake's module-nixos host, the VM test's nodes
     "readme-quick-start": readme_quick_start(),
     "flake-check-host": str(REPO / "tests" / "module-check-host.nix"),
@@ -926,8 +929,13 @@ let
     modules = h.modules ++ [ @REPO@/module.nix agent.base extra ];
   }).config;
   fake = name: "/nix/store/${builtins.substring 0 32 (builtins.hashString "sha256" name)}-nixos-system-machine-${name}";
-  units = c: lib.mapAttrs (_: u: u.text) (lib.filterAttrs
-    (n: _: lib.hasPrefix "nixos-autodeploy" n || lib.hasPrefix "prometheus-" n) c.systemd.units);
+  ours = c: lib.filterAttrs
+    (n: _: lib.hasPrefix "nixos-autodeploy" n || lib.hasPrefix "prometheus-" n) c.systemd.units;
+  describe = marker: c: {
+    inherit marker;
+    units = lib.mapAttrs (_: u: u.text) (ours c);
+    requiredBy = lib.mapAttrs (_: u: u.requiredBy) (ours c);
+  };
   base = evalSystem { };
   variants = lib.mapAttrs (_: v: evalSystem { system.autoDeploy = v.autoDeploy; }) agent.variants;
   # `nodes.machine` as the script sees it: the evaluated configuration, with
@@ -936,15 +944,32 @@ let
     system = base.system // { build.toplevel = fake "base"; };
     autodeployTest.systems = lib.mapAttrs (n: _: fake n) agent.variants;
   };
+  # `counted`: its agent part under the harness; the "broken" variant only
+  # differs in its marker file.
+  counted = (lib.evalModules { modules = h.modules ++ [ @REPO@/module.nix agent.counted ]; }).config;
+  nodes.counted = counted // {
+    system = counted.system // { build.toplevel = fake "counted-base"; };
+    autodeployTest.broken = fake "counted-broken";
+  };
   vm = import @REPO@/tests/vm-test.nix { pkgs = { inherit lib; }; nixosModule = { }; };
 in {
   script = vm.testScript { inherit nodes; };
   nodeNames = builtins.attrNames vm.nodes;
-  systems = { ${fake "base"} = { marker = "base"; units = units base; }; }
-    // lib.mapAttrs' (n: v: lib.nameValuePair (fake n) {
-      inherit (agent.variants.${n}) marker;
-      units = units v;
-    }) variants;
+  guests = {
+    machine = {
+      base = fake "base";
+      systems = { ${fake "base"} = describe "base" base; }
+        // lib.mapAttrs' (n: v: lib.nameValuePair (fake n) (describe agent.variants.${n}.marker v)) variants;
+    };
+    counted = {
+      base = fake "counted-base";
+      counting = true;
+      systems = {
+        ${fake "counted-base"} = describe "base" counted;
+        ${fake "counted-broken"} = describe "broken" counted;
+      };
+    };
+  };
 }
 """
 
@@ -982,12 +1007,16 @@ def _world(render):
     import driver_standin as ds
     script = render["script"]
     const = dict(re.findall(r'^([A-Z_]+) = "([^"]*)"$', script, re.M))
-    systems = {}
-    for path, s in render["systems"].items():
-        argv = parse_exec(value(s["units"][SVC], "Service", "ExecStart"))
-        systems[path] = ds.System(path, s["marker"], s["units"], argv)
-    world = ds.World(systems, const["BASE"], const["TOKEN"], const["TOKEN_FILE"], const["PROM"],
-                     _agent_parser(), int(re.search(r"localhost:(\d+)/metrics", script).group(1)))
+    world = ds.World(_agent_parser(), const["TOKEN"], const["TOKEN_FILE"], const["PROM"],
+                     int(re.search(r"localhost:(\d+)/metrics", script).group(1)))
+    for name, guest in render["guests"].items():
+        systems = {
+            path: ds.System(path, s["marker"], s["units"],
+                            parse_exec(value(s["units"][SVC], "Service", "ExecStart")),
+                            s["requiredBy"])
+            for path, s in guest["systems"].items()}
+        world.add_guest(name, systems, guest["base"], guest.get("counting", False))
+    assert world.guests["machine"].current == const["BASE"]
     return ds, script, world
 
 
@@ -999,17 +1028,21 @@ def test_driver_standin_has_the_real_signatures():
 
 def test_vm_test_script_runs_against_the_driver_standin(vm_render):
     ds, script, world = _world(vm_render)
-    assert sorted(vm_render["nodeNames"]) == ["cache", "machine"]
-    driver = ds.run_script(script, world)
-    assert len(driver.subtests) >= 12, driver.subtests
-    for name in ("tokenFile", "trustedKeys", "switchMode/rebootMode"):
+    assert sorted(vm_render["nodeNames"]) == ["cache", "counted", "machine"]
+    driver = ds.run_script(script, world, vm_render["nodeNames"])
+    assert len(driver.subtests) >= 13, driver.subtests
+    for name in ("tokenFile", "trustedKeys", "switchMode/rebootMode", "boot check"):
         assert any(name in s for s in driver.subtests), name
-    machine = driver.machines[1]
-    # the reboot: the module's own wiring staged BOOT_B and rebooted; the
+    by_name = {m.name: m for m in driver.machines}
+    # the reboots: the module's own wiring staged a system and rebooted; the
     # script waited for QEMU to exit and started the machine again
-    starts = [c for c in machine.calls if c[0] in ("start", "wait_for_shutdown")]
-    assert [c[0] for c in starts] == ["start", "wait_for_shutdown", "start"], starts
-    assert world.booted == world.current and world.current.endswith("-boot-b")
+    for name, boots in (("machine", 2), ("counted", 3)):
+        calls = [c[0] for c in by_name[name].calls if c[0] in ("start", "wait_for_shutdown")]
+        assert calls == ["start"] + ["wait_for_shutdown", "start"] * (boots - 1), (name, calls)
+    machine = world.guests["machine"]
+    assert machine.booted == machine.current and machine.current.endswith("-boot-b")
+    counted = world.guests["counted"]
+    assert counted.current.endswith("-counted-base") and counted.state.boot_failures == 1
 
 
 @pytest.mark.parametrize("mutation,error", [
@@ -1031,7 +1064,7 @@ def test_driver_standin_rejects_what_the_driver_would(vm_render, mutation, error
     old, new = mutation
     assert old in script, old
     with pytest.raises(error):
-        ds.run_script(script.replace(old, new, 1), world)
+        ds.run_script(script.replace(old, new, 1), world, vm_render["nodeNames"])
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c not in (
@@ -1053,3 +1086,18 @@ def test_command_lines_parse_with_the_agents_parser(matrix, case):
         return
     args = parse(argv)
     assert args.url == flag_values(argv, "--url")[-1]
+
+
+def test_boot_check_unit_shares_path_token_and_checks(matrix):
+    r = matrix["boot-assessment"]
+    assert r["failedAssertions"] == []
+    text = r["units"]["nixos-autodeploy-boot-check.service"]
+    assert value(text, "Unit", "Before") == "boot-complete.target"
+    assert environment(text)["PATH"].startswith(f"{CURL}/bin:")
+    assert value(text, "Service", "LoadCredential") == "token:/run/keys/token"
+    argv = parse_exec(value(text, "Service", "ExecStart"))
+    assert argv[1] == "check-boot"
+    assert flag_values(argv, "--health-check") == ["curl -fsS http://localhost/"]
+    argv = [a.replace("%d/", "/run/credentials/x/") for a in argv]
+    args = _agent_parser()(argv)
+    assert args.command == "check-boot" and args.url == URL

@@ -13,7 +13,7 @@ STATUS_FIELDS = {
     "version", "current", "booted", "profile", "deployed", "upstream", "upstream_revision", "state", "reason",
     "dirty", "suspended", "suspend_reason", "suspended_since", "quarantined", "quarantine_reason", "last_run",
     "last_run_success", "last_success", "last_error", "reboot_required", "reboot_reason", "rollbacks_total",
-    "deploys_total", "interrupted_deploy",
+    "deploys_total", "interrupted_deploy", "boot_failure", "boot_free_bytes", "history",
 }
 
 

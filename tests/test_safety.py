@@ -208,19 +208,24 @@ def test_boot_deploy_verified_after_reboot(host, world, server):
     assert_host(host, current=b, profile=b, deployed=b)
 
 
-def test_booted_previous_system_is_reported_not_dirty(host, world, server):
+def test_booted_previous_system_is_a_boot_failure_not_dirty(host, world, server):
+    """Issue #13: a boot loader fallback is a failed deploy, reported once
+    (tests/test_boot.py has the details), never dirty, never a reboot loop."""
     a, b = world.path("a"), world.path("b")
     track(host)
     server.pointer(b)
     assert host.once(host.url, "--switch-mode", "boot", "--reboot-mode", "reboot").returncode == 0
     host.ctl("boot-default").write_text(a + "\n")  # the boot loader fell back to a
     host.reboot()
+    r = host.once(host.url, "--switch-mode", "boot", "--reboot-mode", "reboot")
+    assert r.returncode == 5, r.stderr
+    assert state_gauge(host) == "boot_failed"
     for _ in range(2):
-        r = host.once(host.url, "--switch-mode", "boot", "--reboot-mode", "reboot")
-        assert r.returncode == 0, r.stderr
-        assert state_gauge(host) == "booted_previous"
         assert host.metrics()["nixos_autodeploy_dirty"] == 0
         assert host.metrics()["nixos_autodeploy_reboot_required"] == 0
+        r = host.once(host.url, "--switch-mode", "boot", "--reboot-mode", "reboot")
+        assert r.returncode == 0, r.stderr
+        assert state_gauge(host) == "quarantined"
     assert host.calls().count("systemctl reboot") == 1  # no reboot loop
     assert '"reboot_required": false' in host.agent("status", "--json").stdout
     assert "boot loader fallback" in host.agent("status").stdout

@@ -49,7 +49,7 @@ def test_refusal_shows_input_escaped_and_truncated():
     with pytest.raises(ad.PointerError) as exc:
         ad.parse_pointer(b"\x1b[2J" + b"x" * 1000)
     msg = str(exc.value)
-    assert "\\x1b" in msg and "\x1b" not in msg and "(1004 bytes)" in msg and len(msg) < 300
+    assert "\\x1b" in msg and "\x1b" not in msg and "(1004 characters)" in msg and len(msg) < 300
 
 
 def test_parse_json_field():
@@ -192,6 +192,12 @@ def test_help_explains_every_option():
     ("h\u00f6sts: web1", "lower-case ASCII"),
     ("hosts: web1\x1b[2J", "control characters"),
     ("x-commit: abc\nx-commit: def", "twice"),
+    ("\u3000revision: 5", "lower-case ASCII"),                # an ideographic space before the key
+    ("revision\xa0: 5", "lower-case ASCII"),
+    ("revision: 5\u2028hosts: *", "control characters"),     # not a line break here
+    ("revision: 5\x1chosts: *", "control characters"),
+    ("revision: 0005", "whole number"),
+    ("revision: +5", "whole number"),
 ])
 def test_metadata_is_strict(lines, needle):
     with pytest.raises(ad.PointerError) as exc:
@@ -209,6 +215,9 @@ def test_metadata_known_keys_and_annotations():
 @pytest.mark.parametrize("line,needle", [
     ('namespaces="git" ssh-ed25519 AAAAC3Nza', "starts with options"),
     ('cert-authority ssh-ed25519 AAAAC3Nza', "starts with options"),
+    ('restrict ssh-ed25519 AAAAC3Nza', "starts with options"),
+    ('verify-required ssh-ed25519 AAAAC3Nza', "starts with options"),
+    ('no-touch-required ssh-ed25519 AAAAC3Nza', "starts with options"),
     ('ci@example', "no public key"),
 ])
 def test_trusted_keys_lines_with_options_first_are_refused(tmp_path, line, needle):
@@ -221,7 +230,9 @@ def test_trusted_keys_lines_with_options_first_are_refused(tmp_path, line, needl
 
 def test_state_with_wrong_types_is_corrupt():
     for bad in ({"highest_revision": "5"}, {"highest_revision": True}, {"highest_revision": -1},
-                {"rollbacks_total": None}, {"deployed": 5}, [], {"pointer": "x"}):
+                {"rollbacks_total": None}, {"deployed": 5}, [], {"pointer": "x"},
+                {"interrupted": {"/nix/store/x": "2"}}, {"last_error": {"message": 5}},
+                {"intent": {"phase": "activate", "previous_profile": 5}}, {"intent": {"activated": "yes"}}):
         with pytest.raises(ad.StateError):
             ad.State.from_json(bad, "state.json")
     state = ad.State.from_json({"highest_revision": 5, "unknown_future_field": 1}, "state.json")
@@ -255,3 +266,21 @@ def test_atomic_write_failure_keeps_the_old_file_and_no_temp(tmp_path, monkeypat
     monkeypatch.undo()
     assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert calls == [100, 97]  # the short write was continued, not ignored
+
+
+@pytest.mark.parametrize("content", ["null", "[]", '{"last_run": NaN}', "[" * 100000 + "]" * 100000,
+                                     '{"highest_revision": 5'])
+def test_state_files_that_are_not_an_object_fail_closed(tmp_path, content):
+    for name in ("state.json", "revision-floor"):
+        d = tmp_path / name.replace(".", "-")
+        d.mkdir(mode=0o700)
+        (d / name).write_text(content)
+        with pytest.raises(ad.StateError):
+            ad.StateStore(str(d)).load()
+
+
+def test_deeply_nested_json_pointer_is_refused():
+    with pytest.raises(ad.PointerError):
+        ad.parse_pointer(b"[" * 100000 + b"]" * 100000, "a.b")
+    with pytest.raises(ad.PointerError):
+        ad.parse_pointer(b'{"a": NaN}', "a")

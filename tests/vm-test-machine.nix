@@ -1,5 +1,5 @@
-# What the VM test's `machine` node sets for the agent, and the variants of
-# it the test deploys. Shared by tests/vm-test.nix (which adds the VM-only
+# What the VM test's `machine` and `counted` nodes set for the agent, and the
+# variants of `machine` the test deploys. Shared by tests/vm-test.nix (which adds the VM-only
 # parts: boot loader, disk, the /etc marker file) and tests/test_module.py,
 # which evaluates `base` and every variant under the option harness and
 # asserts their units, so that what the VM runs is checked in CI too.
@@ -34,6 +34,29 @@ rec {
       services.prometheus.exporters.node.enable = true;
 
       # The test starts every run itself (and the timer once, at the end).
+      systemd.timers.nixos-autodeploy.wantedBy = lib.mkForce [ ];
+      systemd.services.nixos-autodeploy.unitConfig.StartLimitIntervalSec = 0;
+    };
+
+  # The `counted` node (boot counting, issue #13): the agent's part. Its
+  # "broken" variant fails the health check, at boot and after a switch.
+  # switchMode/rebootMode are the module's own: a deploy stages and reboots.
+  counted =
+    { lib, ... }:
+    {
+      system.autoDeploy = {
+        enable = true;
+        url = "http://cache/pointer-counted";
+        switchMode = "boot";
+        rebootMode = "reboot";
+        healthChecks = [ "! grep -qx broken /etc/autodeploy-test" ];
+        bootAssessment = {
+          enable = true;
+          # Long enough for the cache node to come up during the first boot.
+          wait = 120;
+        };
+      };
+      services.prometheus.exporters.node.enable = true;
       systemd.timers.nixos-autodeploy.wantedBy = lib.mkForce [ ];
       systemd.services.nixos-autodeploy.unitConfig.StartLimitIntervalSec = 0;
     };

@@ -16,6 +16,10 @@
 # LoadCredential=, signed pointers with trustedKeys, the module's own
 # switchMode = "boot" / rebootMode = "reboot" staging a system and rebooting
 # into it, the metrics as scraped from node-exporter, and the timer.
+# A third node, `counted`, boots with systemd-boot and boot counting
+# (boot.loader.systemd-boot.bootCounting) and system.autoDeploy.bootAssessment:
+# a staged system whose boot check fails is not blessed, systemd-boot falls
+# back to the previous generation, and the agent reports boot_failed once.
 #
 # tests/test_module.py evaluates the agent's part of the nodes under its
 # option harness, renders testScript with stand-in nodes and runs it against a
@@ -68,6 +72,9 @@ in
         "d /srv/cache 0755 root root - -"
         "d /srv/private 0755 root root - -"
         "d /srv/signed 0755 root root - -"
+        # `counted` runs its boot check (connectivity included) on its very
+        # first boot: its pointer must exist from the start.
+        "f /srv/cache/pointer-counted 0644 root root - ${nodes.counted.system.build.toplevel}"
       ];
       # CI's side of signed pointers: `nixos-autodeploy sign`.
       environment.systemPackages = [ nodes.machine.system.autoDeploy.package ];
@@ -80,7 +87,11 @@ in
       virtualisation.additionalPaths = [
         nodes.machine.system.build.toplevel
       ]
-      ++ lib.attrValues nodes.machine.autodeployTest.systems;
+      ++ lib.attrValues nodes.machine.autodeployTest.systems
+      ++ [
+        nodes.counted.system.build.toplevel
+        nodes.counted.autodeployTest.broken
+      ];
       virtualisation.diskSize = 8192;
       virtualisation.memorySize = 2048;
     };
@@ -137,10 +148,64 @@ in
       };
     };
 
+  # systemd-boot with boot counting; its "broken" variant boots but fails the
+  # boot check (the health check looks for the marker).
+  nodes.counted =
+    {
+      config,
+      lib,
+      extendModules,
+      ...
+    }:
+    {
+      imports = [
+        nixosModule
+        agent.counted
+      ];
+
+      options.autodeployTest.broken = lib.mkOption {
+        type = lib.types.raw;
+        internal = true;
+        description = "A variant of this machine's system that fails its boot check.";
+      };
+
+      config = {
+        autodeployTest.broken =
+          (extendModules {
+            modules = [ { environment.etc."autodeploy-test".text = "broken"; } ];
+          }).config.system.build.toplevel;
+        environment.etc."autodeploy-test".text = lib.mkDefault "base";
+
+        boot.loader.systemd-boot = {
+          enable = true;
+          # One try: the first boot that is not blessed makes the entry bad.
+          bootCounting = {
+            enable = true;
+            tries = 1;
+          };
+        };
+        boot.loader.efi.canTouchEfiVariables = true;
+
+        nix.settings = {
+          substituters = lib.mkForce [ "http://cache" ];
+          require-sigs = false;
+        };
+        virtualisation = {
+          useBootLoader = true;
+          useEFIBoot = true;
+          writableStoreUseTmpfs = false;
+          memorySize = 2048;
+          diskSize = 4096;
+        };
+        documentation.enable = false;
+      };
+    };
+
   testScript =
     { nodes, ... }:
     let
       m = nodes.machine;
+      c = nodes.counted;
       systems = m.autodeployTest.systems;
       exporterPort = toString m.services.prometheus.exporters.node.port;
     in
@@ -423,5 +488,74 @@ in
           retry(lambda _last: gauge("nixos_autodeploy_last_run_timestamp_seconds") > before,
                 timeout_seconds=300)
           expect(0, BOOT_B)
+
+      with subtest("a staged system that fails its boot check is not blessed and the host falls back"):
+          COUNTED_BASE = "${c.system.build.toplevel}"
+          BROKEN = "${c.autodeployTest.broken}"
+
+          def counted_publish(path):
+              cache.succeed(f"nix copy --to 'file:///srv/cache?compression=none' {path}")
+              time.sleep(1.1)
+              cache.succeed(f"echo {path} > /srv/cache/pointer-counted.new && "
+                            "mv /srv/cache/pointer-counted.new /srv/cache/pointer-counted")
+
+          def counted_current():
+              return counted.succeed("readlink -f /run/current-system").strip()
+
+          def counted_metrics():
+              return counted.succeed(f"cat {PROM}")
+
+          def counted_reboots():
+              """QEMU runs with -no-reboot (allow_reboot=False): it exits at the
+              guest's reboot; start it again."""
+              counted.wait_for_shutdown()
+              counted.start()
+              counted.wait_for_unit("multi-user.target")
+
+          counted.wait_for_unit("multi-user.target")
+          # The first boot passed its boot check and was blessed.
+          counted.wait_until_succeeds("systemctl is-active nixos-autodeploy-boot-check.service", timeout=300)
+          # systemd-bless-boot removed the counter from the entry's name.
+          counted.wait_until_succeeds("! ls /boot/loader/entries | grep -qF '+'", timeout=60)
+          unit = counted.succeed("systemctl cat nixos-autodeploy-boot-check.service")
+          assert "Before=boot-complete.target" in unit, unit
+          assert "boot-complete.target" in counted.succeed(
+              "systemctl show -P RequiredBy nixos-autodeploy-boot-check.service"
+          )
+          line = counted.succeed("systemctl show -P ExecStart nixos-autodeploy.service")
+          assert "--switch-mode boot" in line and "--reboot-mode reboot" in line, line
+          counted_publish(COUNTED_BASE)
+          counted.succeed("systemctl start nixos-autodeploy.service")  # tracking
+          counted_publish(BROKEN)
+          # The module's switchMode/rebootMode: the run stages BROKEN and
+          # reboots into it, whose entry carries a try counter.
+          counted.succeed("systemctl start --no-block nixos-autodeploy.service")
+          counted_reboots()
+          assert counted_current() == BROKEN, counted_current()
+          # The boot check fails (after its bounded wait): boot-complete.target
+          # is not reached, systemd-bless-boot does not mark the entry good.
+          counted.wait_until_succeeds("systemctl is-failed nixos-autodeploy-boot-check.service", timeout=400)
+          counted.fail("systemctl is-active boot-complete.target")
+          counted.succeed("ls /boot/loader/entries | grep -q '+0'")  # no tries left
+          # Reboot without the agent: systemd-boot skips the bad entry.
+          counted.succeed("systemctl start --no-block reboot.target")
+          counted_reboots()
+          assert counted_current() == COUNTED_BASE, counted_current()
+          # Reported once, as a failure: exit 5, boot_failed, quarantined, the
+          # profile back on what runs.
+          counted.fail("systemctl start nixos-autodeploy.service")
+          text = counted_metrics()
+          assert 'nixos_autodeploy_state{state="boot_failed"} 1' in text, text
+          assert "nixos_autodeploy_boot_failures_total 1" in text, text
+          assert "nixos_autodeploy_last_run_success 0" in text, text
+          assert f'nixos_autodeploy_quarantined{{path="{BROKEN}"}} 1' in text, text
+          assert counted.succeed("readlink -f /nix/var/nix/profiles/system").strip() == COUNTED_BASE
+          counted.succeed("systemctl start nixos-autodeploy.service")
+          text = counted_metrics()
+          assert 'nixos_autodeploy_state{state="quarantined"} 1' in text, text
+          assert "nixos_autodeploy_boot_failures_total 1" in text, text
+          status = counted.succeed("${c.system.autoDeploy.package}/bin/nixos-autodeploy status")
+          assert "boot failure" in status and "history" in status, status
+          assert "no tries left" in status, status
     '';
 }

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -284,6 +285,11 @@ class Host:
         self.nix, self.run_dir, self.var_lib = root / "nix", root / "run", root / "var-lib"
         for d in (self.nix, self.run_dir, self.var_lib):
             d.mkdir(parents=True, exist_ok=True)
+        # The kernel's boot ID as this host sees it (bound over
+        # /proc/sys/kernel/random/boot_id): reboot() gives it a new one.
+        self.boot_id_file = root / "boot_id"
+        self.boot_id_file.write_text(str(uuid.uuid4()) + "\n")
+        self.boot_mount: Path | None = None  # a tmpfs at /boot, see mount_boot()
         self.env = {
             "PATH": f"{STANDIN_BIN}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
             "NIX_CONFIG": base_nix_config(
@@ -299,7 +305,30 @@ class Host:
 
     @property
     def binds(self) -> dict[str, Path]:
-        return {"/nix": self.nix, "/run": self.run_dir, "/var/lib": self.var_lib}
+        binds = {"/nix": self.nix, "/run": self.run_dir, "/var/lib": self.var_lib,
+                 "/proc/sys/kernel/random/boot_id": self.boot_id_file}
+        if self.boot_mount is not None:
+            binds["/boot"] = self.boot_mount
+        return binds
+
+    def mount_boot(self, size: int, layout: str = "systemd-boot") -> Path:
+        """A separate /boot for this host: a tmpfs of `size` bytes, laid out
+        like systemd-boot's (EFI/nixos, loader/entries) or GRUB's (grub,
+        kernels).  unmount_boot() removes it."""
+        mnt = self.root / "boot"
+        mnt.mkdir(exist_ok=True)
+        subprocess.run([MOUNT, "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(mnt)], check=True)
+        self.boot_mount = mnt
+        dirs = ["EFI/nixos", "loader/entries"] if layout == "systemd-boot" else ["grub", "kernels"]
+        for d in dirs:
+            (mnt / d).mkdir(parents=True, exist_ok=True)
+        self.ctl("boot-copies").write_text("")  # the stand-in installer copies kernels now
+        return mnt
+
+    def unmount_boot(self) -> None:
+        if self.boot_mount is not None:
+            subprocess.run(["umount", "-l", str(self.boot_mount)], check=False)
+            self.boot_mount = None
 
     def sh(self, script: str, check: bool = True) -> RunResult:
         r = in_namespace(self.binds, ["/bin/sh", "-c", script], env=self.env, capture_output=True, text=True)
@@ -409,6 +438,7 @@ class Host:
                 entry.unlink()
         os.symlink(default, self.run_dir / "current-system")
         os.symlink(default, self.run_dir / "booted-system")
+        self.boot_id_file.write_text(str(uuid.uuid4()) + "\n")
 
     def small_disk(self, where: str, size: str) -> Path:
         """Mount a tmpfs of `size` at the host's `where` (under /var/lib or

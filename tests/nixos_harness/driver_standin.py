@@ -134,7 +134,8 @@ def retry(fn: Callable, timeout_seconds: int = 900) -> None:
         if fn(False):
             return
         CLOCK.sleep(1)
-        WORLD.tick()
+        for guest in WORLD.guests.values():
+            guest.tick()
     if not fn(True):
         raise RequestedAssertionFailed(f"action timed out after {timeout_seconds} seconds")
 
@@ -149,11 +150,13 @@ class ShellGone(RuntimeError):
 
 @dataclass
 class System:
-    """One NixOS system of the test: its marker file and its units."""
+    """One NixOS system of the test: its marker file, its units (text), the
+    units' requiredBy lists, and the agent's command line."""
     path: str
     marker: str
     units: dict[str, str]
     agent_argv: list[str]
+    required_by: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -163,6 +166,14 @@ class Cache:
     signatures: dict[str, tuple[str, int, list[str]]] = field(default_factory=dict)
 
 
+POINTER_FILES = {
+    "http://cache/pointer": "/srv/cache/pointer",
+    "http://cache/pointer-counted": "/srv/cache/pointer-counted",
+    "http://cache/private/pointer": "/srv/private/pointer",
+    "http://cache/signed/pointer": "/srv/signed/pointer",
+}
+
+
 @dataclass
 class AgentState:
     deployed: str | None = None
@@ -170,114 +181,147 @@ class AgentState:
     verified: bool = True
     deploys: int = 0
     upstream_revision: int | None = None
+    quarantined: str | None = None
+    boot_failures: int = 0
 
 
-class World:
-    """The model behind both machines' shells."""
+class Guest:
+    """A NixOS guest: its systems, what runs and boots, its boot entries
+    (systemd-boot with boot counting when `counting`), the agent's state and
+    metrics file."""
 
-    def __init__(self, systems: dict[str, System], base: str, token: str, token_file: str,
-                 prom: str, agent_parser: Callable[[list[str]], Any], exporter_port: int) -> None:
-        self.systems = systems
-        self.cache = Cache()
-        self.token, self.token_file, self.prom = token, token_file, prom
-        self.agent_parser = agent_parser
-        self.exporter_port = exporter_port
-        self.current = self.booted = self.boot_default = base
-        self.machine_store = {base}
+    def __init__(self, world: "World", name: str, systems: dict[str, System], base: str,
+                 counting: bool = False) -> None:
+        self.world, self.name, self.systems, self.counting = world, name, systems, counting
+        self.current = self.booted = self.profile = base
+        self.generations = [base]          # boot entries, oldest first
+        # tries left per entry; None: no counter (blessed, or no boot counting)
+        self.tries: dict[str, int | None] = {base: 1 if counting else None}
+        self.store = {base}
         self.state = AgentState()
         self.metrics: str | None = None
         self.trigger_runs = 0
         self.token_present = False
-        self.pending: list[Callable[[], None]] = []
+        self.pending: list[Callable[[], Any]] = []
         self.reboot_requested = False
-        self.log: list[str] = []
+        self.boot_check: str | None = None
+        self.booted_previous = False
 
     def tick(self) -> None:
         while self.pending:
             self.pending.pop(0)()
 
-    # --- the agent --------------------------------------------------------
-
     def unit(self, name: str) -> str:
         units = self.systems[self.current].units
         if name not in units:
-            raise AssertionError(f"{name} does not exist in {self.current}")
+            raise AssertionError(f"{self.name}: {name} does not exist in {self.current}")
         return units[name]
+
+    # --- boot -------------------------------------------------------------
+
+    def boot(self) -> None:
+        """systemd-boot: the newest entry that still has tries (or no counter)."""
+        usable = [g for g in self.generations if self.tries.get(g) != 0]
+        chosen = usable[-1]
+        self.booted_previous = self.state.staged_from is not None and chosen != self.generations[-1]
+        self.current = self.booted = chosen
+        self.trigger_runs = 0
+        self.token_present = False  # /run is a tmpfs
+        self.reboot_requested = False
+        self.boot_check = None
+        if self.tries.get(chosen) is not None:
+            self.tries[chosen] -= 1
+            units = self.systems[chosen].units
+            if "nixos-autodeploy-boot-check.service" in units:
+                # the health check of the boot check: the marker decides
+                good = self.systems[chosen].marker != "broken"
+                self.boot_check = "active" if good else "failed"
+                if good:
+                    self.tries[chosen] = None  # systemd-bless-boot: counter removed
+
+    def entries(self) -> str:
+        out = []
+        for i, g in enumerate(self.generations, 1):
+            t = self.tries.get(g)
+            out.append(f"nixos-generation-{i}" + ("" if t is None else f"+{t}" + ("-1" if t == 0 else ""))
+                       + ".conf")
+        return "\n".join(out) + "\n"
+
+    # --- the agent --------------------------------------------------------
 
     def agent_run(self) -> int:
         sysd = self.systems[self.current]
-        args = self.agent_parser(sysd.agent_argv)
+        args = self.world.agent_parser(sysd.agent_argv)
         unit = self.unit("nixos-autodeploy.service")
         if "LoadCredential=" in unit and not self.token_present:
-            self.log.append("LoadCredential: file missing, unit failed to start")
-            return 243
-        url = args.url
-        files = {"http://cache/pointer": "/srv/cache/pointer",
-                 "http://cache/private/pointer": "/srv/private/pointer",
-                 "http://cache/signed/pointer": "/srv/signed/pointer"}
-        started = CLOCK.now
-        try:
-            if url not in files or files[url] not in self.cache.pointers:
-                return self.finish("failed", 3, started)
-            if "private" in url and args.token_file != "%d/token":
-                return self.finish("failed", 3, started)
-            upstream = self.cache.pointers[files[url]]
-            if args.trusted_keys:
-                sig = self.cache.signatures.get(files[url])
-                if sig is None or sig[0] != upstream or "machine" not in sig[2]:
-                    return self.finish("refused", 4, started)
-                self.state.upstream_revision = sig[1]
-            if upstream not in self.cache.store:
-                return self.finish("failed", 5, started)
-            return self.decide(upstream, args, started)
-        finally:
-            self.log.append(f"agent run from {self.current}")
+            return 243  # LoadCredential: the file is missing, the unit does not start
+        url, cache = args.url, self.world.cache
+        if url not in POINTER_FILES or POINTER_FILES[url] not in cache.pointers:
+            return self.finish("failed", 3)
+        if "private" in url and args.token_file != "%d/token":
+            return self.finish("failed", 3)
+        upstream = cache.pointers[POINTER_FILES[url]]
+        if args.trusted_keys:
+            sig = cache.signatures.get(POINTER_FILES[url])
+            if sig is None or sig[0] != upstream or self.name not in sig[2]:
+                return self.finish("refused", 4)
+            self.state.upstream_revision = sig[1]
+        if upstream not in cache.store:
+            return self.finish("failed", 5)
+        return self.decide(upstream, args)
 
-    def decide(self, upstream: str, args: Any, started: float) -> int:
+    def decide(self, upstream: str, args: Any) -> int:
         st, current = self.state, self.current
-        ours = st.deployed is not None and (current == st.deployed or current == st.staged_from)
+        if self.booted_previous:
+            # booted the previous system after a staged deploy: the boot failed
+            self.booted_previous = False
+            st.quarantined, st.boot_failures = st.deployed, st.boot_failures + 1
+            st.deployed, st.staged_from, st.verified = current, None, True
+            self.profile = current
+            return self.finish("boot_failed", 5)
+        if upstream == st.quarantined:
+            return self.finish("quarantined", 0)
+        ours = st.deployed is not None and current in (st.deployed, st.staged_from)
         if st.deployed is None or not ours:
             if current == upstream:
                 st.deployed, st.staged_from, st.verified = current, None, True
-                return self.finish("tracking", 0, started, dirty=0)
-            return self.finish("dirty", 0, started, dirty=1)
+                return self.finish("tracking", 0)
+            return self.finish("dirty", 0, dirty=1)
         if upstream == st.deployed:
             if current == st.deployed and not st.verified:
                 st.verified = True
-                return self.finish("deployed", 0, started)
+                return self.finish("deployed", 0)
             if current != st.deployed:
-                return self.finish("pending_reboot", 0, started)
-            return self.finish("up_to_date", 0, started)
-        self.machine_store.add(upstream)
-        mode = str(args.switch_mode.value if hasattr(args.switch_mode, "value") else args.switch_mode)
+                return self.finish("pending_reboot", 0)
+            return self.finish("up_to_date", 0)
+        self.store.add(upstream)
+        self.profile = upstream
         st.deploys += 1
-        if mode == "boot":
+        if upstream not in self.generations:
+            self.generations.append(upstream)
+            self.tries[upstream] = 1 if self.counting else None
+        if str(getattr(args.switch_mode, "value", args.switch_mode)) == "boot":
             st.staged_from, st.deployed, st.verified = current, upstream, False
-            self.boot_default = upstream
-            code = self.finish("pending_reboot", 0, started)
+            code = self.finish("pending_reboot", 0)
             if args.reboot_mode is not None:
                 self.reboot_requested = True
             return code
-        self.activate(upstream, own=True)
+        self.current = upstream
         st.deployed, st.staged_from, st.verified = upstream, None, True
-        self.boot_default = upstream
-        return self.finish("deployed", 0, started)
+        return self.finish("deployed", 0)
 
-    def activate(self, path: str, own: bool) -> None:
+    def manual_switch(self, path: str) -> None:
         self.current = path
-        if not own:
-            # the module's activation snippet: NIXOS_ACTION=switch, not ours
-            self.pending.append(self.trigger)
+        # the module's activation snippet: NIXOS_ACTION=switch, not ours
+        self.pending.append(self.trigger)
 
     def trigger(self) -> None:
         self.trigger_runs += 1
         self.agent_run()
 
-    def finish(self, state: str, code: int, started: float, dirty: int | None = None) -> int:
+    def finish(self, state: str, code: int, dirty: int = 0) -> int:
         CLOCK.sleep(0.5)
         st = self.state
-        if dirty is None:
-            dirty = 0
         reboot_required = int(st.deployed is not None and self.current != st.deployed)
         gen = lambda p: p.rsplit("/", 1)[-1] if p else ""  # noqa: E731
         lines = [
@@ -287,22 +331,43 @@ class World:
             f"nixos_autodeploy_last_run_timestamp_seconds {CLOCK.now}",
             f"nixos_autodeploy_last_success_timestamp_seconds {CLOCK.now}",
             f"nixos_autodeploy_deploys_total {st.deploys}",
+            f"nixos_autodeploy_boot_failures_total {st.boot_failures}",
+            f'nixos_autodeploy_quarantined{{path="{st.quarantined or ""}"}} {1 if st.quarantined else 0}',
             f'nixos_autodeploy_info{{current_generation="{gen(self.current)}",'
             f'booted_generation="{gen(self.booted)}",deployed_generation="{gen(st.deployed)}"}} 1',
         ]
         if st.upstream_revision is not None:
             lines.append(f"nixos_autodeploy_upstream_revision {st.upstream_revision}")
         for s in ("up_to_date", "tracking", "deployed", "pending_reboot", "dirty", "failed",
-                  "rolled_back", "quarantined", "suspended", "refused", "booted_previous"):
+                  "rolled_back", "quarantined", "suspended", "refused", "booted_previous",
+                  "boot_failed"):
             lines.append(f'nixos_autodeploy_state{{state="{s}"}} {1 if s == state else 0}')
         self.metrics = "\n".join(lines) + "\n"
         return code
 
-    def boot(self) -> None:
-        self.current = self.booted = self.boot_default
-        self.trigger_runs = 0
-        self.token_present = False  # /run is a tmpfs
-        self.reboot_requested = False
+    def status(self) -> str:
+        out = f"current: {self.current}\ndeployed: {self.state.deployed}\n"
+        if self.state.boot_failures:
+            out += (f"history: boot failure of {self.state.quarantined} "
+                    "(no tries left; booted the previous generation)\n")
+        return out
+
+
+class World:
+    """The model behind the machines' shells: the cache and the guests."""
+
+    def __init__(self, agent_parser: Callable[[list[str]], Any], token: str, token_file: str,
+                 prom: str, exporter_port: int) -> None:
+        self.cache = Cache()
+        self.guests: dict[str, Guest] = {}
+        self.agent_parser = agent_parser
+        self.token, self.token_file, self.prom = token, token_file, prom
+        self.exporter_port = exporter_port
+
+    def add_guest(self, name: str, systems: dict[str, System], base: str,
+                  counting: bool = False) -> Guest:
+        self.guests[name] = Guest(self, name, systems, base, counting)
+        return self.guests[name]
 
 
 WORLD: World
@@ -341,8 +406,8 @@ class Machine:
         self._record("start", allow_reboot=allow_reboot)
         self.allow_reboot = allow_reboot
         self.booted = self.qemu_running = self.shell_alive = True
-        if self.name == "machine":
-            WORLD.boot()
+        if self.guest is not None:
+            self.guest.boot()
 
     def connect(self) -> None:
         if self.connected:
@@ -358,14 +423,18 @@ class Machine:
         self.shell_alive = True
         self.connected = True
 
+    @property
+    def guest(self) -> Guest | None:
+        return WORLD.guests.get(self.name)
+
     def _settle(self) -> None:
         """Let what runs in the guest in the background (a --no-block start,
         the manual-activation trigger, a timer) happen; it may reboot it."""
-        if self.name != "machine" or not self.qemu_running:
+        if self.guest is None or not self.qemu_running or not self.shell_alive:
             return
-        WORLD.tick()
-        if WORLD.reboot_requested:
-            WORLD.reboot_requested = False
+        self.guest.tick()
+        if self.guest.reboot_requested:
+            self.guest.reboot_requested = False
             self._guest_reboot()
 
     def wait_for_shutdown(self) -> None:
@@ -400,7 +469,7 @@ class Machine:
     def _guest_reboot(self) -> None:
         self.shell_alive = False
         if self.allow_reboot:
-            WORLD.boot()  # QEMU stays; the guest boots again, the driver must reconnect
+            self.guest.boot()  # QEMU stays; the guest boots again, the driver must reconnect
         else:
             self.qemu_running = False  # -no-reboot: QEMU exits
 
@@ -420,9 +489,9 @@ class Machine:
         self._settle()
         self.connect()
         status, out = run_command(self.name, command)
-        if self.name == "machine" and WORLD.reboot_requested:
+        if self.guest is not None and self.guest.reboot_requested:
             # the guest went down under the running command: no answer comes
-            WORLD.reboot_requested = False
+            self.guest.reboot_requested = False
             self._guest_reboot()
             raise ShellGone(f"{self.name}: the guest rebooted while running {command!r}")
         if not check_output:
@@ -631,10 +700,14 @@ def grep(args: list[str], text: str) -> tuple[int, str]:
     assert len(rest) == 1, f"grep with {rest!r}"
     pattern = rest[0]
 
+    # grep's basic regular expressions: + ? { } | ( ) are literal, \+ etc. are not
+    regex = re.sub(r"\\([+?{}|()])|([+?{}|()])",
+                   lambda m: m.group(1) or "\\" + m.group(2), pattern)
+
     def match(line: str) -> bool:
         if fixed:
             return line == pattern if exact else pattern in line
-        return bool(re.fullmatch(pattern, line) if exact else re.search(pattern, line))
+        return bool(re.fullmatch(regex, line) if exact else re.search(regex, line))
 
     hits = [line for line in text.splitlines() if match(line)]
     status = 0 if hits else 1
@@ -656,6 +729,9 @@ def unit_value(text: str, key: str) -> list[str]:
 
 
 def run_command(host: str, command: str) -> tuple[int, str]:
+    if command.startswith("! "):
+        status, out = run_command(host, command[2:])
+        return (1 if status == 0 else 0), out
     if " | " in command and " || " not in command.split(" | ")[-1]:
         left, _, right = command.rpartition(" | ")
         words = shlex.split(right)
@@ -675,20 +751,26 @@ def run_command(host: str, command: str) -> tuple[int, str]:
             if status != 0:
                 return status, out
         return 0, out
-    handler = HANDLERS[host]
-    result = handler(command)
+    if host == "cache":
+        result = cache_command(command)
+    else:
+        result = guest_command(WORLD.guests[host], command)
     if result is None:
         raise AssertionError(f"{host}: the stand-in does not know the command {command!r}")
     return result
 
 
+def known_paths() -> set[str]:
+    return {p for g in WORLD.guests.values() for p in g.systems}
+
+
 def cache_command(command: str) -> tuple[int, str] | None:
     w, c = WORLD, WORLD.cache
     if m := re.fullmatch(r"nix copy --to 'file:///srv/cache\?compression=none' (\S+)", command):
-        assert m.group(1) in w.systems, f"nix copy of an unknown path {m.group(1)}"
+        assert m.group(1) in known_paths(), f"nix copy of an unknown path {m.group(1)}"
         c.store.add(m.group(1))
         return 0, ""
-    if m := re.fullmatch(r"echo (\S+) > (/srv/\w+/pointer(?:\.new)?)", command):
+    if m := re.fullmatch(r"echo (\S+) > (/srv/\w+/pointer[\w-]*(?:\.new)?)", command):
         c.pointers[m.group(2)] = m.group(1)
         c.signatures.pop(m.group(2), None)
         return 0, ""
@@ -715,63 +797,82 @@ def cache_command(command: str) -> tuple[int, str] | None:
     return None
 
 
-def machine_command(command: str) -> tuple[int, str] | None:
+def guest_command(g: Guest, command: str) -> tuple[int, str] | None:
     w = WORLD
     if command == "readlink -f /run/current-system":
-        return 0, w.current + "\n"
+        return 0, g.current + "\n"
+    if command == "readlink -f /nix/var/nix/profiles/system":
+        return 0, g.profile + "\n"
     if m := re.fullmatch(r'systemctl --no-pager show "([\w.-]+)" --property="ActiveState"', command):
         unit = m.group(1)
-        if unit == "multi-user.target":
-            return 0, "ActiveState=active\n"
-        w.unit(unit)
+        if unit != "multi-user.target":
+            g.unit(unit)
         return 0, "ActiveState=active\n"
     if m := re.fullmatch(r"nc -z localhost (\d+)", command):
         return (0 if int(m.group(1)) == w.exporter_port else 1), ""
     if command == "systemctl start nixos-autodeploy.service":
-        return (0 if w.agent_run() == 0 else 1), ""
+        return (0 if g.agent_run() == 0 else 1), ""
     if command in ("systemctl start --no-block nixos-autodeploy.service",
                    "systemctl start nixos-autodeploy.timer"):
-        w.unit(command.split()[-1])
-        w.pending.append(w.agent_run)
+        g.unit(command.split()[-1])
+        g.pending.append(g.agent_run)
+        return 0, ""
+    if command == "systemctl start --no-block reboot.target":
+        g.pending.append(lambda: setattr(g, "reboot_requested", True))
         return 0, ""
     if command == "systemctl is-active --quiet nixos-autodeploy.service":
-        w.tick()
+        g.tick()
         return 3, ""
+    if command == "systemctl is-active nixos-autodeploy-boot-check.service":
+        g.unit("nixos-autodeploy-boot-check.service")
+        return (0, "active\n") if g.boot_check == "active" else (3, f"{g.boot_check or 'inactive'}\n")
+    if command == "systemctl is-failed nixos-autodeploy-boot-check.service":
+        g.unit("nixos-autodeploy-boot-check.service")
+        return (0, "failed\n") if g.boot_check == "failed" else (1, f"{g.boot_check or 'inactive'}\n")
+    if command == "systemctl is-active boot-complete.target":
+        return (0, "active\n") if g.boot_check == "active" else (3, "inactive\n")
+    if command == "ls /boot/loader/entries":
+        assert g.counting, f"{g.name} has no systemd-boot entries in the model"
+        return 0, g.entries()
     if command == "find /var/lib/nixos-autodeploy -mindepth 1 -delete":
-        w.state = AgentState()
+        g.state = AgentState()
         return 0, ""
     if command == f"cat {w.prom}":
-        return (0, w.metrics) if w.metrics is not None else (1, "")
+        return (0, g.metrics) if g.metrics is not None else (1, "")
     if command == "journalctl -b -q -o cat -u nixos-autodeploy-trigger.service":
-        return 0, "Finished Run nixos-autodeploy after a manual activation.\n" * w.trigger_runs
+        return 0, "Finished Run nixos-autodeploy after a manual activation.\n" * g.trigger_runs
     if m := re.fullmatch(r"systemctl show -P (\w+) ([\w.-]+)", command):
         key, unit = m.groups()
-        vals = unit_value(w.unit(unit), key)
+        if key == "RequiredBy":
+            g.unit(unit)
+            return 0, " ".join(g.systems[g.current].required_by.get(unit, [])) + "\n"
+        vals = unit_value(g.unit(unit), key)
         if key == "ExecStart":
             return 0, "".join(systemctl_show_exec(v) for v in vals)
         return 0, " ".join(vals) + "\n"
     if m := re.fullmatch(r"systemctl cat ([\w.-]+)", command):
-        return 0, f"# /etc/systemd/system/{m.group(1)}\n" + w.unit(m.group(1))
+        return 0, f"# /etc/systemd/system/{m.group(1)}\n" + g.unit(m.group(1))
     if m := re.fullmatch(r"nix-store --check-validity (\S+)", command):
-        return (0 if m.group(1) in w.machine_store else 1), ""
+        return (0 if m.group(1) in g.store else 1), ""
     if m := re.fullmatch(r"grep -qx (\S+) /etc/autodeploy-test", command):
-        return (0 if w.systems[w.current].marker == m.group(1) else 1), ""
+        return (0 if g.systems[g.current].marker == m.group(1) else 1), ""
     if m := re.fullmatch(r"timeout 300 (\S+)/bin/switch-to-configuration switch", command):
-        assert m.group(1) in w.machine_store, "switching to a system the machine does not have"
-        w.activate(m.group(1), own=False)
+        assert m.group(1) in g.store, "switching to a system the machine does not have"
+        g.manual_switch(m.group(1))
         return 0, ""
+    if m := re.fullmatch(r"(/nix/store/\S+)/bin/nixos-autodeploy status", command):
+        w.agent_parser(["status"])
+        return 0, g.status()
     if command == "install -d -m 0700 /run/keys":
         return 0, ""
     if command == f"printf %s {w.token} > {w.token_file}":
-        w.token_present = True
+        g.token_present = True
         return 0, ""
     if command == f"chmod 0400 {w.token_file}":
-        return (0 if w.token_present else 1), ""
+        return (0 if g.token_present else 1), ""
     if m := re.fullmatch(r"curl -sf (?:-H 'Authorization: Bearer (\S+)' )?(http://cache/\S+)", command):
         token, url = m.groups()
-        file = {"http://cache/pointer": "/srv/cache/pointer",
-                "http://cache/private/pointer": "/srv/private/pointer",
-                "http://cache/signed/pointer": "/srv/signed/pointer"}[url]
+        file = POINTER_FILES[url]
         if "private" in url and token != w.token:
             return 22, ""  # curl -f: HTTP 401
         if file not in w.cache.pointers:
@@ -779,11 +880,8 @@ def machine_command(command: str) -> tuple[int, str] | None:
         return 0, w.cache.pointers[file] + "\n"
     if m := re.fullmatch(r"curl -sf http://localhost:(\d+)/metrics", command):
         assert int(m.group(1)) == w.exporter_port
-        return 0, (w.metrics or "") + "node_textfile_scrape_error 0\n"
+        return 0, (g.metrics or "") + "node_textfile_scrape_error 0\n"
     return None
-
-
-HANDLERS = {"cache": cache_command, "machine": machine_command}
 
 
 # --------------------------------------------------------------------------
@@ -852,10 +950,11 @@ def script_globals(driver: Driver) -> dict[str, Any]:
     return {"__builtins__": env, **driver.test_symbols()}
 
 
-def run_script(script: str, world: World) -> Driver:
+def run_script(script: str, world: World, names: list[str]) -> Driver:
     global WORLD
     WORLD = world
-    driver = Driver([Machine("cache"), Machine("machine")])
+    # the driver sorts its machines by name
+    driver = Driver([Machine(n) for n in sorted(names)])
     exec(compile(script, "<testScript>", "exec"), script_globals(driver), None)
     return driver
 

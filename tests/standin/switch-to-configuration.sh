@@ -26,8 +26,36 @@ echo "activating the configuration... ($action $self)"
 case "$action" in
   switch|test) ln -sfn "$self" /run/current-system ;;
 esac
+# The boot loader installer copies kernel and initrd into a separate /boot
+# before it changes the default, named as systemd-boot-builder.py's
+# copy_from_file() or install-grub.pl's copyToKernelsDir() name them; when
+# /boot is full the activation fails half-way (nixpkgs #23926). Only for a
+# host whose test gave it a /boot (Host.mount_boot), never the machine's.
 case "$action" in
-  switch|boot) echo "$self" > "$ctl/boot-default" ;;
+  switch|boot)
+    if [ -e "$ctl/boot-copies" ]; then
+      for f in kernel initrd; do
+        src=$(readlink -f "$self/$f")
+        rel=${src#/nix/store/}
+        if [ -d /boot/EFI/nixos ]; then
+          dir=${rel%%/*}
+          if [ "$dir" = "$rel" ]; then dest="/boot/EFI/nixos/$rel.efi"; else dest="/boot/EFI/nixos/$dir-${src##*/}.efi"; fi
+        elif [ -d /boot/kernels ]; then
+          dest="/boot/kernels/$(printf %s "$rel" | tr / -)"
+        else
+          continue
+        fi
+        if [ ! -e "$dest" ]; then
+          if ! { cp "$src" "$dest.tmp" && mv "$dest.tmp" "$dest"; }; then
+            rm -f "$dest.tmp"
+            echo "error: cannot copy $src to $dest" >&2
+            exit 1
+          fi
+        fi
+      done
+    fi
+    echo "$self" > "$ctl/boot-default"
+    ;;
 esac
 if [ -f "$ctl/fail" ] && grep -qxF "$self" "$ctl/fail"; then
   echo "warning: the following units failed: standin-broken.service" >&2
