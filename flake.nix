@@ -14,11 +14,24 @@
         "aarch64-linux"
       ];
       forAllSystems = f: lib.genAttrs systems (system: f nixpkgs.legacyPackages.${system});
+
+      # An attribute set, not the bare path: Nix 2.8's `nix flake check`
+      # accepts a function or an attribute set and refuses a path ("module
+      # must be a function or an attribute set"); current Nix accepts all
+      # three. Importing the file by path keeps its name in error messages
+      # and lets the module system deduplicate it when several names are
+      # imported.
+      module = {
+        _file = ./flake.nix;
+        imports = [ ./module.nix ];
+      };
     in
     {
       nixosModules = {
-        nixos-autodeploy = ./module.nix;
-        default = self.nixosModules.nixos-autodeploy;
+        nixos-autodeploy = module;
+        # The name hlsb-fulda/nixos-autodeploy's flake uses.
+        autodeploy = module;
+        default = module;
       };
 
       packages = forAllSystems (pkgs: {
@@ -40,22 +53,26 @@
           system = pkgs.stdenv.hostPlatform.system;
         in
         {
-          # Builds the agent and runs tests/test_unit.py in its check phase.
+          # Builds the agent; pytestCheckHook runs tests/test_unit.py.
           package = self.packages.${system}.default;
 
-          # The evaluation of tests/test_module.py (module.nix under the real
-          # lib.evalModules with stub option declarations), run through Nix:
-          # a nested nix-instantiate with a private store, as nixpkgs' own lib
-          # tests do.
+          # tests/test_module.py run through Nix: module.nix under the real
+          # lib.evalModules and the option harness of tests/nixos_harness/,
+          # and the VM test's script against the driver stand-in; a nested
+          # nix-instantiate with a private store, as nixpkgs' own lib tests do.
           module-eval =
             pkgs.runCommand "nixos-autodeploy-module-eval"
               {
                 src = lib.fileset.toSource {
                   root = ./.;
                   fileset = lib.fileset.unions [
+                    # autodeploy.py: its argument parser checks every
+                    # generated command line.
+                    ./autodeploy.py
                     ./module.nix
                     ./package.nix
                     ./flake.nix
+                    ./README.md
                     ./tests
                   ];
                 };
@@ -77,7 +94,7 @@
                 export NIX_STORE_DIR=$TEST_ROOT/store
                 nix-store --init
                 cp -r $src source && chmod -R u+w source && cd source
-                python3 -m pytest -q -p no:cacheprovider tests/test_module.py tests/test_module_boot.py tests/test_module_fleet.py
+                python3 -m pytest -q -p no:cacheprovider tests/test_module.py
                 touch $out
               '';
 
@@ -89,25 +106,12 @@
               nixos = lib.nixosSystem {
                 modules = [
                   self.nixosModules.default
+                  # The same host tests/test_module.py evaluates in its harness.
+                  ./tests/module-check-host.nix
                   {
                     nixpkgs.hostPlatform = system;
                     boot.isContainer = true;
                     system.stateVersion = lib.trivial.release;
-                    services.prometheus.exporters.node.enable = true;
-                    system.autoDeploy = {
-                      enable = true;
-                      url = "https://cache.example.org/pointers/web-1";
-                      switchMode = "smart";
-                      rebootMode = "kexec";
-                      rebootWindow = "02:00-05:00";
-                      healthChecks = [ "systemctl is-active multi-user.target" ];
-                      connectivityCheck = false;
-                      trustedKeys = [ "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJd4bmNxDPMJgwPUd0KgYHeFvVXbBHiTNm0GlzGlxyTL ci" ];
-                      tokenFile = "/run/keys/nixos-autodeploy-token";
-                      hostname = "web-1";
-                      onSuccess = "true";
-                      onFailure = "true";
-                    };
                   }
                 ];
               };
@@ -126,14 +130,16 @@
                   ' --token-file %d/token' \
                   '"--prometheus-path" "/var/lib/prometheus-node-exporter-text/nixos-autodeploy.prom"' \
                   'LoadCredential=token:/run/keys/nixos-autodeploy-token' \
-                  'Type=oneshot' 'X-RestartIfChanged=false' 'X-StopOnRemoval=false'; do
+                  'Type=oneshot' 'X-RestartIfChanged=false' 'X-StopOnRemoval=false' \
+                  'RuntimeDirectoryPreserve=yes' '-curl-'; do
                 grep -qF -- "$want" $service || { echo "missing in service: $want"; exit 1; }
               done
               if grep -q '^Restart=' $service; then echo "unexpected Restart="; exit 1; fi
               for want in 'OnCalendar=*:0/5' 'FixedRandomDelay=true' 'Persistent=true' 'OnBootSec=2min'; do
                 grep -qF -- "$want" $timer || { echo "missing in timer: $want"; exit 1; }
               done
-              grep -qF -- '--collector.textfile.directory=/var/lib/prometheus-node-exporter-text' $exporter
+              test "$(grep -o -- '--collector.textfile.directory=[^ ]*' $exporter)" = \
+                '--collector.textfile.directory=/var/lib/prometheus-node-exporter-text'
               touch $out
             '';
 

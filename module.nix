@@ -4,6 +4,7 @@
 # With flakes: imports = [ inputs.nixos-autodeploy.nixosModules.default ];
 {
   config,
+  options,
   lib,
   pkgs,
   utils,
@@ -45,6 +46,86 @@ let
       }
     else
       types.strMatching "/.*";
+
+  # The state directory: an absolute path, given as a string, that names one
+  # directory of its own. A trailing slash or whitespace would break the
+  # tmpfiles rule and `StateDirectory=`; `/` and `/var/lib` would hand the
+  # agent (and its 0700 mode) a directory shared with everything else.
+  stateDirType =
+    types.addCheck types.str (
+      s:
+      builtins.match "(/[^/[:space:]]+)+" s != null
+      && !(lib.elem s [
+        "/var/lib"
+        "/var"
+        "/run"
+        "/nix"
+        "/nix/store"
+      ])
+      && !(lib.any (seg: seg == "." || seg == "..") (lib.splitString "/" s))
+    )
+    // {
+      name = "stateDir";
+      description = "absolute directory path without trailing slash, whitespace, `.` or `..` (not `/`, `/var`, `/var/lib`, `/run`, `/nix`)";
+    };
+
+  # --- The node exporter's own textfile directory -----------------------------
+  #
+  # node_exporter refuses a repeated `--collector.textfile.directory` (and its
+  # unit then restarts forever), so the wiring must not add one when the host
+  # already passes one. That cannot be read from
+  # config.services.prometheus.exporters.node.extraFlags: our own definition
+  # of that option would depend on its value (infinite recursion). Instead we
+  # read the other modules' definitions of `services.prometheus.exporters`
+  # (the option is one submodule; see nixpkgs'
+  # nixos/modules/services/monitoring/prometheus/exporters.nix), looking
+  # through mkIf/mkMerge/mkOverride/mkOrder. An assertion below checks the
+  # merged result, so a definition this cannot see (a function module) still
+  # cannot produce a second flag unnoticed.
+  ownFile = toString ./module.nix;
+  unwrapDef =
+    v:
+    if !builtins.isAttrs v then
+      [ v ]
+    else if (v._type or null) == "if" then
+      (if v.condition then unwrapDef v.content else [ ])
+    else if (v._type or null) == "merge" then
+      lib.concatMap unwrapDef v.contents
+    else if lib.elem (v._type or null) [
+      "override"
+      "order"
+    ] then
+      unwrapDef v.content
+    else
+      [ v ];
+  fieldOf =
+    name: values:
+    lib.concatMap (
+      v: if builtins.isAttrs v && !(v ? _type) && v ? ${name} then unwrapDef v.${name} else [ ]
+    ) values;
+  otherNodeDefs = fieldOf "node" (
+    lib.concatMap (d: unwrapDef d.value) (
+      lib.filter (d: d.file != ownFile) (options.services.prometheus.exporters.definitionsWithLocations or [ ])
+    )
+  );
+  otherNodeList = name: lib.concatMap (l: if builtins.isList l then l else [ ]) (fieldOf name otherNodeDefs);
+  textfileDirsIn =
+    flags:
+    lib.concatLists (
+      lib.imap0 (
+        i: f:
+        if lib.hasPrefix "--collector.textfile.directory=" f then
+          [ (lib.removePrefix "--collector.textfile.directory=" f) ]
+        else if f == "--collector.textfile.directory" && i + 1 < lib.length flags then
+          [ (lib.elemAt flags (i + 1)) ]
+        else
+          [ ]
+      ) flags
+    );
+  existingTextfileDirs = textfileDirsIn (otherNodeList "extraFlags");
+  exporterHasTextfileDir = existingTextfileDirs != [ ];
+  wireFlag = cfg.enable && cfg.wireNodeExporter && !exporterHasTextfileDir;
+  defaultTextfileDirectory = "/var/lib/prometheus-node-exporter-text";
 
   trustedKeysFile =
     if cfg.trustedKeysFile != null then
@@ -114,6 +195,12 @@ let
   stateDirectory =
     if lib.hasPrefix "/var/lib/" cfg.stateDir then lib.removePrefix "/var/lib/" cfg.stateDir else null;
 
+  # The agent's runtime directory: the host-wide lock and the own-activation
+  # marker live here. Root-owned, 0755, and never removed while the system
+  # runs (RuntimeDirectoryPreserve=): a manual `nixos-autodeploy` run may
+  # hold the lock while the unit stops.
+  runtimeDir = "/run/nixos-autodeploy";
+
   # --- Trigger after a manual activation --------------------------------------
   #
   # Someone ran `nixos-rebuild switch` (or `test`) by hand: run the agent once
@@ -139,9 +226,9 @@ let
   # environment, so the variable is visible below. As a second, independent
   # marker the agent writes its PID to /run/nixos-autodeploy/activating before
   # systemd-run and removes it afterwards; the marker only counts while that
-  # process is alive, so a crashed agent cannot silence the trigger (and
-  # /run/nixos-autodeploy is the unit's RuntimeDirectory, removed when the unit
-  # stops). Even without both markers nothing would be killed:
+  # process is alive, so a crashed agent cannot silence the trigger (a stale
+  # file is ignored, and /run is empty after every boot). Even without both
+  # markers nothing would be killed:
   # nixos-autodeploy.service has restartIfChanged = false, so an active agent
   # listed in the restart list is skipped, never restarted.
   #
@@ -199,17 +286,22 @@ in
 
     interval = mkOption {
       type = types.str;
-      default = "*:0/5";
-      example = "hourly";
+      default = "04:42";
+      example = "*:0/5";
       description = ''
         When the agent polls the pointer, as a calendar event
         (`OnCalendar=`) in the format described in {manpage}`systemd.time(7)`.
 
-        The default, every five minutes, is cheap: a poll that finds nothing
-        new is one conditional HTTP request (`If-None-Match`/`If-Modified-Since`)
-        and spawns no Nix process, while a new pointer or a manual change
-        (the dirty metric) shows up within minutes. Use
-        {option}`system.autoDeploy.randomizedDelay` to spread a fleet.
+        The default, once a day at 04:42, is the one of
+        hlsb-fulda/nixos-autodeploy, so that swapping the flake input does
+        not change when hosts deploy. Polling often is cheap: a poll that
+        finds nothing new is one conditional HTTP request
+        (`If-None-Match`/`If-Modified-Since`) and spawns no Nix process, so
+        `"*:0/5"` (every five minutes) shows a new pointer or a manual change
+        (the dirty metric) within minutes; combine it with
+        {option}`system.autoDeploy.rebootWindow` if reboots must stay at
+        night, and with {option}`system.autoDeploy.randomizedDelay` to
+        spread a fleet.
       '';
     };
 
@@ -279,20 +371,30 @@ in
       example = false;
       description = ''
         Whether to hook the agent's metrics into the Prometheus node
-        exporter: creates {option}`system.autoDeploy.textfileDirectory`,
-        points the exporter's textfile collector at it
-        (`--collector.textfile.directory`) and makes it the default location of
-        {option}`system.autoDeploy.prometheusFilePath`.
+        exporter: makes {option}`system.autoDeploy.textfileDirectory` the
+        default location of {option}`system.autoDeploy.prometheusFilePath`
+        and, unless the exporter already has a textfile directory (then that
+        one is used as it is), creates it and points the exporter's textfile
+        collector at it (`--collector.textfile.directory`).
       '';
     };
 
     textfileDirectory = mkOption {
       type = externalPathType;
-      default = "/var/lib/prometheus-node-exporter-text";
+      default =
+        if exporterHasTextfileDir then lib.head existingTextfileDirs else defaultTextfileDirectory;
+      defaultText = lib.literalMD ''
+        the directory of a `--collector.textfile.directory` that the
+        configuration already passes in
+        {option}`services.prometheus.exporters.node.extraFlags`, else
+        `"${defaultTextfileDirectory}"`
+      '';
       example = "/run/prometheus-textfiles";
       description = ''
         Directory read by the node exporter's textfile collector when
-        {option}`system.autoDeploy.wireNodeExporter` is enabled.
+        {option}`system.autoDeploy.wireNodeExporter` is enabled. When the
+        exporter already has a textfile directory, that one is used and no
+        second flag is added (node_exporter refuses a repeated flag).
       '';
     };
 
@@ -314,7 +416,7 @@ in
     };
 
     stateDir = mkOption {
-      type = externalPathType;
+      type = stateDirType;
       default = defaultStateDir;
       example = "/persist/nixos-autodeploy";
       description = ''
@@ -342,7 +444,46 @@ in
       description = ''
         Commands run with `/bin/sh -c` after an activation; if one fails
         (or they take longer than {option}`system.autoDeploy.healthTimeout`)
-        the agent rolls back. Each is passed as `--health-check`.
+        the agent rolls back. Each is passed as `--health-check`. The
+        commands find what {option}`system.autoDeploy.path` provides (a
+        command that is not found exits 127, fails the check and rolls the
+        deploy back).
+      '';
+    };
+
+    path = mkOption {
+      type = types.listOf types.package;
+      default = [ ];
+      example = literalExpression "[ pkgs.curl pkgs.jq ]";
+      description = ''
+        Packages whose {file}`bin` and {file}`sbin` directories are put on
+        the {env}`PATH` of the agent's unit, for
+        {option}`system.autoDeploy.healthChecks`,
+        {option}`system.autoDeploy.onSuccess` and
+        {option}`system.autoDeploy.onFailure`. NixOS adds coreutils,
+        findutils, gnugrep, gnused and systemd to every service; anything
+        else the commands call (`curl`, `jq`, ...) must be listed here.
+        Sets `systemd.services.nixos-autodeploy.path`.
+      '';
+    };
+
+    environment = mkOption {
+      type = types.attrsOf types.str;
+      default = { };
+      example = literalExpression ''
+        {
+          https_proxy = "http://proxy.example.org:3128";
+          no_proxy = "localhost,.example.org";
+        }
+        # or: config.networking.proxy.envVars
+      '';
+      description = ''
+        Environment variables of the agent's unit (its health checks and hooks
+        included), for example the proxy variables `http_proxy`,
+        `https_proxy` and `no_proxy`. Sets
+        `systemd.services.nixos-autodeploy.environment`. Substitution from the
+        binary cache is done by nix-daemon, which takes its proxy from
+        {option}`networking.proxy`.
       '';
     };
 
@@ -436,25 +577,38 @@ in
       type = types.nullOr types.str;
       default = null;
       example = "curl -fsS -X POST https://chat.example.org/hook -d deployed";
-      description = "Command (`/bin/sh -c`) run after a successful deploy. Passed as `--on-success`.";
+      description = ''
+        Command (`/bin/sh -c`) run after a successful deploy. Passed as
+        `--on-success`. Put what it calls into {option}`system.autoDeploy.path`.
+      '';
     };
 
     onFailure = mkOption {
       type = types.nullOr types.str;
       default = null;
       example = "curl -fsS -X POST https://chat.example.org/hook -d failed";
-      description = "Command (`/bin/sh -c`) run after a failed deploy. Passed as `--on-failure`.";
+      description = ''
+        Command (`/bin/sh -c`) run after a failed deploy. Passed as
+        `--on-failure`. Put what it calls into {option}`system.autoDeploy.path`.
+      '';
     };
 
     extraArgs = mkOption {
       type = types.listOf types.str;
       default = [ ];
       example = [
-        "--verbose"
+        "-f"
+        "-s"
+        "boot"
         "--hook-timeout"
         "30"
       ];
-      description = "Further arguments for the agent, appended last, each one a separate argument.";
+      description = ''
+        Further arguments for the agent, appended last, each one a separate
+        argument; they override what the options above pass. The short flags
+        of hlsb-fulda/nixos-autodeploy keep working here: `-f` (`--force`),
+        `-s MODE` (`--switch-mode`), `-r MODE` (`--reboot-mode`).
+      '';
     };
 
     # Fleet rollouts (issue #14): coordinated reboots with FleetLock.
@@ -512,8 +666,8 @@ in
     };
   };
 
-  config = mkIf cfg.enable (mkMerge [
-    {
+  config = mkMerge [
+    (mkIf cfg.enable {
       assertions = [
         {
           assertion = cfg.url != null && cfg.url != "";
@@ -529,7 +683,29 @@ in
           assertion = cfg.jsonField == null || trustedKeysFile == null;
           message = "system.autoDeploy.jsonField cannot be combined with trusted keys (signed pointers are plain text).";
         }
-      ];
+      ]
+      ++ lib.optionals cfg.wireNodeExporter (
+        let
+          node = config.services.prometheus.exporters.node;
+          dirs = textfileDirsIn node.extraFlags;
+        in
+        [
+          {
+            # The merged value, whatever produced it: node_exporter exits on
+            # a repeated flag and its unit restarts forever.
+            assertion = lib.length dirs <= 1;
+            message = "services.prometheus.exporters.node.extraFlags passes --collector.textfile.directory ${toString (lib.length dirs)} times (${lib.concatStringsSep ", " dirs}); node_exporter accepts it once. Keep one, and set system.autoDeploy.textfileDirectory to it.";
+          }
+          {
+            assertion = lib.all (d: d == cfg.textfileDirectory) dirs;
+            message = "system.autoDeploy.textfileDirectory is ${cfg.textfileDirectory}, but the node exporter reads ${lib.concatStringsSep ", " dirs}; leave textfileDirectory at its default (it follows the exporter) or make them equal.";
+          }
+          {
+            assertion = !(lib.elem "textfile" node.disabledCollectors);
+            message = "system.autoDeploy.wireNodeExporter needs the node exporter's textfile collector, but services.prometheus.exporters.node.disabledCollectors disables it.";
+          }
+        ]
+      );
 
       warnings =
         optional (cfg.signatureUrl != null && trustedKeysFile == null)
@@ -550,6 +726,10 @@ in
         wants = [ "network-online.target" ];
         after = [ "network-online.target" ];
 
+        # What health checks and hooks may call (NixOS adds coreutils,
+        # findutils, gnugrep, gnused and systemd), and e.g. proxy variables.
+        inherit (cfg) path environment;
+
         # The agent may be the one running the activation that changes this
         # unit: never restart it from switch-to-configuration, and do not stop
         # it when a new configuration drops the module.
@@ -562,10 +742,10 @@ in
           # No Restart=: the timer is the retry; a failing pointer or cache
           # must not become a restart storm.
 
-          # Holds the own-activation marker (see above); systemd removes it,
-          # and with it any stale marker, when the run ends.
-          RuntimeDirectory = "nixos-autodeploy";
+          # The host-wide lock and the own-activation marker (see above).
+          RuntimeDirectory = lib.removePrefix "/run/" runtimeDir;
           RuntimeDirectoryMode = "0755";
+          RuntimeDirectoryPreserve = "yes";
         }
         // lib.optionalAttrs (stateDirectory != null) {
           StateDirectory = stateDirectory;
@@ -615,16 +795,30 @@ in
         text = activationSnippet;
       };
 
-      systemd.tmpfiles.rules = optional (stateDirectory == null) "d ${cfg.stateDir} 0700 root root - -";
-    }
-
-    (mkIf cfg.wireNodeExporter {
-      services.prometheus.exporters.node = {
-        enabledCollectors = [ "textfile" ];
-        extraFlags = [ "--collector.textfile.directory=${cfg.textfileDirectory}" ];
-      };
-      systemd.tmpfiles.rules = [ "d ${cfg.textfileDirectory} 0755 root root - -" ];
+      systemd.tmpfiles.rules = [
+        # Also there for a manual `nixos-autodeploy` run before the unit ever ran.
+        "d ${runtimeDir} 0755 root root - -"
+      ]
+      ++ optional (stateDirectory == null) "d ${cfg.stateDir} 0700 root root - -";
     })
+
+    # The node-exporter wiring. Every condition sits on the leaf option it
+    # sets: `services.prometheus.exporters` is ONE submodule-typed option in
+    # nixpkgs, so a mkIf around `services.prometheus.exporters.node` would be
+    # discharged at that option, and its condition (wireNodeExporter, whose
+    # default is exporters.node.enable) would read that option's own value:
+    # infinite recursion.
+    {
+      services.prometheus.exporters.node = {
+        enabledCollectors = mkIf (
+          cfg.enable && cfg.wireNodeExporter && !(lib.elem "textfile" (otherNodeList "enabledCollectors"))
+        ) [ "textfile" ];
+        extraFlags = mkIf wireFlag [ "--collector.textfile.directory=${cfg.textfileDirectory}" ];
+      };
+      # Only a directory we point the exporter at is ours to create; an
+      # existing one is left as its owner set it up.
+      systemd.tmpfiles.rules = mkIf wireFlag [ "d ${cfg.textfileDirectory} 0755 root root - -" ];
+    }
 
     # --- Boot assessment (issue #13): the check unit ---------------------------
     #
@@ -634,7 +828,7 @@ in
     # target and the entry is never marked good. Without boot counting
     # nothing pulls boot-complete.target in and the unit does not run: the
     # agent's own verification after the reboot stays the safety net.
-    (mkIf cfg.bootAssessment.enable {
+    (mkIf (cfg.enable && cfg.bootAssessment.enable) {
       warnings =
         optional (!(config.boot.loader.systemd-boot.bootCounting.enable or false))
           "system.autoDeploy.bootAssessment is enabled but boot.loader.systemd-boot.bootCounting.enable is not: no boot entry carries a try counter, so nothing reaches boot-complete.target and the boot check does not run (the agent still verifies a boot-mode deploy after the reboot).";
@@ -645,6 +839,8 @@ in
         before = [ "boot-complete.target" ];
         wants = [ "network-online.target" ];
         after = [ "network-online.target" ];
+        # Its health checks find what the agent's unit finds.
+        inherit (cfg) path environment;
         # It judges a boot, not a configuration: never (re)started by an activation.
         restartIfChanged = false;
         unitConfig.X-StopOnRemoval = false;
@@ -688,5 +884,5 @@ in
         };
       };
     })
-  ]);
+  ];
 }

@@ -1,6 +1,7 @@
 # The agent as a package: autodeploy.py run by a Python 3 with a PATH holding
 # nix, systemd, kexec-tools and openssh. Shared by module.nix (the default of
-# system.autoDeploy.package) and flake.nix (packages.<system>.default).
+# system.autoDeploy.package) and flake.nix (packages.<system>.default); written
+# to be callPackage'd by nixpkgs as it is.
 {
   lib,
   stdenvNoCC,
@@ -10,8 +11,6 @@
   systemd,
   kexec-tools,
   openssh,
-  # The unit tests in tests/test_unit.py need neither root nor network.
-  doCheck ? true,
 }:
 
 let
@@ -21,6 +20,10 @@ let
     openssh
   ]
   ++ lib.optional (lib.meta.availableOn stdenvNoCC.hostPlatform kexec-tools) kexec-tools;
+  # Bytecode is compiled at build time by the *build* platform's Python of the
+  # same version (python3 itself may not run there when cross-compiling); the
+  # .pyc files are platform-independent.
+  buildPython = python3.pythonOnBuildForHost;
 in
 stdenvNoCC.mkDerivation {
   pname = "nixos-autodeploy";
@@ -34,18 +37,21 @@ stdenvNoCC.mkDerivation {
     ];
   };
 
-  nativeBuildInputs = [ makeWrapper ];
-  nativeCheckInputs = [ (python3.withPackages (ps: [ ps.pytest ])) ];
+  strictDeps = true;
+  nativeBuildInputs = [
+    makeWrapper
+    buildPython
+  ];
 
   dontConfigure = true;
   dontBuild = true;
 
-  inherit doCheck;
-  checkPhase = ''
-    runHook preCheck
-    python3 -m pytest -q tests/test_unit.py
-    runHook postCheck
-  '';
+  # The unit tests (tests/test_unit.py: no root, no network, no Nix) through
+  # the usual hook; it runs after the install phase, on the build platform,
+  # and is skipped when cross-compiling (doCheck needs to run host code).
+  doCheck = true;
+  nativeCheckInputs = [ python3.pkgs.pytestCheckHook ];
+  pytestFlags = [ "tests/test_unit.py" ];
 
   # autodeploy.py is installed as a module with its bytecode compiled at build
   # time, and started by a three-line launcher: run as a script, Python would
@@ -62,9 +68,9 @@ stdenvNoCC.mkDerivation {
     sys.exit(autodeploy.main())
     EOF
     # unchecked-hash: the store's normalised mtimes must not invalidate it.
-    ${lib.getExe python3} -m compileall -q --invalidation-mode unchecked-hash $libexec/autodeploy.py
+    ${buildPython.interpreter} -m compileall -q --invalidation-mode unchecked-hash $libexec/autodeploy.py
     # --prefix, not --set: health checks and hooks are operator commands that
-    # may need the rest of the service's PATH.
+    # need the rest of the service's PATH (system.autoDeploy.path).
     makeWrapper ${lib.getExe python3} $out/bin/nixos-autodeploy \
       --add-flags $libexec/launcher.py \
       --prefix PATH : ${lib.makeBinPath runtimePath}
@@ -73,6 +79,8 @@ stdenvNoCC.mkDerivation {
 
   meta = {
     description = "Pull-based NixOS deployment agent";
+    # The same placeholder as the README's flake input: the project's address.
+    homepage = "https://github.com/OWNER/nixos-autodeploy";
     license = lib.licenses.mit;
     platforms = lib.platforms.linux;
     mainProgram = "nixos-autodeploy";

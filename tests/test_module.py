@@ -1,40 +1,48 @@
-"""Checks of the NixOS module (module.nix) and of the Nix files.
+"""Checks of the NixOS module (module.nix), the flake and the VM test script.
 
-* test_nix_files_parse: `nix-instantiate --parse` on every *.nix file of the
-  repository (skipped when nix-instantiate is missing).
-* everything else evaluates module.nix with the real nixpkgs `lib.evalModules`
-  plus minimal declarations of the NixOS options the module sets (no nixpkgs
-  package set, no NixOS). It runs when NIXPKGS_LIB points at a nixpkgs `lib/`
-  directory, e.g.
+* test_nix_files_parse: `nix-instantiate --parse` on every *.nix file.
+* Everything else evaluates module.nix with the real nixpkgs `lib.evalModules`
+  plus tests/nixos_harness/: declarations of every NixOS option the module
+  reads or defines, written after nixpkgs' own (services.prometheus.exporters
+  is one submodule-typed option, systemd units merge and render like
+  systemd-lib.nix, activation scripts are string-or-submodule, ...). A whole
+  matrix of configurations is evaluated in one `nix-instantiate --eval
+  --strict --readonly-mode` call (no store writes: that also proves the module
+  copies nothing into the store), and the rendered unit files are asserted.
+* The VM test's testScript is rendered and run against a stand-in of the
+  NixOS test driver (tests/nixos_harness/driver_standin.py).
 
-      NIXPKGS_LIB=/path/to/nixpkgs/lib python3 -m pytest tests/test_module.py
-
-  and is skipped otherwise, unless NIXOS_AUTODEPLOY_REQUIRE_EVAL=1 (the flake
-  check sets it), which turns the skip into a failure.
-
-No network and no Nix store writes are needed: evaluation runs with
---readonly-mode, which also proves the module copies nothing into the store.
+nixpkgs' lib/ is taken from $NIXPKGS_LIB, else from ../shared/nixpkgs-lib/lib
+next to the repository. Without it (or without nix-instantiate) the
+evaluation tests are skipped with one line saying where to get it; in CI
+(CI=true, or NIXOS_AUTODEPLOY_REQUIRE_EVAL=1 as the flake check sets) they
+fail instead.
 """
 
+from __future__ import annotations
+
+import functools
 import hashlib
 import json
 import os
 import re
 import shutil
 import subprocess
+import sys
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 MODULE = REPO / "module.nix"
+HARNESS = REPO / "tests" / "nixos_harness"
 NIX_INSTANTIATE = shutil.which("nix-instantiate")
-NIXPKGS_LIB = os.environ.get("NIXPKGS_LIB", "")
+NIXPKGS_LIB = Path(os.environ.get("NIXPKGS_LIB") or REPO.parent / "shared" / "nixpkgs-lib" / "lib")
+REQUIRED = (os.environ.get("CI", "").lower() == "true"
+            or os.environ.get("NIXOS_AUTODEPLOY_REQUIRE_EVAL") == "1")
 
-FAKE_HASH = "0" * 32
-PACKAGE = f"/nix/store/{FAKE_HASH}-nixos-autodeploy-0.1.0"
-SYSTEMD = f"/nix/store/{'1' * 32}-systemd"
 
 
 def _nix_env():
@@ -47,19 +55,41 @@ def _nix_env():
 
 def _eval_reason():
     if NIX_INSTANTIATE is None:
-        return "nix-instantiate not found"
-    if not NIXPKGS_LIB:
-        return ("NIXPKGS_LIB is not set; point it at a nixpkgs lib/ directory "
-                "(e.g. a checkout of nix-community/nixpkgs.lib) to evaluate module.nix")
-    if not (Path(NIXPKGS_LIB) / "default.nix").is_file():
-        return f"NIXPKGS_LIB={NIXPKGS_LIB} has no default.nix; it must be nixpkgs' lib/ directory"
+        return "nix-instantiate not found (Debian: apt-get install nix-bin)"
+    if not (NIXPKGS_LIB / "default.nix").is_file():
+        return (f"no nixpkgs lib/ at {NIXPKGS_LIB}: set NIXPKGS_LIB to a nixpkgs lib/ directory "
+                "(a nixpkgs checkout's lib/, or github.com/nix-community/nixpkgs.lib)")
     return None
 
 
 _REASON = _eval_reason()
-if _REASON and os.environ.get("NIXOS_AUTODEPLOY_REQUIRE_EVAL") == "1":
-    raise RuntimeError(f"module evaluation required but impossible: {_REASON}")
-needs_eval = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
+
+
+@pytest.fixture(scope="session")
+def can_eval():
+    if _REASON:
+        if REQUIRED:
+            pytest.fail(f"module evaluation is required in CI but impossible: {_REASON}")
+        pytest.skip(_REASON)
+
+
+def nix_eval(expr_file: Path, *args: str, check=True):
+    res = subprocess.run(
+        [NIX_INSTANTIATE, "--eval", "--strict", "--json", "--readonly-mode", str(expr_file), *args],
+        capture_output=True, text=True, env=_nix_env())
+    if check:
+        assert res.returncode == 0, res.stderr
+        return json.loads(res.stdout)
+    return res
+
+
+def harness_eval(cases: dict[str, str], tmp: Path):
+    """Evaluate {name: nix module expression} in one nix-instantiate call."""
+    cases_file = tmp / "cases.nix"
+    cases_file.write_text("{\n" + "".join(
+        f"  {json.dumps(name)} = {body};\n" for name, body in cases.items()) + "}\n")
+    return nix_eval(HARNESS / "eval.nix", "--arg", "libPath", str(NIXPKGS_LIB),
+                    "--arg", "modulePath", str(MODULE), "--arg", "cases", f"import {cases_file}")
 
 
 # --------------------------------------------------------------------------
@@ -70,126 +100,53 @@ def _nix_files():
                   if ".git" not in p.relative_to(REPO).parts)
 
 
-@pytest.mark.skipif(NIX_INSTANTIATE is None, reason="nix-instantiate not found")
 @pytest.mark.parametrize("path", _nix_files(), ids=lambda p: str(p.relative_to(REPO)))
 def test_nix_files_parse(path):
+    if NIX_INSTANTIATE is None:
+        (pytest.fail if REQUIRED else pytest.skip)("nix-instantiate not found (Debian: apt-get install nix-bin)")
     res = subprocess.run([NIX_INSTANTIATE, "--parse", str(path)],
                          capture_output=True, text=True, env=_nix_env())
     assert res.returncode == 0, res.stderr
 
 
 def test_expected_nix_files_exist():
-    for name in ("module.nix", "flake.nix", "package.nix", "tests/vm-test.nix"):
+    for name in ("module.nix", "flake.nix", "package.nix", "tests/vm-test.nix",
+                 "tests/vm-test-machine.nix", "tests/module-check-host.nix"):
         assert (REPO / name).is_file(), name
 
 
 # --------------------------------------------------------------------------
-# evaluation harness
+# reading unit files and command lines
 
-# Minimal declarations of the NixOS options module.nix sets or reads, plus a
-# faithful copy of nixos/lib/utils.nix's escapeSystemdExecArg(s) and a tiny
-# `pkgs`. writeText returns a store path whose hash part is derived from the
-# text, so a test can tell which content a file has.
-HARNESS = r"""
-{ libPath, modulePath, config }:
-let
-  lib = import libPath;
-  inherit (lib) mkOption types;
-
-  utils = rec {
-    escapeSystemdExecArg = arg:
-      let
-        s = if builtins.isPath arg then "${arg}"
-          else if builtins.isString arg then arg
-          else if builtins.isInt arg || builtins.isFloat arg || lib.isDerivation arg then toString arg
-          else throw "escapeSystemdExecArg only allows strings, paths, numbers and derivations";
-      in lib.replaceStrings [ "%" "$" ] [ "%%" "$$" ] (builtins.toJSON s);
-    escapeSystemdExecArgs = lib.concatMapStringsSep " " escapeSystemdExecArg;
-  };
-
-  fakePath = text: name:
-    "/nix/store/${builtins.substring 0 32 (builtins.hashString "sha256" text)}-${name}";
-
-  pkgs = {
-    callPackage = _fn: _args: {
-      type = "derivation";
-      name = "nixos-autodeploy-0.1.0";
-      outPath = "@PACKAGE@";
-      meta.mainProgram = "nixos-autodeploy";
-    };
-    writeText = name: text: {
-      type = "derivation";
-      inherit name text;
-      outPath = fakePath text name;
-    };
-  };
-
-  anyAttrs = mkOption { type = types.attrsOf types.anything; default = { }; };
-
-  stubs = {
-    options = {
-      assertions = mkOption { type = types.listOf types.unspecified; default = [ ]; };
-      warnings = mkOption { type = types.listOf types.str; default = [ ]; };
-      environment.systemPackages = mkOption { type = types.listOf types.package; default = [ ]; };
-      nix.package = mkOption { type = types.unspecified; default = "nix-stub"; };
-      systemd.package = mkOption { type = types.unspecified; default = "@SYSTEMD@"; };
-      systemd.services = anyAttrs;
-      systemd.timers = anyAttrs;
-      systemd.tmpfiles.rules = mkOption { type = types.listOf types.str; default = [ ]; };
-      system.activationScripts = anyAttrs;
-      services.prometheus.exporters.node = {
-        enable = mkOption { type = types.bool; default = false; };
-        enabledCollectors = mkOption { type = types.listOf types.str; default = [ ]; };
-        extraFlags = mkOption { type = types.listOf types.str; default = [ ]; };
-      };
-    };
-  };
-
-  eval = lib.evalModules {
-    modules = [ stubs modulePath config ];
-    specialArgs = { inherit pkgs utils; };
-  };
-  c = eval.config;
-  enabled = c.system.autoDeploy.enable;
-in {
-  failedAssertions = map (a: a.message) (builtins.filter (a: !a.assertion) c.assertions);
-  warnings = c.warnings;
-  services = c.systemd.services;
-  timers = c.systemd.timers;
-  activation = c.system.activationScripts;
-  tmpfiles = c.systemd.tmpfiles.rules;
-  nodeExporter = c.services.prometheus.exporters.node;
-  systemPackages = map (p: p.outPath or p) c.environment.systemPackages;
-  prometheusFilePath = c.system.autoDeploy.prometheusFilePath;
-}
-""".replace("@PACKAGE@", PACKAGE).replace("@SYSTEMD@", SYSTEMD)
+def parse_unit(text: str) -> dict[str, list[tuple[str, str]]]:
+    """Sections of a unit file -> [(key, value)] in order; continuation lines
+    (a trailing backslash) are joined like systemd does."""
+    sections: dict[str, list[tuple[str, str]]] = {}
+    current = None
+    lines = iter(text.split("\n"))
+    for line in lines:
+        while line.endswith("\\"):
+            line = line[:-1] + " " + next(lines, "")
+        if not line.strip() or line.startswith("#"):
+            continue
+        m = re.fullmatch(r"\[(\w+)\]", line)
+        if m:
+            current = sections.setdefault(m.group(1), [])
+            continue
+        assert current is not None and "=" in line, f"stray line {line!r} in:\n{text}"
+        key, _, value = line.partition("=")
+        current.append((key, value))
+    return sections
 
 
-def _nix_eval(tmp_path, config_nix, attr=None):
-    harness = tmp_path / "harness.nix"
-    harness.write_text(HARNESS)
-    expr = tmp_path / "eval.nix"
-    select = f".{attr}" if attr else ""
-    expr.write_text(textwrap.dedent(f"""\
-        (import {harness} {{
-          libPath = {NIXPKGS_LIB};
-          modulePath = {MODULE};
-          config = {config_nix};
-        }}){select}
-        """))
-    return subprocess.run(
-        [NIX_INSTANTIATE, "--eval", "--strict", "--json", "--readonly-mode", str(expr)],
-        capture_output=True, text=True, env=_nix_env())
+def values(text: str, section: str, key: str) -> list[str]:
+    return [v for k, v in parse_unit(text).get(section, []) if k == key]
 
 
-def evaluate(tmp_path, config_nix, attr=None):
-    res = _nix_eval(tmp_path, config_nix, attr)
-    assert res.returncode == 0, res.stderr
-    return json.loads(res.stdout)
-
-
-def cfg(body):
-    return "{ system.autoDeploy = { enable = true; " + body + " }; }"
+def value(text: str, section: str, key: str) -> str | None:
+    found = values(text, section, key)
+    assert len(found) <= 1, f"{key}= given {len(found)} times in [{section}]:\n{text}"
+    return found[0] if found else None
 
 
 def parse_exec(line):
@@ -216,43 +173,62 @@ def flag_values(argv, flag):
     return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
 
 
-def exec_argv(result):
-    return parse_exec(result["services"]["nixos-autodeploy"]["serviceConfig"]["ExecStart"])
-
-
-URL = "https://cache.example.org/pointers/web-1"
+def environment(text: str) -> dict[str, str]:
+    """Environment= lines (JSON-quoted "NAME=value") of a service unit."""
+    env = {}
+    for v in values(text, "Service", "Environment"):
+        name, _, val = json.loads(v).partition("=")
+        env[name] = val
+    return env
 
 
 # --------------------------------------------------------------------------
-# ExecStart
+# the configuration matrix: every case is evaluated in one call
 
-@needs_eval
-def test_minimal_command_line(tmp_path):
-    r = evaluate(tmp_path, cfg(f'url = "{URL}";'))
-    assert r["failedAssertions"] == []
-    argv = exec_argv(r)
-    assert argv[0] == f"{PACKAGE}/bin/nixos-autodeploy"
-    assert argv[1] == "--once"
-    assert flag_values(argv, "--url") == [URL]
-    assert flag_values(argv, "--switch-mode") == ["switch"]
-    assert flag_values(argv, "--timeout") == ["30"]
-    assert flag_values(argv, "--health-timeout") == ["120"]
-    # null / default options stay off the command line
-    for flag in ("--reboot-mode", "--reboot-window", "--prometheus-path", "--state-dir",
-                 "--health-check", "--no-connectivity-check", "--trusted-keys",
-                 "--signature-url", "--hostname", "--token-file", "--json-field",
-                 "--on-success", "--on-failure"):
-        assert flag not in argv, flag
-    assert "null" not in argv
-    svc = r["services"]["nixos-autodeploy"]
-    assert "LoadCredential" not in svc["serviceConfig"]
-    assert r["systemPackages"] == [PACKAGE]
+def _store(name, text=""):
+    return f"/nix/store/{hashlib.sha256((name + text).encode()).hexdigest()[:32]}-{name}"
 
 
-@needs_eval
-def test_every_option_reaches_the_agent(tmp_path):
-    r = evaluate(tmp_path, cfg(f'''
-        url = "{URL}";
+PACKAGE = _store("nixos-autodeploy-0.1.0")
+SYSTEMD = _store("systemd-256")
+CURL = _store("curl-8.9.1")
+JQ = _store("jq-1.7.1")
+URL = "https://cache.example.org/pointers/web-1"
+TEXTFILE_DIR = "/var/lib/prometheus-node-exporter-text"
+PROM = f"{TEXTFILE_DIR}/nixos-autodeploy.prom"
+KEY1, KEY2 = "ssh-ed25519 AAAAkey1 ci", "ssh-ed25519 AAAAkey2 ci2"
+SVC, TIMER, TRIGGER, EXPORTER = ("nixos-autodeploy.service", "nixos-autodeploy.timer",
+                                 "nixos-autodeploy-trigger.service",
+                                 "prometheus-node-exporter.service")
+
+
+def ad(body="", extra=""):
+    """A configuration: system.autoDeploy enabled with URL plus `body`."""
+    return ("{ pkgs, lib, ... }: { " + extra
+            + f' system.autoDeploy = {{ enable = true; url = "{URL}"; {body} }}; }}')
+
+
+def node(body, autodeploy=""):
+    return ad(autodeploy, "services.prometheus.exporters.node = { " + body + " };")
+
+
+README_TEXT = (REPO / "README.md").read_text()
+
+
+def readme_quick_start():
+    m = re.search(r"```nix\n# hosts/web-1\.nix\n(.*?)```", README_TEXT, re.S)
+    assert m, "README: the quick start's hosts/web-1.nix block is missing"
+    return m.group(1)
+
+
+VM_MACHINE = REPO / "tests" / "vm-test-machine.nix"
+VM_VARIANTS = ["next", "token", "signed", "boot-a", "boot-b"]
+
+CASES = {
+    "defaults": ad(),
+    "every": ad(f'''
+        interval = "*:0/5";
+        randomizedDelay = "4min";
         switchMode = "boot";
         rebootMode = "kexec";
         rebootWindow = "23:30-04:00";
@@ -261,17 +237,177 @@ def test_every_option_reaches_the_agent(tmp_path):
         timeout = 7;
         healthChecks = [ "systemctl is-active nginx.service" "curl -fsS 'http://localhost/a b'" ];
         healthTimeout = 33;
+        path = [ pkgs.curl pkgs.jq ];
+        environment = {{ https_proxy = "http://proxy:3128"; no_proxy = "localhost"; }};
         connectivityCheck = false;
-        trustedKeys = [ "ssh-ed25519 AAAAkey1 ci" "ssh-ed25519 AAAAkey2 ci2" ];
+        trustedKeys = [ "{KEY1}" "{KEY2}" ];
         signatureUrl = "{URL}.signature";
         hostname = "web-1";
         tokenFile = "/run/keys/token";
         onSuccess = "echo ok";
         onFailure = "logger -t autodeploy failed";
         extraArgs = [ "--verbose" "--hook-timeout" "5" ];
-    '''))
-    assert r["failedAssertions"] == []
-    argv = exec_argv(r)
+    '''),
+    "escaping": ("{ system.autoDeploy = { enable = true; "
+                 f'url = "{URL}?a=%41&b=$HOME"; tokenFile = "/run/keys/token"; '
+                 'onSuccess = "echo 100% $USER"; }; }'),
+    "short-flags": ad('switchMode = "switch"; extraArgs = [ "-f" "-s" "boot" "-r" "kexec" ];'),
+    "reboot-mode-reboot": ad('rebootMode = "reboot"; switchMode = "smart";'),
+    "state-var-lib": ad('stateDir = "/var/lib/autodeploy-b";'),
+    "token": ad('tokenFile = "/run/keys/token";'),
+    "keys": ad(f'trustedKeys = [ "{KEY1}" ];'),
+    "keys-file": ad('trustedKeysFile = "/etc/autodeploy/allowed_signers";'),
+    "keys-both": ad(f'trustedKeys = [ "{KEY1}" ]; trustedKeysFile = "/etc/autodeploy/allowed_signers";'),
+    "json": ad('jsonField = "buildoutputs.out.path";'),
+    "json-keys": ad(f'jsonField = "buildoutputs.out.path"; trustedKeys = [ "{KEY1}" ];'),
+    "signature-without-keys": ad(f'signatureUrl = "{URL}.sig";'),
+    "missing-url": "{ system.autoDeploy.enable = true; }",
+    "empty-url": '{ system.autoDeploy = { enable = true; url = ""; }; }',
+    "disabled": "{ }",
+    "disabled-with-exporter": "{ services.prometheus.exporters.node.enable = true; }",
+    # node exporter on/off x wiring unset/true/false
+    "node-on-wire-unset": node("enable = true;"),
+    "node-on-wire-true": node("enable = true;", "wireNodeExporter = true;"),
+    "node-on-wire-false": node("enable = true;", "wireNodeExporter = false;"),
+    "node-off-wire-unset": node("enable = false;"),
+    "node-off-wire-true": node("enable = false;", "wireNodeExporter = true;"),
+    "node-off-wire-false": node("enable = false;", "wireNodeExporter = false;"),
+    # the exporter already has a textfile directory (several spellings)
+    "node-has-dir": node('enable = true; extraFlags = [ "--collector.textfile.directory=/srv/prom" ];'),
+    "node-has-dir-split": node('enable = true; extraFlags = [ "--web.max-requests=5" '
+                               '"--collector.textfile.directory" "/srv/prom" ];'),
+    "node-has-dir-mkif": node('enable = true; extraFlags = lib.mkIf true '
+                              '(lib.mkBefore [ "--collector.textfile.directory=/srv/prom" ]);'),
+    "node-has-dir-conflict": node('enable = true; extraFlags = [ "--collector.textfile.directory=/srv/prom" ];',
+                                  'textfileDirectory = "/srv/other";'),
+    "node-custom-dir": node("enable = true;", 'textfileDirectory = "/srv/metrics";'),
+    "node-prom-elsewhere": node("enable = true;", 'prometheusFilePath = "/tmp/elsewhere.prom";'),
+    "node-textfile-listed": node('enable = true; enabledCollectors = [ "systemd" "textfile" ];'),
+    "node-textfile-disabled": node('enable = true; disabledCollectors = [ "textfile" ];'),
+    # the boot assessment (issue #13): its check unit shares path and token
+    "boot-assessment": ad('''bootAssessment.enable = true; tokenFile = "/run/keys/token";
+        healthChecks = [ "curl -fsS http://localhost/" ]; path = [ pkgs.curl ];'''),
+    "boot-assessment-elsewhere": ad('''bootAssessment.enable = true; connectivityCheck = false;
+        stateDir = "/persist/autodeploy"; tokenFile = "/run/secrets/token";'''),
+    # fleet rollouts (issue #14): FleetLock reboot slots
+    "fleetlock": ad('''switchMode = "boot"; rebootMode = "reboot"; fleetlock.url = "http://fleetlock.example.org:8080";
+        fleetlock.group = "workers"; extraArgs = [ "--verbose" ];'''),
+    "fleetlock-off": ad('fleetlock.group = "workers";'),
+    # the README quick start, the flake's module-nixos host, the VM test's nodes
+    "readme-quick-start": readme_quick_start(),
+    "flake-check-host": str(REPO / "tests" / "module-check-host.nix"),
+    "vm-machine": f"(import {VM_MACHINE} {{ }}).base",
+    **{f"vm-{v}": (f"let m = import {VM_MACHINE} {{ }}; in {{ imports = [ m.base ]; "
+                   f'system.autoDeploy = m.variants."{v}".autoDeploy; }}')
+       for v in VM_VARIANTS},
+}
+
+
+@pytest.fixture(scope="session")
+def matrix(can_eval, tmp_path_factory):
+    return harness_eval(CASES, tmp_path_factory.mktemp("matrix"))
+
+
+def svc(r):
+    return r["units"][SVC]
+
+
+def argv_of(r):
+    return parse_exec(value(svc(r), "Service", "ExecStart"))
+
+
+def ok(r):
+    assert r["failedAssertions"] == [], r["failedAssertions"]
+    return r
+
+
+# --------------------------------------------------------------------------
+# the harness has nixpkgs' structure: the released module's bug reproduces
+
+RECURSION_MODULE = """\
+{ config, lib, ... }:
+let wire = config.services.prometheus.exporters.node.enable; in
+{
+  config = lib.mkIf wire {
+    services.prometheus.exporters.node.extraFlags = [ "--collector.textfile.directory=/x" ];
+  };
+}
+"""
+
+
+def test_harness_reproduces_the_exporter_recursion(can_eval, tmp_path):
+    """A mkIf around services.prometheus.exporters.node whose condition reads
+    the exporter is discharged at the exporters option and recurses in
+    nixpkgs; a harness declaring `node.*` as plain options would not notice."""
+    bad = tmp_path / "bad.nix"
+    bad.write_text(RECURSION_MODULE)
+    res = nix_eval(HARNESS / "eval.nix", "--arg", "libPath", str(NIXPKGS_LIB),
+                   "--arg", "modulePath", str(bad),
+                   "--arg", "cases", "{ x = { services.prometheus.exporters.node.enable = true; }; }",
+                   "--arg", "select", '[ "node" ]', check=False)
+    assert res.returncode != 0
+    assert "infinite recursion" in res.stderr
+
+
+def test_harness_unit_option_merge(can_eval, tmp_path):
+    """systemd unit options: lists concatenate, equal scalars merge,
+    different scalars conflict (nixpkgs' unitOption)."""
+    cases = {
+        "lists": ('{ systemd.services.x.serviceConfig.ExecStartPre = [ "a" ]; }',
+                  '{ systemd.services.x.serviceConfig.ExecStartPre = [ "b" ]; }'),
+        "equal": ('{ systemd.services.x.serviceConfig.Type = "oneshot"; }',
+                  '{ systemd.services.x.serviceConfig.Type = "oneshot"; }'),
+    }
+    mods = {k: "{ imports = [ " + " ".join(f"({m})" for m in v) + " ]; }" for k, v in cases.items()}
+    f = tmp_path / "merge.nix"
+    f.write_text(textwrap.dedent(f"""\
+        let
+          lib = import {NIXPKGS_LIB};
+          h = import {HARNESS}/default.nix {{ inherit lib; }};
+          unit = m: (lib.evalModules {{ modules = h.modules ++ [ m ]; }}).config.systemd.units."x.service".text;
+        in {{ {" ".join(f'{k} = unit ({m});' for k, m in mods.items())} }}
+        """))
+    r = nix_eval(f)
+    assert values(r["lists"], "Service", "ExecStartPre") == ["a", "b"]
+    assert value(r["equal"], "Service", "Type") == "oneshot"
+    conflict = tmp_path / "conflict.nix"
+    conflict.write_text(textwrap.dedent(f"""\
+        let
+          lib = import {NIXPKGS_LIB};
+          h = import {HARNESS}/default.nix {{ inherit lib; }};
+        in (lib.evalModules {{ modules = h.modules ++ [
+          {{ systemd.services.x.serviceConfig.Type = "oneshot"; }}
+          {{ systemd.services.x.serviceConfig.Type = "simple"; }}
+        ]; }}).config.systemd.units."x.service".text
+        """))
+    res = nix_eval(conflict, check=False)
+    assert res.returncode != 0 and "conflicting definition values" in res.stderr, res.stderr
+
+
+# --------------------------------------------------------------------------
+# the service's command line
+
+def test_defaults(matrix):
+    r = ok(matrix["defaults"])
+    argv = argv_of(r)
+    assert argv[:2] == [f"{PACKAGE}/bin/nixos-autodeploy", "--once"]
+    assert flag_values(argv, "--url") == [URL]
+    assert flag_values(argv, "--switch-mode") == ["switch"]
+    assert flag_values(argv, "--timeout") == ["30"]
+    assert flag_values(argv, "--health-timeout") == ["120"]
+    for flag in ("--reboot-mode", "--reboot-window", "--prometheus-path", "--state-dir",
+                 "--health-check", "--no-connectivity-check", "--trusted-keys",
+                 "--signature-url", "--hostname", "--token-file", "--json-field",
+                 "--on-success", "--on-failure"):
+        assert flag not in argv, flag
+    assert "null" not in argv
+    assert r["systemPackages"] == [PACKAGE]
+    assert r["warnings"] == []
+
+
+def test_every_option_reaches_the_agent(matrix):
+    r = ok(matrix["every"])
+    argv = argv_of(r)
     expect = {
         "--url": [URL],
         "--switch-mode": ["boot"],
@@ -289,215 +425,363 @@ def test_every_option_reaches_the_agent(tmp_path):
         "--hook-timeout": ["5"],
         # the credential, not the original path: the secret never reaches the store
         "--token-file": ["%d/token"],
+        "--trusted-keys": [_store("nixos-autodeploy-trusted-keys", f"{KEY1}\n{KEY2}\n")],
     }
-    for flag, values in expect.items():
-        assert flag_values(argv, flag) == values, flag
+    for flag, vals in expect.items():
+        assert flag_values(argv, flag) == vals, flag
     assert "--no-connectivity-check" in argv
-    assert "--verbose" in argv
     # extraArgs come last, only followed by the credential path
     assert argv[-5:] == ["--verbose", "--hook-timeout", "5", "--token-file", "%d/token"]
-
-    keys_text = "ssh-ed25519 AAAAkey1 ci\nssh-ed25519 AAAAkey2 ci2\n"
-    digest = hashlib.sha256(keys_text.encode()).hexdigest()[:32]
-    assert flag_values(argv, "--trusted-keys") == [
-        f"/nix/store/{digest}-nixos-autodeploy-trusted-keys"]
-
-    sc = r["services"]["nixos-autodeploy"]["serviceConfig"]
-    assert sc["LoadCredential"] == "token:/run/keys/token"
-    assert "/run/keys/token" not in sc["ExecStart"]
+    text = svc(r)
+    assert value(text, "Service", "LoadCredential") == "token:/run/keys/token"
+    assert "/run/keys/token\"" not in value(text, "Service", "ExecStart")
     # stateDir outside /var/lib: no StateDirectory=, a tmpfiles rule instead
-    assert "StateDirectory" not in sc
-    assert any(rule.startswith("d /persist/autodeploy 0700 root root") for rule in r["tmpfiles"])
+    assert value(text, "Service", "StateDirectory") is None
+    assert "d /persist/autodeploy 0700 root root - -" in r["tmpfiles"]
+    # path and environment
+    env = environment(text)
+    path = env["PATH"].split(":")
+    assert path[:2] == [f"{CURL}/bin", f"{JQ}/bin"], path  # the operator's first
+    assert f"{SYSTEMD}/bin" in path and f"{CURL}/sbin" in path
+    assert env["https_proxy"] == "http://proxy:3128" and env["no_proxy"] == "localhost"
+    timer = r["units"][TIMER]
+    assert value(timer, "Timer", "OnCalendar") == "*:0/5"
+    assert value(timer, "Timer", "RandomizedDelaySec") == "4min"
 
 
-@needs_eval
-def test_token_specifier_is_raw_and_user_percent_is_escaped(tmp_path):
-    r = evaluate(tmp_path, cfg(f'''
-        url = "{URL}?a=%41&b=$HOME";
-        tokenFile = "/run/keys/token";
-        onSuccess = "echo 100% $USER";
-    '''))
-    line = r["services"]["nixos-autodeploy"]["serviceConfig"]["ExecStart"]
+def test_token_specifier_is_raw_and_user_percent_is_escaped(matrix):
+    line = value(svc(matrix["escaping"]), "Service", "ExecStart")
     # user text: %/$ doubled inside a JSON-quoted word -> no specifier expansion
     assert '"https://cache.example.org/pointers/web-1?a=%%41&b=$$HOME"' in line
     assert '"echo 100%% $$USER"' in line
     # our own specifier: unquoted and single
     assert line.endswith(" --token-file %d/token")
-    argv = parse_exec(line)
-    assert flag_values(argv, "--url") == [URL + "?a=%41&b=$HOME"]
+    assert flag_values(parse_exec(line), "--url") == [URL + "?a=%41&b=$HOME"]
 
 
-@needs_eval
-def test_reboot_mode_values(tmp_path):
-    for mode in ("reboot", "kexec"):
-        argv = exec_argv(evaluate(tmp_path, cfg(f'url = "{URL}"; rebootMode = "{mode}";')))
-        assert flag_values(argv, "--reboot-mode") == [mode]
-    res = _nix_eval(tmp_path, cfg(f'url = "{URL}"; rebootMode = "poweroff";'), "services")
-    assert res.returncode != 0
-    assert "rebootMode" in res.stderr
+def test_original_short_flags_reach_the_agent_last(matrix):
+    """hlsb-fulda/nixos-autodeploy users pass -f, -s MODE, -r MODE in
+    extraArgs; they come after the module's own flags, so they win."""
+    argv = argv_of(ok(matrix["short-flags"]))
+    assert argv[-5:] == ["-f", "-s", "boot", "-r", "kexec"]
+    assert argv.index("--switch-mode") < argv.index("-s")
 
 
-@needs_eval
-def test_null_reboot_mode_is_not_passed(tmp_path):
-    argv = exec_argv(evaluate(tmp_path, cfg(f'url = "{URL}"; rebootMode = null; switchMode = "smart";')))
-    assert "--reboot-mode" not in argv
+def test_reboot_mode_and_state_dir_below_var_lib(matrix):
+    argv = argv_of(ok(matrix["reboot-mode-reboot"]))
+    assert flag_values(argv, "--reboot-mode") == ["reboot"]
     assert flag_values(argv, "--switch-mode") == ["smart"]
+    r = ok(matrix["state-var-lib"])
+    assert value(svc(r), "Service", "StateDirectory") == "autodeploy-b"
+    assert value(svc(r), "Service", "StateDirectoryMode") == "0700"
+    assert flag_values(argv_of(r), "--state-dir") == ["/var/lib/autodeploy-b"]
+    assert not any("autodeploy-b" in rule for rule in r["tmpfiles"])
 
 
-@needs_eval
-def test_bad_reboot_window_is_a_type_error(tmp_path):
-    res = _nix_eval(tmp_path, cfg(f'url = "{URL}"; rebootWindow = "25:00-03:00";'), "services")
-    assert res.returncode != 0
-    assert "rebootWindow" in res.stderr
+def test_token_file_is_a_credential(matrix):
+    text = svc(ok(matrix["token"]))
+    assert value(text, "Service", "LoadCredential") == "token:/run/keys/token"
+    assert flag_values(argv_of(matrix["token"]), "--token-file") == ["%d/token"]
+    assert value(svc(matrix["defaults"]), "Service", "LoadCredential") is None
 
 
-@needs_eval
-def test_trusted_keys_file(tmp_path):
-    argv = exec_argv(evaluate(tmp_path, cfg(
-        f'url = "{URL}"; trustedKeysFile = "/etc/autodeploy/allowed_signers";')))
-    assert flag_values(argv, "--trusted-keys") == ["/etc/autodeploy/allowed_signers"]
+def test_trusted_keys(matrix):
+    assert flag_values(argv_of(ok(matrix["keys"])), "--trusted-keys") == [
+        _store("nixos-autodeploy-trusted-keys", KEY1 + "\n")]
+    assert flag_values(argv_of(ok(matrix["keys-file"])), "--trusted-keys") == [
+        "/etc/autodeploy/allowed_signers"]
+    assert any("mutually exclusive" in m for m in matrix["keys-both"]["failedAssertions"])
+    assert flag_values(argv_of(ok(matrix["json"])), "--json-field") == ["buildoutputs.out.path"]
+    assert any("jsonField cannot be combined" in m for m in matrix["json-keys"]["failedAssertions"])
+    assert any("signatureUrl is set but no trusted keys" in w
+               for w in matrix["signature-without-keys"]["warnings"])
 
 
-@needs_eval
-def test_trusted_keys_and_file_are_exclusive(tmp_path):
-    r = evaluate(tmp_path, cfg(f'''url = "{URL}"; trustedKeys = [ "ssh-ed25519 AAAA x" ];
-        trustedKeysFile = "/etc/autodeploy/allowed_signers";'''), "failedAssertions")
-    assert any("mutually exclusive" in m for m in r)
+def test_missing_url_fails_the_assertion(matrix):
+    for case in ("missing-url", "empty-url"):
+        assert any("system.autoDeploy.url must be set" in m
+                   for m in matrix[case]["failedAssertions"]), case
 
 
-@needs_eval
-def test_token_file_must_not_be_a_nix_path(tmp_path):
-    # A path literal would be copied into the world-readable store: refused.
-    secret = tmp_path / "token"
-    secret.write_text("s3cret\n")
-    res = _nix_eval(tmp_path, cfg(f'url = "{URL}"; tokenFile = {secret};'), "services")
-    assert res.returncode != 0
-    assert "tokenFile" in res.stderr
-
-
-@needs_eval
-def test_missing_url_fails_the_assertion(tmp_path):
-    r = evaluate(tmp_path, "{ system.autoDeploy.enable = true; }", "failedAssertions")
-    assert any("system.autoDeploy.url must be set" in m for m in r), r
-    r = evaluate(tmp_path, cfg('url = "";'), "failedAssertions")
-    assert any("system.autoDeploy.url must be set" in m for m in r), r
-
-
-@needs_eval
-def test_disabled_module_defines_nothing(tmp_path):
-    r = evaluate(tmp_path, "{ }")
-    assert r["services"] == {} and r["timers"] == {} and r["activation"] == {}
-    assert r["failedAssertions"] == [] and r["tmpfiles"] == []
+def test_disabled_module_defines_nothing(matrix):
+    for case in ("disabled", "disabled-with-exporter"):
+        r = matrix[case]
+        assert not any(n.startswith("nixos-autodeploy") for n in r["units"]), case
+        assert r["activation"]["snippet"] is None
+        assert r["tmpfiles"] == [] and r["failedAssertions"] == []
+    # the exporter is left alone when the agent is off
+    r = matrix["disabled-with-exporter"]
+    assert r["node"]["extraFlags"] == [] and r["node"]["enabledCollectors"] == []
+    assert "--collector.textfile" not in r["units"][EXPORTER]
 
 
 # --------------------------------------------------------------------------
 # units
 
-@needs_eval
-def test_service_unit(tmp_path):
-    r = evaluate(tmp_path, cfg(f'url = "{URL}";'))
-    svc = r["services"]["nixos-autodeploy"]
-    sc = svc["serviceConfig"]
-    assert sc["Type"] == "oneshot"
-    assert "Restart" not in sc
-    assert svc["restartIfChanged"] is False
-    assert svc["unitConfig"]["X-StopOnRemoval"] is False
-    assert "network-online.target" in svc["after"]
-    assert "network-online.target" in svc["wants"]
-    assert sc["StateDirectory"] == "nixos-autodeploy"
-    assert sc["RuntimeDirectory"] == "nixos-autodeploy"
-    assert "wantedBy" not in svc  # the timer starts it
+def test_service_unit(matrix):
+    r = ok(matrix["defaults"])
+    sections = parse_unit(svc(r))
+    unit, service = dict(sections["Unit"]), dict(sections["Service"])
+    assert unit["After"] == "network-online.target" and unit["Wants"] == "network-online.target"
+    assert unit["X-StopOnRemoval"] == "false"
+    assert service["Type"] == "oneshot"
+    assert service["X-RestartIfChanged"] == "false"
+    assert "Restart" not in service
+    assert service["StateDirectory"] == "nixos-autodeploy" and service["StateDirectoryMode"] == "0700"
+    # the host-wide lock lives here: root-owned 0755, kept when the unit stops
+    assert service["RuntimeDirectory"] == "nixos-autodeploy"
+    assert service["RuntimeDirectoryMode"] == "0755"
+    assert service["RuntimeDirectoryPreserve"] == "yes"
+    assert "d /run/nixos-autodeploy 0755 root root - -" in r["tmpfiles"]
+    assert "Install" not in sections  # the timer starts it
+    # NixOS' default service PATH, nothing else unless `path` says so
+    assert environment(svc(r))["PATH"].split(":")[0].endswith("-coreutils-9.5/bin")
+    assert CURL not in svc(r)
 
 
-@needs_eval
-def test_state_dir_below_var_lib(tmp_path):
-    r = evaluate(tmp_path, cfg(f'url = "{URL}"; stateDir = "/var/lib/autodeploy-b";'))
-    assert r["services"]["nixos-autodeploy"]["serviceConfig"]["StateDirectory"] == "autodeploy-b"
-    assert flag_values(exec_argv(r), "--state-dir") == ["/var/lib/autodeploy-b"]
+def test_timer_unit(matrix):
+    t = matrix["defaults"]["units"][TIMER]
+    # the original's default: swapping the flake input keeps the schedule
+    assert value(t, "Timer", "OnCalendar") == "04:42"
+    assert value(t, "Timer", "RandomizedDelaySec") == "0"
+    assert value(t, "Timer", "FixedRandomDelay") == "true"
+    assert value(t, "Timer", "Persistent") == "true"
+    assert value(t, "Timer", "OnBootSec") == "2min"
+    assert value(t, "Timer", "Unit") == SVC
+    assert value(t, "Install", "WantedBy") == "timers.target"
 
 
-@needs_eval
-def test_timer_defaults(tmp_path):
-    r = evaluate(tmp_path, cfg(f'url = "{URL}";'))
-    t = r["timers"]["nixos-autodeploy"]
-    tc = t["timerConfig"]
-    assert t["wantedBy"] == ["timers.target"]
-    assert tc["OnCalendar"] == "*:0/5"
-    assert tc["RandomizedDelaySec"] == "0"
-    assert tc["FixedRandomDelay"] is True
-    assert tc["Persistent"] is True
-    assert tc["OnBootSec"] == "2min"
-    assert tc["Unit"] == "nixos-autodeploy.service"
-
-
-@needs_eval
-def test_timer_settings(tmp_path):
-    r = evaluate(tmp_path, cfg(f'url = "{URL}"; interval = "hourly"; randomizedDelay = "45min";'))
-    tc = r["timers"]["nixos-autodeploy"]["timerConfig"]
-    assert tc["OnCalendar"] == "hourly"
-    assert tc["RandomizedDelaySec"] == "45min"
-
-
-@needs_eval
-def test_trigger_unit_does_not_block(tmp_path):
-    r = evaluate(tmp_path, cfg(f'url = "{URL}";'))
-    trig = r["services"]["nixos-autodeploy-trigger"]
-    assert trig["serviceConfig"]["Type"] == "oneshot"
-    assert parse_exec(trig["serviceConfig"]["ExecStart"]) == [
-        f"{SYSTEMD}/bin/systemctl", "start", "--no-block", "nixos-autodeploy.service"]
+def test_trigger_unit_does_not_block(matrix):
+    t = matrix["defaults"]["units"][TRIGGER]
+    assert value(t, "Service", "Type") == "oneshot"
+    assert value(t, "Service", "X-RestartIfChanged") == "false"
+    assert parse_exec(value(t, "Service", "ExecStart")) == [
+        f"{SYSTEMD}/bin/systemctl", "start", "--no-block", SVC]
 
 
 # --------------------------------------------------------------------------
 # node exporter wiring
 
-@needs_eval
-def test_node_exporter_wiring(tmp_path):
-    conf = ("{ services.prometheus.exporters.node.enable = true; "
-            f'system.autoDeploy = {{ enable = true; url = "{URL}"; }}; }}')
-    r = evaluate(tmp_path, conf)
-    path = "/var/lib/prometheus-node-exporter-text/nixos-autodeploy.prom"
-    assert r["prometheusFilePath"] == path
-    assert flag_values(exec_argv(r), "--prometheus-path") == [path]
-    assert "textfile" in r["nodeExporter"]["enabledCollectors"]
-    assert ("--collector.textfile.directory=/var/lib/prometheus-node-exporter-text"
-            in r["nodeExporter"]["extraFlags"])
-    assert any(rule.startswith("d /var/lib/prometheus-node-exporter-text 0755")
-               for rule in r["tmpfiles"])
+def exporter_flags(r):
+    """The exporter's argv (its ExecStart is a shell-style line)."""
+    return value(r["units"][EXPORTER], "Service", "ExecStart").split()
+
+
+@pytest.mark.parametrize("case,wired", [
+    ("node-on-wire-unset", True), ("node-on-wire-true", True), ("node-on-wire-false", False),
+    ("node-off-wire-unset", False), ("node-off-wire-true", True), ("node-off-wire-false", False),
+])
+def test_node_exporter_matrix(matrix, case, wired):
+    r = ok(matrix[case])
+    argv = argv_of(r)
+    exporter_on = case.startswith("node-on")
+    assert (EXPORTER in r["units"]) == exporter_on
+    if wired:
+        assert r["autoDeploy"]["prometheusFilePath"] == PROM
+        assert flag_values(argv, "--prometheus-path") == [PROM]
+        assert r["node"]["extraFlags"] == [f"--collector.textfile.directory={TEXTFILE_DIR}"]
+        assert r["node"]["enabledCollectors"] == ["textfile"]
+        assert f"d {TEXTFILE_DIR} 0755 root root - -" in r["tmpfiles"]
+    else:
+        assert r["autoDeploy"]["prometheusFilePath"] is None
+        assert "--prometheus-path" not in argv
+        assert r["node"]["extraFlags"] == [] and r["node"]["enabledCollectors"] == []
+        assert not any(TEXTFILE_DIR in rule for rule in r["tmpfiles"])
+    if exporter_on:
+        flags = exporter_flags(r)
+        dirs = [f for f in flags if f.startswith("--collector.textfile.directory")]
+        assert dirs == ([f"--collector.textfile.directory={TEXTFILE_DIR}"] if wired else [])
+        assert flags.count("--collector.textfile") == (1 if wired else 0)
     assert r["warnings"] == []
 
 
-@needs_eval
-def test_no_node_exporter_no_metrics_by_default(tmp_path):
-    r = evaluate(tmp_path, cfg(f'url = "{URL}";'))
-    assert r["prometheusFilePath"] is None
-    assert r["nodeExporter"]["extraFlags"] == []
-    assert "--prometheus-path" not in exec_argv(r)
+@pytest.mark.parametrize("case", ["node-has-dir", "node-has-dir-split", "node-has-dir-mkif"])
+def test_existing_textfile_directory_is_used_not_repeated(matrix, case):
+    r = ok(matrix[case])
+    assert r["autoDeploy"]["textfileDirectory"] == "/srv/prom"
+    assert r["autoDeploy"]["prometheusFilePath"] == "/srv/prom/nixos-autodeploy.prom"
+    assert flag_values(argv_of(r), "--prometheus-path") == ["/srv/prom/nixos-autodeploy.prom"]
+    flags = " ".join(exporter_flags(r))
+    assert flags.count("--collector.textfile.directory") == 1, flags
+    # the owner's directory is left as it is
+    assert not any("/srv/prom" in rule for rule in r["tmpfiles"])
+    assert r["warnings"] == []
 
 
-@needs_eval
-def test_node_exporter_wiring_opt_out_and_mismatch_warning(tmp_path):
-    conf = ("{ services.prometheus.exporters.node.enable = true; "
-            f'system.autoDeploy = {{ enable = true; url = "{URL}"; wireNodeExporter = false; }}; }}')
-    r = evaluate(tmp_path, conf)
-    assert r["prometheusFilePath"] is None
-    assert r["nodeExporter"]["extraFlags"] == []
-    conf = ("{ services.prometheus.exporters.node.enable = true; "
-            f'system.autoDeploy = {{ enable = true; url = "{URL}"; '
-            'prometheusFilePath = "/tmp/elsewhere.prom"; }; }')
-    r = evaluate(tmp_path, conf)
-    assert any("textfileDirectory" in w for w in r["warnings"])
+def test_textfile_directory_conflict_and_custom(matrix):
+    msgs = matrix["node-has-dir-conflict"]["failedAssertions"]
+    assert any("node exporter reads /srv/prom" in m for m in msgs), msgs
+    r = ok(matrix["node-custom-dir"])
+    assert r["node"]["extraFlags"] == ["--collector.textfile.directory=/srv/metrics"]
+    assert "d /srv/metrics 0755 root root - -" in r["tmpfiles"]
+    assert flag_values(argv_of(r), "--prometheus-path") == ["/srv/metrics/nixos-autodeploy.prom"]
+    assert any("not in system.autoDeploy.textfileDirectory" in w
+               for w in matrix["node-prom-elsewhere"]["warnings"])
+
+
+def test_textfile_collector_not_repeated_nor_disabled(matrix):
+    r = ok(matrix["node-textfile-listed"])
+    assert r["node"]["enabledCollectors"] == ["systemd", "textfile"]
+    assert exporter_flags(r).count("--collector.textfile") == 1
+    msgs = matrix["node-textfile-disabled"]["failedAssertions"]
+    assert any("disabledCollectors disables it" in m for m in msgs), msgs
 
 
 # --------------------------------------------------------------------------
-# activation trigger: run the generated snippet for real, with its absolute
-# paths redirected into tmp_path, the way NixOS' activate script runs it
-# (bash with an ERR trap; a failing command would fail the whole activation).
+# the README quick start, the flake's checks and the VM test's nodes
 
-def _run_snippet(tmp_path, text, env_extra, existing=None):
+def test_readme_quick_start(matrix):
+    r = ok(matrix["readme-quick-start"])
+    argv = argv_of(r)
+    assert flag_values(argv, "--url") == [URL]
+    checks = flag_values(argv, "--health-check")
+    assert checks, "the quick start shows a health check"
+    # whatever the health checks call besides the default PATH is on `path`
+    if any(c.startswith("curl") for c in checks):
+        assert environment(svc(r))["PATH"].startswith(f"{CURL}/bin:")
+    assert value(r["units"][TIMER], "Timer", "OnCalendar") == "*:0/5"
+
+
+def test_flake_check_host(matrix):
+    """The configuration of flake.nix's module-nixos check, with the unit
+    lines that check greps for."""
+    r = ok(matrix["flake-check-host"])
+    text, timer = svc(r), r["units"][TIMER]
+    argv = argv_of(r)
+    assert flag_values(argv, "--switch-mode") == ["smart"]
+    assert flag_values(argv, "--reboot-mode") == ["kexec"]
+    assert flag_values(argv, "--reboot-window") == ["02:00-05:00"]
+    assert flag_values(argv, "--hostname") == ["web-1"]
+    assert flag_values(argv, "--prometheus-path") == [PROM]
+    assert "--no-connectivity-check" in argv
+    assert flag_values(argv, "--trusted-keys")[0].startswith("/nix/store/")
+    assert value(text, "Service", "LoadCredential") == "token:/run/keys/nixos-autodeploy-token"
+    assert environment(text)["PATH"].startswith(f"{CURL}/bin:")
+    assert value(timer, "Timer", "OnCalendar") == "*:0/5"
+    assert f"--collector.textfile.directory={TEXTFILE_DIR}" in exporter_flags(r)
+    flake = (REPO / "flake.nix").read_text()
+    # every line the flake check greps for is in the rendered units
+    for want in re.findall(r"'([^']*)'", flake.split("module-nixos", 1)[1].split("vm-test", 1)[0]):
+        if "[" not in want and want.startswith((
+                "--", "\"", "LoadCredential", "Type", "X-", "OnCalendar", "FixedRandom",
+                "Persistent", "OnBootSec", " --token", "Runtime")):
+            assert want in text or want in timer or want in r["units"][EXPORTER], want
+
+
+def test_vm_test_nodes(matrix):
+    base = ok(matrix["vm-machine"])
+    argv = argv_of(base)
+    assert flag_values(argv, "--url") == ["http://cache/pointer"]
+    assert flag_values(argv, "--prometheus-path") == [PROM]
+    assert flag_values(argv, "--health-check") == [
+        "test -e /etc/autodeploy-test", "curl -fsS -o /dev/null http://cache/"]
+    assert environment(svc(base))["PATH"].startswith(f"{CURL}/bin:")
+    assert value(svc(base), "Unit", "StartLimitIntervalSec") == "0"
+    assert base["unitsWantedBy"][TIMER] == []
+    assert "Install" not in parse_unit(base["units"][TIMER])
+    token = ok(matrix["vm-token"])
+    assert value(svc(token), "Service", "LoadCredential") == "token:/run/keys/autodeploy-token"
+    assert flag_values(argv_of(token), "--url") == ["http://cache/private/pointer"]
+    signed = argv_of(ok(matrix["vm-signed"]))
+    assert flag_values(signed, "--url") == ["http://cache/signed/pointer"]
+    assert len(flag_values(signed, "--trusted-keys")) == 1
+    for v in ("vm-boot-a", "vm-boot-b"):
+        a = argv_of(ok(matrix[v]))
+        assert flag_values(a, "--switch-mode") == ["boot"]
+        assert flag_values(a, "--reboot-mode") == ["reboot"]
+    assert flag_values(argv_of(ok(matrix["vm-next"])), "--switch-mode") == ["switch"]
+
+
+# --------------------------------------------------------------------------
+# each typed option given a bad value: a type error naming the option
+
+BAD_VALUES = [
+    ("enable", '"yes"'),
+    ("url", "42"),
+    ("interval", "5"),
+    ("randomizedDelay", "5"),
+    ("switchMode", '"reboot"'),
+    ("rebootMode", '"poweroff"'),
+    ("rebootWindow", '"25:00-03:00"'),
+    ("wireNodeExporter", '"yes"'),
+    ("textfileDirectory", '"relative/dir"'),
+    ("prometheusFilePath", '"relative.prom"'),
+    ("stateDir", '"/"'),
+    ("stateDir", '"/var/lib"'),
+    ("stateDir", '"/var/lib/"'),
+    ("stateDir", '"/var/lib/nixos-autodeploy/"'),
+    ("stateDir", '"/var/lib/auto deploy"'),
+    ("stateDir", '"var/lib/autodeploy"'),
+    ("stateDir", '"/var/lib/../etc"'),
+    ("stateDir", "/tmp/state-as-a-nix-path"),
+    ("timeout", "0"),
+    ("healthChecks", '"true"'),
+    ("healthTimeout", "-1"),
+    ("path", '[ "curl" ]'),
+    ("environment", "{ A = 1; }"),
+    ("connectivityCheck", '"no"'),
+    ("trustedKeys", f'"{KEY1}"'),
+    ("trustedKeysFile", "5"),
+    ("signatureUrl", "5"),
+    ("hostname", "5"),
+    ("tokenFile", '"relative/token"'),
+    ("tokenFile", "./token-as-a-nix-path"),
+    ("jsonField", "5"),
+    ("onSuccess", "5"),
+    ("onFailure", "[ ]"),
+    ("extraArgs", '"-f"'),
+    ("package", '"nixos-autodeploy"'),
+    ("bootAssessment.enable", '"yes"'),
+    ("fleetlock.url", '"fleetlock.example.org"'),
+    ("fleetlock.group", '"two words"'),
+]
+
+
+@pytest.fixture(scope="session")
+def bad_results(can_eval, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bad")
+
+    def run(item):
+        i, (opt, val) = item
+        cases = tmp / f"case{i}.nix"
+        cases.write_text(
+            f"let lib = import {NIXPKGS_LIB}; in {{ x = {{ imports = [ "
+            f'{{ system.autoDeploy = {{ enable = true; url = "{URL}"; }}; }} ]; '
+            f"system.autoDeploy.{opt} = lib.mkForce ({val}); }}; }}\n")
+        return nix_eval(HARNESS / "eval.nix", "--arg", "libPath", str(NIXPKGS_LIB),
+                        "--arg", "cases", f"import {cases}", "--arg", "select", '[ "units" "settings" ]',
+                        check=False)
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        return list(pool.map(run, enumerate(BAD_VALUES)))
+
+
+@pytest.mark.parametrize("index", range(len(BAD_VALUES)),
+                         ids=[f"{o}={v}" for o, v in BAD_VALUES])
+def test_bad_value_is_a_type_error(bad_results, index):
+    opt, _ = BAD_VALUES[index]
+    res = bad_results[index]
+    assert res.returncode != 0, f"system.autoDeploy.{opt} accepted a bad value"
+    assert f"system.autoDeploy.{opt}" in res.stderr, res.stderr
+    assert "is not of type" in res.stderr, res.stderr
+
+
+# --------------------------------------------------------------------------
+# activation: the snippet as it sits in the generated activation script, run
+# under bash with the script's ERR trap and its /run paths redirected
+
+def _snippet_block(script: str) -> str:
+    m = re.search(r"^#### Activation script snippet nixos-autodeploy:\n(.*?)(?=^#### |\Z)",
+                  script, re.S | re.M)
+    assert m, script
+    return m.group(1).split("\n# Make this configuration the current configuration.")[0]
+
+
+def _run_snippet(tmp_path, block, env_extra, existing=None):
     run = tmp_path / "rt"
     shutil.rmtree(run, ignore_errors=True)
     (run / "nixos-autodeploy").mkdir(parents=True)
-    text = text.replace("/run/nixos-autodeploy/", f"{run}/nixos-autodeploy/")
+    text = block.replace("/run/nixos-autodeploy/", f"{run}/nixos-autodeploy/")
     text = re.sub(r"(?<![\w/])/run/nixos(?![\w-])", f"{run}/nixos", text)
     # never touch the real /run of the machine running the tests
     assert "/run/" not in text.replace(str(run), ""), text
@@ -508,53 +792,368 @@ def _run_snippet(tmp_path, text, env_extra, existing=None):
     marker = env_extra.pop("_MARKER", None)
     if marker is not None:
         (run / "nixos-autodeploy" / "activating").write_text(marker)
-    script = ('_status=0\ntrap "_status=1" ERR\n' + text + '\nexit $_status\n')
+    # the preamble of nixos' activation script
+    script = '_status=0\ntrap "_status=1 _localstatus=\\$?" ERR\numask 0022\n' + text + "\nexit $_status\n"
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
     env.update(env_extra)
     res = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
+    assert "failed" not in res.stdout, res.stdout
     return restart_list.read_text() if restart_list.exists() else None
 
 
-@needs_eval
 @pytest.mark.skipif(shutil.which("bash") is None, reason="bash not found")
-def test_activation_snippet_behaviour(tmp_path):
-    act = evaluate(tmp_path, cfg(f'url = "{URL}";'), "activation")
-    snippet = act["nixos-autodeploy"]
-    text = snippet["text"]
-    assert snippet.get("supportsDryActivation", False) is False
-    assert ">> /run/nixos/activation-restart-list" in text
-    assert "> /run/nixos/activation-restart-list" not in text.replace(">>", "")
-    assert "NIXOS_AUTODEPLOY_ACTIVATION" in text
-    assert "/run/nixos-autodeploy/activating" in text
+def test_activation_snippet_behaviour(matrix, tmp_path):
+    act = matrix["defaults"]["activation"]
+    assert act["snippet"]["supportsDryActivation"] is False
+    # dry-activate does not run it
+    assert "#### Activation script snippet nixos-autodeploy does not support dry activation." in act["dry"]
+    assert "activation-restart-list" not in act["dry"]
+    block = _snippet_block(act["script"])
+    assert ">> /run/nixos/activation-restart-list" in block
+    assert "> /run/nixos/activation-restart-list" not in block.replace(">>", "")
     line = "nixos-autodeploy-trigger.service\n"
 
     # manual `nixos-rebuild switch` / `test`: trigger, appended to what is there
-    assert _run_snippet(tmp_path, text, {"NIXOS_ACTION": "switch"}) == line
-    assert _run_snippet(tmp_path, text, {"NIXOS_ACTION": "test"}, "foo.service\n") == \
+    assert _run_snippet(tmp_path, block, {"NIXOS_ACTION": "switch"}) == line
+    assert _run_snippet(tmp_path, block, {"NIXOS_ACTION": "test"}, "foo.service\n") == \
         "foo.service\n" + line
-    # boot-time activation (no NIXOS_ACTION): nothing
-    assert _run_snippet(tmp_path, text, {}) is None
+    # boot-time activation (no NIXOS_ACTION) and dry-activate: nothing
+    assert _run_snippet(tmp_path, block, {}) is None
+    assert _run_snippet(tmp_path, block, {"NIXOS_ACTION": "dry-activate"}) is None
     # our own activation, marked by the environment
-    assert _run_snippet(tmp_path, text, {"NIXOS_ACTION": "switch",
-                                         "NIXOS_AUTODEPLOY_ACTIVATION": "1"}) is None
+    assert _run_snippet(tmp_path, block, {"NIXOS_ACTION": "switch",
+                                          "NIXOS_AUTODEPLOY_ACTIVATION": "1"}) is None
     # ... or by the marker file holding the PID of a live agent
-    assert _run_snippet(tmp_path, text, {"NIXOS_ACTION": "switch",
-                                         "_MARKER": f"{os.getpid()}\n"}) is None
+    assert _run_snippet(tmp_path, block, {"NIXOS_ACTION": "switch",
+                                          "_MARKER": f"{os.getpid()}\n"}) is None
     # a stale marker (dead PID) or garbage does not silence the trigger
-    assert _run_snippet(tmp_path, text, {"NIXOS_ACTION": "switch",
-                                         "_MARKER": "4194305\n"}) == line
-    assert _run_snippet(tmp_path, text, {"NIXOS_ACTION": "switch",
-                                         "_MARKER": "not-a-pid"}) == line
-    assert _run_snippet(tmp_path, text, {"NIXOS_ACTION": "switch",
-                                         "_MARKER": ""}) == line
+    for marker in ("4194305\n", "not-a-pid", ""):
+        assert _run_snippet(tmp_path, block, {"NIXOS_ACTION": "switch", "_MARKER": marker}) == line
 
 
-@needs_eval
-def test_json_field_reaches_the_agent_and_excludes_trusted_keys(tmp_path):
-    r = evaluate(tmp_path, cfg(f'url = "{URL}"; jsonField = "buildoutputs.out.path";'))
+# --------------------------------------------------------------------------
+# flake: nixosModules in a form every `nix flake check` accepts
+
+FLAKE_EVAL = """\
+let
+  lib = import @LIB@;
+  flake = import @REPO@/flake.nix;
+  self = flake.outputs { inherit self; nixpkgs = { inherit lib; legacyPackages = { }; }; };
+  # Nix 2.8's checkModule (src/nix/flake.cc): a function must take an open
+  # attribute set, an attribute set has every attribute forced; anything else
+  # (a path, too) is "module must be a function or an attribute set".
+  check = name: m:
+    let t = builtins.typeOf m; in
+    if t == "lambda" then
+      (let a = builtins.functionArgs m; in
+        if a == { } then throw "${name}: module must match an open attribute set" else "lambda")
+    else if t == "set" then builtins.deepSeq (lib.mapAttrs (_: v: builtins.seq v null) m) "set"
+    else throw "${name}: module must be a function or an attribute set, not a ${t}";
+in {
+  kinds = lib.mapAttrs check self.nixosModules;
+  names = builtins.attrNames self.nixosModules;
+  # each module evaluates under the harness
+  units = lib.mapAttrs (_: m: builtins.attrNames
+    (lib.evalModules { modules = (import @HARNESS@/default.nix { inherit lib; }).modules ++ [
+      m { system.autoDeploy = { enable = true; url = "https://x/p"; }; } ]; }).config.systemd.units)
+    self.nixosModules;
+}
+"""
+
+
+def test_flake_nixos_modules(can_eval, tmp_path):
+    f = tmp_path / "flake-eval.nix"
+    f.write_text(FLAKE_EVAL.replace("@LIB@", str(NIXPKGS_LIB)).replace("@REPO@", str(REPO))
+                 .replace("@HARNESS@", str(HARNESS)))
+    r = nix_eval(f)
+    # `autodeploy` is the original's name: `nixosModules.autodeploy` keeps working
+    assert set(r["names"]) >= {"default", "nixos-autodeploy", "autodeploy"}
+    assert set(r["kinds"].values()) == {"set"}
+    for name, units in r["units"].items():
+        assert {SVC, TIMER, TRIGGER} <= set(units), name
+
+
+# --------------------------------------------------------------------------
+# package.nix as nixpkgs would take it
+
+PACKAGE_EVAL = """\
+let
+  lib = import @LIB@;
+  drv = name: extra: { type = "derivation"; inherit name; outPath = "/nix/store/x-${name}"; } // extra;
+  # python3 is the *host* platform's; pythonOnBuildForHost runs on the build platform.
+  python3 = drv "python3-host" {
+    meta.mainProgram = "python3";
+    pythonOnBuildForHost = drv "python3-build" { interpreter = "/nix/store/x-python3-build/bin/python3"; };
+    pkgs.pytestCheckHook = drv "pytest-check-hook" { };
+  };
+  p = import @REPO@/package.nix {
+    inherit lib python3;
+    stdenvNoCC = { mkDerivation = a: a; hostPlatform = lib.systems.elaborate "x86_64-linux"; };
+    makeWrapper = drv "make-wrapper" { };
+    nix = drv "nix" { };
+    systemd = drv "systemd" { };
+    kexec-tools = drv "kexec-tools" { meta.platforms = lib.platforms.linux; };
+    openssh = drv "openssh" { };
+  };
+in {
+  inherit (p) installPhase doCheck pytestFlags meta;
+  checkPhase = p.checkPhase or null;
+  nativeCheckInputs = map (d: d.name) p.nativeCheckInputs;
+  nativeBuildInputs = map (d: d.name) p.nativeBuildInputs;
+  functionArgs = builtins.attrNames (builtins.functionArgs (import @REPO@/package.nix));
+}
+"""
+
+
+def test_package_nix(can_eval, tmp_path):
+    f = tmp_path / "package-eval.nix"
+    f.write_text(PACKAGE_EVAL.replace("@LIB@", str(NIXPKGS_LIB)).replace("@REPO@", str(REPO)))
+    r = nix_eval(f)
+    # cross-compilation: bytecode by the build platform's Python, never the host's
+    assert "/nix/store/x-python3-build/bin/python3 -m compileall" in r["installPhase"]
+    assert "x-python3-host/bin/python3 -m" not in r["installPhase"]
+    assert "python3-build" in r["nativeBuildInputs"]
+    # the host's Python is what the wrapper runs
+    assert "makeWrapper /nix/store/x-python3-host/bin/python3" in r["installPhase"]
+    # unit tests through the usual check hook
+    assert r["doCheck"] is True and r["checkPhase"] is None
+    assert r["nativeCheckInputs"] == ["pytest-check-hook"]
+    assert r["pytestFlags"] == ["tests/test_unit.py"]
+    assert r["meta"]["mainProgram"] == "nixos-autodeploy"
+    assert r["meta"]["homepage"].startswith("https://")
+    # callPackage arguments are packages only (no doCheck knob)
+    assert "doCheck" not in r["functionArgs"]
+
+
+# --------------------------------------------------------------------------
+# the VM test's script, run against a stand-in of the NixOS test driver
+
+VM_RENDER = """\
+let
+  lib = import @LIB@;
+  h = import @HARNESS@/default.nix { inherit lib; };
+  agent = import @REPO@/tests/vm-test-machine.nix { };
+  evalSystem = extra: (lib.evalModules {
+    modules = h.modules ++ [ @REPO@/module.nix agent.base extra ];
+  }).config;
+  fake = name: "/nix/store/${builtins.substring 0 32 (builtins.hashString "sha256" name)}-nixos-system-machine-${name}";
+  ours = c: lib.filterAttrs
+    (n: _: lib.hasPrefix "nixos-autodeploy" n || lib.hasPrefix "prometheus-" n) c.systemd.units;
+  describe = marker: c: {
+    inherit marker;
+    units = lib.mapAttrs (_: u: u.text) (ours c);
+    requiredBy = lib.mapAttrs (_: u: u.requiredBy) (ours c);
+  };
+  base = evalSystem { };
+  variants = lib.mapAttrs (_: v: evalSystem { system.autoDeploy = v.autoDeploy; }) agent.variants;
+  # `nodes.machine` as the script sees it: the evaluated configuration, with
+  # stand-in store paths for the systems.
+  nodes.machine = base // {
+    system = base.system // { build.toplevel = fake "base"; };
+    autodeployTest.systems = lib.mapAttrs (n: _: fake n) agent.variants;
+  };
+  # `counted`: its agent part under the harness; the "broken" variant only
+  # differs in its marker file.
+  counted = (lib.evalModules { modules = h.modules ++ [ @REPO@/module.nix agent.counted ]; }).config;
+  nodes.counted = counted // {
+    system = counted.system // { build.toplevel = fake "counted-base"; };
+    autodeployTest.broken = fake "counted-broken";
+  };
+  vm = import @REPO@/tests/vm-test.nix { pkgs = { inherit lib; }; nixosModule = { }; };
+in {
+  script = vm.testScript { inherit nodes; };
+  nodeNames = builtins.attrNames vm.nodes;
+  guests = {
+    machine = {
+      base = fake "base";
+      systems = { ${fake "base"} = describe "base" base; }
+        // lib.mapAttrs' (n: v: lib.nameValuePair (fake n) (describe agent.variants.${n}.marker v)) variants;
+    };
+    counted = {
+      base = fake "counted-base";
+      counting = true;
+      systems = {
+        ${fake "counted-base"} = describe "base" counted;
+        ${fake "counted-broken"} = describe "broken" counted;
+      };
+    };
+  };
+}
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def _agent_parser():
+    """The agent's own command-line parser (autodeploy.build_parser)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("autodeploy_for_vm_test", REPO / "autodeploy.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+
+    def parse(argv):
+        argv = list(argv)
+        if argv and argv[0].endswith("/bin/nixos-autodeploy"):
+            argv = argv[1:]
+        if argv and argv[0] not in mod.COMMANDS:
+            argv.insert(0, "run")
+        return mod.build_parser().parse_args(argv)
+
+    return parse
+
+
+@pytest.fixture(scope="session")
+def vm_render(can_eval, tmp_path_factory):
+    f = tmp_path_factory.mktemp("vm") / "render.nix"
+    f.write_text(VM_RENDER.replace("@LIB@", str(NIXPKGS_LIB)).replace("@REPO@", str(REPO))
+                 .replace("@HARNESS@", str(HARNESS)))
+    return nix_eval(f)
+
+
+def _world(render):
+    sys.path.insert(0, str(HARNESS))
+    import driver_standin as ds
+    script = render["script"]
+    const = dict(re.findall(r'^([A-Z_]+) = "([^"]*)"$', script, re.M))
+    world = ds.World(_agent_parser(), const["TOKEN"], const["TOKEN_FILE"], const["PROM"],
+                     int(re.search(r"localhost:(\d+)/metrics", script).group(1)))
+    for name, guest in render["guests"].items():
+        systems = {
+            path: ds.System(path, s["marker"], s["units"],
+                            parse_exec(value(s["units"][SVC], "Service", "ExecStart")),
+                            s["requiredBy"])
+            for path, s in guest["systems"].items()}
+        world.add_guest(name, systems, guest["base"], guest.get("counting", False))
+    assert world.guests["machine"].current == const["BASE"]
+    return ds, script, world
+
+
+def test_driver_standin_has_the_real_signatures():
+    sys.path.insert(0, str(HARNESS))
+    import driver_standin as ds
+    assert ds.signature_mismatches() == []
+
+
+def test_vm_test_script_runs_against_the_driver_standin(vm_render):
+    ds, script, world = _world(vm_render)
+    assert sorted(vm_render["nodeNames"]) == ["cache", "counted", "machine"]
+    driver = ds.run_script(script, world, vm_render["nodeNames"])
+    assert len(driver.subtests) >= 13, driver.subtests
+    for name in ("tokenFile", "trustedKeys", "switchMode/rebootMode", "boot check"):
+        assert any(name in s for s in driver.subtests), name
+    by_name = {m.name: m for m in driver.machines}
+    # the reboots: the module's own wiring staged a system and rebooted; the
+    # script waited for QEMU to exit and started the machine again
+    for name, boots in (("machine", 2), ("counted", 3)):
+        calls = [c[0] for c in by_name[name].calls if c[0] in ("start", "wait_for_shutdown")]
+        assert calls == ["start"] + ["wait_for_shutdown", "start"] * (boots - 1), (name, calls)
+    machine = world.guests["machine"]
+    assert machine.booted == machine.current and machine.current.endswith("-boot-b")
+    counted = world.guests["counted"]
+    assert counted.current.endswith("-counted-base") and counted.state.boot_failures == 1
+
+
+@pytest.mark.parametrize("mutation,error", [
+    # what the released test did: retry's argument is timeout_seconds
+    (("timeout_seconds=120", "timeout=120"), TypeError),
+    # reconnecting after the guest's reboot without waiting for QEMU to exit
+    (("machine.wait_for_shutdown()\n    machine.start()\n",
+      "machine.connected = False\n    machine.connect()\n"), RuntimeError),
+    # a blocking start of a run that reboots the guest
+    (('machine.succeed("systemctl start --no-block nixos-autodeploy.service")',
+      'machine.succeed("systemctl start nixos-autodeploy.service")'), RuntimeError),
+    # a keyword the driver does not have
+    (('machine.wait_until_fails("systemctl is-active --quiet nixos-autodeploy.service", timeout=120)',
+      'machine.wait_until_fails("systemctl is-active --quiet nixos-autodeploy.service", timeout_seconds=120)'),
+     TypeError),
+])
+def test_driver_standin_rejects_what_the_driver_would(vm_render, mutation, error):
+    ds, script, world = _world(vm_render)
+    old, new = mutation
+    assert old in script, old
+    with pytest.raises(error):
+        ds.run_script(script.replace(old, new, 1), world, vm_render["nodeNames"])
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c not in (
+    "missing-url", "empty-url", "keys-both", "json-keys", "node-has-dir-conflict",
+    "node-textfile-disabled", "disabled", "disabled-with-exporter")])
+def test_command_lines_parse_with_the_agents_parser(matrix, case):
+    """Every flag the module passes exists in the agent (its own parser)."""
+    argv = argv_of(ok(matrix[case]))
+    argv = [a.replace("%d/", "/run/credentials/nixos-autodeploy.service/") for a in argv]
+    parse = _agent_parser()
+    if case == "short-flags":
+        args = parse(argv)
+        assert args.force is True
+        assert str(getattr(args.switch_mode, "value", args.switch_mode)) == "boot"
+        assert str(getattr(args.reboot_mode, "value", args.reboot_mode)) == "kexec"
+        return
+    args = parse(argv)
+    assert args.url == flag_values(argv, "--url")[-1]
+
+
+def test_boot_check_unit_shares_path_token_and_checks(matrix):
+    r = matrix["boot-assessment"]
     assert r["failedAssertions"] == []
-    assert flag_values(exec_argv(r), "--json-field") == ["buildoutputs.out.path"]
-    r = evaluate(tmp_path, cfg(f'''url = "{URL}"; jsonField = "buildoutputs.out.path";
-                                  trustedKeys = [ "ssh-ed25519 AAAAkey1 ci" ];'''))
-    assert any("jsonField cannot be combined" in m for m in r["failedAssertions"])
+    text = r["units"]["nixos-autodeploy-boot-check.service"]
+    assert value(text, "Unit", "Before") == "boot-complete.target"
+    assert environment(text)["PATH"].startswith(f"{CURL}/bin:")
+    assert value(text, "Service", "LoadCredential") == "token:/run/keys/token"
+    argv = parse_exec(value(text, "Service", "ExecStart"))
+    assert argv[1] == "check-boot"
+    assert flag_values(argv, "--health-check") == ["curl -fsS http://localhost/"]
+    argv = [a.replace("%d/", "/run/credentials/x/") for a in argv]
+    args = _agent_parser()(argv)
+    assert args.command == "check-boot" and args.url == URL
+
+
+# --------------------------------------------------------------------------
+# the boot assessment (issue #13) and FleetLock (issue #14) in the harness
+
+
+def test_boot_check_unit_is_required_by_and_ordered_before_boot_complete(matrix):
+    r = ok(matrix["boot-assessment"])
+    name = "nixos-autodeploy-boot-check.service"
+    text = r["units"][name]
+    assert r["unitsRequiredBy"][name] == ["boot-complete.target"]
+    assert value(text, "Unit", "Before") == "boot-complete.target"
+    assert "network-online.target" in value(text, "Unit", "After").split()
+    assert "network-online.target" in value(text, "Unit", "Wants").split()
+    assert value(text, "Service", "Type") == "oneshot"
+    assert value(text, "Service", "RemainAfterExit") == "true"
+    assert value(text, "Service", "TimeoutStartSec") is not None
+    argv = parse_exec(value(text, "Service", "ExecStart"))
+    assert flag_values(argv, "--wait") == ["300"] and "--once" not in argv
+    assert "--no-connectivity-check" not in argv
+
+
+def test_boot_check_unit_follows_connectivity_state_dir_and_token(matrix):
+    r = ok(matrix["boot-assessment-elsewhere"])
+    text = r["units"]["nixos-autodeploy-boot-check.service"]
+    argv = parse_exec(value(text, "Service", "ExecStart"))
+    assert "--no-connectivity-check" in argv
+    assert flag_values(argv, "--state-dir") == ["/persist/autodeploy"]
+    assert flag_values(argv, "--token-file") == ["%d/token"]
+    assert value(text, "Service", "LoadCredential") == "token:/run/secrets/token"
+    assert value(text, "Service", "StateDirectory") is None
+
+
+def test_boot_assessment_without_boot_counting_warns_and_is_off_by_default(matrix):
+    r = ok(matrix["boot-assessment"])
+    assert len([w for w in r["warnings"] if "bootCounting" in w]) == 1
+    d = ok(matrix["defaults"])
+    assert "nixos-autodeploy-boot-check.service" not in d["units"]
+    assert not any("bootCounting" in w for w in d["warnings"])
+
+
+def test_fleetlock_options_reach_the_agent(matrix):
+    argv = argv_of(ok(matrix["fleetlock"]))
+    assert flag_values(argv, "--fleetlock-url") == ["http://fleetlock.example.org:8080"]
+    assert flag_values(argv, "--fleetlock-group") == ["workers"]
+    assert argv[-1] == "--verbose"  # extraArgs stay last
+    args = _agent_parser()(argv)
+    assert args.fleetlock_url == "http://fleetlock.example.org:8080" and args.fleetlock_group == "workers"
+    argv = argv_of(ok(matrix["fleetlock-off"]))
+    assert "--fleetlock-url" not in argv and "--fleetlock-group" not in argv

@@ -3,26 +3,45 @@
 #   nix build .#checks.x86_64-linux.vm-test -L
 #
 # Two nodes: `cache` serves a binary cache (written with `nix copy --to
-# file://`) and the pointer file over HTTP; `machine` runs the agent. The
-# systems the machine is deployed to are variants of its own configuration
-# (built with extendModules, like specialisations, but *not* part of its
-# closure, so the agent really has to fetch them from the cache).
+# file://`) and the pointers over HTTP (a public one, one behind a bearer
+# token, one for signed pointers); `machine` runs the agent. The systems the
+# machine is deployed to are variants of its own configuration
+# (tests/vm-test-machine.nix, built with extendModules like specialisations,
+# but *not* part of its closure, so the agent really has to fetch them from
+# the cache); each variant's unit is the one that runs after it is deployed.
 #
 # Covered: the original tool's matrix (missing state / tracking / dirty, each
 # with the same or a different upstream), a manual activation triggering a run
-# while the agent's own activations do not, a boot-mode deploy followed by the
-# agent's reboot, the metrics as scraped from node-exporter, and the timer.
+# while the agent's own activations do not, a token handed over with
+# LoadCredential=, signed pointers with trustedKeys, the module's own
+# switchMode = "boot" / rebootMode = "reboot" staging a system and rebooting
+# into it, the metrics as scraped from node-exporter, and the timer.
 # A third node, `counted`, boots with systemd-boot and boot counting
 # (boot.loader.systemd-boot.bootCounting) and system.autoDeploy.bootAssessment:
 # a staged system whose boot check fails is not blessed, systemd-boot falls
 # back to the previous generation, and the agent reports boot_failed once.
+#
+# tests/test_module.py evaluates the agent's part of the nodes under its
+# option harness, renders testScript with stand-in nodes and runs it against a
+# stand-in of the test driver with the real driver's method signatures.
 { pkgs, nixosModule }:
 
 let
   inherit (pkgs) lib;
+  agent = import ./vm-test-machine.nix { };
   textfileDir = "/var/lib/prometheus-node-exporter-text";
   promFile = "${textfileDir}/nixos-autodeploy.prom";
-  pointerUrl = "http://cache/pointer";
+  # Test-only secrets: they protect nothing.
+  token = "vm-test-token-5b3d9e";
+  signingKey = ''
+    -----BEGIN OPENSSH PRIVATE KEY-----
+    b3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW
+    QyNTUxOQAAACBlCusWvsSN1ZhZ/eM9b8V2B/vAnUqJc/Pvkp46DetQGAAAAJiYELD0mBCw
+    9AAAAAtzc2gtZWQyNTUxOQAAACBlCusWvsSN1ZhZ/eM9b8V2B/vAnUqJc/Pvkp46DetQGA
+    AAAEDhb1/j61Ue0Wl1yJQ7TrvyMucpCkXGK6gLvGBejrz3hmUK6xa+xI3VmFn94z1vxXYH
+    +8CdSolz8++SnjoN61AYAAAAEmF1dG9kZXBsb3ktdm0tdGVzdAECAw==
+    -----END OPENSSH PRIVATE KEY-----
+  '';
 in
 {
   name = "nixos-autodeploy";
@@ -35,15 +54,34 @@ in
         virtualHosts.cache = {
           default = true;
           root = "/srv/cache";
+          # /srv/private/pointer, only with the token.
+          locations."/private/" = {
+            root = "/srv";
+            extraConfig = ''
+              if ($http_authorization != "Bearer ${token}") {
+                return 401;
+              }
+            '';
+          };
+          # /srv/signed/pointer and pointer.sig.
+          locations."/signed/".root = "/srv";
         };
       };
       networking.firewall.allowedTCPPorts = [ 80 ];
       systemd.tmpfiles.rules = [
         "d /srv/cache 0755 root root - -"
+        "d /srv/private 0755 root root - -"
+        "d /srv/signed 0755 root root - -"
         # `counted` runs its boot check (connectivity included) on its very
         # first boot: its pointer must exist from the start.
         "f /srv/cache/pointer-counted 0644 root root - ${nodes.counted.system.build.toplevel}"
       ];
+      # CI's side of signed pointers: `nixos-autodeploy sign`.
+      environment.systemPackages = [ nodes.machine.system.autoDeploy.package ];
+      environment.etc."autodeploy-test-key" = {
+        text = signingKey;
+        mode = "0400";
+      };
       nix.settings.experimental-features = [ "nix-command" ];
       # Everything the test publishes must be valid in the cache node's store.
       virtualisation.additionalPaths = [
@@ -66,7 +104,10 @@ in
       ...
     }:
     {
-      imports = [ nixosModule ];
+      imports = [
+        nixosModule
+        agent.base
+      ];
 
       options.autodeployTest.systems = lib.mkOption {
         type = lib.types.lazyAttrsOf lib.types.raw;
@@ -75,26 +116,18 @@ in
       };
 
       config = {
-        autodeployTest.systems = lib.genAttrs [ "next" "third" ] (
-          name:
+        autodeployTest.systems = lib.mapAttrs (
+          _: variant:
           (extendModules {
-            modules = [ { environment.etc."autodeploy-test".text = name; } ];
+            modules = [
+              {
+                environment.etc."autodeploy-test".text = variant.marker;
+                system.autoDeploy = variant.autoDeploy;
+              }
+            ];
           }).config.system.build.toplevel
-        );
+        ) agent.variants;
         environment.etc."autodeploy-test".text = lib.mkDefault "base";
-
-        system.autoDeploy = {
-          enable = true;
-          url = pointerUrl;
-          healthChecks = [ "test -e /etc/autodeploy-test" ];
-        };
-        # Wires the textfile collector (system.autoDeploy.wireNodeExporter
-        # follows this) and sets the default prometheusFilePath = promFile.
-        services.prometheus.exporters.node.enable = true;
-
-        # The test starts every run itself (and the timer once, at the end).
-        systemd.timers.nixos-autodeploy.wantedBy = lib.mkForce [ ];
-        systemd.services.nixos-autodeploy.unitConfig.StartLimitIntervalSec = 0;
 
         nix.settings = {
           substituters = lib.mkForce [ "http://cache" ];
@@ -116,7 +149,7 @@ in
     };
 
   # systemd-boot with boot counting; its "broken" variant boots but fails the
-  # boot check (the health check looks for the marker below).
+  # boot check (the health check looks for the marker).
   nodes.counted =
     {
       config,
@@ -125,7 +158,10 @@ in
       ...
     }:
     {
-      imports = [ nixosModule ];
+      imports = [
+        nixosModule
+        agent.counted
+      ];
 
       options.autodeployTest.broken = lib.mkOption {
         type = lib.types.raw;
@@ -139,20 +175,6 @@ in
             modules = [ { environment.etc."autodeploy-test".text = "broken"; } ];
           }).config.system.build.toplevel;
         environment.etc."autodeploy-test".text = lib.mkDefault "base";
-
-        system.autoDeploy = {
-          enable = true;
-          url = "http://cache/pointer-counted";
-          healthChecks = [ "! grep -qx broken /etc/autodeploy-test" ];
-          bootAssessment = {
-            enable = true;
-            # Long enough for the cache node to come up during the first boot.
-            wait = 120;
-          };
-        };
-        services.prometheus.exporters.node.enable = true;
-        systemd.timers.nixos-autodeploy.wantedBy = lib.mkForce [ ];
-        systemd.services.nixos-autodeploy.unitConfig.StartLimitIntervalSec = 0;
 
         boot.loader.systemd-boot = {
           enable = true;
@@ -182,13 +204,10 @@ in
   testScript =
     { nodes, ... }:
     let
-      base = nodes.machine.system.build.toplevel;
-      inherit (nodes.machine.autodeployTest.systems) next third;
-      agent = "${nodes.machine.system.autoDeploy.package}/bin/nixos-autodeploy";
-      countedBase = nodes.counted.system.build.toplevel;
-      countedBroken = nodes.counted.autodeployTest.broken;
-      countedAgent = "${nodes.counted.system.autoDeploy.package}/bin/nixos-autodeploy";
-      exporterPort = toString nodes.machine.services.prometheus.exporters.node.port;
+      m = nodes.machine;
+      c = nodes.counted;
+      systems = m.autodeployTest.systems;
+      exporterPort = toString m.services.prometheus.exporters.node.port;
     in
     ''
       import os
@@ -196,21 +215,52 @@ in
       import shlex
       import time
 
-      BASE = "${base}"
-      NEXT = "${next}"
-      THIRD = "${third}"
+      BASE = "${m.system.build.toplevel}"
+      NEXT = "${systems.next}"
+      TOKEN_SYSTEM = "${systems.token}"
+      SIGNED = "${systems.signed}"
+      BOOT_A = "${systems.boot-a}"
+      BOOT_B = "${systems.boot-b}"
       PROM = "${promFile}"
       METRICS_URL = "http://localhost:${exporterPort}/metrics"
+      TOKEN = "${token}"
+      TOKEN_FILE = "${agent.tokenFile}"
+      POINTERS = {
+          "public": "/srv/cache/pointer",
+          "private": "/srv/private/pointer",
+          "signed": "/srv/signed/pointer",
+      }
+      URLS = {
+          "public": "http://cache/pointer",
+          "private": "http://cache/private/pointer",
+          "signed": "http://cache/signed/pointer",
+      }
 
 
-      def publish(path):
-          """What CI does: push the closure to the cache, then the pointer."""
+      def push(path):
           cache.succeed(f"nix copy --to 'file:///srv/cache?compression=none' {path}")
+
+
+      def publish(path, where="public"):
+          """What CI does: push the closure to the cache, then the pointer."""
+          push(path)
           # ETag / Last-Modified have a one-second resolution: make sure the
           # new pointer never looks like the previous one.
           time.sleep(1.1)
-          cache.succeed(f"echo {path} > /srv/cache/pointer.new && mv /srv/cache/pointer.new /srv/cache/pointer")
-          machine.succeed("curl -sf ${pointerUrl} | grep -qx " + shlex.quote(path))
+          target = POINTERS[where]
+          cache.succeed(f"echo {path} > {target}.new && mv {target}.new {target}")
+          auth = f"-H 'Authorization: Bearer {TOKEN}' " if where == "private" else ""
+          machine.succeed(f"curl -sf {auth}{URLS[where]} | grep -qx " + shlex.quote(path))
+
+
+      def sign(path, revision):
+          """A signed pointer (and pointer.sig) for this host only."""
+          push(path)
+          time.sleep(1.1)
+          cache.succeed(
+              "nixos-autodeploy sign --key /etc/autodeploy-test-key "
+              f"--revision {revision} --hosts machine -o {POINTERS['signed']} {path}"
+          )
 
 
       def current():
@@ -269,6 +319,10 @@ in
           return text
 
 
+      def exec_start():
+          return machine.succeed("systemctl show -P ExecStart nixos-autodeploy.service")
+
+
       start_all()
       cache.wait_for_unit("nginx.service")
       cache.wait_for_open_port(80)
@@ -279,14 +333,21 @@ in
       with subtest("units are installed as configured"):
           assert current() == BASE
           machine.succeed("systemctl show -P Type nixos-autodeploy.service | grep -qx oneshot")
-          exec_start = machine.succeed("systemctl show -P ExecStart nixos-autodeploy.service")
-          for want in ["--once", "--url ${pointerUrl}", f"--prometheus-path {PROM}",
-                       "--switch-mode switch", "--health-check test -e /etc/autodeploy-test"]:
-              assert want in exec_start, f"{want!r} not in {exec_start}"
-          assert "--reboot-mode" not in exec_start
+          line = exec_start()
+          for want in ["--once", "--url http://cache/pointer", f"--prometheus-path {PROM}",
+                       "--switch-mode switch", "--health-check test -e /etc/autodeploy-test",
+                       "--health-check curl -fsS -o /dev/null http://cache/"]:
+              assert want in line, f"{want!r} not in {line}"
+          assert "--reboot-mode" not in line
+          # system.autoDeploy.path: curl for the health check
+          machine.succeed("systemctl show -P Environment nixos-autodeploy.service | grep -q -- '-curl-'")
+          machine.succeed("systemctl show -P RuntimeDirectoryPreserve nixos-autodeploy.service | grep -qx yes")
           timer = machine.succeed("systemctl cat nixos-autodeploy.timer")
-          for want in ["OnCalendar=*:0/5", "OnBootSec=2min", "FixedRandomDelay=true", "Persistent=true"]:
+          for want in ["OnCalendar=04:42", "OnBootSec=2min", "FixedRandomDelay=true", "Persistent=true"]:
               assert want in timer, f"{want!r} not in timer:\n{timer}"
+          # exactly one textfile directory for node_exporter
+          flags = machine.succeed("systemctl show -P ExecStart prometheus-node-exporter.service")
+          assert flags.count("--collector.textfile.directory") == 1, flags
           machine.fail(f"nix-store --check-validity {NEXT}")
 
       with subtest("missing state, same upstream: tracked, not dirty"):
@@ -327,7 +388,8 @@ in
           time.sleep(1.1)
           # switch-to-configuration must return without waiting for the agent.
           machine.succeed(f"timeout 300 {BASE}/bin/switch-to-configuration switch")
-          retry(lambda _last: gauge("nixos_autodeploy_last_run_timestamp_seconds") > before, timeout=120)
+          retry(lambda _last: gauge("nixos_autodeploy_last_run_timestamp_seconds") > before,
+                timeout_seconds=120)
           machine.wait_until_fails("systemctl is-active --quiet nixos-autodeploy.service", timeout=120)
           assert trigger_runs() == 1
           # deployed NEXT, current BASE, upstream NEXT
@@ -343,28 +405,67 @@ in
           expect(0, BASE)
           assert state() != "dirty"
 
-      with subtest("boot-mode deploy, then the agent reboots into it"):
-          publish(THIRD)
+      with subtest("tokenFile: the token reaches the pointer through LoadCredential"):
           machine.succeed(
-              "systemd-run --unit=autodeploy-boot-mode --collect --service-type=exec "
-              "${agent} --once --url ${pointerUrl} --switch-mode boot --reboot-mode reboot "
-              f"--prometheus-path {PROM} --health-check 'test -e /etc/autodeploy-test'"
+              "install -d -m 0700 /run/keys",
+              f"printf %s {TOKEN} > {TOKEN_FILE}",
+              f"chmod 0400 {TOKEN_FILE}",
           )
-          # The agent reboots the VM: wait for the next boot's backdoor.
-          machine.connected = False
-          machine.connect()
+          publish(TOKEN_SYSTEM)
+          run_agent()
+          expect(0, TOKEN_SYSTEM)
+          # Now the unit of TOKEN_SYSTEM runs: the private pointer, the token
+          # as a credential, never in the unit or the store.
+          assert "--url http://cache/private/pointer" in exec_start()
+          machine.succeed(
+              "systemctl show -P LoadCredential nixos-autodeploy.service | grep -qF " + shlex.quote(TOKEN_FILE)
+          )
+          machine.fail(f"systemctl cat nixos-autodeploy.service | grep -qF {TOKEN}")
+          machine.fail("curl -sf http://cache/private/pointer")  # 401 without it
+          publish(SIGNED, "private")
+          run_agent()
+          expect(0, SIGNED)
+          machine.succeed("grep -qx signed /etc/autodeploy-test")
+
+      with subtest("trustedKeys: an unsigned pointer is refused, a signed one deployed"):
+          assert "--url http://cache/signed/pointer" in exec_start()
+          assert "--trusted-keys /nix/store/" in exec_start()
+          push(BOOT_A)
+          cache.succeed(f"echo {BOOT_A} > {POINTERS['signed']}", f"rm -f {POINTERS['signed']}.sig")
+          machine.fail("systemctl start nixos-autodeploy.service")
+          text = metrics()
+          assert state(text) == "refused", text
+          assert gauge("nixos_autodeploy_last_run_success", text) == 0
+          assert current() == SIGNED
+          sign(BOOT_A, revision=1)
+          run_agent()
+          expect(0, BOOT_A)
+          assert gauge("nixos_autodeploy_upstream_revision") == 1
+
+      with subtest("switchMode/rebootMode: the module's boot-mode deploy reboots into it"):
+          # BOOT_A's unit: the public pointer, --switch-mode boot --reboot-mode reboot.
+          line = exec_start()
+          assert "--switch-mode boot" in line and "--reboot-mode reboot" in line, line
+          publish(BOOT_B)
+          # The run stages BOOT_B and reboots the guest, so it cannot be
+          # waited for. The VM runs with allow_reboot=False (QEMU's
+          # -no-reboot): QEMU exits at the guest's reboot; start it again, it
+          # boots the default entry the deploy installed.
+          machine.succeed("systemctl start --no-block nixos-autodeploy.service")
+          machine.wait_for_shutdown()
+          machine.start()
           machine.wait_for_unit("multi-user.target")
-          assert current() == THIRD, current()
-          machine.succeed("grep -qx third /etc/autodeploy-test")
+          assert current() == BOOT_B, current()
+          machine.succeed("grep -qx boot-b /etc/autodeploy-test")
           run_agent()
-          text = expect(0, THIRD, {"up_to_date", "deployed"})
+          text = expect(0, BOOT_B, {"up_to_date", "deployed"})
           assert gauge("nixos_autodeploy_reboot_required", text) == 0
-          assert info_label("booted_generation", text) == os.path.basename(THIRD)
-          assert info_label("current_generation", text) == os.path.basename(THIRD)
-          # That first cycle after the reboot health-checked THIRD ("deployed");
-          # the next one is a plain no-op.
+          assert info_label("booted_generation", text) == os.path.basename(BOOT_B)
+          assert info_label("current_generation", text) == os.path.basename(BOOT_B)
+          # That first cycle after the reboot health-checked BOOT_B
+          # ("deployed"); the next one is a plain no-op.
           run_agent()
-          expect(0, THIRD, {"up_to_date"})
+          expect(0, BOOT_B, {"up_to_date"})
           # The activation at boot is not a manual activation.
           assert trigger_runs() == 0
 
@@ -384,12 +485,13 @@ in
           time.sleep(1.1)
           # OnBootSec=2min: elapses at once if the boot is older than that.
           machine.succeed("systemctl start nixos-autodeploy.timer")
-          retry(lambda _last: gauge("nixos_autodeploy_last_run_timestamp_seconds") > before, timeout=300)
-          expect(0, THIRD)
+          retry(lambda _last: gauge("nixos_autodeploy_last_run_timestamp_seconds") > before,
+                timeout_seconds=300)
+          expect(0, BOOT_B)
 
       with subtest("a staged system that fails its boot check is not blessed and the host falls back"):
-          COUNTED_BASE = "${countedBase}"
-          BROKEN = "${countedBroken}"
+          COUNTED_BASE = "${c.system.build.toplevel}"
+          BROKEN = "${c.autodeployTest.broken}"
 
           def counted_publish(path):
               cache.succeed(f"nix copy --to 'file:///srv/cache?compression=none' {path}")
@@ -403,6 +505,13 @@ in
           def counted_metrics():
               return counted.succeed(f"cat {PROM}")
 
+          def counted_reboots():
+              """QEMU runs with -no-reboot (allow_reboot=False): it exits at the
+              guest's reboot; start it again."""
+              counted.wait_for_shutdown()
+              counted.start()
+              counted.wait_for_unit("multi-user.target")
+
           counted.wait_for_unit("multi-user.target")
           # The first boot passed its boot check and was blessed.
           counted.wait_until_succeeds("systemctl is-active nixos-autodeploy-boot-check.service", timeout=300)
@@ -413,18 +522,15 @@ in
           assert "boot-complete.target" in counted.succeed(
               "systemctl show -P RequiredBy nixos-autodeploy-boot-check.service"
           )
+          line = counted.succeed("systemctl show -P ExecStart nixos-autodeploy.service")
+          assert "--switch-mode boot" in line and "--reboot-mode reboot" in line, line
           counted_publish(COUNTED_BASE)
           counted.succeed("systemctl start nixos-autodeploy.service")  # tracking
           counted_publish(BROKEN)
-          counted.succeed(
-              "systemd-run --unit=autodeploy-boot-mode --collect --service-type=exec "
-              "${countedAgent} --once --url http://cache/pointer-counted --switch-mode boot "
-              f"--reboot-mode reboot --prometheus-path {PROM}"
-          )
-          # The agent reboots into BROKEN, whose entry carries a try counter.
-          counted.connected = False
-          counted.connect()
-          counted.wait_for_unit("multi-user.target")
+          # The module's switchMode/rebootMode: the run stages BROKEN and
+          # reboots into it, whose entry carries a try counter.
+          counted.succeed("systemctl start --no-block nixos-autodeploy.service")
+          counted_reboots()
           assert counted_current() == BROKEN, counted_current()
           # The boot check fails (after its bounded wait): boot-complete.target
           # is not reached, systemd-bless-boot does not mark the entry good.
@@ -433,9 +539,7 @@ in
           counted.succeed("ls /boot/loader/entries | grep -q '+0'")  # no tries left
           # Reboot without the agent: systemd-boot skips the bad entry.
           counted.succeed("systemctl start --no-block reboot.target")
-          counted.connected = False
-          counted.connect()
-          counted.wait_for_unit("multi-user.target")
+          counted_reboots()
           assert counted_current() == COUNTED_BASE, counted_current()
           # Reported once, as a failure: exit 5, boot_failed, quarantined, the
           # profile back on what runs.
@@ -450,7 +554,7 @@ in
           text = counted_metrics()
           assert 'nixos_autodeploy_state{state="quarantined"} 1' in text, text
           assert "nixos_autodeploy_boot_failures_total 1" in text, text
-          status = counted.succeed("${countedAgent} status")
+          status = counted.succeed("${c.system.autoDeploy.package}/bin/nixos-autodeploy status")
           assert "boot failure" in status and "history" in status, status
           assert "no tries left" in status, status
     '';
