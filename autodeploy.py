@@ -1312,10 +1312,8 @@ def verify_signature(body: bytes, signature: bytes, signers: str, workdir: str) 
     with tempfile.TemporaryDirectory(dir=workdir, prefix=".verify-") as tmp:
         signers_file = os.path.join(tmp, "allowed_signers")
         sig_file = os.path.join(tmp, "pointer.sig")
-        with open(signers_file, "w") as f:
-            f.write(signers)
-        with open(sig_file, "wb") as f:
-            f.write(signature)
+        atomic_write(signers_file, signers, 0o600)
+        atomic_write(sig_file, signature, 0o600)
         found = ssh_keygen(["-Y", "find-principals", "-s", sig_file, "-f", signers_file])
         principals = found.stdout.split() if found.returncode == 0 else []
         if not principals:
