@@ -190,6 +190,10 @@ POINTER_REFUSAL_REASONS: Final = ("signature", "revision", "host", "expired", "m
 ROLLOUT_BUCKETS: Final = 10000
 # FleetLock reboot slots (coreos/zincati docs/development/fleetlock/protocol.md).
 FLEETLOCK_DEFAULT_GROUP: Final = "default"
+# What lock servers answer when every slot is taken: the protocol document's
+# example, poseidon/fleetlock (423 "locked"), coreos/airlock ("failed_lock").
+FLEETLOCK_BUSY_KINDS: Final = frozenset(("failed_lock_semaphore_full", "locked", "failed_lock"))
+FLEETLOCK_SLOT_BUSY: Final = "slot_busy"
 MAX_FLEETLOCK_REPLY_BYTES: Final = 4096
 MACHINE_ID_FILE: Final = "/etc/machine-id"
 # Test-only: read the machine id from this file instead of /etc/machine-id.
@@ -1607,10 +1611,12 @@ def render_metrics(state: State, host: HostView, suspended: bool) -> str:
                [({"operation": key.partition(":")[0], "kind": key.partition(":")[2]}, count)
                 for key, count in sorted(state.fleetlock_failures.items())])
     if state.fleetlock_error:
+        # No message label: the server's text (poseidon names the slot's
+        # holder) would make a new series for every holder; logs and
+        # `status` have it.
         metric("fleetlock_last_error_info", "gauge", "The last FleetLock error (present until an operation succeeds).",
                [({"operation": state.fleetlock_error.get("operation", ""),
-                  "kind": state.fleetlock_error.get("kind", ""),
-                  "message": state.fleetlock_error.get("message", "")[:300]}, 1)])
+                  "kind": state.fleetlock_error.get("kind", "")}, 1)])
     return "\n".join(lines) + "\n"
 
 
@@ -2299,6 +2305,11 @@ class Agent:
         # Staged for boot, not running yet.
         if self.staged_boot_failed(host):
             return self.boot_failed(host)
+        view = state.rollout
+        if isinstance(view, dict) and view.get("paused") and view.get("target") == deployed:
+            # The stop button holds back the reboot into a staged release too.
+            return Outcome("rollout_paused", f"{basename_or_empty(deployed)} is staged for the next boot; the "
+                                             "reboot into it waits while the pointer says pause")
         if cfg.reboot_mode is not None:
             self.reboot(deployed)
         return Outcome("pending_reboot", f"{basename_or_empty(deployed)} is staged for the next boot")
@@ -2830,20 +2841,23 @@ def parse_duration(text: str) -> float:
     """`90m`, `24h`, `1d12h`, `3600s` (or plain seconds); ValueError otherwise."""
     import re
     text = text.strip()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         return float(text)
-    if not text or not re.fullmatch(r"(?:\d{1,9}[smhdw])+", text):
+    if not text or not re.fullmatch(r"(?:[0-9]{1,9}[smhdw])+", text):
         raise ValueError(f"not a duration: {text!r}")
-    return float(sum(int(n) * DURATION_UNITS[u] for n, u in re.findall(r"(\d+)([smhdw])", text)))
+    return float(sum(int(n) * DURATION_UNITS[u] for n, u in re.findall(r"([0-9]+)([smhdw])", text)))
 
 
 def parse_rollout(metadata: dict[str, str]) -> Rollout:
     """The rollout fields of a pointer, validated; PointerError (exit 4) otherwise."""
     import re
-    percent, start, duration, paused = 100.0, None, None, False
+    # Without `rollout:` a pointer goes to every host at once, but a ramp
+    # (rollout-start + rollout-duration) without one starts at 0%.
+    percent = 0.0 if "rollout-start" in metadata else 100.0
+    start, duration, paused = None, None, False
     if "rollout" in metadata:
         text = metadata["rollout"]
-        if not re.fullmatch(r"\d{1,3}(?:\.\d{1,2})?%?", text) or float(text.rstrip("%")) > 100:
+        if not re.fullmatch(r"[0-9]{1,3}(?:\.[0-9]{1,2})?%", text) or float(text.rstrip("%")) > 100:
             raise PointerError(f"pointer rollout is not a percentage between 0% and 100% "
                                f"(e.g. `rollout: 10%`): got {shorten(text)}")
         percent = float(text.rstrip("%"))
@@ -3001,8 +3015,12 @@ def fleetlock_request(fetcher: Fetcher, base_url: str, operation: str, client_id
             value = outside_text(error["value"])[:200]
     except (UnicodeDecodeError, ValueError, RecursionError):
         pass
+    said = kind  # the server's own word, for the log and `status`
+    if kind in FLEETLOCK_BUSY_KINDS or response.status in (409, 423):
+        # All slots taken, whatever the server calls it: waiting, not failing.
+        kind = FLEETLOCK_SLOT_BUSY
     raise FleetLockError(f"FleetLock {operation} at {redact_url(url)} answered HTTP {response.status}"
-                         + (f" ({kind}): {value}" if value else ""), kind)
+                         + (f" ({said}): {value}" if value else f" ({said})"), kind)
 
 
 # ---------------------------------------------------------------------------

@@ -94,7 +94,7 @@ def test_promtool_unit_tests_pass():
         ("NixosAutodeployMetricsGone", "[1d])\n          unless", "[1d])\n          or"),
         ("NixosAutodeployBehindUpstream", "and (nixos_autodeploy_reboot_window_wait == 0)\n", "\n"),
         # waiting for a free slot is not a lock server failure
-        ("NixosAutodeployFleetLockFailing", 'kind!="failed_lock_semaphore_full"', 'kind=~".+"'),
+        ("NixosAutodeployFleetLockFailing", 'kind!="slot_busy"', 'kind=~".+"'),
     ],
 )
 def test_unit_tests_catch_a_broken_rule(tmp_path, alert, old, new):

@@ -155,7 +155,7 @@ def test_reboot_only_with_a_slot_and_release_when_healthy(host, world, server, f
     assert "no FleetLock slot was granted" in r.stderr and "failed_lock_semaphore_full" in r.stderr
     m = host.metrics()
     assert m["nixos_autodeploy_reboot_slot_held"] == 0
-    assert m['nixos_autodeploy_fleetlock_failures_total{operation="pre-reboot",kind="failed_lock_semaphore_full"}'] == 1
+    assert m['nixos_autodeploy_fleetlock_failures_total{operation="pre-reboot",kind="slot_busy"}'] == 1
     promtool_ok(host)
     status = host.agent("status").stdout
     assert "reboot slot" in status and "asked for in FleetLock group default" in status
@@ -403,3 +403,26 @@ def test_parallel_boot_deploys_never_exceed_the_slots(world, server, fleetlock, 
     for h in fleet:
         assert state_gauge(h) in ("deployed", "up_to_date") and h.metrics()["nixos_autodeploy_reboot_slot_held"] == 0
         h.kill_orphans()
+
+
+@pytest.mark.parametrize("status,body", [
+    (423, b'{"kind": "locked", "value": "reboot lease unavailable, held by 4732348bf6e848878af464e4d2129bde"}'),
+    (500, b'{"kind": "failed_lock", "value": "semaphore full"}'),                    # coreos/airlock
+    (409, b'{"kind": "failed_lock_semaphore_full", "value": "all slots taken"}'),   # the protocol document
+    (423, b"locked"),
+])
+def test_every_servers_all_slots_taken_is_one_kind(status, body):
+    """What poseidon/fleetlock, coreos/airlock and the protocol document answer
+    when the group is full: waiting, one metric kind, no alert."""
+    import servers
+    answer = b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+        status, len(body), body)
+    srv = servers.RawServer(lambda conn, n: conn.sendall(answer))
+    try:
+        with pytest.raises(autodeploy.FleetLockError) as exc:
+            autodeploy.fleetlock_request(autodeploy.Fetcher(None), f"http://127.0.0.1:{srv.port}", "pre-reboot",
+                                         "0" * 32, "default", 5)
+    finally:
+        srv.close()
+    assert exc.value.kind == "slot_busy"
+    assert b"fleet-lock-protocol: true" in srv.requests[0].lower()  # header names are case-insensitive

@@ -225,6 +225,9 @@ def test_a_host_already_on_the_target_is_not_affected(host, world, server):
     ("rollout-start: 2026-11-23T06:00:00Z\nrollout-duration: soon", "not a duration"),
     ("rollout-start: 2026-11-23T06:00:00Z\nrollout-duration: 0s", "above 0"),
     ("pause: maybe", "pause is not true, hold or false"),
+    ("rollout: 5", "not a percentage"),                       # the % is part of the value
+    ("rollout: \u0665%", "not a percentage"),                 # an Arabic-Indic five
+    ("rollout: 5%\nrollout-start: 2026-11-23T06:00:00Z\nrollout-duration: \u0661\u0662h", "not a duration"),
 ])
 def test_malformed_rollout_fields_are_refused(host, world, server, lines, needle):
     a, b = world.path("a"), world.path("b")
@@ -265,3 +268,29 @@ def test_sign_writes_rollout_fields_that_the_agent_honours(host, world, server, 
                                                                          "--rollout-start", iso(START))):
         r = sign(*bad)
         assert r.returncode == 2, (bad, r.stderr)
+
+
+def test_a_ramp_without_a_rollout_line_starts_at_zero():
+    """`sign --rollout-start T --rollout-duration 24h` without --rollout: 0% at T, not 100%."""
+    ramp = autodeploy.parse_rollout({"rollout-start": "2026-11-23T00:00:00Z", "rollout-duration": "24h"})
+    start = datetime(2026, 11, 23, tzinfo=timezone.utc).timestamp()
+    assert ramp.percent_at(start - 3600) == 0 and ramp.percent_at(start + 1) < 0.01
+    assert abs(ramp.percent_at(start + 12 * 3600) - 50) < 0.01
+    assert autodeploy.parse_rollout({}).percent == 100
+
+
+def test_pause_holds_back_the_reboot_into_a_staged_release(host, world, server):
+    a, b = world.path("a"), world.path("b")
+    args = ("--switch-mode", "boot", "--reboot-mode", "reboot", "--reboot-window", "02:00-04:00")
+    outside, inside = {"NIXOS_AUTODEPLOY_NOW": "2026-11-23T12:00:00"}, {"NIXOS_AUTODEPLOY_NOW": "2026-11-24T03:00:00"}
+    assert host.once(host.url, *args, env=outside).returncode == 0
+    server.set("/pointer", f"{b}\n")
+    assert host.once(host.url, *args, env=outside).returncode == 0 and host.profile == b  # staged, reboot deferred
+    server.set("/pointer", f"{b}\npause: true\n")             # the stop button
+    r = host.once(host.url, *args, env=inside)
+    assert r.returncode == 0 and state_gauge(host) == "rollout_paused", r.stderr
+    assert not [c for c in host.calls() if c.endswith("reboot")]
+    server.set("/pointer", f"{b}\npause: false\n")
+    r = host.once(host.url, *args, env=inside)
+    assert r.returncode == 0 and [c for c in host.calls() if c.endswith("reboot")], r.stderr
+    assert host.current == a  # not rebooted for real: the stand-in only records the request
