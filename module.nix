@@ -109,8 +109,15 @@ let
     )
   );
   otherNodeList = name: lib.concatMap (l: if builtins.isList l then l else [ ]) (fieldOf name otherNodeDefs);
+  # nixpkgs joins extraFlags with spaces into ExecStart (exporters/node.nix),
+  # so "--collector.textfile.directory /dir" in one element is two words to
+  # node_exporter: split the elements the way systemd will.
+  flagWords = lib.concatMap (f: lib.filter (w: builtins.isString w && w != "") (builtins.split "[[:space:]]+" f));
   textfileDirsIn =
-    flags:
+    flags0:
+    let
+      flags = flagWords flags0;
+    in
     lib.concatLists (
       lib.imap0 (
         i: f:
@@ -126,6 +133,9 @@ let
   exporterHasTextfileDir = existingTextfileDirs != [ ];
   wireFlag = cfg.enable && cfg.wireNodeExporter && !exporterHasTextfileDir;
   defaultTextfileDirectory = "/var/lib/prometheus-node-exporter-text";
+  # systemd expands %-specifiers in Environment= values: the operator's
+  # values (a proxy password with %40 in it) are meant literally.
+  unitEnvironment = lib.mapAttrs (_: v: lib.replaceStrings [ "%" ] [ "%%" ] (toString v)) cfg.environment;
 
   trustedKeysFile =
     if cfg.trustedKeysFile != null then
@@ -481,9 +491,13 @@ in
         Environment variables of the agent's unit (its health checks and hooks
         included), for example the proxy variables `http_proxy`,
         `https_proxy` and `no_proxy`. Sets
-        `systemd.services.nixos-autodeploy.environment`. Substitution from the
-        binary cache is done by nix-daemon, which takes its proxy from
-        {option}`networking.proxy`.
+        `systemd.services.nixos-autodeploy.environment` (and the boot check's).
+        Values are literal: a `%` is passed on as it is, never read as a
+        systemd specifier. They end up in the unit file and the Nix store,
+        readable by every user: put a proxy password in a root-only file
+        and use `systemd.services.nixos-autodeploy.serviceConfig.EnvironmentFile`
+        instead. Substitution from the binary cache is done by nix-daemon,
+        which takes its proxy from {option}`networking.proxy`.
       '';
     };
 
@@ -694,7 +708,12 @@ in
             # The merged value, whatever produced it: node_exporter exits on
             # a repeated flag and its unit restarts forever.
             assertion = lib.length dirs <= 1;
-            message = "services.prometheus.exporters.node.extraFlags passes --collector.textfile.directory ${toString (lib.length dirs)} times (${lib.concatStringsSep ", " dirs}); node_exporter accepts it once. Keep one, and set system.autoDeploy.textfileDirectory to it.";
+            message = "services.prometheus.exporters.node.extraFlags passes --collector.textfile.directory ${toString (lib.length dirs)} times (${lib.concatStringsSep ", " dirs}); node_exporter accepts it once. Keep one and set system.autoDeploy.textfileDirectory to it, or set system.autoDeploy.wireNodeExporter = false (needed where the exporter is configured through a function, which this module cannot look into).";
+          }
+          {
+            # The same for a collector listed twice (--collector.textfile twice).
+            assertion = lib.length node.enabledCollectors == lib.length (lib.unique node.enabledCollectors);
+            message = "services.prometheus.exporters.node.enabledCollectors lists a collector more than once (${lib.concatStringsSep ", " node.enabledCollectors}); node_exporter refuses a repeated flag. Where the exporter is configured through a function, which this module cannot look into, set system.autoDeploy.wireNodeExporter = false and enable the textfile collector yourself.";
           }
           {
             assertion = lib.all (d: d == cfg.textfileDirectory) dirs;
@@ -708,7 +727,9 @@ in
       );
 
       warnings =
-        optional (cfg.signatureUrl != null && trustedKeysFile == null)
+        optional (cfg.fleetlock.url != null && cfg.interval == "04:42")
+          "system.autoDeploy.fleetlock.url is set with the daily default interval: a host that gets no reboot slot asks again only the next day, and every host asks at the same minute. Poll more often (e.g. interval = \"*:0/5\")."
+        ++ optional (cfg.signatureUrl != null && trustedKeysFile == null)
           "system.autoDeploy.signatureUrl is set but no trusted keys are configured, so signatures are not checked."
         ++
           optional
@@ -728,7 +749,8 @@ in
 
         # What health checks and hooks may call (NixOS adds coreutils,
         # findutils, gnugrep, gnused and systemd), and e.g. proxy variables.
-        inherit (cfg) path environment;
+        inherit (cfg) path;
+        environment = unitEnvironment;
 
         # The agent may be the one running the activation that changes this
         # unit: never restart it from switch-to-configuration, and do not stop
@@ -840,7 +862,8 @@ in
         wants = [ "network-online.target" ];
         after = [ "network-online.target" ];
         # Its health checks find what the agent's unit finds.
-        inherit (cfg) path environment;
+        inherit (cfg) path;
+        environment = unitEnvironment;
         # It judges a boot, not a configuration: never (re)started by an activation.
         restartIfChanged = false;
         unitConfig.X-StopOnRemoval = false;

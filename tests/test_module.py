@@ -276,6 +276,11 @@ CASES = {
     "node-has-dir": node('enable = true; extraFlags = [ "--collector.textfile.directory=/srv/prom" ];'),
     "node-has-dir-split": node('enable = true; extraFlags = [ "--web.max-requests=5" '
                                '"--collector.textfile.directory" "/srv/prom" ];'),
+    "node-has-dir-space": node('enable = true; extraFlags = [ "--collector.textfile.directory /srv/prom" ];'),
+    # a function-form definition (legal: exporters is a submodule) the module cannot look into
+    "node-fn-form": ad("", 'services.prometheus.exporters = { ... }: { node = { enable = true; '
+                           'enabledCollectors = [ "textfile" "systemd" ]; }; };'),
+    "env-percent": ad('environment = { https_proxy = "http://u:p%40ss@proxy:3128"; };'),
     "node-has-dir-mkif": node('enable = true; extraFlags = lib.mkIf true '
                               '(lib.mkBefore [ "--collector.textfile.directory=/srv/prom" ]);'),
     "node-has-dir-conflict": node('enable = true; extraFlags = [ "--collector.textfile.directory=/srv/prom" ];',
@@ -595,7 +600,7 @@ def test_node_exporter_matrix(matrix, case, wired):
     assert r["warnings"] == []
 
 
-@pytest.mark.parametrize("case", ["node-has-dir", "node-has-dir-split", "node-has-dir-mkif"])
+@pytest.mark.parametrize("case", ["node-has-dir", "node-has-dir-split", "node-has-dir-mkif", "node-has-dir-space"])
 def test_existing_textfile_directory_is_used_not_repeated(matrix, case):
     r = ok(matrix[case])
     assert r["autoDeploy"]["textfileDirectory"] == "/srv/prom"
@@ -1077,7 +1082,7 @@ def test_driver_standin_rejects_what_the_driver_would(vm_render, mutation, error
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c not in (
-    "missing-url", "empty-url", "keys-both", "json-keys", "node-has-dir-conflict",
+    "missing-url", "empty-url", "keys-both", "json-keys", "node-has-dir-conflict", "node-fn-form",
     "node-textfile-disabled", "disabled", "disabled-with-exporter")])
 def test_command_lines_parse_with_the_agents_parser(matrix, case):
     """Every flag the module passes exists in the agent (its own parser)."""
@@ -1157,3 +1162,21 @@ def test_fleetlock_options_reach_the_agent(matrix):
     assert args.fleetlock_url == "http://fleetlock.example.org:8080" and args.fleetlock_group == "workers"
     argv = argv_of(ok(matrix["fleetlock-off"]))
     assert "--fleetlock-url" not in argv and "--fleetlock-group" not in argv
+
+
+def test_a_repeated_collector_is_an_assertion_not_a_restart_loop(matrix):
+    """node_exporter refuses `--collector.textfile` twice and its unit restarts
+    for ever: a definition the module cannot read (a function) must fail the
+    evaluation with advice instead."""
+    failed = matrix["node-fn-form"]["failedAssertions"]
+    assert any("lists a collector more than once" in m and "wireNodeExporter = false" in m for m in failed), failed
+
+
+def test_environment_values_are_literal(matrix):
+    env = environment(svc(ok(matrix["env-percent"])))
+    assert env["https_proxy"] == "http://u:p%%40ss@proxy:3128"   # systemd turns %% into %
+
+
+def test_fleetlock_with_the_daily_default_warns(matrix):
+    assert any("fleetlock.url is set with the daily default interval" in w for w in matrix["fleetlock"]["warnings"])
+    assert not any("fleetlock" in w for w in matrix["defaults"]["warnings"])
