@@ -136,6 +136,20 @@ let
   # systemd expands %-specifiers in Environment= values: the operator's
   # values (a proxy password with %40 in it) are meant literally.
   unitEnvironment = lib.mapAttrs (_: v: lib.replaceStrings [ "%" ] [ "%%" ] (toString v)) cfg.environment;
+  # What the agent's unit and the boot check's share.
+  agentUnitBase = {
+    wants = [ "network-online.target" ];
+    after = [ "network-online.target" ];
+    # What health checks and hooks may call (NixOS adds coreutils, findutils,
+    # gnugrep, gnused and systemd), and e.g. proxy variables.
+    inherit (cfg) path;
+    environment = unitEnvironment;
+    # The agent may be the one running the activation that changes this
+    # unit: never restart it from switch-to-configuration, and do not stop
+    # it when a new configuration drops the module.
+    restartIfChanged = false;
+    unitConfig.X-StopOnRemoval = false;
+  };
 
   trustedKeysFile =
     if cfg.trustedKeysFile != null then
@@ -742,22 +756,8 @@ in
 
       environment.systemPackages = [ cfg.package ];
 
-      systemd.services.nixos-autodeploy = {
+      systemd.services.nixos-autodeploy = agentUnitBase // {
         description = "NixOS pull-based deployment agent";
-        wants = [ "network-online.target" ];
-        after = [ "network-online.target" ];
-
-        # What health checks and hooks may call (NixOS adds coreutils,
-        # findutils, gnugrep, gnused and systemd), and e.g. proxy variables.
-        inherit (cfg) path;
-        environment = unitEnvironment;
-
-        # The agent may be the one running the activation that changes this
-        # unit: never restart it from switch-to-configuration, and do not stop
-        # it when a new configuration drops the module.
-        restartIfChanged = false;
-        unitConfig.X-StopOnRemoval = false;
-
         serviceConfig = {
           Type = "oneshot";
           ExecStart = execStart;
@@ -855,18 +855,12 @@ in
         optional (!(config.boot.loader.systemd-boot.bootCounting.enable or false))
           "system.autoDeploy.bootAssessment is enabled but boot.loader.systemd-boot.bootCounting.enable is not: no boot entry carries a try counter, so nothing reaches boot-complete.target and the boot check does not run (the agent still verifies a boot-mode deploy after the reboot).";
 
-      systemd.services.nixos-autodeploy-boot-check = {
+      # It judges a boot, not a configuration: never (re)started by an
+      # activation (agentUnitBase); its health checks find what the agent's find.
+      systemd.services.nixos-autodeploy-boot-check = agentUnitBase // {
         description = "nixos-autodeploy boot assessment (health checks before the boot is blessed)";
         requiredBy = [ "boot-complete.target" ];
         before = [ "boot-complete.target" ];
-        wants = [ "network-online.target" ];
-        after = [ "network-online.target" ];
-        # Its health checks find what the agent's unit finds.
-        inherit (cfg) path;
-        environment = unitEnvironment;
-        # It judges a boot, not a configuration: never (re)started by an activation.
-        restartIfChanged = false;
-        unitConfig.X-StopOnRemoval = false;
         serviceConfig = {
           Type = "oneshot";
           RemainAfterExit = true;
