@@ -1120,10 +1120,20 @@ def connect_interruptibly(address: tuple[str, int], timeout: Any = None, source_
             found["infos"] = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
         except OSError as exc:
             found["error"] = exc
-    resolver = threading.Thread(target=resolve, name="resolve", daemon=True)
-    resolver.start()
-    while resolver.is_alive():
-        resolver.join(0.05)  # signal handlers run between the waits
+    literal = False
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host.split("%", 1)[0])
+            literal = True
+        except OSError:
+            pass
+    if literal:
+        resolve()  # an address: nothing to look up, nothing that can hang
+    else:
+        resolver = threading.Thread(target=resolve, name="resolve", daemon=True)
+        resolver.start()
+        while resolver.is_alive():
+            resolver.join(0.05)  # signal handlers run between the waits
     if "error" in found:
         raise found["error"]
     last: OSError = OSError(f"no address for {host}")
@@ -1400,6 +1410,7 @@ class StateStore:
         self.suspend_path = os.path.join(state_dir, SUSPEND_FILE)
         self._dir_checked = False
         self._floor_on_disk: Any = None  # what revision-floor holds, as last read or written
+        self._written: bytes | None = None  # state.json as this process last wrote it (loop mode)
 
     def ensure_dir(self) -> None:
         """Checked once per run (loop mode: once per process); only root can
@@ -1408,16 +1419,17 @@ class StateStore:
             check_private_dir(self.dir, create=True)
             self._dir_checked = True
 
-    def _read_json(self, path: str) -> dict[str, Any] | None:
-        """The file's JSON object, None when there is no file; StateError
-        when it is unreadable or anything but an object (JSON null too)."""
+    def _read_raw(self, path: str) -> bytes | None:
         try:
             with open(path, "rb") as f:
-                raw = f.read(MAX_STATE_BYTES + 1)
+                return f.read(MAX_STATE_BYTES + 1)
         except FileNotFoundError:
             return None
         except OSError as exc:
             raise StateError(f"cannot read {path}: {exc.strerror}. {RECOVERY_HINT}") from None
+
+    def _parse(self, raw: bytes, path: str) -> dict[str, Any]:
+        """The JSON object; StateError for anything else (JSON null too)."""
         try:
             if len(raw) > MAX_STATE_BYTES:
                 raise ValueError(f"larger than {MAX_STATE_BYTES} bytes")
@@ -1428,14 +1440,20 @@ class StateStore:
         except (ValueError, RecursionError) as exc:
             raise StateError(f"{path} is corrupt ({printable(str(exc))[:120]}). {RECOVERY_HINT}") from None
 
+    def _read_json(self, path: str) -> dict[str, Any] | None:
+        raw = self._read_raw(path)
+        return None if raw is None else self._parse(raw, path)
+
     def load(self) -> State:
         """The state, or a fresh one when there is none.  A corrupt or
         unreadable file fails closed: it may have held the revision floor."""
-        data = self._read_json(self.path)
-        if data is None:
+        raw = self._read_raw(self.path)
+        if raw is None:
             state = State()
+        elif raw == self._written:
+            state = State(**json.loads(raw))  # what this process wrote (loop mode): checked when it was made
         else:
-            state = State.from_json(data, self.path)
+            state = State.from_json(self._parse(raw, self.path), self.path)
         floor = self._floor_on_disk = self._read_json(self.floor_path)
         if floor is not None:
             revision, path = floor.get("revision"), floor.get("path")
@@ -1447,7 +1465,10 @@ class StateStore:
 
     def save(self, state: State) -> None:
         self.ensure_dir()
-        atomic_write(self.path, state.to_json(), 0o600)
+        text = state.to_json().encode()
+        self._written = None
+        atomic_write(self.path, text, 0o600)
+        self._written = text
         floor = {"revision": state.highest_revision, "path": state.revision_path}
         if state.highest_revision is not None and self._floor_on_disk != floor:
             atomic_write(self.floor_path, json.dumps(floor) + "\n", 0o600)
@@ -1522,6 +1543,8 @@ def host_lock() -> int:
 
 
 def escape_label(value: str) -> str:
+    if "\\" not in value and '"' not in value and "\n" not in value:
+        return value
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
