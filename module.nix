@@ -172,6 +172,19 @@ let
     cfg.fleetlock.group
   ];
 
+  # Where the agent keeps its state and how it checks a system: the same for
+  # a deploy and for the boot check.
+  checkArgs =
+    optionals (cfg.stateDir != defaultStateDir) [
+      "--state-dir"
+      cfg.stateDir
+    ]
+    ++ lib.concatMap (check: [
+      "--health-check"
+      check
+    ]) cfg.healthChecks
+    ++ optional (!cfg.connectivityCheck) "--no-connectivity-check";
+
   # argv of the agent, every element a separate argument: escaped for systemd
   # below, never glued together with string concatenation.
   agentArgs = [
@@ -189,15 +202,7 @@ let
   ++ opt "--reboot-mode" cfg.rebootMode
   ++ opt "--reboot-window" cfg.rebootWindow
   ++ opt "--prometheus-path" cfg.prometheusFilePath
-  ++ optionals (cfg.stateDir != defaultStateDir) [
-    "--state-dir"
-    cfg.stateDir
-  ]
-  ++ lib.concatMap (check: [
-    "--health-check"
-    check
-  ]) cfg.healthChecks
-  ++ optional (!cfg.connectivityCheck) "--no-connectivity-check"
+  ++ checkArgs
   ++ opt "--trusted-keys" trustedKeysFile
   ++ opt "--signature-url" cfg.signatureUrl
   ++ opt "--hostname" cfg.hostname
@@ -878,15 +883,7 @@ in
                 "--health-timeout"
                 (toString cfg.healthTimeout)
               ]
-              ++ optionals (cfg.stateDir != defaultStateDir) [
-                "--state-dir"
-                cfg.stateDir
-              ]
-              ++ lib.concatMap (check: [
-                "--health-check"
-                check
-              ]) cfg.healthChecks
-              ++ optional (!cfg.connectivityCheck) "--no-connectivity-check"
+              ++ checkArgs
             )
             + lib.optionalString (cfg.tokenFile != null) " --token-file %d/${tokenCredential}";
           # Bounded: the retries, one last round of checks, and some slack.
