@@ -147,6 +147,14 @@ def build_world(root: Path, systems: dict[str, dict[str, object]] | None = None)
 # ---------------------------------------------------------------------------
 
 
+def serve_in_thread(handler: type) -> tuple[http.server.ThreadingHTTPServer, int]:
+    """An HTTP server on 127.0.0.1 (a free port), serving in a daemon thread."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    return httpd, httpd.server_address[1]
+
+
 @dataclass
 class Route:
     body: bytes = b""
@@ -237,11 +245,7 @@ class PointerServer:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
+        self.httpd, self.port = serve_in_thread(Handler)
 
     @property
     def base(self) -> str:
@@ -574,11 +578,7 @@ class FleetLockServer:
                 with server.lock:
                     server.events.append((time.time(), operation, client_id, group, status))
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
+        self.httpd, self.port = serve_in_thread(Handler)
 
     @property
     def url(self) -> str:
