@@ -758,13 +758,12 @@ def switch_to_configuration(system: str, action: str) -> None:
     """Activate through a transient unit so the activation survives our own
     service being stopped or restarted by that very activation."""
     try:
-        os.makedirs(RUNTIME_DIR, exist_ok=True)
-        atomic_write(ACTIVATING_MARKER, f"{os.getpid()}\n")
-    except OSError as exc:
+        write_runtime_marker(ACTIVATING_MARKER, f"{os.getpid()}\n")
+    except StateError as exc:
         # A full /run must not stop an activation (or the rollback after
         # one) half-way; without the mark the module's hook may start the
         # agent once more, and that run finds the host lock taken.
-        log(f"warning: cannot write {ACTIVATING_MARKER} ({exc.strerror}); activating anyway")
+        log(f"warning: {exc}; activating anyway")
     try:
         run(["systemd-run", f"--unit={ACTIVATION_UNIT}", f"--setenv={ACTIVATION_ENV}=1",
              "--wait", "--pipe", "--collect", "--quiet", "--no-ask-password",
@@ -1715,11 +1714,17 @@ def mark_staged(system: str | None) -> None:
         except FileNotFoundError:
             pass
         return
+    write_runtime_marker(STAGED_MARKER, system + "\n")
+
+
+def write_runtime_marker(path: str, text: str) -> None:
+    """A file in /run/nixos-autodeploy (gone at the next reboot); StateError
+    when it cannot be written (a full /run)."""
     try:
-        os.makedirs(RUNTIME_DIR, exist_ok=True)
-        atomic_write(STAGED_MARKER, system + "\n")
+        os.makedirs(RUNTIME_DIR, mode=0o755, exist_ok=True)
+        atomic_write(path, text)
     except OSError as exc:
-        raise StateError(f"cannot write {STAGED_MARKER}: {exc.strerror}") from None
+        raise StateError(f"cannot write {path}: {exc.strerror}") from None
 
 
 def reboot_status(state: State, host: HostView) -> tuple[bool, str | None]:
@@ -2164,8 +2169,12 @@ class Agent:
         held = self.state.reboot_slot is not None
         self.state.reboot_slot = self.state.fleetlock_error = None
         self.save()
-        os.makedirs(RUNTIME_DIR, exist_ok=True)
-        atomic_write(FLEETLOCK_STEADY_MARKER, f"{group}\n")
+        try:
+            write_runtime_marker(FLEETLOCK_STEADY_MARKER, f"{group}\n")
+        except StateError as exc:
+            # Only saves repeating the initialization step: the next run
+            # sends one more (harmless) steady-state.
+            log(f"warning: {exc}")
         log(f"released the reboot slot in FleetLock group {group!r}" if held else
             f"FleetLock initialization: released any slot held in group {group!r}")
 
