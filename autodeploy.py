@@ -30,27 +30,69 @@ Every step that changes the host is preceded by an *intent* written to the
 state file, so a cycle that was killed (SIGKILL, power loss) is finished or
 rolled back by the next one.
 
-Decision table (``decide()`` reads like it).  The host is *ours* while the
-profile points to what we deployed and the current system is either that or,
-after a ``boot`` deploy not yet rebooted into, what was current when we staged
-it:
+The cycle is a small state machine.  Every cycle first reads the facts in
+one place (the links, the profile, the boot ID, the staged marker, the state
+record, the boot check, whether this boot came from our kexec) and computes
+the host's *phase* (``host_phase()``): interrupted (an intent on disk),
+untracked (no record), settled, staged (not rebooted yet), booted_unverified,
+fell_back (rebooted, but not into the staged release), rolled_back_awaiting_reboot,
+dirty (profile or current system changed by someone else).  Upstream is
+``deployed`` (what the record says), ``running`` (current == profile ==
+upstream, not the record) or ``new``.  ``plan()`` turns phase x upstream into
+the ordered steps of the cycle; this is ``DECISION_TABLE`` (a test checks
+that this text is the code's table).  Follow-through of the previous deploy
+comes first:
 
-    | situation                                            | action                         | dirty |
-    |------------------------------------------------------|--------------------------------|-------|
-    | no record, current == upstream == profile            | start tracking: record current | 0     |
-    | ours, upstream == deployed                           | nothing (up to date, or reboot | 0     |
-    |                                                      | pending; verify after reboot)  |       |
-    | ours, upstream != deployed                           | deploy upstream                | 0     |
-    | not ours, current == upstream == profile             | record it, resume tracking     | 0     |
-    | not ours (manual deploy, nixos-rebuild test/boot/    | change nothing                 | 1     |
-    |   switch, no record and current != upstream)         |                                |       |
+    | phase                       | upstream | steps, in order                              |
+    |-----------------------------|----------|----------------------------------------------|
+    | interrupted                 | deployed | recover                                      |
+    | interrupted                 | running  | recover                                      |
+    | interrupted                 | new      | recover                                      |
+    | untracked                   | running  | track, release_slot                          |
+    | untracked                   | new      | nothing (dirty)                              |
+    | settled                     | deployed | release_slot                                 |
+    | settled                     | new      | release_slot, deploy, reboot_release         |
+    | staged                      | deployed | reboot_release                               |
+    | staged                      | new      | deploy, reboot_release                       |
+    | booted_unverified           | deployed | verify, release_slot                         |
+    | booted_unverified           | new      | verify, release_slot, deploy, reboot_release |
+    | fell_back                   | deployed | report_fallback                              |
+    | fell_back                   | new      | report_fallback                              |
+    | rolled_back_awaiting_reboot | deployed | reboot_rollback                              |
+    | rolled_back_awaiting_reboot | new      | reboot_rollback, deploy, reboot_release      |
+    | dirty                       | deployed | nothing (dirty)                              |
+    | dirty                       | running  | resume, release_slot                         |
+    | dirty                       | new      | nothing (dirty)                              |
 
-``--force`` deploys upstream even when the host is not ours.  A quarantined
-upstream (it failed and was rolled back) is not deployed again until upstream
-changes or ``--force``.  An operator ``suspend`` stops all deploys.  Between
-the decision and a deploy the pointer's rollout fields are obeyed (a host
-waits for its wave; ``pause`` stops new deploys), and with ``--fleetlock-url``
-every reboot first takes a FleetLock slot (see "Rollouts" and "FleetLock").
+``--force`` turns "nothing (dirty)" into deploy, reboot_release.  A cycle
+that recovered an interrupted deploy plans again from the new facts.  A
+reboot step runs only while something is staged; release_slot only once the
+host runs its deployed system, verified (and not while the system that did
+not boot is quarantined).
+
+Holds: one table (``HOLD_TABLE``) says which hold blocks which step, and one
+function (``apply_holds()``) applies it to every step.  A held step is
+planned again on every cycle until it runs, so a deferred reboot is never
+lost.  The FleetLock slot is asked at the reboot gate, after the other holds:
+
+    | hold        | blocks                                                                                     |
+    |-------------|--------------------------------------------------------------------------------------------|
+    | stop        | every step                                                                                 |
+    | suspend     | recover, report_fallback, roll_back, release_slot, deploy, reboot_release, reboot_rollback |
+    | quarantine  | deploy                                                                                     |
+    | wave        | deploy                                                                                     |
+    | pause       | deploy, reboot_release                                                                     |
+    | reboot_mode | reboot_release, reboot_rollback                                                            |
+    | window      | reboot_release, reboot_rollback                                                            |
+    | slot        | reboot_release, reboot_rollback                                                            |
+
+``suspend`` still observes, verifies (a failing check is reported, exit 5,
+while the rollback waits), reports and writes metrics.  A stop request
+(SIGTERM/SIGINT) is checked between any two steps; a wait (HTTP, the lock
+server, a unit, a download) ends at once and writes nothing; a child killed
+by the stop is a stop, not a failure; there is never a reboot after one.
+``--dry-run`` prints the plan the real run would execute, holds and their
+reasons included, and executes nothing.
 
 Exit codes:
 
@@ -2582,6 +2624,7 @@ class Deployer:
                                            "health")) from None
         state.verified = True
         self.ledger.save()
+        log(f"{deployed} is healthy after the reboot")
         return Outcome("deployed", f"{basename_or_empty(deployed)} is healthy after the reboot",
                        old_system=state.staged_from, new_system=deployed, deployed=True)
 
@@ -3148,6 +3191,12 @@ class Agent:
             if hold == Hold.REBOOT_MODE:
                 return Outcome("pending_reboot", f"{system} is staged for the next boot")
             return Outcome(HOLD_STATES[hold], f"{system} is staged for the next boot; the reboot waits: {why}")
+        if step.kind == StepKind.REPORT_FALLBACK:
+            # Reported (a failed deploy), though putting the profile back waits.
+            error = DeployError(f"the host rebooted into {basename_or_empty(read_host().current)}, not the staged "
+                                f"{basename_or_empty(step.target)}: it did not boot; putting the profile and boot "
+                                f"default back waits: {why}", "boot_failed")
+            return Outcome(HOLD_STATES[hold], str(error), error=error)
         return Outcome(HOLD_STATES[hold], why if step.kind == StepKind.DEPLOY else f"{step.describe()}: waits: {why}")
 
     # -- reporting ---------------------------------------------------------

@@ -313,3 +313,34 @@ def test_deeply_nested_json_pointer_is_refused():
         ad.parse_pointer(b"[" * 100000 + b"]" * 100000, "a.b")
     with pytest.raises(ad.PointerError):
         ad.parse_pointer(b'{"a": NaN}', "a")
+
+
+# -- the decision and hold tables in the docstring and README are the code's ----
+
+def markdown_table(header, rows):
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(row):
+        return "| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |"
+    return [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)]
+
+
+def code_tables():
+    nothing = (ad.Phase.DIRTY, ad.Phase.UNTRACKED)
+    decision = markdown_table(("phase", "upstream", "steps, in order"), [
+        (phase.value, upstream.value,
+         ", ".join(k.value for k in kinds) if kinds or phase not in nothing else "nothing (dirty)")
+        for (phase, upstream), kinds in ad.DECISION_TABLE.items()])
+    holds = markdown_table(("hold", "blocks"), [
+        (hold.value, "every step" if kinds == frozenset(ad.StepKind) else
+         ", ".join(k.value for k in ad.StepKind if k in kinds)) for hold, kinds in ad.HOLD_TABLE.items()])
+    return decision, holds
+
+
+def test_docstring_and_readme_show_the_codes_tables():
+    readme = (Path(ad.__file__).parent / "README.md").read_text()
+    doc = [line[4:] for line in ad.__doc__.splitlines()]
+    for table in code_tables():
+        text = "\n".join(table)
+        assert text in "\n".join(doc), "the docstring's table differs from the code's:\n" + text
+        assert text in readme, "README's table differs from the code's:\n" + text
