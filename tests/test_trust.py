@@ -499,7 +499,7 @@ def test_second_noop_cycle_spawns_no_ssh_keygen(signed, host, world, tmp_path):
     calls.write_text("")
     r = signed.once("-v")
     assert r.returncode == 0, r.stderr
-    assert "decision: nothing: up to date" in r.stderr
+    assert "plan: phase: settled; upstream: deployed: up to date" in r.stderr
     assert calls.read_text() == ""
     assert "running: ssh-keygen" not in r.stderr
     assert host.state()["highest_revision"] == 2
