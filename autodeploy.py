@@ -3135,6 +3135,8 @@ class Agent:
         """Steps that depend on what the earlier steps left behind."""
         if step.kind in (StepKind.REBOOT_RELEASE, StepKind.REBOOT_ROLLBACK):
             return self.rebooter.staged(read_host()) is not None
+        if step.kind == StepKind.RELEASE_SLOT:
+            return self.state.reboot_slot is not None or not os.path.exists(FLEETLOCK_STEADY_MARKER)
         return True
 
     def run_step(self, step: Step, facts: Facts, decided: Plan, error: DeployError | None = None) -> Outcome | None:
@@ -3243,7 +3245,7 @@ class Agent:
                 write_metrics(cfg.prometheus_path, state, host, self.store.suspension() is not None)
             except OSError as exc:
                 log(f"cannot write metrics to {cfg.prometheus_path}: {exc}")
-        self.run_hook(outcome)
+        run_hook(cfg, outcome, state.upstream)
 
     def _record_outcome(self, outcome: Outcome, ended: float) -> None:
         state = self.state
@@ -3254,30 +3256,31 @@ class Agent:
         else:
             state.last_success, state.last_error = ended, None
 
-    def run_hook(self, outcome: Outcome) -> None:
-        cfg = self.cfg
-        command = cfg.on_failure if outcome.error else (cfg.on_success if outcome.deployed else None)
-        if not command:
-            return
-        env = dict(os.environ)
-        hook_vars = {
-            "NIXOS_AUTODEPLOY_OUTCOME": outcome.state,
-            "NIXOS_AUTODEPLOY_SUCCESS": "0" if outcome.error else "1",
-            "NIXOS_AUTODEPLOY_OLD_SYSTEM": outcome.old_system or "",
-            "NIXOS_AUTODEPLOY_NEW_SYSTEM": outcome.new_system or self.state.upstream or "",
-            "NIXOS_AUTODEPLOY_ERROR": str(outcome.error) if outcome.error else "",
-            "NIXOS_AUTODEPLOY_ERROR_KIND": outcome.error.kind if outcome.error else "",
-            "NIXOS_AUTODEPLOY_EXIT_CODE": str(outcome.error.exit_code if outcome.error else 0),
-            "NIXOS_AUTODEPLOY_URL": redact_url(cfg.url),
-        }
-        env.update({name: outside_text(value)[:MAX_MESSAGE] for name, value in hook_vars.items()})
-        which = "on-failure" if outcome.error else "on-success"
-        try:
-            result = shell(command, timeout=cfg.hook_timeout, env=env)
-            if result.returncode != 0:
-                log(f"{which} hook exited with {result.returncode} (ignored)")
-        except ProcessError as exc:
-            log(f"{which} hook failed: {exc} (ignored)")
+
+def run_hook(cfg: Config, outcome: Outcome, upstream: str | None) -> None:
+    """--on-success after a deploy, --on-failure after a failed run."""
+    command = cfg.on_failure if outcome.error else (cfg.on_success if outcome.deployed else None)
+    if not command:
+        return
+    env = dict(os.environ)
+    hook_vars = {
+        "NIXOS_AUTODEPLOY_OUTCOME": outcome.state,
+        "NIXOS_AUTODEPLOY_SUCCESS": "0" if outcome.error else "1",
+        "NIXOS_AUTODEPLOY_OLD_SYSTEM": outcome.old_system or "",
+        "NIXOS_AUTODEPLOY_NEW_SYSTEM": outcome.new_system or upstream or "",
+        "NIXOS_AUTODEPLOY_ERROR": str(outcome.error) if outcome.error else "",
+        "NIXOS_AUTODEPLOY_ERROR_KIND": outcome.error.kind if outcome.error else "",
+        "NIXOS_AUTODEPLOY_EXIT_CODE": str(outcome.error.exit_code if outcome.error else 0),
+        "NIXOS_AUTODEPLOY_URL": redact_url(cfg.url),
+    }
+    env.update({name: outside_text(value)[:MAX_MESSAGE] for name, value in hook_vars.items()})
+    which = "on-failure" if outcome.error else "on-success"
+    try:
+        result = shell(command, timeout=cfg.hook_timeout, env=env)
+        if result.returncode != 0:
+            log(f"{which} hook exited with {result.returncode} (ignored)")
+    except ProcessError as exc:
+        log(f"{which} hook failed: {exc} (ignored)")
 
 
 def failure_state(exc: AutodeployError) -> str:
