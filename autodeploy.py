@@ -110,8 +110,9 @@ Exit codes:
     8  not a NixOS host (/run/current-system is missing)
     9  state: corrupt or unreadable (fail closed until `trust-reset`), unsafe directory, or not saved
 
-A SIGTERM/SIGINT while the agent only waits (a fetch, a unit) ends the run at
-once, writing nothing (exit 0); otherwise the current step is finished first.
+A SIGTERM/SIGINT while the agent only waits (a fetch, the lock server, a
+unit, a download) ends the run at once, writing nothing (exit 0); otherwise
+the current step is finished first and the run ends before the next one.
 
 Logs go to stderr, results (``status``, ``--dry-run``) to stdout.
 """
@@ -3959,7 +3960,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"where the agent keeps its record (default: {DEFAULT_STATE_DIR})")
     run_p.add_argument("-f", "--force", action="store_true",
                        help="deploy upstream even when the host was deployed by hand or upstream is quarantined")
-    run_p.add_argument("--dry-run", action="store_true", help="print the decision and what would be done; change nothing")
+    run_p.add_argument("--dry-run", action="store_true", help="print the plan the real run would execute (holds included); change nothing")
     run_p.add_argument("--timeout", type=positive, default=30.0, metavar="SECONDS",
                        help="time allowed for the whole fetch of the pointer, retries included (and again for "
                             "its signature) (default: 30)")

@@ -52,6 +52,8 @@ class Fleet:
     fleetlock: world_mod.FleetLockServer
     root: object
     deadline = 0.0
+    seed = 0
+    trace: list[str] = []
     machines = 0
     steps = 0
 
@@ -69,7 +71,28 @@ def check(condition: object, message: object) -> None:
     """An invariant; a failure keeps the budget from cutting the replay short."""
     if not condition:
         Fleet.deadline = float("inf")
+        # Printed at once: a replay that goes another way (timing) must not hide it.
+        print(f"\nMODEL INVARIANT BROKEN (MODEL_SEED={Fleet.seed}) after: {' -> '.join(Fleet.trace)}\n{message}",
+              flush=True)
         raise AssertionError(message)
+
+
+def reported(function):
+    """Any failure inside a step is printed with the steps before it and the seed."""
+    import functools
+    import traceback
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except Exception:
+            if Fleet.deadline != float("inf"):
+                Fleet.deadline = float("inf")
+                print(f"\nMODEL STEP FAILED (MODEL_SEED={Fleet.seed}) after: {' -> '.join(Fleet.trace)}\n"
+                      f"{traceback.format_exc()[-6000:]}", flush=True)
+            raise
+    return wrapper
 
 
 class HostModel(RuleBasedStateMachine):
@@ -82,8 +105,10 @@ class HostModel(RuleBasedStateMachine):
     # -- setup -------------------------------------------------------------
 
     @initialize()
+    @reported
     def install(self) -> None:
         spend()
+        Fleet.trace = ["install"]
         Fleet.machines += 1
         name = f"m{Fleet.machines}-{uuid.uuid4().hex[:6]}"
         self.path = f"/{name}"
@@ -144,11 +169,12 @@ class HostModel(RuleBasedStateMachine):
 
     # -- rules -------------------------------------------------------------
 
-
     @rule(build=st.sampled_from(BUILDS), kind=st.sampled_from(KINDS), wave=st.sampled_from(["all", "none"]),
           pause=st.booleans())
+    @reported
     def publish(self, build: str, kind: str, wave: str, pause: bool) -> None:
         spend()
+        Fleet.trace.append(f"publish(build={build!r}, kind={kind!r}, wave={wave!r}, pause={pause!r})")
         path = Fleet.world.path(build)
         kind = self.kinds.setdefault(path, kind)  # a build's nature does not change
         unhealthy = [p for p, k in self.kinds.items() if k == "unhealthy"]
@@ -157,14 +183,18 @@ class HostModel(RuleBasedStateMachine):
         Fleet.server.set(self.path, "\n".join(lines) + "\n")
 
     @rule(window=st.booleans(), slot=st.booleans())
+    @reported
     def agent_runs(self, window: bool, slot: bool) -> None:
         spend()
+        Fleet.trace.append(f"agent_runs(window={window!r}, slot={slot!r})")
         self.run(window, slot)
 
     @rule()
+    @reported
     def reboot(self) -> None:
         """The host reboots (the agent asked for it, or anything else did); a
         build whose boot fails makes the boot loader fall back."""
+        Fleet.trace.append("reboot()")
         h = self.host
         default = h.ctl("boot-default").read_text().strip()
         if self.kinds.get(default) == "noboot":
@@ -172,11 +202,14 @@ class HostModel(RuleBasedStateMachine):
         h.reboot()
 
     @rule(delay=st.floats(0.0, 1.5))
+    @reported
     def power_loss(self, delay: float) -> None:
         """SIGKILL at a random moment of a run (its activation too), then the host boots."""
         spend()
+        Fleet.trace.append(f"power_loss(delay={delay!r})")
         h = self.host
         proc = h.agent_background(*self.argv(), env=self.env())
+        Fleet.steps += 1
         time.sleep(delay)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
@@ -185,11 +218,14 @@ class HostModel(RuleBasedStateMachine):
         self.reboot()
 
     @rule(delay=st.floats(0.0, 1.5), whole_unit=st.booleans())
+    @reported
     def stop_request(self, delay: float, whole_unit: bool) -> None:
         """SIGTERM to the agent (or `systemctl stop`: to all of its unit) at a random moment."""
         spend()
+        Fleet.trace.append(f"stop_request(delay={delay!r}, whole_unit={whole_unit!r})")
         h = self.host
         proc = h.agent_background(*self.argv(), env=self.env())
+        Fleet.steps += 1
         time.sleep(delay)
         reboots = self.reboots()
         if proc.poll() is None:
@@ -205,8 +241,10 @@ class HostModel(RuleBasedStateMachine):
         h.kill_orphans()  # the stand-in activation "unit", if one runs on: finished by the next run's wait
 
     @rule()
+    @reported
     def toggle_suspend(self) -> None:
         spend()
+        Fleet.trace.append("toggle_suspend()")
         r = self.host.agent("resume" if self.suspended else "suspend")
         check(r.returncode == 0, r.stderr)
         self.suspended = not self.suspended
@@ -214,12 +252,15 @@ class HostModel(RuleBasedStateMachine):
     # -- invariants ----------------------------------------------------------
 
     @invariant()
+    @reported
     def consistent_after_a_completed_run(self) -> None:
         if self.host is None or not self.completed:
             return
         h = self.host
         state = h.state()
-        status = json.loads(h.agent("status", "--json").stdout)
+        shown = h.agent("status", "--json")
+        check(shown.returncode == 0, f"status failed ({shown.returncode}): {shown.stderr[-3000:]}")
+        status = json.loads(shown.stdout)
         check(status["phase"] != "dirty", f"dirty without a manual deploy: {json.dumps(state)[:3000]}")
         if self.suspended:
             return
@@ -243,10 +284,11 @@ def test_model(world, tmp_path):
     Fleet.server = world_mod.PointerServer(world.cache)
     Fleet.fleetlock = world_mod.FleetLockServer(slots=1)
     Fleet.deadline = time.monotonic() + BUDGET
+    Fleet.seed = seed
     started = time.monotonic()
     try:
-        test = get_state_machine_test(HostModel, settings=settings(
-            max_examples=1000, stateful_step_count=12, deadline=None, database=None, derandomize=False,
+        test = get_state_machine_test(HostModel, _min_steps=10, settings=settings(
+            max_examples=1000, stateful_step_count=20, deadline=None, database=None, derandomize=False,
             suppress_health_check=list(HealthCheck), verbosity=Verbosity.normal,
             phases=(Phase.explicit, Phase.generate)))
         try:
