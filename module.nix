@@ -31,6 +31,12 @@ let
   # Name of the systemd credential holding the bearer token; the agent reads
   # it from $CREDENTIALS_DIRECTORY/<name> (the `%d` specifier).
   tokenCredential = "token";
+  # A list, not a string: nixpkgs' unit options (nixos/lib/systemd-unit-options.nix,
+  # `unitOption`, since NixOS/nixpkgs#290946 in 26.05 and 26.11) concatenate
+  # every definition into a list as soon as one of them is a list, while two
+  # different strings conflict. As a list, a user's own credential merges
+  # with ours whether the user writes it as a string or as a list.
+  tokenCredentials = [ "${tokenCredential}:${cfg.tokenFile}" ];
 
   # An absolute path given as a *string*, so that it is never copied into the
   # world-readable Nix store: a Nix path literal (./token) is rejected instead
@@ -781,7 +787,7 @@ in
         // lib.optionalAttrs (cfg.tokenFile != null) {
           # The secret stays where it is; systemd copies it into a private,
           # root-only directory for the duration of the run.
-          LoadCredential = "${tokenCredential}:${cfg.tokenFile}";
+          LoadCredential = tokenCredentials;
         };
       };
 
@@ -894,7 +900,7 @@ in
           StateDirectoryMode = "0700";
         }
         // lib.optionalAttrs (cfg.tokenFile != null) {
-          LoadCredential = "${tokenCredential}:${cfg.tokenFile}";
+          LoadCredential = tokenCredentials;
         };
       };
     })

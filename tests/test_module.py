@@ -255,6 +255,13 @@ CASES = {
     "reboot-mode-reboot": ad('rebootMode = "reboot"; switchMode = "smart";'),
     "state-var-lib": ad('stateDir = "/var/lib/autodeploy-b";'),
     "token": ad('tokenFile = "/run/keys/token";'),
+    # another credential added by the user, as a string and as a list (item 3)
+    "token-user-cred-string": ad('tokenFile = "/run/keys/token"; bootAssessment.enable = true;',
+                                 'systemd.services.nixos-autodeploy.serviceConfig.LoadCredential = "db:/run/keys/db"; '
+                                 'systemd.services.nixos-autodeploy-boot-check.serviceConfig.LoadCredential = "db:/run/keys/db";'),
+    "token-user-cred-list": ad('tokenFile = "/run/keys/token";',
+                               'systemd.services.nixos-autodeploy.serviceConfig.LoadCredential = [ "db:/run/keys/db" ];'),
+    "user-cred-no-token": ad('', 'systemd.services.nixos-autodeploy.serviceConfig.LoadCredential = "db:/run/keys/db";'),
     "keys": ad(f'trustedKeys = [ "{KEY1}" ];'),
     "keys-file": ad('trustedKeysFile = "/etc/autodeploy/allowed_signers";'),
     "keys-both": ad(f'trustedKeys = [ "{KEY1}" ]; trustedKeysFile = "/etc/autodeploy/allowed_signers";'),
@@ -360,6 +367,9 @@ def test_harness_unit_option_merge(can_eval, tmp_path):
     cases = {
         "lists": ('{ systemd.services.x.serviceConfig.ExecStartPre = [ "a" ]; }',
                   '{ systemd.services.x.serviceConfig.ExecStartPre = [ "b" ]; }'),
+        # nixpkgs #290946: one list definition lifts the strings into the list
+        "lifted": ('{ systemd.services.x.serviceConfig.LoadCredential = "a:/a"; }',
+                   '{ systemd.services.x.serviceConfig.LoadCredential = [ "b:/b" ]; }'),
         "equal": ('{ systemd.services.x.serviceConfig.Type = "oneshot"; }',
                   '{ systemd.services.x.serviceConfig.Type = "oneshot"; }'),
     }
@@ -374,6 +384,7 @@ def test_harness_unit_option_merge(can_eval, tmp_path):
         """))
     r = nix_eval(f)
     assert values(r["lists"], "Service", "ExecStartPre") == ["a", "b"]
+    assert sorted(values(r["lifted"], "Service", "LoadCredential")) == ["a:/a", "b:/b"]
     assert value(r["equal"], "Service", "Type") == "oneshot"
     conflict = tmp_path / "conflict.nix"
     conflict.write_text(textwrap.dedent(f"""\
@@ -488,6 +499,18 @@ def test_token_file_is_a_credential(matrix):
     assert value(text, "Service", "LoadCredential") == "token:/run/keys/token"
     assert flag_values(argv_of(matrix["token"]), "--token-file") == ["%d/token"]
     assert value(svc(matrix["defaults"]), "Service", "LoadCredential") is None
+
+
+def test_load_credential_is_a_list_users_can_add_to(matrix):
+    """Item 3: LoadCredential= as a list, so that a user's own credential, as
+    a string or a list, merges instead of "conflicting definition values"."""
+    for case in ("token-user-cred-string", "token-user-cred-list"):
+        text = svc(ok(matrix[case]))
+        assert sorted(values(text, "Service", "LoadCredential")) == [
+            "db:/run/keys/db", "token:/run/keys/token"], case
+    check = ok(matrix["token-user-cred-string"])["units"]["nixos-autodeploy-boot-check.service"]
+    assert sorted(values(check, "Service", "LoadCredential")) == ["db:/run/keys/db", "token:/run/keys/token"]
+    assert values(svc(ok(matrix["user-cred-no-token"])), "Service", "LoadCredential") == ["db:/run/keys/db"]
 
 
 def test_trusted_keys(matrix):
