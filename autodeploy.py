@@ -297,6 +297,21 @@ class RebootMode(enum.Enum):
     KEXEC = "kexec"
 
 
+# hlsb-fulda/nixos-autodeploy's CLI (clap's ValueEnum, kebab-case: the variant
+# KExec is spelled `k-exec`) takes `-r k-exec`; users carry it over in extraArgs.
+REBOOT_MODE_ALIASES: Final = {"k-exec": RebootMode.KEXEC}
+
+
+def reboot_mode_arg(text: str) -> RebootMode:
+    """`--reboot-mode` as argparse's type: our spellings and the original's."""
+    if text in REBOOT_MODE_ALIASES:
+        return REBOOT_MODE_ALIASES[text]
+    return RebootMode(text)
+
+
+reboot_mode_arg.__name__ = "reboot mode"  # argparse's "invalid reboot mode value: ..."
+
+
 class Action(enum.Enum):
     TRACK = "track"
     RESUME = "resume"
@@ -3426,8 +3441,9 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="{switch,boot,smart}",
                        help="switch now, stage for the next boot, or smart: boot only when kernel, initrd or "
                             "modules change (default: switch)")
-    run_p.add_argument("-r", "--reboot-mode", type=RebootMode, choices=list(RebootMode), default=None,
-                       metavar="{reboot,kexec}", help="reboot (or kexec) after a boot-mode deploy (default: never)")
+    run_p.add_argument("-r", "--reboot-mode", type=reboot_mode_arg, choices=list(RebootMode), default=None,
+                       metavar="{reboot,kexec}", help="reboot (or kexec) after a boot-mode deploy (default: never; "
+                                                      "`k-exec`, the original's spelling, means kexec)")
     run_p.add_argument("--prometheus-path", metavar="FILE", help="write Prometheus metrics to FILE (textfile collector)")
     run_p.add_argument("--state-dir", metavar="DIR", default=DEFAULT_STATE_DIR,
                        help=f"where the agent keeps its record (default: {DEFAULT_STATE_DIR})")

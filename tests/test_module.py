@@ -252,6 +252,8 @@ CASES = {
                  f'url = "{URL}?a=%41&b=$HOME"; tokenFile = "/run/keys/token"; '
                  'onSuccess = "echo 100% $USER"; }; }'),
     "short-flags": ad('switchMode = "switch"; extraArgs = [ "-f" "-s" "boot" "-r" "kexec" ];'),
+    # the original's spelling of kexec (clap ValueEnum: KExec -> k-exec), item 5
+    "short-flags-k-exec": ad('extraArgs = [ "-r" "k-exec" ];'),
     "reboot-mode-reboot": ad('rebootMode = "reboot"; switchMode = "smart";'),
     "state-var-lib": ad('stateDir = "/var/lib/autodeploy-b";'),
     "token": ad('tokenFile = "/run/keys/token";'),
@@ -1120,6 +1122,22 @@ def test_command_lines_parse_with_the_agents_parser(matrix, case):
         return
     args = parse(argv)
     assert args.url == flag_values(argv, "--url")[-1]
+    if case == "short-flags-k-exec":
+        assert args.reboot_mode.value == "kexec"
+
+
+def test_original_k_exec_spelling_is_accepted_and_typos_are_not():
+    """Item 5: hlsb-fulda/nixos-autodeploy's `-r k-exec` means kexec; anything
+    else that is not a reboot mode still exits 2 (usage)."""
+    for spelling in ("k-exec", "kexec"):
+        res = subprocess.run([sys.executable, str(REPO / "autodeploy.py"), "run", "--url", "http://127.0.0.1:9/p",
+                              "-r", spelling, "--help"], capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+    parse = _agent_parser()
+    assert parse(["--url", "http://x/p", "-r", "k-exec"]).reboot_mode.value == "kexec"
+    res = subprocess.run([sys.executable, str(REPO / "autodeploy.py"), "--url", "http://127.0.0.1:9/p",
+                          "-r", "kexe", "--once"], capture_output=True, text=True)
+    assert res.returncode == 2 and "invalid reboot mode value" in res.stderr, res.stderr
 
 
 def test_boot_check_unit_shares_path_token_and_checks(matrix):
