@@ -34,14 +34,16 @@ esac
 case "$action" in
   switch|boot)
     if [ -e "$ctl/boot-copies" ]; then
+      # $BOOT: /boot, or the ESP at /boot/efi or /efi (Host.mount_boot(at=)).
+      boot=$(cat "$ctl/boot-dir" 2>/dev/null || echo /boot)
       for f in kernel initrd; do
         src=$(readlink -f "$self/$f")
         rel=${src#/nix/store/}
-        if [ -d /boot/EFI/nixos ]; then
+        if [ -d "$boot/EFI/nixos" ]; then
           dir=${rel%%/*}
-          if [ "$dir" = "$rel" ]; then dest="/boot/EFI/nixos/$rel.efi"; else dest="/boot/EFI/nixos/$dir-${src##*/}.efi"; fi
-        elif [ -d /boot/kernels ]; then
-          dest="/boot/kernels/$(printf %s "$rel" | tr / -)"
+          if [ "$dir" = "$rel" ]; then dest="$boot/EFI/nixos/$rel.efi"; else dest="$boot/EFI/nixos/$dir-${src##*/}.efi"; fi
+        elif [ -d "$boot/kernels" ]; then
+          dest="$boot/kernels/$(printf %s "$rel" | tr / -)"
         else
           continue
         fi
