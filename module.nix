@@ -242,54 +242,48 @@ let
   # right away so that nixos_autodeploy_dirty is correct at once, not one
   # interval later.
   #
-  # How: switch-to-configuration reads /run/nixos/activation-restart-list after
-  # the activation script ran, and starts every unit listed there that is not
-  # active. We *append* (several modules share that file) the name of a tiny
-  # helper unit, nixos-autodeploy-trigger.service, which runs
-  # `systemctl start --no-block nixos-autodeploy.service`. We do not list
-  # nixos-autodeploy.service itself: it is Type=oneshot, and
-  # switch-to-configuration waits for its start jobs, so `nixos-rebuild switch`
-  # would block for a whole agent run; and if that run deploys, the agent's own
-  # switch-to-configuration would wait forever for the lock held by the manual
-  # one (deadlock).
+  # How: switch-to-configuration restarts sysinit-reactivation.target on every
+  # switch/test, after the activation script and the unit reloads, and waits
+  # for that job (nixpkgs' switch-to-configuration-ng, main.rs: "restarting
+  # sysinit-reactivation.target"). It does not
+  # for `boot` and `dry-activate`, and the target is not started at boot (the
+  # timer's OnBootSec covers boots). nixpkgs hooks its own per-switch work
+  # there (systemd-tmpfiles-resetup.service, nixos/modules/system/boot/systemd/
+  # tmpfiles.nix). The target wants nixos-autodeploy-trigger.service, a tiny
+  # oneshot that runs `systemctl start --no-block nixos-autodeploy.service`
+  # and returns at once. The earlier hook, appending to
+  # /run/nixos/activation-restart-list, is deprecated in switch-to-configuration-ng
+  # (a warning on every switch, removal announced for 26.11).
   #
-  # Our own activation must not trigger anything. The agent runs
-  #   systemd-run --unit=nixos-autodeploy-activation \
-  #     --setenv=NIXOS_AUTODEPLOY_ACTIVATION=1 --wait ... switch-to-configuration
-  # and switch-to-configuration (both the Rust -ng and the Perl version) runs
-  # the activation script as a plain child process that inherits its
-  # environment, so the variable is visible below. As a second, independent
-  # marker the agent writes its PID to /run/nixos-autodeploy/activating before
-  # systemd-run and removes it afterwards; the marker only counts while that
-  # process is alive, so a crashed agent cannot silence the trigger (a stale
-  # file is ignored, and /run is empty after every boot). Even without both
-  # markers nothing would be killed:
-  # nixos-autodeploy.service has restartIfChanged = false, so an active agent
-  # listed in the restart list is skipped, never restarted.
+  # Wants, not Requires: whatever the trigger does, the switch does not fail.
+  # The target orders itself after what it wants (systemd.target(5), default
+  # dependencies), so switch-to-configuration waits for the trigger, which
+  # takes milliseconds; it never waits for an agent run (--no-block), so
+  # `nixos-rebuild switch` does not block for a whole run.
   #
-  # Only switch/test activations count (NIXOS_ACTION is set by
-  # switch-to-configuration); the activation at boot does not trigger (the
-  # timer's OnBootSec does that), and dry-activate does not run this snippet.
-  activationSnippet = ''
-    case "''${NIXOS_ACTION-}" in
-      switch|test)
-        _autodeploy_own=0
-        if [ "''${NIXOS_AUTODEPLOY_ACTIVATION-}" = 1 ]; then
-          _autodeploy_own=1
-        elif [ -f /run/nixos-autodeploy/activating ]; then
-          _autodeploy_pid=$(cat /run/nixos-autodeploy/activating 2>/dev/null || true)
-          case "$_autodeploy_pid" in
-            "" | *[!0-9]*) ;;
-            *) if kill -0 "$_autodeploy_pid" 2>/dev/null; then _autodeploy_own=1; fi ;;
-          esac
+  # Our own activation must not trigger anything. The agent writes its PID to
+  # /run/nixos-autodeploy/activating before its
+  #   systemd-run --unit=nixos-autodeploy-activation --wait ... switch-to-configuration
+  # and removes it after systemd-run returned. The trigger runs while that
+  # switch-to-configuration waits for the target, i.e. while the marker is
+  # there, and stays quiet when the PID in it is alive (a crashed agent's
+  # stale marker is ignored; /run is empty after every boot). Even a run
+  # started by mistake would not restart anything: `systemctl start` of the
+  # active nixos-autodeploy.service joins the running start job, and the unit
+  # has restartIfChanged = false.
+  triggerScript = ''
+    pid=$(cat ${runtimeDir}/activating 2>/dev/null || true)
+    case "$pid" in
+      "" | *[!0-9]*) ;;
+      *)
+        if kill -0 "$pid" 2>/dev/null; then
+          echo "activated by nixos-autodeploy (PID $pid) itself: no run"
+          exit 0
         fi
-        if [ "$_autodeploy_own" = 0 ]; then
-          mkdir -p /run/nixos
-          echo ${triggerUnitName} >> /run/nixos/activation-restart-list
-        fi
-        unset _autodeploy_own _autodeploy_pid
         ;;
     esac
+    echo "a manual switch: starting ${unitName}"
+    exec systemctl start --no-block ${unitName}
   '';
 in
 {
@@ -806,26 +800,16 @@ in
         };
       };
 
-      # Started through /run/nixos/activation-restart-list after a manual
-      # activation (see activationSnippet). Returns at once, so
-      # switch-to-configuration never waits for an agent run.
+      # Started by every switch/test (see triggerScript); returns at once.
       systemd.services.nixos-autodeploy-trigger = {
         description = "Run nixos-autodeploy after a manual activation";
+        wantedBy = [ "sysinit-reactivation.target" ];
+        before = [ "sysinit-reactivation.target" ];
+        # Started by the switch itself, never restarted because it changed.
         restartIfChanged = false;
-        serviceConfig = {
-          Type = "oneshot";
-          ExecStart = utils.escapeSystemdExecArgs [
-            "${config.systemd.package}/bin/systemctl"
-            "start"
-            "--no-block"
-            unitName
-          ];
-        };
-      };
-
-      system.activationScripts.nixos-autodeploy = {
-        deps = [ ];
-        text = activationSnippet;
+        serviceConfig.Type = "oneshot";
+        # `systemctl` comes from the service's default path (systemd).
+        script = triggerScript;
       };
 
       systemd.tmpfiles.rules = [

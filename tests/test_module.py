@@ -581,14 +581,6 @@ def test_timer_unit(matrix):
     assert value(t, "Install", "WantedBy") == "timers.target"
 
 
-def test_trigger_unit_does_not_block(matrix):
-    t = matrix["defaults"]["units"][TRIGGER]
-    assert value(t, "Service", "Type") == "oneshot"
-    assert value(t, "Service", "X-RestartIfChanged") == "false"
-    assert parse_exec(value(t, "Service", "ExecStart")) == [
-        f"{SYSTEMD}/bin/systemctl", "start", "--no-block", SVC]
-
-
 # --------------------------------------------------------------------------
 # node exporter wiring
 
@@ -797,69 +789,58 @@ def test_bad_value_is_a_type_error(bad_results, index):
 
 
 # --------------------------------------------------------------------------
-# activation: the snippet as it sits in the generated activation script, run
-# under bash with the script's ERR trap and its /run paths redirected
+# the manual-activation trigger (item 2): started by sysinit-reactivation.target,
+# which switch-to-configuration restarts on every switch/test; no activation
+# script snippet, no /run/nixos/activation-restart-list
 
-def _snippet_block(script: str) -> str:
-    m = re.search(r"^#### Activation script snippet nixos-autodeploy:\n(.*?)(?=^#### |\Z)",
-                  script, re.S | re.M)
-    assert m, script
-    return m.group(1).split("\n# Make this configuration the current configuration.")[0]
-
-
-def _run_snippet(tmp_path, block, env_extra, existing=None):
+def _run_trigger(tmp_path, script, marker=None):
+    """The trigger's script under bash, with /run/nixos-autodeploy redirected
+    and a `systemctl` that records its arguments."""
     run = tmp_path / "rt"
     shutil.rmtree(run, ignore_errors=True)
     (run / "nixos-autodeploy").mkdir(parents=True)
-    text = block.replace("/run/nixos-autodeploy/", f"{run}/nixos-autodeploy/")
-    text = re.sub(r"(?<![\w/])/run/nixos(?![\w-])", f"{run}/nixos", text)
-    # never touch the real /run of the machine running the tests
-    assert "/run/" not in text.replace(str(run), ""), text
-    restart_list = run / "nixos" / "activation-restart-list"
-    if existing is not None:
-        (run / "nixos").mkdir()
-        restart_list.write_text(existing)
-    marker = env_extra.pop("_MARKER", None)
+    (run / "bin").mkdir()
+    calls = run / "calls"
+    (run / "bin" / "systemctl").write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
+    (run / "bin" / "systemctl").chmod(0o755)
+    text = script.replace("/run/nixos-autodeploy/", f"{run}/nixos-autodeploy/")
+    assert "/run/" not in text.replace(str(run), ""), text  # never the machine's /run
     if marker is not None:
         (run / "nixos-autodeploy" / "activating").write_text(marker)
-    # the preamble of nixos' activation script
-    script = '_status=0\ntrap "_status=1 _localstatus=\\$?" ERR\numask 0022\n' + text + "\nexit $_status\n"
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
-    env.update(env_extra)
-    res = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
+    env = {"PATH": f"{run / 'bin'}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+    res = subprocess.run(["bash", "-e", "-c", text], env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    assert "failed" not in res.stdout, res.stdout
-    return restart_list.read_text() if restart_list.exists() else None
+    return calls.read_text() if calls.exists() else ""
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="bash not found")
-def test_activation_snippet_behaviour(matrix, tmp_path):
-    act = matrix["defaults"]["activation"]
-    assert act["snippet"]["supportsDryActivation"] is False
-    # dry-activate does not run it
-    assert "#### Activation script snippet nixos-autodeploy does not support dry activation." in act["dry"]
-    assert "activation-restart-list" not in act["dry"]
-    block = _snippet_block(act["script"])
-    assert ">> /run/nixos/activation-restart-list" in block
-    assert "> /run/nixos/activation-restart-list" not in block.replace(">>", "")
-    line = "nixos-autodeploy-trigger.service\n"
-
-    # manual `nixos-rebuild switch` / `test`: trigger, appended to what is there
-    assert _run_snippet(tmp_path, block, {"NIXOS_ACTION": "switch"}) == line
-    assert _run_snippet(tmp_path, block, {"NIXOS_ACTION": "test"}, "foo.service\n") == \
-        "foo.service\n" + line
-    # boot-time activation (no NIXOS_ACTION) and dry-activate: nothing
-    assert _run_snippet(tmp_path, block, {}) is None
-    assert _run_snippet(tmp_path, block, {"NIXOS_ACTION": "dry-activate"}) is None
-    # our own activation, marked by the environment
-    assert _run_snippet(tmp_path, block, {"NIXOS_ACTION": "switch",
-                                          "NIXOS_AUTODEPLOY_ACTIVATION": "1"}) is None
-    # ... or by the marker file holding the PID of a live agent
-    assert _run_snippet(tmp_path, block, {"NIXOS_ACTION": "switch",
-                                          "_MARKER": f"{os.getpid()}\n"}) is None
+def test_manual_switch_trigger(matrix, tmp_path):
+    r = ok(matrix["defaults"])
+    # no deprecated hook: nothing in the activation script at all
+    assert r["activation"]["snippet"] is None
+    assert "activation-restart-list" not in r["activation"]["script"]
+    assert "nixos-autodeploy" not in r["activation"]["script"]
+    unit = r["units"][TRIGGER]
+    # wanted (not required: a failing trigger never fails a switch) by the
+    # target every switch/test restarts, and ordered before it
+    assert r["unitsWantedBy"][TRIGGER] == ["sysinit-reactivation.target"]
+    assert r["unitsRequiredBy"][TRIGGER] == []
+    assert value(unit, "Unit", "Before") == "sysinit-reactivation.target"
+    assert value(unit, "Service", "Type") == "oneshot"
+    assert value(unit, "Service", "X-RestartIfChanged") == "false"
+    assert value(unit, "Service", "ExecStart").endswith("/bin/nixos-autodeploy-trigger-start ")
+    assert f"{SYSTEMD}/bin" in environment(unit)["PATH"].split(":")  # systemctl
+    script = r["triggerScript"]
+    start = f"start --no-block {SVC}\n"
+    # a manual switch: the agent's unit is started without waiting for it
+    assert _run_trigger(tmp_path, script) == start
+    # our own activation: the marker holds the PID of a live agent
+    assert _run_trigger(tmp_path, script, f"{os.getpid()}\n") == ""
     # a stale marker (dead PID) or garbage does not silence the trigger
     for marker in ("4194305\n", "not-a-pid", ""):
-        assert _run_snippet(tmp_path, block, {"NIXOS_ACTION": "switch", "_MARKER": marker}) == line
+        assert _run_trigger(tmp_path, script, marker) == start, marker
+    # the disabled module defines neither the unit nor a hook
+    assert TRIGGER not in matrix["disabled"]["units"]
 
 
 # --------------------------------------------------------------------------

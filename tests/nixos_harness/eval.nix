@@ -41,6 +41,8 @@ let
           dry = c.system.dryActivationScript;
           snippet = c.system.activationScripts.nixos-autodeploy or null;
         };
+        # The manual-activation trigger's shell script (`script`, run by bash).
+        triggerScript = c.systemd.services.nixos-autodeploy-trigger.script or null;
         node = {
           inherit (c.services.prometheus.exporters.node) enable enabledCollectors extraFlags;
         };
