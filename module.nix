@@ -75,19 +75,28 @@ let
       description = "absolute directory path without trailing slash, whitespace, `.` or `..` (not `/`, `/var`, `/var/lib`, `/run`, `/nix`)";
     };
 
-  # --- The node exporter's own textfile directory -----------------------------
+  # --- The node exporter's textfile directories -------------------------------
   #
-  # node_exporter refuses a repeated `--collector.textfile.directory` (and its
-  # unit then restarts forever), so the wiring must not add one when the host
-  # already passes one. That cannot be read from
-  # config.services.prometheus.exporters.node.extraFlags: our own definition
-  # of that option would depend on its value (infinite recursion). Instead we
+  # Since node_exporter 1.9 `--collector.textfile.directory` may be repeated
+  # (collector/textfile.go reads it with kingpin's `.Strings()`,
+  # prometheus/node_exporter#3135); nixpkgs 26.05 and 26.11 ship 1.9 or later.
+  # So the agent gets a directory of its own next to any the host already
+  # has, and the wiring never has to take over (or argue with) the host's.
+  # What it must not do: pass a directory the host already passes (the same
+  # files read twice are duplicate metrics, and the scrape fails), or add the
+  # `textfile` collector when the host lists it already (kingpin refuses a
+  # repeated boolean flag and the exporter restarts forever), or wire
+  # anything when the host disabled the collector (the NixOS manual's own
+  # exporter example does). Those facts cannot be read from
+  # config.services.prometheus.exporters.node: our own definitions of its
+  # options would depend on their values (infinite recursion). Instead we
   # read the other modules' definitions of `services.prometheus.exporters`
   # (the option is one submodule; see nixpkgs'
   # nixos/modules/services/monitoring/prometheus/exporters.nix), looking
-  # through mkIf/mkMerge/mkOverride/mkOrder. An assertion below checks the
-  # merged result, so a definition this cannot see (a function module) still
-  # cannot produce a second flag unnoticed.
+  # through mkIf/mkMerge/mkOverride/mkOrder. Warnings below check the merged
+  # result, so a definition this cannot see (a function module) is
+  # explained, never an evaluation error for a user who did not ask for the
+  # wiring.
   ownFile = toString ./module.nix;
   unwrapDef =
     v:
@@ -136,9 +145,13 @@ let
       ) flags
     );
   existingTextfileDirs = textfileDirsIn (otherNodeList "extraFlags");
-  exporterHasTextfileDir = existingTextfileDirs != [ ];
-  wireFlag = cfg.enable && cfg.wireNodeExporter && !exporterHasTextfileDir;
+  textfileDisabled = lib.elem "textfile" (otherNodeList "disabledCollectors");
+  # The wiring as it can happen: asked for (by default: the exporter is on)
+  # and the host has not turned the textfile collector off.
+  wire = cfg.enable && cfg.wireNodeExporter && !textfileDisabled;
+  wireFlag = wire && !(lib.elem cfg.textfileDirectory existingTextfileDirs);
   defaultTextfileDirectory = "/var/lib/prometheus-node-exporter-text";
+  nodeExporterVersion = pkgs.prometheus-node-exporter.version or null;
   # systemd expands %-specifiers in Environment= values: the operator's
   # values (a proxy password with %40 in it) are meant literally.
   unitEnvironment = lib.mapAttrs (_: v: lib.replaceStrings [ "%" ] [ "%%" ] (toString v)) cfg.environment;
@@ -168,6 +181,30 @@ let
       null;
 
   opt = flag: value: optionals (value != null) [ flag (toString value) ];
+
+  # The exporter as merged (whatever produced it), checked after the fact:
+  # warnings, never assertions (see "The node exporter's textfile directories").
+  exporterWarnings =
+    let
+      node = config.services.prometheus.exporters.node;
+      dirs = textfileDirsIn node.extraFlags;
+      textfileOff = lib.elem "textfile" node.disabledCollectors;
+    in
+    optional (cfg.wireNodeExporter && textfileOff)
+      "system.autoDeploy: services.prometheus.exporters.node.disabledCollectors disables the textfile collector, so the agent's metrics (${toString cfg.prometheusFilePath}) are not exported; nothing was wired. Remove \"textfile\" from disabledCollectors to export them, or set system.autoDeploy.wireNodeExporter = false to silence this."
+    ++ optional (wire && lib.length dirs != lib.length (lib.unique dirs))
+      "system.autoDeploy: services.prometheus.exporters.node.extraFlags passes a textfile directory more than once (${lib.concatStringsSep ", " dirs}); node_exporter reads it twice and every scrape fails with duplicate metrics. Where the exporter is configured through a function, which this module cannot look into, pass system.autoDeploy.textfileDirectory there only once, or set system.autoDeploy.wireNodeExporter = false."
+    ++ optional (wire && lib.length node.enabledCollectors != lib.length (lib.unique node.enabledCollectors))
+      "system.autoDeploy: services.prometheus.exporters.node.enabledCollectors lists a collector more than once (${lib.concatStringsSep ", " node.enabledCollectors}); node_exporter refuses a repeated flag and does not start. Where the exporter is configured through a function, which this module cannot look into, set system.autoDeploy.wireNodeExporter = false and enable the textfile collector yourself."
+    ++
+      optional
+        (
+          wire
+          && lib.length (lib.unique dirs) > 1
+          && nodeExporterVersion != null
+          && lib.versionOlder nodeExporterVersion "1.9"
+        )
+        "system.autoDeploy: node_exporter ${nodeExporterVersion} reads one textfile directory, but services.prometheus.exporters.node.extraFlags passes ${toString (lib.length (lib.unique dirs))} (${lib.concatStringsSep ", " dirs}); it refuses to start. Use node_exporter 1.9 or later (nixpkgs 26.05 and later), or set system.autoDeploy.textfileDirectory to the host's directory.";
 
   # Fleet rollouts (issue #14): FleetLock reboot slots. The group is passed
   # only with a URL, so an unused default never reaches the command line.
@@ -402,28 +439,25 @@ in
         Whether to hook the agent's metrics into the Prometheus node
         exporter: makes {option}`system.autoDeploy.textfileDirectory` the
         default location of {option}`system.autoDeploy.prometheusFilePath`
-        and, unless the exporter already has a textfile directory (then that
-        one is used as it is), creates it and points the exporter's textfile
-        collector at it (`--collector.textfile.directory`).
+        and creates it and adds it to the exporter's textfile directories
+        (`--collector.textfile.directory`, repeatable since node_exporter
+        1.9), next to any the host already has; enables the textfile
+        collector unless it is listed already. When the host disables the
+        collector (`disabledCollectors = [ "textfile" ]`) nothing is wired
+        and a warning explains it.
       '';
     };
 
     textfileDirectory = mkOption {
       type = externalPathType;
-      default =
-        if exporterHasTextfileDir then lib.head existingTextfileDirs else defaultTextfileDirectory;
-      defaultText = lib.literalMD ''
-        the directory of a `--collector.textfile.directory` that the
-        configuration already passes in
-        {option}`services.prometheus.exporters.node.extraFlags`, else
-        `"${defaultTextfileDirectory}"`
-      '';
+      default = defaultTextfileDirectory;
       example = "/run/prometheus-textfiles";
       description = ''
-        Directory read by the node exporter's textfile collector when
-        {option}`system.autoDeploy.wireNodeExporter` is enabled. When the
-        exporter already has a textfile directory, that one is used and no
-        second flag is added (node_exporter refuses a repeated flag).
+        The agent's own directory for the node exporter's textfile collector
+        when {option}`system.autoDeploy.wireNodeExporter` is enabled. It is
+        passed in addition to the textfile directories the host already has
+        (node_exporter 1.9 and later read several); a directory the host
+        already passes is not passed twice.
       '';
     };
 
@@ -716,34 +750,7 @@ in
           assertion = cfg.jsonField == null || trustedKeysFile == null;
           message = "system.autoDeploy.jsonField cannot be combined with trusted keys (signed pointers are plain text).";
         }
-      ]
-      ++ lib.optionals cfg.wireNodeExporter (
-        let
-          node = config.services.prometheus.exporters.node;
-          dirs = textfileDirsIn node.extraFlags;
-        in
-        [
-          {
-            # The merged value, whatever produced it: node_exporter exits on
-            # a repeated flag and its unit restarts forever.
-            assertion = lib.length dirs <= 1;
-            message = "services.prometheus.exporters.node.extraFlags passes --collector.textfile.directory ${toString (lib.length dirs)} times (${lib.concatStringsSep ", " dirs}); node_exporter accepts it once. Keep one and set system.autoDeploy.textfileDirectory to it, or set system.autoDeploy.wireNodeExporter = false (needed where the exporter is configured through a function, which this module cannot look into).";
-          }
-          {
-            # The same for a collector listed twice (--collector.textfile twice).
-            assertion = lib.length node.enabledCollectors == lib.length (lib.unique node.enabledCollectors);
-            message = "services.prometheus.exporters.node.enabledCollectors lists a collector more than once (${lib.concatStringsSep ", " node.enabledCollectors}); node_exporter refuses a repeated flag. Where the exporter is configured through a function, which this module cannot look into, set system.autoDeploy.wireNodeExporter = false and enable the textfile collector yourself.";
-          }
-          {
-            assertion = lib.all (d: d == cfg.textfileDirectory) dirs;
-            message = "system.autoDeploy.textfileDirectory is ${cfg.textfileDirectory}, but the node exporter reads ${lib.concatStringsSep ", " dirs}; leave textfileDirectory at its default (it follows the exporter) or make them equal.";
-          }
-          {
-            assertion = !(lib.elem "textfile" node.disabledCollectors);
-            message = "system.autoDeploy.wireNodeExporter needs the node exporter's textfile collector, but services.prometheus.exporters.node.disabledCollectors disables it.";
-          }
-        ]
-      );
+      ];
 
       warnings =
         optional (cfg.fleetlock.url != null && cfg.interval == "04:42")
@@ -757,7 +764,8 @@ in
               && cfg.prometheusFilePath != null
               && dirOf cfg.prometheusFilePath != cfg.textfileDirectory
             )
-            "system.autoDeploy.prometheusFilePath is not in system.autoDeploy.textfileDirectory, so the node exporter will not see it.";
+            "system.autoDeploy.prometheusFilePath is not in system.autoDeploy.textfileDirectory, so the node exporter will not see it."
+        ++ exporterWarnings;
 
       environment.systemPackages = [ cfg.package ];
 
@@ -827,9 +835,9 @@ in
     # infinite recursion.
     {
       services.prometheus.exporters.node = {
-        enabledCollectors = mkIf (
-          cfg.enable && cfg.wireNodeExporter && !(lib.elem "textfile" (otherNodeList "enabledCollectors"))
-        ) [ "textfile" ];
+        enabledCollectors = mkIf (wire && !(lib.elem "textfile" (otherNodeList "enabledCollectors"))) [
+          "textfile"
+        ];
         extraFlags = mkIf wireFlag [ "--collector.textfile.directory=${cfg.textfileDirectory}" ];
       };
       # Only a directory we point the exporter at is ours to create; an

@@ -295,6 +295,15 @@ CASES = {
     "node-has-dir-conflict": node('enable = true; extraFlags = [ "--collector.textfile.directory=/srv/prom" ];',
                                   'textfileDirectory = "/srv/other";'),
     "node-custom-dir": node("enable = true;", 'textfileDirectory = "/srv/metrics";'),
+    "node-has-our-dir": node(f'enable = true; extraFlags = [ "--collector.textfile.directory={TEXTFILE_DIR}" ];'),
+    # the NixOS manual's exporter example (services/monitoring/prometheus), as is
+    "node-manual-example": node('enable = true; port = 9100; enabledCollectors = [ "logind" "systemd" ]; '
+                                'disabledCollectors = [ "textfile" ]; openFirewall = true; '
+                                'firewallFilter = "-i br0 -p tcp -m tcp --dport 9100";'),
+    "node-manual-example-wire": node('enable = true; disabledCollectors = [ "textfile" ];',
+                                     "wireNodeExporter = true;"),
+    "node-fn-form-dir": ad("", 'services.prometheus.exporters = { ... }: { node = { enable = true; '
+                               f'extraFlags = [ "--collector.textfile.directory={TEXTFILE_DIR}" ]; }}; }};'),
     "node-prom-elsewhere": node("enable = true;", 'prometheusFilePath = "/tmp/elsewhere.prom";'),
     "node-textfile-listed": node('enable = true; enabledCollectors = [ "systemd" "textfile" ];'),
     "node-textfile-disabled": node('enable = true; disabledCollectors = [ "textfile" ];'),
@@ -618,21 +627,38 @@ def test_node_exporter_matrix(matrix, case, wired):
 
 
 @pytest.mark.parametrize("case", ["node-has-dir", "node-has-dir-split", "node-has-dir-mkif", "node-has-dir-space"])
-def test_existing_textfile_directory_is_used_not_repeated(matrix, case):
+def test_an_existing_textfile_directory_is_kept_and_ours_added(matrix, case):
+    """Item 4: node_exporter >= 1.9 reads several textfile directories
+    (collector/textfile.go, `.Strings()`, node_exporter#3135): the host's stays
+    as it is, the agent's own is added next to it."""
     r = ok(matrix[case])
-    assert r["autoDeploy"]["textfileDirectory"] == "/srv/prom"
-    assert r["autoDeploy"]["prometheusFilePath"] == "/srv/prom/nixos-autodeploy.prom"
-    assert flag_values(argv_of(r), "--prometheus-path") == ["/srv/prom/nixos-autodeploy.prom"]
+    assert r["autoDeploy"]["textfileDirectory"] == TEXTFILE_DIR
+    assert r["autoDeploy"]["prometheusFilePath"] == PROM
+    assert flag_values(argv_of(r), "--prometheus-path") == [PROM]
     flags = " ".join(exporter_flags(r))
-    assert flags.count("--collector.textfile.directory") == 1, flags
-    # the owner's directory is left as it is
+    assert flags.count("--collector.textfile.directory") == 2, flags
+    assert f"--collector.textfile.directory={TEXTFILE_DIR}" in flags and "/srv/prom" in flags
+    assert exporter_flags(r).count("--collector.textfile") == 1
+    # ours is created, the owner's directory is left as it is
+    assert f"d {TEXTFILE_DIR} 0755 root root - -" in r["tmpfiles"]
     assert not any("/srv/prom" in rule for rule in r["tmpfiles"])
     assert r["warnings"] == []
 
 
-def test_textfile_directory_conflict_and_custom(matrix):
-    msgs = matrix["node-has-dir-conflict"]["failedAssertions"]
-    assert any("node exporter reads /srv/prom" in m for m in msgs), msgs
+def test_our_directory_already_passed_is_not_passed_twice(matrix):
+    r = ok(matrix["node-has-our-dir"])
+    flags = " ".join(exporter_flags(r))
+    assert flags.count(f"--collector.textfile.directory={TEXTFILE_DIR}") == 1, flags
+    assert r["warnings"] == []
+
+
+def test_textfile_directory_custom_and_next_to_the_hosts(matrix):
+    r = ok(matrix["node-has-dir-conflict"])  # the released module refused this
+    flags = exporter_flags(r)
+    assert "--collector.textfile.directory=/srv/prom" in flags
+    assert "--collector.textfile.directory=/srv/other" in flags
+    assert flag_values(argv_of(r), "--prometheus-path") == ["/srv/other/nixos-autodeploy.prom"]
+    assert r["warnings"] == []
     r = ok(matrix["node-custom-dir"])
     assert r["node"]["extraFlags"] == ["--collector.textfile.directory=/srv/metrics"]
     assert "d /srv/metrics 0755 root root - -" in r["tmpfiles"]
@@ -641,12 +667,34 @@ def test_textfile_directory_conflict_and_custom(matrix):
                for w in matrix["node-prom-elsewhere"]["warnings"])
 
 
-def test_textfile_collector_not_repeated_nor_disabled(matrix):
+def test_textfile_collector_not_repeated(matrix):
     r = ok(matrix["node-textfile-listed"])
     assert r["node"]["enabledCollectors"] == ["systemd", "textfile"]
     assert exporter_flags(r).count("--collector.textfile") == 1
-    msgs = matrix["node-textfile-disabled"]["failedAssertions"]
-    assert any("disabledCollectors disables it" in m for m in msgs), msgs
+
+
+@pytest.mark.parametrize("case", ["node-textfile-disabled", "node-manual-example", "node-manual-example-wire"])
+def test_a_disabled_textfile_collector_evaluates_and_warns(matrix, case):
+    """Item 4: the NixOS manual's exporter example disables the textfile
+    collector; switching to this module must not break its evaluation: nothing
+    is wired (no collector, no directory flag), a warning explains why."""
+    r = ok(matrix[case])
+    flags = exporter_flags(r)
+    assert "--no-collector.textfile" in flags and "--collector.textfile" not in flags
+    assert not any(f.startswith("--collector.textfile.directory") for f in flags)
+    assert r["node"]["extraFlags"] == []
+    assert not any(TEXTFILE_DIR in rule for rule in r["tmpfiles"])
+    assert [w for w in r["warnings"] if "disables the textfile collector" in w], r["warnings"]
+
+
+def test_a_repeated_collector_is_a_warning_not_an_evaluation_error(matrix):
+    """A definition the module cannot read (a function) can still end up with
+    `--collector.textfile` twice: explained with advice, the evaluation goes on."""
+    r = ok(matrix["node-fn-form"])
+    assert any("lists a collector more than once" in w and "wireNodeExporter = false" in w
+               for w in r["warnings"]), r["warnings"]
+    r = ok(matrix["node-fn-form-dir"])
+    assert any("textfile directory more than once" in w for w in r["warnings"]), r["warnings"]
 
 
 # --------------------------------------------------------------------------
@@ -1088,8 +1136,8 @@ def test_driver_standin_rejects_what_the_driver_would(vm_render, mutation, error
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c not in (
-    "missing-url", "empty-url", "keys-both", "json-keys", "node-has-dir-conflict", "node-fn-form",
-    "node-textfile-disabled", "disabled", "disabled-with-exporter")])
+    "missing-url", "empty-url", "keys-both", "json-keys",
+    "disabled", "disabled-with-exporter")])
 def test_command_lines_parse_with_the_agents_parser(matrix, case):
     """Every flag the module passes exists in the agent (its own parser)."""
     argv = argv_of(ok(matrix[case]))
@@ -1184,14 +1232,6 @@ def test_fleetlock_options_reach_the_agent(matrix):
     assert args.fleetlock_url == "http://fleetlock.example.org:8080" and args.fleetlock_group == "workers"
     argv = argv_of(ok(matrix["fleetlock-off"]))
     assert "--fleetlock-url" not in argv and "--fleetlock-group" not in argv
-
-
-def test_a_repeated_collector_is_an_assertion_not_a_restart_loop(matrix):
-    """node_exporter refuses `--collector.textfile` twice and its unit restarts
-    for ever: a definition the module cannot read (a function) must fail the
-    evaluation with advice instead."""
-    failed = matrix["node-fn-form"]["failedAssertions"]
-    assert any("lists a collector more than once" in m and "wireNodeExporter = false" in m for m in failed), failed
 
 
 def test_environment_values_are_literal(matrix):
