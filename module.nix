@@ -182,6 +182,20 @@ let
 
   opt = flag: value: optionals (value != null) [ flag (toString value) ];
 
+  # Boot counting for systemd-boot exists from nixpkgs 26.11 on (release notes
+  # rl-2611: boot.loader.systemd-boot.bootCounting); 26.05 does not declare
+  # the option, so it is looked up in `options` before it is read.
+  hasBootCounting = lib.hasAttrByPath [ "boot" "loader" "systemd-boot" "bootCounting" ] options;
+  bootCountingOn = hasBootCounting && config.boot.loader.systemd-boot.bootCounting.enable;
+  # $BOOT as nixpkgs' systemd-boot.nix computes it (bootMountPoint): the
+  # XBOOTLDR partition when there is one, else the ESP; the builder writes
+  # loader/entries and EFI/nixos there.
+  systemdBootDir =
+    let
+      sdb = config.boot.loader.systemd-boot;
+    in
+    if sdb.xbootldrMountPoint != null then sdb.xbootldrMountPoint else config.boot.loader.efi.efiSysMountPoint;
+
   # The exporter as merged (whatever produced it), checked after the fact:
   # warnings, never assertions (see "The node exporter's textfile directories").
   exporterWarnings =
@@ -245,6 +259,7 @@ let
   ++ opt "--reboot-mode" cfg.rebootMode
   ++ opt "--reboot-window" cfg.rebootWindow
   ++ opt "--prometheus-path" cfg.prometheusFilePath
+  ++ opt "--boot-dir" cfg.bootDir
   ++ checkArgs
   ++ opt "--trusted-keys" trustedKeysFile
   ++ opt "--signature-url" cfg.signatureUrl
@@ -475,6 +490,32 @@ in
         Where the agent writes its metrics in the Prometheus text format
         (atomically, on every run); `null` writes none. Passed as
         `--prometheus-path`.
+      '';
+    };
+
+    bootDir = mkOption {
+      type = types.nullOr externalPathType;
+      default = if config.boot.loader.systemd-boot.enable then systemdBootDir else null;
+      defaultText = literalExpression ''
+        if config.boot.loader.systemd-boot.enable then
+          (if config.boot.loader.systemd-boot.xbootldrMountPoint != null
+           then config.boot.loader.systemd-boot.xbootldrMountPoint
+           else config.boot.loader.efi.efiSysMountPoint)
+        else null
+      '';
+      example = "/boot/efi";
+      description = ''
+        Where the boot loader keeps its entries and the kernels it copies
+        (`$BOOT`: the ESP, or the XBOOTLDR partition). The agent reads the
+        boot entries there (an entry that ran out of tries is a boot-loader
+        fallback, never a manual choice) and checks there that a new kernel
+        fits. Follows {option}`boot.loader.efi.efiSysMountPoint` (often
+        {file}`/boot`, {file}`/boot/efi` or {file}`/efi`) and
+        {option}`boot.loader.systemd-boot.xbootldrMountPoint` with
+        systemd-boot; `null` (GRUB, which copies kernels into
+        {file}`/boot/kernels`) lets the agent take the first of {file}`/boot`,
+        {file}`/efi`, {file}`/boot/efi` that holds boot loader files. Passed
+        as `--boot-dir`.
       '';
     };
 
@@ -714,7 +755,8 @@ in
       the boot assessment: a check unit, ordered before and required by
       `boot-complete.target`, that runs `nixos-autodeploy check-boot` with the
       agent's health checks and connectivity check. With systemd-boot's boot
-      counting ({option}`boot.loader.systemd-boot.bootCounting.enable`), a
+      counting ({option}`boot.loader.systemd-boot.bootCounting.enable`, NixOS
+      26.11 and later), a
       failing check keeps the boot entry from being blessed by
       `systemd-bless-boot.service`, and after its tries the boot loader falls
       back to the previous generation. See {manpage}`systemd.special(7)`
@@ -855,8 +897,10 @@ in
     # agent's own verification after the reboot stays the safety net.
     (mkIf (cfg.enable && cfg.bootAssessment.enable) {
       warnings =
-        optional (!(config.boot.loader.systemd-boot.bootCounting.enable or false))
-          "system.autoDeploy.bootAssessment is enabled but boot.loader.systemd-boot.bootCounting.enable is not: no boot entry carries a try counter, so nothing reaches boot-complete.target and the boot check does not run (the agent still verifies a boot-mode deploy after the reboot).";
+        optional (hasBootCounting && !bootCountingOn)
+          "system.autoDeploy.bootAssessment is enabled but boot.loader.systemd-boot.bootCounting.enable is not: no boot entry carries a try counter, so nothing reaches boot-complete.target and the boot check does not run (the agent still verifies a boot-mode deploy after the reboot)."
+        ++ optional (!hasBootCounting)
+          "system.autoDeploy.bootAssessment is enabled, but this nixpkgs has no boot counting for systemd-boot (boot.loader.systemd-boot.bootCounting comes with NixOS 26.11; 26.05 does not have it): unless something else gives boot entries a try counter, nothing reaches boot-complete.target and the boot check does not run (the agent still verifies a boot-mode deploy after the reboot).";
 
       # It judges a boot, not a configuration: never (re)started by an
       # activation (agentUnitBase); its health checks find what the agent's find.

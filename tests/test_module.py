@@ -83,13 +83,15 @@ def nix_eval(expr_file: Path, *args: str, check=True):
     return res
 
 
-def harness_eval(cases: dict[str, str], tmp: Path):
-    """Evaluate {name: nix module expression} in one nix-instantiate call."""
-    cases_file = tmp / "cases.nix"
+def harness_eval(cases: dict[str, str], tmp: Path, channel: str = "26.11", check=True):
+    """Evaluate {name: nix module expression} in one nix-instantiate call,
+    with the option set of a channel ("26.11": unstable, "26.05": stable)."""
+    cases_file = tmp / f"cases-{channel}.nix"
     cases_file.write_text("{\n" + "".join(
         f"  {json.dumps(name)} = {body};\n" for name, body in cases.items()) + "}\n")
     return nix_eval(HARNESS / "eval.nix", "--arg", "libPath", str(NIXPKGS_LIB),
-                    "--arg", "modulePath", str(MODULE), "--arg", "cases", f"import {cases_file}")
+                    "--arg", "modulePath", str(MODULE), "--arg", "cases", f"import {cases_file}",
+                    "--argstr", "channel", channel, check=check)
 
 
 # --------------------------------------------------------------------------
@@ -312,6 +314,14 @@ CASES = {
         healthChecks = [ "curl -fsS http://localhost/" ]; path = [ pkgs.curl ];'''),
     "boot-assessment-elsewhere": ad('''bootAssessment.enable = true; connectivityCheck = false;
         stateDir = "/persist/autodeploy"; tokenFile = "/run/secrets/token";'''),
+    # where the boot loader's files are (item 8): $BOOT from the boot loader options
+    "esp-boot": ad("", "boot.loader.systemd-boot.enable = true;"),
+    "esp-boot-efi": ad("", 'boot.loader.systemd-boot.enable = true; boot.loader.efi.efiSysMountPoint = "/boot/efi";'),
+    "esp-efi": ad("", 'boot.loader.systemd-boot.enable = true; boot.loader.efi.efiSysMountPoint = "/efi";'),
+    "esp-xbootldr": ad("", 'boot.loader.systemd-boot = { enable = true; xbootldrMountPoint = "/boot"; }; '
+                           'boot.loader.efi.efiSysMountPoint = "/efi";'),
+    "esp-override": ad('bootDir = "/mnt/esp";', "boot.loader.systemd-boot.enable = true;"),
+    "grub-efi": ad("", 'boot.loader.grub.efiSupport = true; boot.loader.efi.efiSysMountPoint = "/boot/efi";'),
     # fleet rollouts (issue #14): FleetLock reboot slots
     "fleetlock": ad('''switchMode = "boot"; rebootMode = "reboot"; fleetlock.url = "http://fleetlock.example.org:8080";
         fleetlock.group = "workers"; extraArgs = [ "--verbose" ];'''),
@@ -329,6 +339,25 @@ CASES = {
 @pytest.fixture(scope="session")
 def matrix(can_eval, tmp_path_factory):
     return harness_eval(CASES, tmp_path_factory.mktemp("matrix"))
+
+
+# Where the channels differ (boot.loader.systemd-boot.bootCounting, 26.11 only):
+# these cases on both option sets, and the one only 26.11 can evaluate.
+CHANNEL_CASES = {name: CASES[name] for name in (
+    "defaults", "boot-assessment", "boot-assessment-elsewhere", "esp-boot-efi", "readme-quick-start",
+    "flake-check-host", "vm-machine")}
+COUNTING_CASE = ad("bootAssessment.enable = true;",
+                   "boot.loader.systemd-boot = { enable = true; bootCounting.enable = true; };")
+
+
+@pytest.fixture(scope="session")
+def channels(can_eval, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("channels")
+    return {
+        "26.11": harness_eval({**CHANNEL_CASES, "counting": COUNTING_CASE}, tmp, "26.11"),
+        "26.05": harness_eval(CHANNEL_CASES, tmp, "26.05"),
+        "26.05-counting": harness_eval({"counting": COUNTING_CASE}, tmp, "26.05", check=False),
+    }
 
 
 def svc(r):
@@ -425,7 +454,7 @@ def test_defaults(matrix):
     for flag in ("--reboot-mode", "--reboot-window", "--prometheus-path", "--state-dir",
                  "--health-check", "--no-connectivity-check", "--trusted-keys",
                  "--signature-url", "--hostname", "--token-file", "--json-field",
-                 "--on-success", "--on-failure"):
+                 "--on-success", "--on-failure", "--boot-dir"):
         assert flag not in argv, flag
     assert "null" not in argv
     assert r["systemPackages"] == [PACKAGE]
@@ -804,6 +833,7 @@ BAD_VALUES = [
     ("bootAssessment.enable", '"yes"'),
     ("fleetlock.url", '"fleetlock.example.org"'),
     ("fleetlock.group", '"two words"'),
+    ("bootDir", '"boot/efi"'),
 ]
 
 
@@ -909,7 +939,16 @@ let
         if a == { } then throw "${name}: module must match an open attribute set" else "lambda")
     else if t == "set" then builtins.deepSeq (lib.mapAttrs (_: v: builtins.seq v null) m) "set"
     else throw "${name}: module must be a function or an attribute set, not a ${t}";
+  # checks per system: only the names (nothing is built or evaluated further)
+  withPkgs = flake.outputs {
+    self = withPkgs;
+    nixpkgs = {
+      inherit lib;
+      legacyPackages = lib.genAttrs [ "x86_64-linux" "aarch64-linux" ] (s: { stdenv.hostPlatform.system = s; });
+    };
+  };
 in {
+  checkNames = lib.mapAttrs (_: builtins.attrNames) withPkgs.checks;
   kinds = lib.mapAttrs check self.nixosModules;
   names = builtins.attrNames self.nixosModules;
   # each module evaluates under the harness
@@ -931,6 +970,10 @@ def test_flake_nixos_modules(can_eval, tmp_path):
     assert set(r["kinds"].values()) == {"set"}
     for name, units in r["units"].items():
         assert {SVC, TIMER, TRIGGER} <= set(units), name
+    # item 7: the VM test (BIOS GRUB on `machine`) only where it can boot
+    assert "vm-test" in r["checkNames"]["x86_64-linux"]
+    assert "vm-test" not in r["checkNames"]["aarch64-linux"]
+    assert {"package", "module-eval", "module-nixos"} <= set(r["checkNames"]["aarch64-linux"])
 
 
 # --------------------------------------------------------------------------
@@ -991,50 +1034,52 @@ def test_package_nix(can_eval, tmp_path):
 VM_RENDER = """\
 let
   lib = import @LIB@;
-  h = import @HARNESS@/default.nix { inherit lib; };
-  agent = import @REPO@/tests/vm-test-machine.nix { };
-  evalSystem = extra: (lib.evalModules {
-    modules = h.modules ++ [ @REPO@/module.nix agent.base extra ];
-  }).config;
-  fake = name: "/nix/store/${builtins.substring 0 32 (builtins.hashString "sha256" name)}-nixos-system-machine-${name}";
+  channel = "@CHANNEL@";
+  h = import @HARNESS@/default.nix { inherit lib channel; };
+  vm = import @REPO@/tests/vm-test.nix {
+    pkgs = { inherit lib; };
+    nixosModule = @REPO@/module.nix;
+    hasBootCounting = channel != "26.05";
+  };
+  # The VM test's own node modules, evaluated with nixpkgs' module system and
+  # the harness' declarations of what they use (boot loader, qemu-vm, /etc,
+  # the module's options) for this channel. `cache` (nginx) is left out.
+  evalNode = node: (lib.evalModules { modules = h.modules ++ [ node ]; }).config;
+  nodes = lib.mapAttrs (_: evalNode) (removeAttrs vm.nodes [ "cache" ]);
   ours = c: lib.filterAttrs
     (n: _: lib.hasPrefix "nixos-autodeploy" n || lib.hasPrefix "prometheus-" n) c.systemd.units;
-  describe = marker: c: {
-    inherit marker;
+  failed = c: map (a: a.message) (lib.filter (a: !a.assertion) c.assertions);
+  describe = c: {
+    marker = c.environment.etc."autodeploy-test".text;
     units = lib.mapAttrs (_: u: u.text) (ours c);
     requiredBy = lib.mapAttrs (_: u: u.requiredBy) (ours c);
+    failedAssertions = failed c;
+    inherit (c) warnings;
   };
-  base = evalSystem { };
-  variants = lib.mapAttrs (_: v: evalSystem { system.autoDeploy = v.autoDeploy; }) agent.variants;
-  # `nodes.machine` as the script sees it: the evaluated configuration, with
-  # stand-in store paths for the systems.
-  nodes.machine = base // {
-    system = base.system // { build.toplevel = fake "base"; };
-    autodeployTest.systems = lib.mapAttrs (n: _: fake n) agent.variants;
-  };
-  # `counted`: its agent part under the harness; the "broken" variant only
-  # differs in its marker file.
-  counted = (lib.evalModules { modules = h.modules ++ [ @REPO@/module.nix agent.counted ]; }).config;
-  nodes.counted = counted // {
-    system = counted.system // { build.toplevel = fake "counted-base"; };
-    autodeployTest.broken = fake "counted-broken";
-  };
-  vm = import @REPO@/tests/vm-test.nix { pkgs = { inherit lib; }; nixosModule = { }; };
+  path = c: c.system.build.toplevel.outPath;
+  m = nodes.machine;
 in {
   script = vm.testScript { inherit nodes; };
   nodeNames = builtins.attrNames vm.nodes;
+  inherit (vm) globalTimeout meta;
+  machineVirtualisation = m.virtualisation;
+  machineGrow = { inherit (m.boot) growPartition; autoResize = m.virtualisation.fileSystems."/".autoResize; };
+  systemNames = lib.mapAttrs (_: c: path c) m.autodeployTest.variantConfigs // { base = path m; };
   guests = {
     machine = {
-      base = fake "base";
-      systems = { ${fake "base"} = describe "base" base; }
-        // lib.mapAttrs' (n: v: lib.nameValuePair (fake n) (describe agent.variants.${n}.marker v)) variants;
+      base = path m;
+      systems = { ${path m} = describe m; }
+        // lib.mapAttrs' (_: c: lib.nameValuePair (path c) (describe c)) m.autodeployTest.variantConfigs;
     };
-    counted = {
-      base = fake "counted-base";
+  } // lib.optionalAttrs (nodes ? counted) {
+    counted = let c = nodes.counted; in {
+      base = path c;
       counting = true;
+      bootCounting = c.boot.loader.systemd-boot.bootCounting;
+      efi = c.boot.loader.efi;
       systems = {
-        ${fake "counted-base"} = describe "base" counted;
-        ${fake "counted-broken"} = describe "broken" counted;
+        ${path c} = describe c;
+        ${path c.autodeployTest.brokenConfig} = describe c.autodeployTest.brokenConfig;
       };
     };
   };
@@ -1062,12 +1107,21 @@ def _agent_parser():
     return parse
 
 
-@pytest.fixture(scope="session")
-def vm_render(can_eval, tmp_path_factory):
+def _vm_render(tmp_path_factory, channel):
     f = tmp_path_factory.mktemp("vm") / "render.nix"
     f.write_text(VM_RENDER.replace("@LIB@", str(NIXPKGS_LIB)).replace("@REPO@", str(REPO))
-                 .replace("@HARNESS@", str(HARNESS)))
+                 .replace("@HARNESS@", str(HARNESS)).replace("@CHANNEL@", channel))
     return nix_eval(f)
+
+
+@pytest.fixture(scope="session")
+def vm_render(can_eval, tmp_path_factory):
+    return _vm_render(tmp_path_factory, "26.11")
+
+
+@pytest.fixture(scope="session")
+def vm_render_stable(can_eval, tmp_path_factory):
+    return _vm_render(tmp_path_factory, "26.05")
 
 
 def _world(render):
@@ -1108,9 +1162,48 @@ def test_vm_test_script_runs_against_the_driver_standin(vm_render):
         calls = [c[0] for c in by_name[name].calls if c[0] in ("start", "wait_for_shutdown")]
         assert calls == ["start"] + ["wait_for_shutdown", "start"] * (boots - 1), (name, calls)
     machine = world.guests["machine"]
-    assert machine.booted == machine.current and machine.current.endswith("-boot-b")
+    assert machine.booted == machine.current == vm_render["systemNames"]["boot-b"]
     counted = world.guests["counted"]
-    assert counted.current.endswith("-counted-base") and counted.state.boot_failures == 1
+    assert counted.current == vm_render["guests"]["counted"]["base"] and counted.state.boot_failures == 1
+
+
+def test_vm_test_nodes_evaluate_on_both_channels(vm_render, vm_render_stable):
+    """Item 6/1/7: the VM test's `machine` and `counted` nodes, evaluated with
+    what they use declared like nixpkgs declares it. On 26.11 `counted` has
+    boot counting; on 26.05 (no such option) the test has no `counted` node
+    and its script no boot-counting part, and `machine` evaluates the same."""
+    for render in (vm_render, vm_render_stable):
+        for name, guest in render["guests"].items():
+            for path, system in guest["systems"].items():
+                assert system["failedAssertions"] == [], (name, path)
+        # every variant is a system of its own (the agent must fetch it)
+        names = render["systemNames"]
+        assert len(set(names.values())) == len(names) == 6, names
+        # item 7: the root file system grows to the disk; two hours
+        assert render["machineGrow"] == {"growPartition": True, "autoResize": True}
+        assert render["machineVirtualisation"]["useBootLoader"] is True
+        assert render["globalTimeout"] == 7200 and render["meta"]["timeout"] == 7200
+    counted = vm_render["guests"]["counted"]
+    assert counted["bootCounting"] == {"enable": True, "tries": 1}
+    assert counted["efi"]["canTouchEfiVariables"] is True
+    base = counted["systems"][counted["base"]]
+    assert not [w for w in base["warnings"] if "bootCounting" in w or "boot counting" in w], base["warnings"]
+    # the agent is told where the entries are: the ESP at /boot (qemu-vm)
+    argv = parse_exec(value(base["units"][SVC], "Service", "ExecStart"))
+    assert flag_values(argv, "--boot-dir") == ["/boot"]
+    assert sorted(vm_render["nodeNames"]) == ["cache", "counted", "machine"]
+    assert sorted(vm_render_stable["nodeNames"]) == ["cache", "machine"]
+    assert "counted" not in vm_render_stable["guests"]
+    assert "boot check" not in vm_render_stable["script"] and "counted" not in vm_render_stable["script"]
+    assert "grep -q '^default nixos-' /boot/loader/loader.conf" in vm_render["script"]
+
+
+def test_vm_test_script_runs_on_the_stable_channel(vm_render_stable):
+    ds, script, world = _world(vm_render_stable)
+    driver = ds.run_script(script, world, vm_render_stable["nodeNames"])
+    assert not any("boot check" in s for s in driver.subtests)
+    machine = world.guests["machine"]
+    assert machine.booted == machine.current == vm_render_stable["systemNames"]["boot-b"]
 
 
 @pytest.mark.parametrize("mutation,error", [
@@ -1221,6 +1314,47 @@ def test_boot_assessment_without_boot_counting_warns_and_is_off_by_default(matri
     d = ok(matrix["defaults"])
     assert "nixos-autodeploy-boot-check.service" not in d["units"]
     assert not any("bootCounting" in w for w in d["warnings"])
+
+
+def test_the_module_evaluates_on_both_channels(channels):
+    """Item 1: the same configurations evaluate with 26.05's and 26.11's option
+    sets; only the boot-assessment warning differs, and it names what the
+    channel has."""
+    for channel in ("26.11", "26.05"):
+        for case in CHANNEL_CASES:
+            r = ok(channels[channel][case])
+            assert argv_of(r)[0].endswith("/bin/nixos-autodeploy"), (channel, case)
+    new, old = channels["26.11"], channels["26.05"]
+    for case in CHANNEL_CASES:
+        if case.startswith("boot-assessment"):
+            continue
+        assert new[case]["units"] == old[case]["units"], case
+        assert new[case]["warnings"] == old[case]["warnings"] == [], case
+    w_new = [w for w in new["boot-assessment"]["warnings"] if "boot counting" in w or "bootCounting" in w]
+    w_old = [w for w in old["boot-assessment"]["warnings"] if "boot counting" in w or "bootCounting" in w]
+    assert len(w_new) == 1 and "bootCounting.enable is not" in w_new[0]
+    assert len(w_old) == 1 and "26.05 does not have it" in w_old[0] and "is not:" not in w_old[0]
+    # with boot counting on (26.11): no warning, the check unit is there
+    r = ok(new["counting"])
+    assert not [w for w in r["warnings"] if "bootCounting" in w or "boot counting" in w], r["warnings"]
+    assert r["unitsRequiredBy"]["nixos-autodeploy-boot-check.service"] == ["boot-complete.target"]
+    # the option 26.05 does not have: nixpkgs' own error (what broke the VM test)
+    res = channels["26.05-counting"]
+    assert res.returncode != 0 and "boot.loader.systemd-boot.bootCounting' does not exist" in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("case,boot_dir", [
+    ("defaults", None), ("grub-efi", None), ("esp-boot", "/boot"), ("esp-boot-efi", "/boot/efi"),
+    ("esp-efi", "/efi"), ("esp-xbootldr", "/boot"), ("esp-override", "/mnt/esp")])
+def test_boot_dir_follows_the_boot_loader(matrix, case, boot_dir):
+    """Item 8: the agent learns where $BOOT is from the boot loader options
+    (systemd-boot: xbootldrMountPoint, else efiSysMountPoint); GRUB copies
+    into /boot/kernels, so the agent's own search is left to it."""
+    r = ok(matrix[case])
+    argv = argv_of(r)
+    assert flag_values(argv, "--boot-dir") == ([boot_dir] if boot_dir else [])
+    args = _agent_parser()(argv)
+    assert args.boot_dir == boot_dir
 
 
 def test_fleetlock_options_reach_the_agent(matrix):

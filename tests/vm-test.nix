@@ -20,16 +20,42 @@
 # (boot.loader.systemd-boot.bootCounting) and system.autoDeploy.bootAssessment:
 # a staged system whose boot check fails is not blessed, systemd-boot falls
 # back to the previous generation, and the agent reports boot_failed once.
+# Boot counting for systemd-boot exists from NixOS 26.11 on (nixpkgs release
+# notes rl-2611); on 26.05 the test has no `counted` node and covers the rest.
 #
-# tests/test_module.py evaluates the agent's part of the nodes under its
-# option harness, renders testScript with stand-in nodes and runs it against a
-# stand-in of the test driver with the real driver's method signatures.
-{ pkgs, nixosModule }:
+# Scope: x86_64-linux (flake.nix). `machine` boots with BIOS GRUB, which
+# aarch64 does not have. Three VMs and four reboots: the global timeout is
+# two hours, not the framework's default of one.
+#
+# tests/test_module.py evaluates the `machine` and `counted` nodes (module,
+# variants, boot loader and qemu-vm options) under its option harness for
+# both channels, renders testScript with them and runs it against a stand-in
+# of the test driver with the real driver's method signatures. The `cache`
+# node (nginx) is not evaluated there.
+{
+  pkgs,
+  nixosModule,
+  # Whether this nixpkgs has boot.loader.systemd-boot.bootCounting (26.11).
+  hasBootCounting ? pkgs.lib.hasAttrByPath [ "boot" "loader" "systemd-boot" "bootCounting" ] (pkgs.nixos { }).options,
+}:
 
 let
   inherit (pkgs) lib;
   agent = import ./vm-test-machine.nix { };
   textfileDir = "/var/lib/prometheus-node-exporter-text";
+  # With useBootLoader, qemu-vm.nix boots a disk image made by
+  # make-disk-image.nix with `diskSize = "auto"` and no additional space: the
+  # root file system is sized to the closure whatever
+  # virtualisation.diskSize says (that only sizes the qcow2 around it;
+  # nixpkgs issue 408452). Systems the agent downloads and the kernels the
+  # boot loader copies would fill it: grow the partition and the file system
+  # to the disk at boot. qemu-vm.nix sets fileSystems from
+  # virtualisation.fileSystems with mkVMOverride, so that is where
+  # autoResize goes.
+  growRoot = {
+    boot.growPartition = true;
+    virtualisation.fileSystems."/".autoResize = true;
+  };
   promFile = "${textfileDir}/nixos-autodeploy.prom";
   # Test-only secrets: they protect nothing.
   token = "vm-test-token-5b3d9e";
@@ -46,7 +72,8 @@ in
 {
   name = "nixos-autodeploy";
 
-  nodes.cache =
+  nodes = {
+  cache =
     { nodes, ... }:
     {
       services.nginx = {
@@ -74,8 +101,8 @@ in
         "d /srv/signed 0755 root root - -"
         # `counted` runs its boot check (connectivity included) on its very
         # first boot: its pointer must exist from the start.
-        "f /srv/cache/pointer-counted 0644 root root - ${nodes.counted.system.build.toplevel}"
-      ];
+      ]
+      ++ lib.optional hasBootCounting "f /srv/cache/pointer-counted 0644 root root - ${nodes.counted.system.build.toplevel}";
       # CI's side of signed pointers: `nixos-autodeploy sign`.
       environment.systemPackages = [ nodes.machine.system.autoDeploy.package ];
       environment.etc."autodeploy-test-key" = {
@@ -88,7 +115,7 @@ in
         nodes.machine.system.build.toplevel
       ]
       ++ lib.attrValues nodes.machine.autodeployTest.systems
-      ++ [
+      ++ lib.optionals hasBootCounting [
         nodes.counted.system.build.toplevel
         nodes.counted.autodeployTest.broken
       ];
@@ -96,7 +123,7 @@ in
       virtualisation.memorySize = 2048;
     };
 
-  nodes.machine =
+  machine =
     {
       config,
       lib,
@@ -107,16 +134,24 @@ in
       imports = [
         nixosModule
         agent.base
+        growRoot
       ];
 
-      options.autodeployTest.systems = lib.mkOption {
-        type = lib.types.lazyAttrsOf lib.types.raw;
-        internal = true;
-        description = "Variants of this machine's system that the test deploys.";
+      options.autodeployTest = {
+        systems = lib.mkOption {
+          type = lib.types.lazyAttrsOf lib.types.raw;
+          internal = true;
+          description = "Variants of this machine's system that the test deploys.";
+        };
+        variantConfigs = lib.mkOption {
+          type = lib.types.lazyAttrsOf lib.types.raw;
+          internal = true;
+          description = "The evaluated configurations of those variants.";
+        };
       };
 
       config = {
-        autodeployTest.systems = lib.mapAttrs (
+        autodeployTest.variantConfigs = lib.mapAttrs (
           _: variant:
           (extendModules {
             modules = [
@@ -125,8 +160,11 @@ in
                 system.autoDeploy = variant.autoDeploy;
               }
             ];
-          }).config.system.build.toplevel
+          }).config
         ) agent.variants;
+        autodeployTest.systems = lib.mapAttrs (
+          _: c: c.system.build.toplevel
+        ) config.autodeployTest.variantConfigs;
         environment.etc."autodeploy-test".text = lib.mkDefault "base";
 
         nix.settings = {
@@ -142,15 +180,18 @@ in
           # Downloaded systems must survive the reboot.
           writableStoreUseTmpfs = false;
           memorySize = 2048;
+          # The disk; the root file system grows to it (growRoot).
           diskSize = 4096;
         };
         documentation.enable = false;
       };
     };
 
+  }
   # systemd-boot with boot counting; its "broken" variant boots but fails the
   # boot check (the health check looks for the marker).
-  nodes.counted =
+  // lib.optionalAttrs hasBootCounting {
+    counted =
     {
       config,
       lib,
@@ -161,19 +202,28 @@ in
       imports = [
         nixosModule
         agent.counted
+        growRoot
       ];
 
-      options.autodeployTest.broken = lib.mkOption {
-        type = lib.types.raw;
-        internal = true;
-        description = "A variant of this machine's system that fails its boot check.";
+      options.autodeployTest = {
+        broken = lib.mkOption {
+          type = lib.types.raw;
+          internal = true;
+          description = "A variant of this machine's system that fails its boot check.";
+        };
+        brokenConfig = lib.mkOption {
+          type = lib.types.raw;
+          internal = true;
+          description = "Its evaluated configuration.";
+        };
       };
 
       config = {
-        autodeployTest.broken =
+        autodeployTest.brokenConfig =
           (extendModules {
             modules = [ { environment.etc."autodeploy-test".text = "broken"; } ];
-          }).config.system.build.toplevel;
+          }).config;
+        autodeployTest.broken = config.autodeployTest.brokenConfig.system.build.toplevel;
         environment.etc."autodeploy-test".text = lib.mkDefault "base";
 
         boot.loader.systemd-boot = {
@@ -200,12 +250,17 @@ in
         documentation.enable = false;
       };
     };
+  };
+
+  # Three VMs, four reboots (nixos/lib/testing: globalTimeout, meta.timeout).
+  globalTimeout = 2 * 3600;
+  meta.timeout = 2 * 3600;
 
   testScript =
     { nodes, ... }:
     let
       m = nodes.machine;
-      c = nodes.counted;
+      c = nodes.counted or null;
       systems = m.autodeployTest.systems;
       exporterPort = toString m.services.prometheus.exporters.node.port;
     in
@@ -489,6 +544,8 @@ in
                 timeout_seconds=300)
           expect(0, BOOT_B)
 
+    ''
+    + lib.optionalString hasBootCounting ''
       with subtest("a staged system that fails its boot check is not blessed and the host falls back"):
           COUNTED_BASE = "${c.system.build.toplevel}"
           BROKEN = "${c.autodeployTest.broken}"
@@ -517,6 +574,11 @@ in
           counted.wait_until_succeeds("systemctl is-active nixos-autodeploy-boot-check.service", timeout=300)
           # systemd-bless-boot removed the counter from the entry's name.
           counted.wait_until_succeeds("! ls /boot/loader/entries | grep -qF '+'", timeout=60)
+          # nixpkgs 26.11 with boot counting names entries nixos-<content
+          # hash>.conf and writes a pattern as loader.conf's default, which
+          # systemd-boot reports as LoaderEntryDefault: the agent must never
+          # take the fallback below for a manual choice.
+          counted.succeed("grep -q '^default nixos-' /boot/loader/loader.conf")
           unit = counted.succeed("systemctl cat nixos-autodeploy-boot-check.service")
           assert "Before=boot-complete.target" in unit, unit
           assert "boot-complete.target" in counted.succeed(

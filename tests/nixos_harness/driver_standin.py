@@ -33,6 +33,7 @@ import builtins
 import contextlib
 import inspect
 import json
+import hashlib
 import re
 import shlex
 import types
@@ -239,13 +240,25 @@ class Guest:
                 if good:
                     self.tries[chosen] = None  # systemd-bless-boot: counter removed
 
+    @staticmethod
+    def entry_id(system: str) -> str:
+        """nixpkgs 26.11's systemd-boot-builder names entries after their
+        content (nixos-<hash>.conf), no longer nixos-generation-<n>.conf."""
+        return "nixos-" + hashlib.sha256(system.encode()).hexdigest()[:32]
+
     def entries(self) -> str:
+        """loader/entries: `<id>+<tries left>-<tries used>.conf` while counted
+        (`+1` when new, `+0-1` once its try is used up), `<id>.conf` once blessed."""
         out = []
-        for i, g in enumerate(self.generations, 1):
+        for g in self.generations:
             t = self.tries.get(g)
-            out.append(f"nixos-generation-{i}" + ("" if t is None else f"+{t}" + ("-1" if t == 0 else ""))
-                       + ".conf")
-        return "\n".join(out) + "\n"
+            out.append(self.entry_id(g) + ("" if t is None else f"+{t}" + ("-1" if t == 0 else "")) + ".conf")
+        return "\n".join(sorted(out)) + "\n"
+
+    def loader_conf(self) -> str:
+        """loader.conf as the 26.11 builder writes it with boot counting: the
+        default a pattern, the newest generation `preferred`."""
+        return f"timeout 5\ndefault nixos-*\npreferred {self.entry_id(self.generations[-1])}\nconsole-mode keep\n"
 
     # --- the agent --------------------------------------------------------
 
@@ -834,6 +847,9 @@ def guest_command(g: Guest, command: str) -> tuple[int, str] | None:
     if command == "ls /boot/loader/entries":
         assert g.counting, f"{g.name} has no systemd-boot entries in the model"
         return 0, g.entries()
+    if command == "grep -q '^default nixos-' /boot/loader/loader.conf":
+        assert g.counting, f"{g.name} has no systemd-boot loader.conf in the model"
+        return (0 if re.search(r"^default nixos-", g.loader_conf(), re.M) else 1), ""
     if command == "find /var/lib/nixos-autodeploy -mindepth 1 -delete":
         g.state = AgentState()
         return 0, ""

@@ -11,11 +11,13 @@
   cases,
   # Only these attributes of each result (null: all).
   select ? null,
+  # The nixpkgs channel whose option set is declared (see default.nix).
+  channel ? "26.11",
 }:
 
 let
   lib = import libPath;
-  harness = import ./default.nix { inherit lib; };
+  harness = import ./default.nix { inherit lib channel; };
 
   evalCase =
     module:
