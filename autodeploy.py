@@ -1634,7 +1634,8 @@ def render_metrics(state: State, host: HostView, suspended: bool) -> str:
            "Staged systems the host did not boot into (boot loader fallback, e.g. after failed boot assessments); "
            "kept across runs.", [({}, state.boot_failures_total)])
     if state.boot_free_bytes is not None:
-        metric("boot_free_bytes", "gauge", "Free bytes in $BOOT (/boot, or the ESP at /boot/efi or /efi; only when it is a separate filesystem).",
+        metric("boot_free_bytes", "gauge",
+               "Free bytes in $BOOT (/boot, or the ESP at /boot/efi or /efi; only when it is a separate filesystem).",
                [({}, state.boot_free_bytes)])
     if state.boot_needed_bytes is not None:
         metric("boot_needed_bytes", "gauge",
