@@ -357,9 +357,19 @@ in
 
 
       def trigger_runs():
-          """Runs of the manual-activation trigger during this boot."""
+          """Agent runs the manual-switch trigger started during this boot (it
+          also runs, and stays quiet, on the agent's own switches)."""
           out = machine.succeed(
-              "journalctl -b -q -o cat -u nixos-autodeploy-trigger.service | grep -c '^Finished' || true"
+              "journalctl -b -q -o cat -u nixos-autodeploy-trigger.service"
+              " | grep -c '^a manual switch: starting' || true"
+          )
+          return int(out.strip() or 0)
+
+      def trigger_skips():
+          """The trigger's runs on the agent's own switches (no agent run)."""
+          out = machine.succeed(
+              "journalctl -b -q -o cat -u nixos-autodeploy-trigger.service"
+              " | grep -c '^activated by nixos-autodeploy' || true"
           )
           return int(out.strip() or 0)
 
@@ -422,9 +432,11 @@ in
           assert gauge("nixos_autodeploy_deploys_total", text) >= 1
           machine.succeed("grep -qx next /etc/autodeploy-test")
           machine.succeed(f"nix-store --check-validity {NEXT}")
-          # The agent's own activation did not fire the manual-activation
-          # trigger, and the agent survived it (systemctl start succeeded).
+          # The agent's own activation ran the trigger (sysinit-reactivation.target),
+          # which saw the agent's marker and started nothing; the agent
+          # survived it (systemctl start succeeded).
           assert trigger_runs() == 0
+          assert trigger_skips() >= 1
 
       with subtest("missing state, different upstream: dirty, nothing deployed"):
           forget_state()

@@ -202,6 +202,7 @@ class Guest:
         self.state = AgentState()
         self.metrics: str | None = None
         self.trigger_runs = 0
+        self.trigger_journal: list[str] = []  # the trigger unit's messages, this boot
         self.token_present = False
         self.pending: list[Callable[[], Any]] = []
         self.reboot_requested = False
@@ -227,6 +228,7 @@ class Guest:
         self.booted_previous = self.state.staged_from is not None and chosen != self.generations[-1]
         self.current = self.booted = chosen
         self.trigger_runs = 0
+        self.trigger_journal = []
         self.token_present = False  # /run is a tmpfs
         self.reboot_requested = False
         self.boot_check = None
@@ -320,13 +322,31 @@ class Guest:
                 self.reboot_requested = True
             return code
         self.current = upstream
+        # switch-to-configuration switch restarts sysinit-reactivation.target:
+        # the trigger runs and sees the agent's live PID in the marker
+        self.run_trigger(own=True)
         st.deployed, st.staged_from, st.verified = upstream, None, True
         return self.finish("deployed", 0)
 
     def manual_switch(self, path: str) -> None:
         self.current = path
-        # the module's activation snippet: NIXOS_ACTION=switch, not ours
-        self.pending.append(self.trigger)
+        # switch-to-configuration restarts sysinit-reactivation.target, which
+        # wants the trigger (if the new system's module says so); no marker
+        if self.run_trigger(own=False):
+            self.pending.append(self.trigger)
+
+    def run_trigger(self, own: bool) -> bool:
+        """nixos-autodeploy-trigger.service, started by the restart of
+        sysinit-reactivation.target on a switch; True when it started the agent."""
+        unit = self.systems[self.current].units.get("nixos-autodeploy-trigger.service", "")
+        if "WantedBy=sysinit-reactivation.target" not in unit:
+            return False
+        if own:
+            self.trigger_journal.append("activated by nixos-autodeploy (PID 4242) itself: no run")
+        else:
+            self.trigger_journal.append("a manual switch: starting nixos-autodeploy.service")
+        self.trigger_journal.append("Finished Run nixos-autodeploy after a manual activation.")
+        return not own
 
     def trigger(self) -> None:
         self.trigger_runs += 1
@@ -856,7 +876,7 @@ def guest_command(g: Guest, command: str) -> tuple[int, str] | None:
     if command == f"cat {w.prom}":
         return (0, g.metrics) if g.metrics is not None else (1, "")
     if command == "journalctl -b -q -o cat -u nixos-autodeploy-trigger.service":
-        return 0, "Finished Run nixos-autodeploy after a manual activation.\n" * g.trigger_runs
+        return 0, "".join(line + "\n" for line in g.trigger_journal)
     if m := re.fullmatch(r"systemctl show -P (\w+) ([\w.-]+)", command):
         key, unit = m.groups()
         if key == "RequiredBy":
