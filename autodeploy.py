@@ -3470,7 +3470,7 @@ def count_fleet(samples: list[dict[str, Any]], build: str, percent: float) -> Fl
         if host.get("state") == "waiting_rollout" or (bucket is not None and bucket >= percent * ROLLOUT_BUCKETS / 100):
             continue
         count.admitted += 1
-        shown = dict(key).get("instance") or ",".join(f"{k}={v}" for k, v in key) or "?"
+        shown = outside_text(dict(key).get("instance") or ",".join(f"{k}={v}" for k, v in key) or "?")[:80]
         state = host.get("state")
         if state == "boot_failed":
             count.boot_failed += 1
