@@ -68,6 +68,9 @@ Exit codes:
     8  not a NixOS host (/run/current-system is missing)
     9  state: corrupt or unreadable (fail closed until `trust-reset`), unsafe directory, or not saved
 
+`promote` (CI side) exits 0 advance, 10 hold, 11 halt, 12 complete, besides 2,
+3 (Prometheus unreachable or a query error: nothing written) and 4.
+
 A SIGTERM/SIGINT while the agent only waits (a fetch, a unit) ends the run at
 once, writing nothing (exit 0); otherwise the current step is finished first.
 
@@ -3332,7 +3335,6 @@ def command_check_boot(args: argparse.Namespace) -> int:
 
 def command_sign(key: str, revision: int, hosts: list[str], all_hosts: bool, not_after: str | None,
                  no_expiry: bool, path: str, output: str, rollout: dict[str, str] | None = None) -> int:
-    from datetime import datetime, timedelta, timezone
     validate_store_path(path, path)
     if not valid_revision(revision):
         raise UsageError(f"--revision must be a whole number from 0 to {MAX_REVISION}")
@@ -3351,13 +3353,26 @@ def command_sign(key: str, revision: int, hosts: list[str], all_hosts: bool, not
         except ValueError:
             raise UsageError(f"--not-after {not_after!r} is not an RFC 3339 time") from None
     elif not no_expiry:
-        # TUF's freshness rule: a replayed old pointer stops working even
-        # where a host lost its revision floor.
-        expiry = datetime.now(timezone.utc) + timedelta(days=SIGN_DEFAULT_VALIDITY_DAYS)
-        not_after = expiry.strftime("%Y-%m-%dT%H:%M:%SZ")
+        not_after = default_not_after()
     if not_after is not None:
         lines.append(f"not-after: {not_after}")
     lines += sign_rollout_lines(rollout or {})
+    write_signed_pointer(key, output, lines)
+    log(f"wrote {output} and {output}.sig (revision {revision}"
+        + (f", valid until {not_after})" if not_after else ", never expires)"))
+    return 0
+
+
+def default_not_after() -> str:
+    """TUF's freshness rule: a replayed old pointer stops working even where
+    a host lost its revision floor."""
+    from datetime import datetime, timedelta, timezone
+    expiry = datetime.now(timezone.utc) + timedelta(days=SIGN_DEFAULT_VALIDITY_DAYS)
+    return expiry.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def write_signed_pointer(key: str, output: str, lines: list[str]) -> None:
+    """The pointer file and its OpenSSH signature at FILE.sig."""
     atomic_write(output, "\n".join(lines) + "\n")
     try:
         os.unlink(output + ".sig")
@@ -3366,9 +3381,6 @@ def command_sign(key: str, revision: int, hosts: list[str], all_hosts: bool, not
     result = ssh_keygen(["-Y", "sign", "-f", key, "-n", SIGNATURE_NAMESPACE, output])
     if result.returncode != 0:
         raise AutodeployError(f"ssh-keygen -Y sign failed: {result.stdout.strip()}")
-    log(f"wrote {output} and {output}.sig (revision {revision}"
-        + (f", valid until {not_after})" if not_after else ", never expires)"))
-    return 0
 
 
 def command_trust_reset(state_dir: str, min_revision: int) -> int:
@@ -3406,6 +3418,308 @@ def sign_rollout_metadata(args: argparse.Namespace) -> dict[str, str]:
     if meta["rollout"] is not None and not meta["rollout"].endswith("%"):
         meta["rollout"] += "%"
     return {k: v for k, v in meta.items() if v is not None}
+
+
+# ---------------------------------------------------------------------------
+# Command: promote (CI side: a rollout's next step, decided by Prometheus)
+# ---------------------------------------------------------------------------
+#
+# CI runs `promote` on a schedule next to `sign`.  It reads the current
+# signed pointer, asks Prometheus (GET /api/v1/query) for the agent's metrics
+# of every host, counts the hosts that were admitted to the pointer's build,
+# and applies a small policy, in this order:
+#
+#   | what the fleet and the pointer say                          | verdict  | exit |
+#   |-------------------------------------------------------------|----------|------|
+#   | Prometheus unreachable, a query error, an answer not understood | none  | 3    |
+#   | the pointer says `pause`                                    | hold     | 10   |
+#   | failures among admitted hosts above --max-failures (or       | halt     | 11   |
+#   |   --max-failure-percent): rolled back, did not boot          |          |      |
+#   | the rollout is at 100%                                      | complete | 12   |
+#   | a ramp (rollout-start) moves the rollout by itself          | hold     | 10   |
+#   | fewer than --min-healthy admitted hosts run it healthy      | hold     | 10   |
+#   | the step is younger than --bake                             | hold     | 10   |
+#   | otherwise                                                   | advance  | 0    |
+#
+# advance and halt write the next pointer (-o FILE and FILE.sig, the revision
+# one higher); hold, complete and every error write nothing.  The step's
+# start is the pointer's `x-step-started:` (promote writes it), else the
+# file's modification time or the URL's Last-Modified.
+
+PROMOTE_EXIT: Final = {"advance": 0, "hold": 10, "halt": 11, "complete": 12}
+PROMOTE_METRICS: Final = ("info", "state", "quarantined", "rollout_bucket_number", "last_run_success")
+# Labels that describe a series, not the host that wrote it.
+PROMOTE_SERIES_LABELS: Final = frozenset((
+    "__name__", "state", "path", "current_generation", "booted_generation", "deployed_generation",
+    "upstream_generation"))
+MAX_PROMETHEUS_ANSWER: Final = 64 * 1024 * 1024
+STEP_STARTED_KEY: Final = "x-step-started"
+# Host states (STATES) that mean the host cannot make progress by itself.
+STUCK_STATES: Final = frozenset(("failed", "dirty", "suspended", "refused"))
+
+
+@dataclass(frozen=True)
+class PromotePolicy:
+    steps: tuple[float, ...] = (5.0, 25.0, 100.0)
+    bake: float = 3600.0
+    min_healthy: int = 1
+    max_failures: int = 0
+    max_failure_percent: float | None = None
+    on_halt: str = "pause"               # or "revert" (to revert_to)
+    revert_to: str | None = None
+
+
+@dataclass
+class FleetCount:
+    """The hosts that report the pointer's build as their upstream."""
+
+    reporting: int = 0
+    admitted: int = 0
+    healthy: int = 0
+    rolled_back: int = 0
+    boot_failed: int = 0
+    stuck: int = 0
+    on_the_way: int = 0
+    failed_hosts: list[str] = field(default_factory=list)
+
+    @property
+    def failures(self) -> int:
+        return self.rolled_back + self.boot_failed
+
+
+def prometheus_vector(fetcher: Fetcher, base: str, expr: str, timeout: float) -> list[dict[str, Any]]:
+    """An instant query's vector; FetchError for anything else (Prometheus
+    down, a query error, an answer that is not a vector)."""
+    from urllib.parse import urlencode
+    url = base.rstrip("/") + "/api/v1/query?" + urlencode({"query": expr})
+    resp = fetcher.request(url, {"Accept": "application/json"}, timeout=timeout, limit=MAX_PROMETHEUS_ANSWER,
+                           interruptible=False, answers=True)
+    try:
+        answer = json.loads(resp.body, parse_constant=_no_json_constant)
+    except (ValueError, RecursionError):
+        raise FetchError(f"Prometheus answered HTTP {resp.status} with something that is not JSON") from None
+    if not isinstance(answer, dict) or answer.get("status") != "success":
+        said = answer.get("error") if isinstance(answer, dict) else None
+        raise FetchError(f"Prometheus answered HTTP {resp.status}: query error"
+                         + (f": {outside_text(said)[:300]}" if isinstance(said, str) else ""))
+    data = answer.get("data")
+    if not isinstance(data, dict) or data.get("resultType") != "vector" or not isinstance(data.get("result"), list):
+        raise FetchError("Prometheus answered with something other than an instant vector")
+    out = []
+    for sample in data["result"]:
+        metric, value = (sample.get("metric"), sample.get("value")) if isinstance(sample, dict) else (None, None)
+        if (not isinstance(metric, dict) or not all(isinstance(v, str) for v in metric.values())
+                or not isinstance(value, list) or len(value) != 2 or not isinstance(value[1], str)):
+            raise FetchError("Prometheus answered with a malformed sample")
+        try:
+            number = float(value[1])
+        except ValueError:
+            raise FetchError("Prometheus answered with a sample value that is not a number") from None
+        out.append({"metric": metric, "value": number})
+    return out
+
+
+def count_fleet(samples: list[dict[str, Any]], build: str, percent: float) -> FleetCount:
+    """Where each host stands with `build`, from the agent's own metrics
+    (README: Metrics): admitted (its bucket is below the rollout), healthy
+    (runs it, deployed it, last run succeeded, up to date), rolled back
+    (quarantined it, or rolled back), did not boot it (boot_failed), stuck
+    (a state it cannot leave by itself), or on its way (realising, waiting
+    for a reboot, a window or a slot)."""
+    hosts: dict[tuple[tuple[str, str], ...], dict[str, Any]] = {}
+    name = os.path.basename(build)
+    for sample in samples:
+        labels = sample["metric"]
+        key = tuple(sorted((k, v) for k, v in labels.items() if k not in PROMOTE_SERIES_LABELS))
+        host = hosts.setdefault(key, {})
+        metric = labels.get("__name__", "")[len("nixos_autodeploy_"):]
+        if metric == "info":
+            host["info"] = labels
+        elif metric == "state" and sample["value"] == 1:
+            host["state"] = labels.get("state")
+        elif metric == "quarantined" and sample["value"] == 1:
+            host["quarantined"] = labels.get("path")
+        elif metric in ("rollout_bucket_number", "last_run_success"):
+            host[metric] = sample["value"]
+    count = FleetCount()
+    for key, host in sorted(hosts.items()):
+        info = host.get("info") or {}
+        if info.get("upstream_generation") != name:
+            continue  # has not seen this build (yet)
+        count.reporting += 1
+        bucket = host.get("rollout_bucket_number")
+        if host.get("state") == "waiting_rollout" or (bucket is not None and bucket >= percent * ROLLOUT_BUCKETS / 100):
+            continue
+        count.admitted += 1
+        shown = outside_text(dict(key).get("instance") or ",".join(f"{k}={v}" for k, v in key) or "?")[:80]
+        state = host.get("state")
+        if state == "boot_failed":
+            count.boot_failed += 1
+        elif state == "rolled_back" or host.get("quarantined") == build:
+            count.rolled_back += 1
+        elif (info.get("current_generation") == info.get("deployed_generation") == name
+              and host.get("last_run_success") == 1 and state in ("up_to_date", "deployed")):
+            count.healthy += 1
+            continue
+        elif state in STUCK_STATES or host.get("last_run_success") == 0:
+            count.stuck += 1
+            continue
+        else:
+            count.on_the_way += 1
+            continue
+        count.failed_hosts.append(shown)
+    return count
+
+
+def promote_verdict(count: FleetCount, policy: PromotePolicy, rollout: Rollout, step_age: float | None
+                    ) -> tuple[str, float | None, str]:
+    """(verdict, the next step's percent, why): the table above, as code."""
+    if rollout.paused:
+        return "hold", None, "the pointer says pause: a human decides (republish without pause to resume)"
+    ratio = 100.0 * count.failures / count.admitted if count.admitted else 0.0
+    if count.failures > policy.max_failures or (
+            policy.max_failure_percent is not None and count.failures and ratio > policy.max_failure_percent):
+        limit = f"more than {policy.max_failures}" if count.failures > policy.max_failures else \
+            f"{ratio:.1f}% of the admitted hosts, more than {policy.max_failure_percent:g}%"
+        return "halt", None, f"{count.failures} admitted host(s) failed it ({limit})"
+    if rollout.percent >= 100 and rollout.start is None:
+        return "complete", None, "the rollout is at 100%"
+    if rollout.start is not None:
+        return "hold", None, "the pointer ramps by itself (rollout-start/rollout-duration); promote only halts it"
+    if count.healthy < policy.min_healthy:
+        return "hold", None, (f"{count.healthy} admitted host(s) run it healthy, {policy.min_healthy} needed"
+                              + (" (no host is admitted yet: a larger first step or a lower --min-healthy?)"
+                                 if count.admitted == 0 else ""))
+    if step_age is None or step_age < policy.bake:
+        baked = "unknown" if step_age is None else format_duration(step_age)
+        return "hold", None, f"the step has baked {baked} of {format_duration(policy.bake)}"
+    upcoming = [step for step in policy.steps if step > rollout.percent]
+    following = upcoming[0] if upcoming else 100.0
+    return "advance", following, (f"{count.healthy} healthy, no more failures than allowed, baked "
+                                  f"{format_duration(step_age)}")
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def read_current_pointer(where: str, fetcher: Fetcher, signers: str | None, timeout: float
+                         ) -> tuple[Pointer, float | None]:
+    """The pointer promote starts from (a file or a URL), verified when keys
+    are given, and when its step started (x-step-started:, else the file's
+    modification time or the URL's Last-Modified)."""
+    import email.utils
+    import tempfile
+    started: float | None = None
+    if where.startswith(("http://", "https://")):
+        resp = fetcher.get(where, timeout=timeout, interruptible=False)
+        body = resp.body
+        signature = fetcher.get(where + ".sig", timeout=timeout, limit=MAX_SIGNATURE_BYTES,
+                                interruptible=False).body if signers else b""
+        if resp.last_modified:
+            try:
+                started = email.utils.parsedate_to_datetime(resp.last_modified).timestamp()
+            except (TypeError, ValueError):
+                started = None
+    else:
+        try:
+            with open(where, "rb") as f:
+                body = f.read(MAX_POINTER_BYTES + 1)
+                started = os.fstat(f.fileno()).st_mtime
+            signature = b""
+            if signers:
+                with open(where + ".sig", "rb") as f:
+                    signature = f.read(MAX_SIGNATURE_BYTES + 1)
+        except OSError as exc:
+            raise UsageError(f"cannot read the pointer {exc.filename}: {exc.strerror}") from None
+        if len(body) > MAX_POINTER_BYTES:
+            raise PointerError(f"the pointer {where} is larger than {MAX_POINTER_BYTES} bytes")
+    pointer = parse_pointer(body)
+    if signers:
+        with tempfile.TemporaryDirectory(prefix="autodeploy-promote-") as tmp:
+            verify_signature(body, signature, signers, tmp)
+    if pointer.revision is None:
+        raise PointerError("the current pointer has no `revision:` line: promote writes revision + 1", "revision")
+    if STEP_STARTED_KEY in pointer.metadata:
+        try:
+            started = parse_rfc3339(pointer.metadata[STEP_STARTED_KEY]).timestamp()
+        except ValueError:
+            raise PointerError(f"pointer {STEP_STARTED_KEY} is not an RFC 3339 time") from None
+    return pointer, started
+
+
+def next_pointer_lines(pointer: Pointer, verdict: str, percent: float | None, policy: PromotePolicy,
+                       not_after: str | None, now: float) -> list[str]:
+    """The pointer promote publishes: revision + 1, the same hosts, the same
+    annotations; the next step (advance), `pause: true` or the previous build
+    everywhere at once (halt)."""
+    assert pointer.revision is not None
+    meta = pointer.metadata
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+    path, rollout = pointer.path, {}
+    if verdict == "advance":
+        assert percent is not None
+        rollout = {"rollout": f"{percent:g}%", STEP_STARTED_KEY: stamp}
+    elif policy.on_halt == "revert":
+        assert policy.revert_to is not None
+        path, rollout = policy.revert_to, {"x-reverted-from": pointer.path}
+    else:
+        rollout = {k: meta[k] for k in ("rollout", "rollout-start", "rollout-duration", STEP_STARTED_KEY)
+                   if k in meta}
+        rollout["pause"] = "true"
+    lines = [path, f"revision: {pointer.revision + 1}", f"hosts: {meta.get('hosts', '*')}"]
+    if not_after is not None:
+        lines.append(f"not-after: {not_after}")
+    kept = {k: v for k, v in meta.items() if k.startswith("x-") and k not in (STEP_STARTED_KEY, "x-reverted-from")}
+    lines += [f"{k}: {v}" for k, v in {**rollout, **kept}.items()]
+    parse_rollout(parse_pointer(("\n".join(lines) + "\n").encode()).metadata)  # what hosts will accept
+    return lines
+
+
+def command_promote(args: argparse.Namespace) -> int:
+    policy = PromotePolicy(steps=args.steps, bake=args.bake, min_healthy=args.min_healthy,
+                           max_failures=args.max_failures, max_failure_percent=args.max_failure_percent,
+                           on_halt=args.on_halt, revert_to=args.revert_to)
+    if policy.on_halt == "revert" and policy.revert_to is None:
+        raise UsageError("--on-halt revert needs --revert-to STOREPATH (the build to publish instead)")
+    if args.not_after is not None and args.no_expiry:
+        raise UsageError("--not-after and --no-expiry exclude each other")
+    if args.not_after is not None:
+        try:
+            parse_rfc3339(args.not_after)
+        except ValueError:
+            raise UsageError(f"--not-after {args.not_after!r} is not an RFC 3339 time") from None
+    fetcher = Fetcher(None)
+    signers = allowed_signers(args.trusted_keys) if args.trusted_keys else None
+    pointer, started = read_current_pointer(args.pointer, fetcher, signers, args.timeout)
+    rollout = parse_rollout(pointer.metadata)
+    names = "|".join(PROMOTE_METRICS)
+    matchers = f'__name__=~"nixos_autodeploy_({names})"' + (f",{args.selector}" if args.selector else "")
+    samples = prometheus_vector(fetcher, args.prometheus, "{" + matchers + "}", args.timeout)
+    now = time.time()
+    count = count_fleet(samples, pointer.path, rollout.percent_at(now))
+    step_age = now - started if started is not None else None
+    verdict, percent, why = promote_verdict(count, policy, rollout, step_age)
+    written = ""
+    if verdict in ("advance", "halt"):
+        not_after = None if args.no_expiry else (args.not_after or default_not_after())
+        write_signed_pointer(args.key, args.output, next_pointer_lines(pointer, verdict, percent, policy,
+                                                                        not_after, now))
+        written = (f" Wrote {args.output} (revision {pointer.revision + 1}): "
+                   + (f"rollout {percent:g}%." if verdict == "advance" else
+                      f"{policy.revert_to} for every host." if policy.on_halt == "revert" else "pause: true."))
+    failed = f" ({', '.join(count.failed_hosts[:10])})" if count.failed_hosts else ""
+    print(f"{verdict.upper()}: {why}. {pointer.path} (revision {pointer.revision}) is at "
+          f"{rollout.percent_at(now):g}%: {count.reporting} host(s) report it, {count.admitted} admitted: "
+          f"{count.healthy} healthy, {count.rolled_back} rolled back, {count.boot_failed} did not boot{failed}, "
+          f"{count.stuck} stuck, {count.on_the_way} on their way. Policy: steps "
+          f"{'/'.join(f'{s:g}%' for s in policy.steps)}, bake {format_duration(policy.bake)}, at least "
+          f"{policy.min_healthy} healthy, at most {policy.max_failures} failure(s)"
+          + (f" and {policy.max_failure_percent:g}%" if policy.max_failure_percent is not None else "")
+          + f", on halt {policy.on_halt}.{written}")
+    return PROMOTE_EXIT[verdict]
 
 
 # ---------------------------------------------------------------------------
@@ -3469,6 +3783,58 @@ def http_url(text: str) -> str:
     return urlunsplit((parts.scheme, netloc, quote(parts.path, safe=safe), quote(parts.query, safe=safe), ""))
 
 
+def parse_steps(text: str) -> tuple[float, ...]:
+    """`5,25,100`: increasing percentages, the last 100."""
+    import re
+    parts = text.split(",")
+    if not all(re.fullmatch(r"[0-9]{1,3}(?:\.[0-9]{1,2})?", p.strip()) for p in parts):
+        raise argparse.ArgumentTypeError(f"not a list of percentages such as 5,25,100: {text!r}")
+    steps = tuple(float(p) for p in parts)
+    if any(not 0 < s <= 100 for s in steps) or list(steps) != sorted(set(steps)) or steps[-1] != 100:
+        raise argparse.ArgumentTypeError(f"steps must increase, lie above 0 and end at 100: {text!r}")
+    return steps
+
+
+def duration_option(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration such as 30m, 2h or 1d: {text!r}") from None
+
+
+def count_option(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or len(text) > 9:
+        raise argparse.ArgumentTypeError(f"not a whole number from 0: {text!r}")
+    return int(text)
+
+
+def percent_option(text: str) -> float:
+    import re
+    if not re.fullmatch(r"[0-9]{1,3}(?:\.[0-9]{1,2})?", text) or float(text) > 100:
+        raise argparse.ArgumentTypeError(f"not a percentage from 0 to 100: {text!r}")
+    return float(text)
+
+
+def label_matchers(text: str) -> str:
+    """PromQL label matchers (`job="node",env=~"prod|stage"`), checked so
+    that nothing but matchers reaches the query."""
+    import re
+    matcher = r'\s*[a-zA-Z_][a-zA-Z0-9_]*\s*(?:=|!=|=~|!~)\s*"(?:[^"\\\n]|\\.)*"\s*'
+    inner = text.strip()
+    if inner.startswith("{") and inner.endswith("}"):
+        inner = inner[1:-1]
+    if inner and not re.fullmatch(f"{matcher}(?:,{matcher})*", inner):
+        raise argparse.ArgumentTypeError(f'not PromQL label matchers such as job="node": {text!r}')
+    return inner.strip()
+
+
+def store_path_option(text: str) -> str:
+    try:
+        return validate_store_path(text, text)
+    except PointerError as exc:
+        raise argparse.ArgumentTypeError(str(exc).replace("pointer ", "")) from None
+
+
 RUN_DESCRIPTION: Final = """\
 Pull-based deployment agent for NixOS hosts: fetch the pointer at --url,
 realise the system it names from the binary cache, activate it, roll back
@@ -3479,7 +3845,8 @@ other commands (see `autodeploy.py COMMAND --help`):
   suspend       stop deploying on this host until `resume`
   resume        deploy again after `suspend`
   trust-reset   set the revision floor by hand (recovery; logged)
-  sign          write a signed pointer (for CI)"""
+  sign          write a signed pointer (for CI)
+  promote       the rollout's next step from the fleet's metrics (for CI)"""
 
 
 def add_check_options(parser: argparse.ArgumentParser, what: str) -> None:
@@ -3578,6 +3945,40 @@ def build_parser() -> argparse.ArgumentParser:
     sign_p.add_argument("--pause", action="store_true", help="write `pause: true`: no host starts this deploy")
     sign_p.add_argument("store_path", metavar="STOREPATH", nargs="?")
 
+    promote_p = sub.add_parser("promote", help="CI: the rollout's next step (advance, hold, halt), decided by "
+                                               "the fleet's metrics in Prometheus")
+    promote_p.add_argument("--pointer", required=True, metavar="FILE|URL",
+                           help="the current signed pointer (FILE.sig or URL.sig next to it)")
+    promote_p.add_argument("--prometheus", required=True, type=http_url, metavar="URL",
+                           help="Prometheus base URL (its /api/v1/query is asked)")
+    promote_p.add_argument("--key", required=True, help="OpenSSH private key that signs the next pointer")
+    promote_p.add_argument("-o", "--output", required=True, metavar="FILE",
+                           help="where the next pointer goes (FILE.sig too); written only on advance and halt")
+    promote_p.add_argument("--trusted-keys", metavar="FILE", help="verify the current pointer's signature first")
+    promote_p.add_argument("--steps", type=parse_steps, default=(5.0, 25.0, 100.0), metavar="P,P,...",
+                           help="the rollout's steps in percent (default: 5,25,100)")
+    promote_p.add_argument("--bake", type=duration_option, default=3600.0, metavar="DURATION",
+                           help="how long a step runs before it may advance, e.g. 30m, 2h (default: 1h)")
+    promote_p.add_argument("--min-healthy", type=count_option, default=1, metavar="N",
+                           help="admitted hosts that must run the build healthy before a step advances (default: 1)")
+    promote_p.add_argument("--max-failures", type=count_option, default=0, metavar="N",
+                           help="halt when more admitted hosts than this rolled the build back or did not boot it "
+                                "(default: 0)")
+    promote_p.add_argument("--max-failure-percent", type=percent_option, default=None, metavar="P",
+                           help="halt also when failures exceed P%% of the admitted hosts (default: no such limit)")
+    promote_p.add_argument("--selector", type=label_matchers, default="", metavar="MATCHERS",
+                           help='PromQL label matchers that select the fleet, e.g. job="node",env="prod"')
+    promote_p.add_argument("--on-halt", choices=("pause", "revert"), default="pause",
+                           help="halt by `pause: true` (default) or by publishing --revert-to to every host")
+    promote_p.add_argument("--revert-to", metavar="STOREPATH", type=store_path_option,
+                           help="the build published by --on-halt revert (usually the previous one)")
+    promote_p.add_argument("--not-after", metavar="TIME",
+                           help=f"RFC 3339 expiry of the next pointer (default: {SIGN_DEFAULT_VALIDITY_DAYS} days "
+                                "from now)")
+    promote_p.add_argument("--no-expiry", action="store_true", help="write no `not-after:` line")
+    promote_p.add_argument("--timeout", type=positive, default=30.0, metavar="SECONDS",
+                           help="time allowed for each request (default: 30)")
+
     reset_p = sub.add_parser("trust-reset", help="set the revision floor by hand (recovery from a corrupt or "
                                                  "lost state; logged)")
     reset_p.add_argument("--min-revision", required=True, type=int, metavar="N",
@@ -3599,7 +4000,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS: Final = ("run", "status", "suspend", "resume", "sign", "trust-reset", "check-boot")
+COMMANDS: Final = ("run", "status", "suspend", "resume", "sign", "promote", "trust-reset", "check-boot")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -3653,6 +4054,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise UsageError("autodeploy.py sign: the following arguments are required: STOREPATH")
             return command_sign(args.key, args.revision, args.hosts, args.all_hosts, args.not_after, args.no_expiry,
                                 args.store_path, args.output, rollout=sign_rollout_metadata(args))
+        if args.command == "promote":
+            return command_promote(args)
         return command_run(config_from_args(args))
     except AutodeployError as exc:
         log(f"error: {exc}")
