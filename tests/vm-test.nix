@@ -73,183 +73,182 @@ in
   name = "nixos-autodeploy";
 
   nodes = {
-  cache =
-    { nodes, ... }:
-    {
-      services.nginx = {
-        enable = true;
-        virtualHosts.cache = {
-          default = true;
-          root = "/srv/cache";
-          # /srv/private/pointer, only with the token.
-          locations."/private/" = {
-            root = "/srv";
-            extraConfig = ''
-              if ($http_authorization != "Bearer ${token}") {
-                return 401;
-              }
-            '';
+    cache =
+      { nodes, ... }:
+      {
+        services.nginx = {
+          enable = true;
+          virtualHosts.cache = {
+            default = true;
+            root = "/srv/cache";
+            # /srv/private/pointer, only with the token.
+            locations."/private/" = {
+              root = "/srv";
+              extraConfig = ''
+                if ($http_authorization != "Bearer ${token}") {
+                  return 401;
+                }
+              '';
+            };
+            # /srv/signed/pointer and pointer.sig.
+            locations."/signed/".root = "/srv";
           };
-          # /srv/signed/pointer and pointer.sig.
-          locations."/signed/".root = "/srv";
         };
-      };
-      networking.firewall.allowedTCPPorts = [ 80 ];
-      systemd.tmpfiles.rules = [
-        "d /srv/cache 0755 root root - -"
-        "d /srv/private 0755 root root - -"
-        "d /srv/signed 0755 root root - -"
-        # `counted` runs its boot check (connectivity included) on its very
-        # first boot: its pointer must exist from the start.
-      ]
-      ++ lib.optional hasBootCounting "f /srv/cache/pointer-counted 0644 root root - ${nodes.counted.system.build.toplevel}";
-      # CI's side of signed pointers: `nixos-autodeploy sign`.
-      environment.systemPackages = [ nodes.machine.system.autoDeploy.package ];
-      environment.etc."autodeploy-test-key" = {
-        text = signingKey;
-        mode = "0400";
-      };
-      nix.settings.experimental-features = [ "nix-command" ];
-      # Everything the test publishes must be valid in the cache node's store.
-      virtualisation.additionalPaths = [
-        nodes.machine.system.build.toplevel
-      ]
-      ++ lib.attrValues nodes.machine.autodeployTest.systems
-      ++ lib.optionals hasBootCounting [
-        nodes.counted.system.build.toplevel
-        nodes.counted.autodeployTest.broken
-      ];
-      virtualisation.diskSize = 8192;
-      virtualisation.memorySize = 2048;
-    };
-
-  machine =
-    {
-      config,
-      lib,
-      extendModules,
-      ...
-    }:
-    {
-      imports = [
-        nixosModule
-        agent.base
-        growRoot
-      ];
-
-      options.autodeployTest = {
-        systems = lib.mkOption {
-          type = lib.types.lazyAttrsOf lib.types.raw;
-          internal = true;
-          description = "Variants of this machine's system that the test deploys.";
+        networking.firewall.allowedTCPPorts = [ 80 ];
+        systemd.tmpfiles.rules = [
+          "d /srv/cache 0755 root root - -"
+          "d /srv/private 0755 root root - -"
+          "d /srv/signed 0755 root root - -"
+          # `counted` runs its boot check (connectivity included) on its very
+          # first boot: its pointer must exist from the start.
+        ]
+        ++ lib.optional hasBootCounting "f /srv/cache/pointer-counted 0644 root root - ${nodes.counted.system.build.toplevel}";
+        # CI's side of signed pointers: `nixos-autodeploy sign`.
+        environment.systemPackages = [ nodes.machine.system.autoDeploy.package ];
+        environment.etc."autodeploy-test-key" = {
+          text = signingKey;
+          mode = "0400";
         };
-        variantConfigs = lib.mkOption {
-          type = lib.types.lazyAttrsOf lib.types.raw;
-          internal = true;
-          description = "The evaluated configurations of those variants.";
-        };
+        nix.settings.experimental-features = [ "nix-command" ];
+        # Everything the test publishes must be valid in the cache node's store.
+        virtualisation.additionalPaths = [
+          nodes.machine.system.build.toplevel
+        ]
+        ++ lib.attrValues nodes.machine.autodeployTest.systems
+        ++ lib.optionals hasBootCounting [
+          nodes.counted.system.build.toplevel
+          nodes.counted.autodeployTest.broken
+        ];
+        virtualisation.diskSize = 8192;
+        virtualisation.memorySize = 2048;
       };
 
-      config = {
-        autodeployTest.variantConfigs = lib.mapAttrs (
-          _: variant:
-          (extendModules {
-            modules = [
-              {
-                environment.etc."autodeploy-test".text = variant.marker;
-                system.autoDeploy = variant.autoDeploy;
-              }
-            ];
-          }).config
-        ) agent.variants;
-        autodeployTest.systems = lib.mapAttrs (
-          _: c: c.system.build.toplevel
-        ) config.autodeployTest.variantConfigs;
-        environment.etc."autodeploy-test".text = lib.mkDefault "base";
+    machine =
+      {
+        config,
+        lib,
+        extendModules,
+        ...
+      }:
+      {
+        imports = [
+          nixosModule
+          agent.base
+          growRoot
+        ];
 
-        nix.settings = {
-          substituters = lib.mkForce [ "http://cache" ];
-          # The test cache is written by `nix copy` without a signing key.
-          require-sigs = false;
+        options.autodeployTest = {
+          systems = lib.mkOption {
+            type = lib.types.lazyAttrsOf lib.types.raw;
+            internal = true;
+            description = "Variants of this machine's system that the test deploys.";
+          };
+          variantConfigs = lib.mkOption {
+            type = lib.types.lazyAttrsOf lib.types.raw;
+            internal = true;
+            description = "The evaluated configurations of those variants.";
+          };
         };
 
-        virtualisation = {
-          # A real boot loader, so that a boot-mode deploy takes effect at
-          # the next boot (without it the VM always boots its initial system).
-          useBootLoader = true;
-          # Downloaded systems must survive the reboot.
-          writableStoreUseTmpfs = false;
-          memorySize = 2048;
-          # The disk; the root file system grows to it (growRoot).
-          diskSize = 4096;
+        config = {
+          autodeployTest.variantConfigs = lib.mapAttrs (
+            _: variant:
+            (extendModules {
+              modules = [
+                {
+                  environment.etc."autodeploy-test".text = variant.marker;
+                  system.autoDeploy = variant.autoDeploy;
+                }
+              ];
+            }).config
+          ) agent.variants;
+          autodeployTest.systems = lib.mapAttrs (
+            _: c: c.system.build.toplevel
+          ) config.autodeployTest.variantConfigs;
+          environment.etc."autodeploy-test".text = lib.mkDefault "base";
+
+          nix.settings = {
+            substituters = lib.mkForce [ "http://cache" ];
+            # The test cache is written by `nix copy` without a signing key.
+            require-sigs = false;
+          };
+
+          virtualisation = {
+            # A real boot loader, so that a boot-mode deploy takes effect at
+            # the next boot (without it the VM always boots its initial system).
+            useBootLoader = true;
+            # Downloaded systems must survive the reboot.
+            writableStoreUseTmpfs = false;
+            memorySize = 2048;
+            # The disk; the root file system grows to it (growRoot).
+            diskSize = 4096;
+          };
+          documentation.enable = false;
         };
-        documentation.enable = false;
       };
-    };
-
   }
   # systemd-boot with boot counting; its "broken" variant boots but fails the
   # boot check (the health check looks for the marker).
   // lib.optionalAttrs hasBootCounting {
     counted =
-    {
-      config,
-      lib,
-      extendModules,
-      ...
-    }:
-    {
-      imports = [
-        nixosModule
-        agent.counted
-        growRoot
-      ];
+      {
+        config,
+        lib,
+        extendModules,
+        ...
+      }:
+      {
+        imports = [
+          nixosModule
+          agent.counted
+          growRoot
+        ];
 
-      options.autodeployTest = {
-        broken = lib.mkOption {
-          type = lib.types.raw;
-          internal = true;
-          description = "A variant of this machine's system that fails its boot check.";
-        };
-        brokenConfig = lib.mkOption {
-          type = lib.types.raw;
-          internal = true;
-          description = "Its evaluated configuration.";
-        };
-      };
-
-      config = {
-        autodeployTest.brokenConfig =
-          (extendModules {
-            modules = [ { environment.etc."autodeploy-test".text = "broken"; } ];
-          }).config;
-        autodeployTest.broken = config.autodeployTest.brokenConfig.system.build.toplevel;
-        environment.etc."autodeploy-test".text = lib.mkDefault "base";
-
-        boot.loader.systemd-boot = {
-          enable = true;
-          # One try: the first boot that is not blessed makes the entry bad.
-          bootCounting = {
-            enable = true;
-            tries = 1;
+        options.autodeployTest = {
+          broken = lib.mkOption {
+            type = lib.types.raw;
+            internal = true;
+            description = "A variant of this machine's system that fails its boot check.";
+          };
+          brokenConfig = lib.mkOption {
+            type = lib.types.raw;
+            internal = true;
+            description = "Its evaluated configuration.";
           };
         };
-        boot.loader.efi.canTouchEfiVariables = true;
 
-        nix.settings = {
-          substituters = lib.mkForce [ "http://cache" ];
-          require-sigs = false;
+        config = {
+          autodeployTest.brokenConfig =
+            (extendModules {
+              modules = [ { environment.etc."autodeploy-test".text = "broken"; } ];
+            }).config;
+          autodeployTest.broken = config.autodeployTest.brokenConfig.system.build.toplevel;
+          environment.etc."autodeploy-test".text = lib.mkDefault "base";
+
+          boot.loader.systemd-boot = {
+            enable = true;
+            # One try: the first boot that is not blessed makes the entry bad.
+            bootCounting = {
+              enable = true;
+              tries = 1;
+            };
+          };
+          boot.loader.efi.canTouchEfiVariables = true;
+
+          nix.settings = {
+            substituters = lib.mkForce [ "http://cache" ];
+            require-sigs = false;
+          };
+          virtualisation = {
+            useBootLoader = true;
+            useEFIBoot = true;
+            writableStoreUseTmpfs = false;
+            memorySize = 2048;
+            diskSize = 4096;
+          };
+          documentation.enable = false;
         };
-        virtualisation = {
-          useBootLoader = true;
-          useEFIBoot = true;
-          writableStoreUseTmpfs = false;
-          memorySize = 2048;
-          diskSize = 4096;
-        };
-        documentation.enable = false;
       };
-    };
   };
 
   # Three VMs, four reboots (nixos/lib/testing: globalTimeout, meta.timeout).
