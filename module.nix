@@ -27,7 +27,6 @@ let
 
   defaultStateDir = "/var/lib/nixos-autodeploy";
   unitName = "nixos-autodeploy.service";
-  triggerUnitName = "nixos-autodeploy-trigger.service";
   # Name of the systemd credential holding the bearer token; the agent reads
   # it from $CREDENTIALS_DIRECTORY/<name> (the `%d` specifier).
   tokenCredential = "token";
@@ -297,9 +296,9 @@ let
   # How: switch-to-configuration restarts sysinit-reactivation.target on every
   # switch/test, after the activation script and the unit reloads, and waits
   # for that job (nixpkgs' switch-to-configuration-ng, main.rs: "restarting
-  # sysinit-reactivation.target"). It does not
-  # for `boot` and `dry-activate`, and the target is not started at boot (the
-  # timer's OnBootSec covers boots). nixpkgs hooks its own per-switch work
+  # sysinit-reactivation.target"). It does not for `boot` and `dry-activate`,
+  # and the target is not started at boot (the timer's OnBootSec covers
+  # boots). nixpkgs hooks its own per-switch work
   # there (systemd-tmpfiles-resetup.service, nixos/modules/system/boot/systemd/
   # tmpfiles.nix). The target wants nixos-autodeploy-trigger.service, a tiny
   # oneshot that runs `systemctl start --no-block nixos-autodeploy.service`
