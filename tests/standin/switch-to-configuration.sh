@@ -9,9 +9,9 @@ self=@out@
 action="$1"
 ctl=/var/lib/standin
 mkdir -p "$ctl"
-# The agent marks its own activation twice (see module.nix): an environment
-# variable, and its PID in /run/nixos-autodeploy/activating.  marker=1 only
-# when both are there and the PID is alive.
+# The agent marks its own activation twice: an environment variable, and its
+# PID in /run/nixos-autodeploy/activating (the one module.nix's manual-switch
+# trigger reads).  marker=1 only when both are there and the PID is alive.
 marker="${NIXOS_AUTODEPLOY_ACTIVATION:-}"
 pid=$(cat /run/nixos-autodeploy/activating 2>/dev/null || true)
 if [ -n "$marker" ] && ! { [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; }; then marker="env-only"; fi
