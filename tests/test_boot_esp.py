@@ -159,3 +159,12 @@ def test_boot_dir_is_found_among_the_usual_mount_points(tmp_path, monkeypatch):
     (roots["/boot"] / "grub").mkdir(parents=True)
     assert ad.boot_dir_of(None) == str(roots["/boot"])  # GRUB copies into /boot
     assert ad.boot_dir_of("/given") == "/given"
+
+
+def test_boot_dir_option():
+    parser = ad.build_parser()
+    args = parser.parse_args(["run", "--url", "http://x/p", "--boot-dir", "/boot/efi/"])
+    assert ad.config_from_args(args).boot_dir == "/boot/efi"
+    assert ad.config_from_args(parser.parse_args(["run", "--url", "http://x/p"])).boot_dir is None
+    with pytest.raises(ad.UsageError, match="invalid absolute path value"):
+        parser.parse_args(["run", "--url", "http://x/p", "--boot-dir", "boot/efi"])
