@@ -1851,7 +1851,8 @@ def entry_id_without_counter(entry_id: str) -> str:
 
 def is_entry_pattern(entry_id: str) -> bool:
     """systemd-boot takes a glob as the default (loader.conf `default nixos-*`,
-    as nixpkgs writes it with boot counting; `bootctl set-default 'foo*'`)."""
+    as nixpkgs writes it with boot counting, which never reaches the
+    LoaderEntryDefault variable; `bootctl set-default 'foo*'`, which does)."""
     return any(c in entry_id for c in "*?[")
 
 

@@ -7,7 +7,8 @@ boot.loader.systemd-boot.xbootldrMountPoint, else boot.loader.efi.efiSysMountPoi
 entries there (an entry without tries left settles a fallback), check the
 space there, and never take a fallback for a manual choice: not when the
 entries are out of its sight, not when LoaderEntryDefault is a pattern
-(`default nixos-*`, what nixpkgs 26.11 writes with boot counting), not when
+(`bootctl set-default 'nixos-*'`; systemd-boot never copies loader.conf's
+`default nixos-*`, what nixpkgs 26.11 writes, into the variable), not when
 the EFI variables carry the counter as it was at boot.
 """
 
@@ -93,7 +94,7 @@ def test_space_is_checked_where_the_kernels_go(boot_host, world, server, at):
 
 @pytest.mark.parametrize("selected", ["nixos-" + "1" * 32 + "+0-1.conf", "nixos-" + "1" * 32 + ".conf"])
 def test_a_pattern_default_records_no_manual_choice(host, world, server, selected):
-    """`default nixos-*` in loader.conf: systemd-boot reports the pattern as
+    """`bootctl set-default 'nixos-*'`: systemd-boot reports the pattern as
     LoaderEntryDefault.  Booting an older entry is then the boot loader's
     fallback (counted, quarantined), never `booted_previous`."""
     a, b = world.path("a"), world.path("b")
