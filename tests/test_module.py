@@ -294,6 +294,17 @@ CASES = {
     "env-percent": ad('environment = { https_proxy = "http://u:p%40ss@proxy:3128"; };'),
     "node-has-dir-mkif": node('enable = true; extraFlags = lib.mkIf true '
                               '(lib.mkBefore [ "--collector.textfile.directory=/srv/prom" ]);'),
+    # a profile's lists given with mkDefault (or below a mkDefault node): they stay, ours join them
+    "node-has-dir-mkdefault": node('enable = true; extraFlags = lib.mkDefault [ "--collector.textfile.directory=/srv/prom" ]; '
+                                   'enabledCollectors = lib.mkDefault [ "systemd" ];'),
+    "node-mkdefault-node": ad("", 'services.prometheus.exporters.node = lib.mkDefault { enable = true; '
+                                  'extraFlags = [ "--collector.textfile.directory=/srv/prom" ]; '
+                                  'enabledCollectors = [ "systemd" ]; };'),
+    # ... also where the agent is off: importing the module must not remove the exporter
+    "disabled-mkdefault-node": ('{ lib, ... }: { services.prometheus.exporters.node = lib.mkDefault '
+                                '{ enable = true; enabledCollectors = [ "systemd" ]; }; }'),
+    # flags forced by the host: they win, and a warning says ours is not passed
+    "node-has-dir-forced": node('enable = true; extraFlags = lib.mkForce [ "--collector.textfile.directory=/srv/prom" ];'),
     "node-has-dir-conflict": node('enable = true; extraFlags = [ "--collector.textfile.directory=/srv/prom" ];',
                                   'textfileDirectory = "/srv/other";'),
     "node-custom-dir": node("enable = true;", 'textfileDirectory = "/srv/metrics";'),
@@ -672,6 +683,30 @@ def test_an_existing_textfile_directory_is_kept_and_ours_added(matrix, case):
     assert f"d {TEXTFILE_DIR} 0755 root root - -" in r["tmpfiles"]
     assert not any("/srv/prom" in rule for rule in r["tmpfiles"])
     assert r["warnings"] == []
+
+
+@pytest.mark.parametrize("case", ["node-has-dir-mkdefault", "node-mkdefault-node"])
+def test_the_hosts_mkdefault_flags_and_collectors_are_kept(matrix, case):
+    """A shared profile sets the exporter's lists with mkDefault: a plain
+    definition of ours would win over it and drop the host's directory and
+    collectors (the module system keeps only the strongest definitions of a
+    list); ours joins them at their priority instead."""
+    r = ok(matrix[case])
+    flags = exporter_flags(r)
+    assert "--collector.textfile.directory=/srv/prom" in flags, flags
+    assert f"--collector.textfile.directory={TEXTFILE_DIR}" in flags, flags
+    assert "--collector.systemd" in flags and flags.count("--collector.textfile") == 1, flags
+    assert r["warnings"] == []
+    r = ok(matrix["disabled-mkdefault-node"])
+    assert "--collector.systemd" in exporter_flags(r), r["units"].keys()
+
+
+def test_forced_exporter_flags_win_and_warn(matrix):
+    r = ok(matrix["node-has-dir-forced"])
+    flags = exporter_flags(r)
+    assert [f for f in flags if f.startswith("--collector.textfile.directory")] == [
+        "--collector.textfile.directory=/srv/prom"], flags
+    assert any("does not pass" in w and TEXTFILE_DIR in w for w in r["warnings"]), r["warnings"]
 
 
 def test_our_directory_already_passed_is_not_passed_twice(matrix):
@@ -1230,7 +1265,7 @@ def test_driver_standin_rejects_what_the_driver_would(vm_render, mutation, error
 
 @pytest.mark.parametrize("case", [c for c in CASES if c not in (
     "missing-url", "empty-url", "keys-both", "json-keys",
-    "disabled", "disabled-with-exporter")])
+    "disabled", "disabled-with-exporter", "disabled-mkdefault-node")])
 def test_command_lines_parse_with_the_agents_parser(matrix, case):
     """Every flag the module passes exists in the agent (its own parser)."""
     argv = argv_of(ok(matrix[case]))
