@@ -339,8 +339,10 @@ let
   #   systemd-run --unit=nixos-autodeploy-activation --wait ... switch-to-configuration
   # and removes it after systemd-run returned. The trigger runs while that
   # switch-to-configuration waits for the target, i.e. while the marker is
-  # there, and stays quiet when the PID in it is alive (a crashed agent's
-  # stale marker is ignored; /run is empty after every boot). Even a run
+  # there, and stays quiet when the PID in it is alive and the agent's
+  # transient nixos-autodeploy-activation.service runs (a crashed agent's
+  # stale marker is ignored, also when its PID has been reused by another
+  # process; /run is empty after every boot). Even a run
   # started by mistake would not restart anything: `systemctl start` of the
   # active nixos-autodeploy.service joins the running start job, and the unit
   # has restartIfChanged = false.
@@ -349,7 +351,7 @@ let
     case "$pid" in
       "" | *[!0-9]*) ;;
       *)
-        if kill -0 "$pid" 2>/dev/null; then
+        if kill -0 "$pid" 2>/dev/null && systemctl is-active --quiet nixos-autodeploy-activation.service; then
           echo "activated by nixos-autodeploy (PID $pid) itself: no run"
           exit 0
         fi

@@ -906,15 +906,18 @@ def test_bad_value_is_a_type_error(bad_results, index):
 # which switch-to-configuration restarts on every switch/test; no activation
 # script snippet, no /run/nixos/activation-restart-list
 
-def _run_trigger(tmp_path, script, marker=None):
+def _run_trigger(tmp_path, script, marker=None, activating=True):
     """The trigger's script under bash, with /run/nixos-autodeploy redirected
-    and a `systemctl` that records its arguments."""
+    and a `systemctl` that records what it starts and answers `is-active`
+    for the agent's transient activation unit (`activating`)."""
     run = tmp_path / "rt"
     shutil.rmtree(run, ignore_errors=True)
     (run / "nixos-autodeploy").mkdir(parents=True)
     (run / "bin").mkdir()
     calls = run / "calls"
-    (run / "bin" / "systemctl").write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
+    (run / "bin" / "systemctl").write_text(
+        '#!/bin/sh\ncase "$*" in *is-active*nixos-autodeploy-activation.service) '
+        f'exit {0 if activating else 3};; esac\necho "$*" >> {calls}\n')
     (run / "bin" / "systemctl").chmod(0o755)
     text = script.replace("/run/nixos-autodeploy/", f"{run}/nixos-autodeploy/")
     assert "/run/" not in text.replace(str(run), ""), text  # never the machine's /run
@@ -952,6 +955,9 @@ def test_manual_switch_trigger(matrix, tmp_path):
     # a stale marker (dead PID) or garbage does not silence the trigger
     for marker in ("4194305\n", "not-a-pid", ""):
         assert _run_trigger(tmp_path, script, marker) == start, marker
+    # nor does a stale marker whose PID was reused (a live process, but no
+    # activation of the agent runs: the agent was killed with SIGKILL)
+    assert _run_trigger(tmp_path, script, f"{os.getpid()}\n", activating=False) == start
     # the disabled module defines neither the unit nor a hook
     assert TRIGGER not in matrix["disabled"]["units"]
 
