@@ -147,12 +147,15 @@ let
   # so "--collector.textfile.directory /dir" in one element is two words to
   # node_exporter: split the elements the way systemd will.
   flagWords = lib.concatMap (f: lib.filter (w: builtins.isString w && w != "") (builtins.split "[[:space:]]+" f));
+  # "/dir/" and "/dir" are one directory to node_exporter, read twice when
+  # passed in both spellings (every metric twice: failed scrapes).
+  normDir = d: if d != "/" && lib.hasSuffix "/" d then normDir (lib.removeSuffix "/" d) else d;
   textfileDirsIn =
     flags0:
     let
       flags = flagWords flags0;
     in
-    lib.concatLists (
+    map normDir (lib.concatLists (
       lib.imap0 (
         i: f:
         if lib.hasPrefix "--collector.textfile.directory=" f then
@@ -162,13 +165,13 @@ let
         else
           [ ]
       ) flags
-    );
+    ));
   existingTextfileDirs = textfileDirsIn (otherNodeList "extraFlags");
   textfileDisabled = lib.elem "textfile" (otherNodeList "disabledCollectors");
   # The wiring as it can happen: asked for (by default: the exporter is on)
   # and the host has not turned the textfile collector off.
   wire = cfg.enable && cfg.wireNodeExporter && !textfileDisabled;
-  wireFlag = wire && !(lib.elem cfg.textfileDirectory existingTextfileDirs);
+  wireFlag = wire && !(lib.elem (normDir cfg.textfileDirectory) existingTextfileDirs);
   defaultTextfileDirectory = "/var/lib/prometheus-node-exporter-text";
   nodeExporterVersion = pkgs.prometheus-node-exporter.version or null;
   # systemd expands %-specifiers in Environment= values: the operator's
@@ -223,7 +226,7 @@ let
       dirs = textfileDirsIn node.extraFlags;
       textfileOff = lib.elem "textfile" node.disabledCollectors;
     in
-    optional (wire && !textfileOff && !(lib.elem cfg.textfileDirectory dirs))
+    optional (wire && !textfileOff && !(lib.elem (normDir cfg.textfileDirectory) dirs))
       "system.autoDeploy: services.prometheus.exporters.node.extraFlags does not pass the agent's textfile directory ${cfg.textfileDirectory} (a definition with a higher priority, e.g. lib.mkForce, replaced the module's), so the agent's metrics are not exported. Add \"--collector.textfile.directory=${cfg.textfileDirectory}\" there, or set system.autoDeploy.wireNodeExporter = false to silence this."
     ++ optional (cfg.wireNodeExporter && textfileOff)
       "system.autoDeploy: services.prometheus.exporters.node.disabledCollectors disables the textfile collector, so the agent's metrics (${toString cfg.prometheusFilePath}) are not exported; nothing was wired. Remove \"textfile\" from disabledCollectors to export them, or set system.autoDeploy.wireNodeExporter = false to silence this."

@@ -309,6 +309,8 @@ CASES = {
                                   'textfileDirectory = "/srv/other";'),
     "node-custom-dir": node("enable = true;", 'textfileDirectory = "/srv/metrics";'),
     "node-has-our-dir": node(f'enable = true; extraFlags = [ "--collector.textfile.directory={TEXTFILE_DIR}" ];'),
+    # ... spelled with a trailing slash: still the same directory
+    "node-has-our-dir-slash": node(f'enable = true; extraFlags = [ "--collector.textfile.directory={TEXTFILE_DIR}/" ];'),
     # the NixOS manual's exporter example (services/monitoring/prometheus), as is
     "node-manual-example": node('enable = true; port = 9100; enabledCollectors = [ "logind" "systemd" ]; '
                                 'disabledCollectors = [ "textfile" ]; openFirewall = true; '
@@ -713,6 +715,11 @@ def test_our_directory_already_passed_is_not_passed_twice(matrix):
     r = ok(matrix["node-has-our-dir"])
     flags = " ".join(exporter_flags(r))
     assert flags.count(f"--collector.textfile.directory={TEXTFILE_DIR}") == 1, flags
+    assert r["warnings"] == []
+    # node_exporter would read /dir/ and /dir both: every metric twice, failed scrapes
+    r = ok(matrix["node-has-our-dir-slash"])
+    flags = " ".join(exporter_flags(r))
+    assert flags.count("--collector.textfile.directory") == 1, flags
     assert r["warnings"] == []
 
 
