@@ -3356,6 +3356,7 @@ def sign_rollout_metadata(args: argparse.Namespace) -> dict[str, str]:
 #   |   --max-failure-percent): rolled back, did not boot          |          |      |
 #   | the rollout is at 100%                                      | complete | 12   |
 #   | a ramp (rollout-start) moves the rollout by itself          | hold     | 10   |
+#   | no host reports the build (an empty answer)                 | hold     | 10   |
 #   | fewer than --min-healthy admitted hosts run it healthy      | hold     | 10   |
 #   | the step is younger than --bake                             | hold     | 10   |
 #   | otherwise                                                   | advance  | 0    |
@@ -3505,6 +3506,10 @@ def promote_verdict(count: FleetCount, policy: PromotePolicy, rollout: Rollout, 
         return "complete", None, "the rollout is at 100%"
     if rollout.start is not None:
         return "hold", None, "the pointer ramps by itself (rollout-start/rollout-duration); promote only halts it"
+    if count.reporting == 0:
+        # An empty answer (a selector that matches nothing, a Prometheus that
+        # lost its data) is no evidence, whatever --min-healthy allows.
+        return "hold", None, "no host reports the build (an empty answer is no evidence)"
     if count.healthy < policy.min_healthy:
         return "hold", None, (f"{count.healthy} admitted host(s) run it healthy, {policy.min_healthy} needed"
                               + (" (no host is admitted yet: a larger first step or a lower --min-healthy?)"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from servers import NODE_EXPORTER, PROMETHEUS, FleetMonitor, free_port
+from servers import NODE_EXPORTER, PROMETHEUS, FleetMonitor, RawServer, free_port
 from test_trust import make_key
 from world import AGENT, METRICS, REPO, Host
 
@@ -224,24 +224,27 @@ POLICY = ad.PromotePolicy(steps=(5.0, 25.0, 100.0), bake=3600.0, min_healthy=2, 
 
 
 @pytest.mark.parametrize("count, rollout, age, policy, verdict, step", [
-    (ad.FleetCount(admitted=4, healthy=4), ad.Rollout(5.0), 7200.0, POLICY, "advance", 25.0),
-    (ad.FleetCount(admitted=4, healthy=4), ad.Rollout(25.0), 7200.0, POLICY, "advance", 100.0),
-    (ad.FleetCount(admitted=4, healthy=4), ad.Rollout(30.0), 7200.0, POLICY, "advance", 100.0),
-    (ad.FleetCount(admitted=4, healthy=4), ad.Rollout(5.0), 60.0, POLICY, "hold", None),
-    (ad.FleetCount(admitted=4, healthy=4), ad.Rollout(5.0), None, POLICY, "hold", None),
-    (ad.FleetCount(admitted=4, healthy=1), ad.Rollout(5.0), 7200.0, POLICY, "hold", None),
-    (ad.FleetCount(admitted=4, healthy=3, rolled_back=1), ad.Rollout(5.0), 7200.0, POLICY, "halt", None),
-    (ad.FleetCount(admitted=4, healthy=3, boot_failed=1), ad.Rollout(100.0), 7200.0, POLICY, "halt", None),
-    (ad.FleetCount(admitted=4, healthy=4), ad.Rollout(100.0), 7200.0, POLICY, "complete", None),
-    (ad.FleetCount(admitted=4, healthy=4), ad.Rollout(5.0, paused=True), 7200.0, POLICY, "hold", None),
-    (ad.FleetCount(admitted=4, rolled_back=4), ad.Rollout(5.0, paused=True), 7200.0, POLICY, "hold", None),
-    (ad.FleetCount(admitted=4, healthy=4), ad.Rollout(5.0, start=0.0, duration=60.0), 7200.0, POLICY, "hold",
-     None),
+    (ad.FleetCount(reporting=4, admitted=4, healthy=4), ad.Rollout(5.0), 7200.0, POLICY, "advance", 25.0),
+    (ad.FleetCount(reporting=4, admitted=4, healthy=4), ad.Rollout(25.0), 7200.0, POLICY, "advance", 100.0),
+    (ad.FleetCount(reporting=4, admitted=4, healthy=4), ad.Rollout(30.0), 7200.0, POLICY, "advance", 100.0),
+    (ad.FleetCount(reporting=4, admitted=4, healthy=4), ad.Rollout(5.0), 60.0, POLICY, "hold", None),
+    (ad.FleetCount(reporting=4, admitted=4, healthy=4), ad.Rollout(5.0), None, POLICY, "hold", None),
+    (ad.FleetCount(reporting=4, admitted=4, healthy=1), ad.Rollout(5.0), 7200.0, POLICY, "hold", None),
+    (ad.FleetCount(reporting=4, admitted=4, healthy=3, rolled_back=1), ad.Rollout(5.0), 7200.0, POLICY, "halt", None),
+    (ad.FleetCount(reporting=4, admitted=4, healthy=3, boot_failed=1), ad.Rollout(100.0), 7200.0, POLICY, "halt", None),
+    (ad.FleetCount(reporting=4, admitted=4, healthy=4), ad.Rollout(100.0), 7200.0, POLICY, "complete", None),
+    (ad.FleetCount(reporting=4, admitted=4, healthy=4), ad.Rollout(5.0, paused=True), 7200.0, POLICY, "hold", None),
+    (ad.FleetCount(reporting=4, admitted=4, rolled_back=4), ad.Rollout(5.0, paused=True), 7200.0, POLICY, "hold", None),
+    (ad.FleetCount(reporting=4, admitted=4, healthy=4), ad.Rollout(5.0, start=0.0, duration=60.0), 7200.0, POLICY,
+     "hold", None),
     # 1 of 20 is 5%: within a 10% limit once --max-failures allows one.
-    (ad.FleetCount(admitted=20, healthy=19, rolled_back=1), ad.Rollout(5.0), 7200.0,
+    (ad.FleetCount(reporting=20, admitted=20, healthy=19, rolled_back=1), ad.Rollout(5.0), 7200.0,
      ad.PromotePolicy(min_healthy=2, max_failures=1, max_failure_percent=10.0), "advance", 25.0),
-    (ad.FleetCount(admitted=5, healthy=4, rolled_back=1), ad.Rollout(5.0), 7200.0,
+    (ad.FleetCount(reporting=5, admitted=5, healthy=4, rolled_back=1), ad.Rollout(5.0), 7200.0,
      ad.PromotePolicy(min_healthy=2, max_failures=1, max_failure_percent=10.0), "halt", None),
+    # Nothing reports the build: no evidence, whatever --min-healthy says.
+    (ad.FleetCount(), ad.Rollout(5.0), 7200.0, ad.PromotePolicy(min_healthy=0), "hold", None),
+    (ad.FleetCount(reporting=3), ad.Rollout(5.0), 7200.0, ad.PromotePolicy(min_healthy=0), "advance", 25.0),
 ])
 def test_promote_verdict(count, rollout, age, policy, verdict, step):
     got, percent, why = ad.promote_verdict(count, policy, rollout, age)
@@ -302,3 +305,56 @@ def test_steps_accepted(text):
 def test_steps_refused(text):
     with pytest.raises(Exception):
         ad.parse_steps(text)
+
+
+# ---------------------------------------------------------------------------
+# A Prometheus that answers what the test says (RawServer), hostile pointers
+# ---------------------------------------------------------------------------
+
+B = "/nix/store/" + "1" * 32 + "-b"
+
+
+def vector(samples: list[dict], **extra) -> dict:
+    return {"status": "success", "data": {"resultType": "vector", "result": samples}, **extra}
+
+
+def api_samples(samples: list[dict]) -> list[dict]:
+    """count_fleet's samples as /api/v1/query writes them."""
+    return [{"metric": s["metric"], "value": [1700000000.0, repr(float(s["value"]))]} for s in samples]
+
+
+@pytest.fixture
+def fake_prometheus():
+    made = []
+
+    def serve(body, status: int = 200):
+        raw = body if isinstance(body, bytes) else __import__("json").dumps(body).encode()
+
+        def handler(conn, n):
+            conn.sendall(f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {len(raw)}\r\n"
+                         f"Connection: close\r\n\r\n".encode() + raw)
+        made.append(RawServer(handler))
+        return f"http://127.0.0.1:{made[-1].port}"
+    yield serve
+    for srv in made:
+        srv.close()
+
+
+def healthy_fleet(build: str, n: int = 3) -> list[dict]:
+    name = os.path.basename(build)
+    return api_samples([s for i in range(n) for s in
+                        host_samples(f"h{i}", build, current=name, state="deployed", bucket=i)])
+
+
+def test_empty_answer_never_advances_even_without_min_healthy(fake_prometheus, tmp_path):
+    """Issue #21: an empty answer never advances a rollout, also with
+    --min-healthy 0 (no canary required once hosts report the build)."""
+    key = make_key(tmp_path, "ci")
+    pointer = sign(key, tmp_path / "p", B, 5, "--rollout", "5%")
+    out = tmp_path / "next"
+    r = promote(pointer, fake_prometheus(vector([])), key, out, "--bake", "0s", "--min-healthy", "0")
+    assert r.returncode == EXIT["hold"] and not out.exists(), (r.stdout, r.stderr)
+    assert "0 host(s) report it" in r.stdout
+    # Hosts that report it, none admitted yet: --min-healthy 0 says go on.
+    r = promote(pointer, fake_prometheus(vector(healthy_fleet(B))), key, out, "--bake", "0s", "--min-healthy", "0")
+    assert r.returncode == EXIT["advance"], (r.stdout, r.stderr)
