@@ -3618,6 +3618,10 @@ def command_promote(args: argparse.Namespace) -> int:
     fetcher = Fetcher(None)
     signers = allowed_signers(args.trusted_keys) if args.trusted_keys else None
     pointer, started = read_current_pointer(args.pointer, fetcher, signers, args.timeout)
+    if policy.on_halt == "revert" and policy.revert_to == pointer.path:
+        # "Reverting" to the failing build would publish it to every host.
+        log(f"--revert-to is the pointer's own build {pointer.path}: a halt pauses instead")
+        policy = dataclasses.replace(policy, on_halt="pause", revert_to=None)
     rollout = parse_rollout(pointer.metadata)
     names = "|".join(PROMOTE_METRICS)
     matchers = f'__name__=~"nixos_autodeploy_({names})"' + (f",{args.selector}" if args.selector else "")

@@ -358,3 +358,22 @@ def test_empty_answer_never_advances_even_without_min_healthy(fake_prometheus, t
     # Hosts that report it, none admitted yet: --min-healthy 0 says go on.
     r = promote(pointer, fake_prometheus(vector(healthy_fleet(B))), key, out, "--bake", "0s", "--min-healthy", "0")
     assert r.returncode == EXIT["advance"], (r.stdout, r.stderr)
+
+
+def failing_fleet(build: str, n: int = 1) -> list[dict]:
+    return api_samples([s for i in range(n) for s in
+                        host_samples(f"f{i}", build, current="a", state="rolled_back", ok=0, bucket=i)])
+
+
+def test_revert_to_the_failing_build_itself_pauses(fake_prometheus, tmp_path):
+    """--revert-to naming the pointer's own build (a CI variable that already
+    points at it) must not turn a halt into that build for every host."""
+    key = make_key(tmp_path, "ci")
+    pointer = sign(key, tmp_path / "p", B, 5, "--rollout", "5%")
+    out = tmp_path / "next"
+    r = promote(pointer, fake_prometheus(vector(failing_fleet(B) + healthy_fleet(B))), key, out, "--bake", "0s",
+                "--on-halt", "revert", "--revert-to", B)
+    assert r.returncode == EXIT["halt"], (r.stdout, r.stderr)
+    halted = fields(out)
+    assert (halted["path"], halted["pause"], halted["rollout"]) == (B, "true", "5%"), halted
+    assert "x-reverted-from" not in halted and "pause: true" in r.stdout
