@@ -3529,6 +3529,16 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
+def public_key_signers(key: str) -> str:
+    """The allowed-signers document of --key's own public half: promote
+    re-signs what it reads, so it reads only what CI signed."""
+    result = ssh_keygen(["-y", "-f", key])
+    lines = [line for line in result.stdout.splitlines() if line.startswith(KEY_TYPES)]
+    if result.returncode != 0 or not lines:
+        raise UsageError(f"cannot read the public key of --key {key}: {result.stdout.strip()[:200]}")
+    return f'{SIGNATURE_NAMESPACE} namespaces="{SIGNATURE_NAMESPACE}" {lines[0]}\n'
+
+
 def read_current_pointer(where: str, fetcher: Fetcher, signers: str | None, timeout: float
                          ) -> tuple[Pointer, float | None]:
     """The pointer promote starts from (a file or a URL), verified when keys
@@ -3616,7 +3626,7 @@ def command_promote(args: argparse.Namespace) -> int:
         except ValueError:
             raise UsageError(f"--not-after {args.not_after!r} is not an RFC 3339 time") from None
     fetcher = Fetcher(None)
-    signers = allowed_signers(args.trusted_keys) if args.trusted_keys else None
+    signers = allowed_signers(args.trusted_keys) if args.trusted_keys else public_key_signers(args.key)
     pointer, started = read_current_pointer(args.pointer, fetcher, signers, args.timeout)
     if policy.on_halt == "revert" and policy.revert_to == pointer.path:
         # "Reverting" to the failing build would publish it to every host.
@@ -3877,7 +3887,8 @@ def build_parser() -> argparse.ArgumentParser:
     promote_p.add_argument("--key", required=True, help="OpenSSH private key that signs the next pointer")
     promote_p.add_argument("-o", "--output", required=True, metavar="FILE",
                            help="where the next pointer goes (FILE.sig too); written only on advance and halt")
-    promote_p.add_argument("--trusted-keys", metavar="FILE", help="verify the current pointer's signature first")
+    promote_p.add_argument("--trusted-keys", metavar="FILE",
+                           help="keys the current pointer must be signed by (default: the public half of --key)")
     promote_p.add_argument("--steps", type=parse_steps, default=(5.0, 25.0, 100.0), metavar="P,P,...",
                            help="the rollout's steps in percent (default: 5,25,100)")
     promote_p.add_argument("--bake", type=duration_option, default=3600.0, metavar="DURATION",

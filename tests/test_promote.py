@@ -377,3 +377,26 @@ def test_revert_to_the_failing_build_itself_pauses(fake_prometheus, tmp_path):
     halted = fields(out)
     assert (halted["path"], halted["pause"], halted["rollout"]) == (B, "true", "5%"), halted
     assert "x-reverted-from" not in halted and "pause: true" in r.stdout
+
+
+def test_pointer_not_signed_by_ci_is_not_resigned(fake_prometheus, tmp_path):
+    """Without --trusted-keys promote verifies the current pointer against
+    the public half of --key: otherwise whoever can write the pointer (or
+    its web server) chooses what CI's key signs next (here a revision that
+    would leave no room above it, and `hosts: *`)."""
+    key = make_key(tmp_path, "ci")
+    other = make_key(tmp_path, "intruder")
+    url = fake_prometheus(vector(healthy_fleet(B)))
+    out = tmp_path / "next"
+    forged = tmp_path / "forged"
+    forged.write_text(f"{B}\nrevision: {2**63 - 2}\nhosts: *\nrollout: 5%\nx-step-started: 2020-01-01T00:00:00Z\n")
+    unsigned = promote(forged, url, key, out, "--bake", "0s")
+    sign(other, forged, B, 2**63 - 2, "--rollout", "5%")
+    by_other = promote(forged, url, key, out, "--bake", "0s")
+    for r in (unsigned, by_other):
+        assert r.returncode not in (0, 11) and not out.exists(), (r.stdout, r.stderr)
+    assert "not made by a trusted key" in by_other.stderr
+    # Signed by the key promote signs with: trusted without --trusted-keys.
+    sign(key, forged, B, 7, "--rollout", "5%")
+    r = promote(forged, url, key, out, "--bake", "0s")
+    assert r.returncode == EXIT["advance"] and fields(out)["revision"] == "8", (r.stdout, r.stderr)
