@@ -3418,9 +3418,10 @@ def prometheus_vector(fetcher: Fetcher, base: str, expr: str, timeout: float) ->
         answer = json.loads(resp.body, parse_constant=_no_json_constant)
     except (ValueError, RecursionError):
         raise FetchError(f"Prometheus answered HTTP {resp.status} with something that is not JSON") from None
-    if not isinstance(answer, dict) or answer.get("status") != "success":
+    if not isinstance(answer, dict) or answer.get("status") != "success" or resp.status != 200:
         said = answer.get("error") if isinstance(answer, dict) else None
-        raise FetchError(f"Prometheus answered HTTP {resp.status}: query error"
+        raise FetchError(f"Prometheus answered HTTP {resp.status}: "
+                         + ("query error" if resp.status == 200 or said else "not its answer")
                          + (f": {outside_text(said)[:300]}" if isinstance(said, str) else ""))
     data = answer.get("data")
     if not isinstance(data, dict) or data.get("resultType") != "vector" or not isinstance(data.get("result"), list):

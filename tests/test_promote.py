@@ -400,3 +400,14 @@ def test_pointer_not_signed_by_ci_is_not_resigned(fake_prometheus, tmp_path):
     sign(key, forged, B, 7, "--rollout", "5%")
     r = promote(forged, url, key, out, "--bake", "0s")
     assert r.returncode == EXIT["advance"] and fields(out)["revision"] == "8", (r.stdout, r.stderr)
+
+
+@pytest.mark.parametrize("status", [203, 500, 503])
+def test_http_error_with_a_success_body_is_no_answer(fake_prometheus, tmp_path, status):
+    """Only a 200 is Prometheus's answer; an error page that happens to hold
+    a success document (a proxy's cached body) is not the fleet's state."""
+    key = make_key(tmp_path, "ci")
+    pointer = sign(key, tmp_path / "p", B, 5, "--rollout", "5%")
+    out = tmp_path / "next"
+    r = promote(pointer, fake_prometheus(vector(healthy_fleet(B)), status), key, out, "--bake", "0s")
+    assert r.returncode == 3 and not out.exists() and f"HTTP {status}" in r.stderr, (r.stdout, r.stderr)
