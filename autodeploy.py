@@ -3351,6 +3351,7 @@ def sign_rollout_metadata(args: argparse.Namespace) -> dict[str, str]:
 #   | what the fleet and the pointer say                          | verdict  | exit |
 #   |-------------------------------------------------------------|----------|------|
 #   | Prometheus unreachable, a query error, an answer not understood | none  | 3    |
+#   |   (not HTTP 200, or with warnings: a partial answer)         |          |      |
 #   | the pointer says `pause`                                    | hold     | 10   |
 #   | failures among admitted hosts above --max-failures (or       | halt     | 11   |
 #   |   --max-failure-percent): rolled back, did not boot          |          |      |
@@ -3423,6 +3424,12 @@ def prometheus_vector(fetcher: Fetcher, base: str, expr: str, timeout: float) ->
         raise FetchError(f"Prometheus answered HTTP {resp.status}: "
                          + ("query error" if resp.status == 200 or said else "not its answer")
                          + (f": {outside_text(said)[:300]}" if isinstance(said, str) else ""))
+    warnings = answer.get("warnings")
+    if warnings:
+        # Errors that did not stop the query: the data is what was collected
+        # (a partial answer), and a host missing from it cannot halt anything.
+        said = warnings[0] if isinstance(warnings, list) and isinstance(warnings[0], str) else "?"
+        raise FetchError(f"Prometheus answered with warnings (a partial answer): {outside_text(said)[:300]}")
     data = answer.get("data")
     if not isinstance(data, dict) or data.get("resultType") != "vector" or not isinstance(data.get("result"), list):
         raise FetchError("Prometheus answered with something other than an instant vector")

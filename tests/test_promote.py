@@ -411,3 +411,19 @@ def test_http_error_with_a_success_body_is_no_answer(fake_prometheus, tmp_path, 
     out = tmp_path / "next"
     r = promote(pointer, fake_prometheus(vector(healthy_fleet(B)), status), key, out, "--bake", "0s")
     assert r.returncode == 3 and not out.exists() and f"HTTP {status}" in r.stderr, (r.stdout, r.stderr)
+
+
+def test_partial_answer_with_warnings_is_no_answer(fake_prometheus, tmp_path):
+    """Prometheus's API: warnings are errors that did not stop the query, and
+    the data field holds what was collected (a Thanos querier with a store
+    down answers so): hosts may be missing, failures among them.  infos
+    (hints about the query) are not such errors."""
+    key = make_key(tmp_path, "ci")
+    pointer = sign(key, tmp_path / "p", B, 5, "--rollout", "5%")
+    out = tmp_path / "next"
+    partial = vector(healthy_fleet(B), warnings=["partial response: store 10.0.0.3:10901 unavailable"])
+    r = promote(pointer, fake_prometheus(partial), key, out, "--bake", "0s")
+    assert r.returncode == 3 and not out.exists() and "store 10.0.0.3" in r.stderr, (r.stdout, r.stderr)
+    hinted = vector(healthy_fleet(B), infos=["PromQL info: metric might not be a counter"])
+    r = promote(pointer, fake_prometheus(hinted), key, out, "--bake", "0s")
+    assert r.returncode == EXIT["advance"], (r.stdout, r.stderr)
