@@ -3401,11 +3401,16 @@ class FleetCount:
     boot_failed: int = 0
     stuck: int = 0
     on_the_way: int = 0
-    failed_hosts: list[str] = field(default_factory=list)
+    rolled_back_hosts: list[str] = field(default_factory=list)
+    boot_failed_hosts: list[str] = field(default_factory=list)
 
     @property
     def failures(self) -> int:
         return self.rolled_back + self.boot_failed
+
+    @property
+    def failed_hosts(self) -> list[str]:
+        return sorted(self.rolled_back_hosts + self.boot_failed_hosts)
 
 
 def prometheus_vector(fetcher: Fetcher, base: str, expr: str, timeout: float) -> list[dict[str, Any]]:
@@ -3483,19 +3488,17 @@ def count_fleet(samples: list[dict[str, Any]], build: str, percent: float) -> Fl
         state = host.get("state")
         if state == "boot_failed":
             count.boot_failed += 1
+            count.boot_failed_hosts.append(shown)
         elif state == "rolled_back" or host.get("quarantined") == build:
             count.rolled_back += 1
+            count.rolled_back_hosts.append(shown)
         elif (info.get("current_generation") == info.get("deployed_generation") == name
               and host.get("last_run_success") == 1 and state in ("up_to_date", "deployed")):
             count.healthy += 1
-            continue
         elif state in STUCK_STATES or host.get("last_run_success") == 0:
             count.stuck += 1
-            continue
         else:
             count.on_the_way += 1
-            continue
-        count.failed_hosts.append(shown)
     return count
 
 
@@ -3529,6 +3532,11 @@ def promote_verdict(count: FleetCount, policy: PromotePolicy, rollout: Rollout, 
     following = upcoming[0] if upcoming else 100.0
     return "advance", following, (f"{count.healthy} healthy, no more failures than allowed, baked "
                                   f"{format_duration(step_age)}")
+
+
+def named_hosts(hosts: list[str]) -> str:
+    """` (a, b, ...)` after a count in promote's paragraph; at most ten names."""
+    return f" ({', '.join(hosts[:10])}{', ...' if len(hosts) > 10 else ''})" if hosts else ""
 
 
 def format_duration(seconds: float) -> str:
@@ -3656,10 +3664,10 @@ def command_promote(args: argparse.Namespace) -> int:
         written = (f" Wrote {args.output} (revision {pointer.revision + 1}): "
                    + (f"rollout {percent:g}%." if verdict == "advance" else
                       f"{policy.revert_to} for every host." if policy.on_halt == "revert" else "pause: true."))
-    failed = f" ({', '.join(count.failed_hosts[:10])})" if count.failed_hosts else ""
     print(f"{verdict.upper()}: {why}. {pointer.path} (revision {pointer.revision}) is at "
           f"{rollout.percent_at(now):g}%: {count.reporting} host(s) report it, {count.admitted} admitted: "
-          f"{count.healthy} healthy, {count.rolled_back} rolled back, {count.boot_failed} did not boot{failed}, "
+          f"{count.healthy} healthy, {count.rolled_back} rolled back{named_hosts(count.rolled_back_hosts)}, "
+          f"{count.boot_failed} did not boot{named_hosts(count.boot_failed_hosts)}, "
           f"{count.stuck} stuck, {count.on_the_way} on their way. Policy: steps "
           f"{'/'.join(f'{s:g}%' for s in policy.steps)}, bake {format_duration(policy.bake)}, at least "
           f"{policy.min_healthy} healthy, at most {policy.max_failures} failure(s)"

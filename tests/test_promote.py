@@ -427,3 +427,19 @@ def test_partial_answer_with_warnings_is_no_answer(fake_prometheus, tmp_path):
     hinted = vector(healthy_fleet(B), infos=["PromQL info: metric might not be a counter"])
     r = promote(pointer, fake_prometheus(hinted), key, out, "--bake", "0s")
     assert r.returncode == EXIT["advance"], (r.stdout, r.stderr)
+
+
+def test_explanation_names_each_failed_host_under_its_failure(fake_prometheus, tmp_path):
+    """The paragraph a human acts on: a host that rolled the build back is
+    not listed as one that did not boot it."""
+    key = make_key(tmp_path, "ci")
+    pointer = sign(key, tmp_path / "p", B, 5, "--rollout", "5%")
+    out = tmp_path / "next"
+    samples = api_samples(host_samples("rb-host", B, current="a", state="rolled_back", ok=0, bucket=1)
+                          + host_samples("bf-host", B, current="a", state="boot_failed", ok=0, bucket=2))
+    r = promote(pointer, fake_prometheus(vector(samples)), key, out, "--bake", "0s")
+    assert r.returncode == EXIT["halt"], (r.stdout, r.stderr)
+    assert "1 rolled back (rb-host), 1 did not boot (bf-host)," in r.stdout, r.stdout
+    samples = api_samples(host_samples("rb-host", B, current="a", state="rolled_back", ok=0, bucket=1))
+    r = promote(pointer, fake_prometheus(vector(samples)), key, out, "--bake", "0s")
+    assert "1 rolled back (rb-host), 0 did not boot," in r.stdout, r.stdout
