@@ -3638,9 +3638,11 @@ def command_promote(args: argparse.Namespace) -> int:
         raise UsageError("--not-after and --no-expiry exclude each other")
     if args.not_after is not None:
         try:
-            parse_rfc3339(args.not_after)
+            expiry = parse_rfc3339(args.not_after).timestamp()
         except ValueError:
             raise UsageError(f"--not-after {args.not_after!r} is not an RFC 3339 time") from None
+        if expiry <= time.time():
+            raise UsageError(f"--not-after {args.not_after} is past: every host would refuse the next pointer")
     fetcher = Fetcher(None)
     signers = allowed_signers(args.trusted_keys) if args.trusted_keys else public_key_signers(args.key)
     pointer, started = read_current_pointer(args.pointer, fetcher, signers, args.timeout)

@@ -443,3 +443,16 @@ def test_explanation_names_each_failed_host_under_its_failure(fake_prometheus, t
     samples = api_samples(host_samples("rb-host", B, current="a", state="rolled_back", ok=0, bucket=1))
     r = promote(pointer, fake_prometheus(vector(samples)), key, out, "--bake", "0s")
     assert "1 rolled back (rb-host), 0 did not boot," in r.stdout, r.stdout
+
+
+def test_not_after_in_the_past_writes_nothing(fake_prometheus, tmp_path):
+    """A next pointer every host would refuse as expired is no step: not an
+    advance, and above all not a halt (the hosts would not pause)."""
+    key = make_key(tmp_path, "ci")
+    pointer = sign(key, tmp_path / "p", B, 5, "--rollout", "5%")
+    out = tmp_path / "next"
+    for samples in (healthy_fleet(B), failing_fleet(B)):
+        r = promote(pointer, fake_prometheus(vector(samples)), key, out, "--bake", "0s",
+                    "--not-after", "2020-01-01T00:00:00Z")
+        assert r.returncode == 2 and not out.exists(), (r.stdout, r.stderr)
+        assert "--not-after" in r.stderr
