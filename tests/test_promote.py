@@ -456,3 +456,43 @@ def test_not_after_in_the_past_writes_nothing(fake_prometheus, tmp_path):
                     "--not-after", "2020-01-01T00:00:00Z")
         assert r.returncode == 2 and not out.exists(), (r.stdout, r.stderr)
         assert "--not-after" in r.stderr
+
+
+def test_every_halt_pointer_is_one_the_real_agent_accepts(world, server, fake_prometheus, tmp_path):
+    """The pointers a halt writes (a revert to the previous build; a pause of
+    a ramp, which keeps its rollout lines), fetched and obeyed by the real
+    agent: nothing refused."""
+    a, c = world.path("a"), world.path("c")
+    key = make_key(tmp_path, "ci")
+    fleet = Fleet(world, server, tmp_path / "hosts", key, {"one": "one-0", "two": "two-0"}, "/halts")
+    fleet.publish(sign(key, tmp_path / "p1", a, 1))
+    for role in fleet.hosts:
+        fleet.run(role)
+    p2 = sign(key, tmp_path / "p2", c, 2)
+    fleet.publish(p2)
+    for role in fleet.hosts:
+        fleet.run(role)
+    assert {h.current for h in fleet.hosts.values()} == {c}
+    prometheus = fake_prometheus(vector(failing_fleet(c)))
+    out = tmp_path / "next"
+    r = promote(p2, prometheus, key, out, "--bake", "0s", "--on-halt", "revert", "--revert-to", a)
+    assert r.returncode == EXIT["halt"], (r.stdout, r.stderr)
+    fleet.publish(out)
+    for role in fleet.hosts:
+        fleet.run(role)
+    assert {h.current for h in fleet.hosts.values()} == {a}
+    assert {h.state()["last_state"] for h in fleet.hosts.values()} <= {"deployed", "up_to_date"}
+
+    ramp = sign(key, tmp_path / "p4", c, 4, "--rollout", "0%", "--rollout-start", "2020-01-01T00:00:00Z",
+                "--rollout-duration", "1h")
+    out.unlink()
+    r = promote(ramp, prometheus, key, out, "--bake", "0s")
+    assert r.returncode == EXIT["halt"], (r.stdout, r.stderr)
+    paused = fields(out)
+    assert (paused["pause"], paused["rollout-start"], paused["rollout-duration"]) == (
+        "true", "2020-01-01T00:00:00Z", "1h")
+    fleet.publish(out)
+    for role in fleet.hosts:
+        fleet.run(role)
+    assert {h.current for h in fleet.hosts.values()} == {a}
+    assert {h.state()["last_state"] for h in fleet.hosts.values()} == {"rollout_paused"}
