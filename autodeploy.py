@@ -3784,6 +3784,11 @@ def label_matchers(text: str) -> str:
     return inner.strip()
 
 
+def pointer_source(text: str) -> str:
+    """promote --pointer: a URL (checked as --url is) or a file."""
+    return http_url(text) if text.startswith(("http://", "https://")) else text
+
+
 def store_path_option(text: str) -> str:
     try:
         return validate_store_path(text, text)
@@ -3898,7 +3903,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     promote_p = sub.add_parser("promote", help="CI: the rollout's next step (advance, hold, halt), decided by "
                                                "the fleet's metrics in Prometheus")
-    promote_p.add_argument("--pointer", required=True, metavar="FILE|URL",
+    promote_p.add_argument("--pointer", required=True, metavar="FILE|URL", type=pointer_source,
                            help="the current signed pointer (FILE.sig or URL.sig next to it)")
     promote_p.add_argument("--prometheus", required=True, type=http_url, metavar="URL",
                            help="Prometheus base URL (its /api/v1/query is asked)")

@@ -496,3 +496,13 @@ def test_every_halt_pointer_is_one_the_real_agent_accepts(world, server, fake_pr
         fleet.run(role)
     assert {h.current for h in fleet.hosts.values()} == {a}
     assert {h.state()["last_state"] for h in fleet.hosts.values()} == {"rollout_paused"}
+
+
+@pytest.mark.parametrize("url", ["http://[::1/p", "http://127.0.0.1:99999/p", "http://127.0.0.1:1/p q", "http:///p"])
+def test_malformed_pointer_url_is_a_usage_error(tmp_path, url):
+    key = make_key(tmp_path, "ci")
+    out = tmp_path / "next"
+    argv = [sys.executable, str(AGENT), "promote", "--pointer", url, "--prometheus", "http://127.0.0.1:1",
+            "--key", str(key.private), "-o", str(out), "--timeout", "1"]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "internal error" not in r.stderr and not out.exists(), r.stderr
