@@ -3547,12 +3547,20 @@ def format_duration(seconds: float) -> str:
 
 def public_key_signers(key: str) -> str:
     """The allowed-signers document of --key's own public half: promote
-    re-signs what it reads, so it reads only what CI signed."""
-    result = ssh_keygen(["-y", "-f", key])
-    lines = [line for line in result.stdout.splitlines() if line.startswith(KEY_TYPES)]
-    if result.returncode != 0 or not lines:
-        raise UsageError(f"cannot read the public key of --key {key}: {result.stdout.strip()[:200]}")
-    return f'{SIGNATURE_NAMESPACE} namespaces="{SIGNATURE_NAMESPACE}" {lines[0]}\n'
+    re-signs what it reads, so it reads only what CI signed.  --key may be
+    the public key itself, its private half in ssh-agent."""
+    try:
+        with open(key, "rb") as f:
+            head = f.read(MAX_SIGNATURE_BYTES).decode("utf-8", "replace").strip()
+    except OSError:
+        head = ""
+    if not (head.startswith(KEY_TYPES) and "\n" not in head):
+        result = ssh_keygen(["-y", "-f", key])
+        lines = [line for line in result.stdout.splitlines() if line.startswith(KEY_TYPES)]
+        if result.returncode != 0 or not lines:
+            raise UsageError(f"cannot read the public key of --key {key}: {result.stdout.strip()[:200]}")
+        head = lines[0]
+    return f'{SIGNATURE_NAMESPACE} namespaces="{SIGNATURE_NAMESPACE}" {head}\n'
 
 
 def read_current_pointer(where: str, fetcher: Fetcher, signers: str | None, timeout: float

@@ -506,3 +506,23 @@ def test_malformed_pointer_url_is_a_usage_error(tmp_path, url):
             "--key", str(key.private), "-o", str(out), "--timeout", "1"]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
     assert r.returncode == 2 and "internal error" not in r.stderr and not out.exists(), r.stderr
+
+
+def test_key_held_by_ssh_agent(fake_prometheus, tmp_path):
+    """`--key KEY.pub` with the private half in ssh-agent (ssh-keygen -Y sign
+    takes either): the current pointer is verified against that public key."""
+    key = make_key(tmp_path, "ci")
+    pointer = sign(key, tmp_path / "p", B, 5, "--rollout", "5%")
+    agent = subprocess.run(["ssh-agent", "-s"], capture_output=True, text=True, check=True).stdout
+    env = dict(os.environ, **dict(line.split(";")[0].split("=", 1) for line in agent.splitlines() if "=" in line))
+    try:
+        subprocess.run(["ssh-add", "-q", str(key.private)], env=env, check=True, capture_output=True)
+        out = tmp_path / "next"
+        argv = [sys.executable, str(AGENT), "promote", "--pointer", str(pointer), "--prometheus",
+                fake_prometheus(vector(healthy_fleet(B))), "--key", f"{key.private}.pub", "-o", str(out),
+                "--bake", "0s", "--timeout", "5"]
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
+        assert r.returncode == EXIT["advance"], (r.stdout, r.stderr)
+        assert fields(out)["rollout"] == "25%"
+    finally:
+        os.kill(int(env["SSH_AGENT_PID"]), 15)
