@@ -3489,7 +3489,9 @@ def count_fleet(samples: list[dict[str, Any]], build: str, percent: float) -> Fl
         if state == "boot_failed":
             count.boot_failed += 1
             count.boot_failed_hosts.append(shown)
-        elif state == "rolled_back" or host.get("quarantined") == build:
+        elif state in ("rolled_back", "quarantined") or host.get("quarantined") == build:
+            # `quarantined` is the state of a host whose upstream (the build)
+            # is quarantined; it does not depend on the path label surviving.
             count.rolled_back += 1
             count.rolled_back_hosts.append(shown)
         elif (info.get("current_generation") == info.get("deployed_generation") == name

@@ -526,3 +526,21 @@ def test_key_held_by_ssh_agent(fake_prometheus, tmp_path):
         assert fields(out)["rollout"] == "25%"
     finally:
         os.kill(int(env["SSH_AGENT_PID"]), 15)
+
+
+def test_quarantined_state_is_a_failure_whatever_the_path_label_says(fake_prometheus, tmp_path):
+    """The agent reports state `quarantined` only when its upstream (here the
+    build) is quarantined.  Where the scrape target has a `path` label of its
+    own, Prometheus renames the agent's to `exported_path` (honor_labels:
+    false), and a metric_relabel_configs may drop it: the host that rolled
+    the build back must still count as a failure on its next runs."""
+    key = make_key(tmp_path, "ci")
+    pointer = sign(key, tmp_path / "p", B, 5, "--rollout", "5%")
+    out = tmp_path / "next"
+    host = host_samples("q", B, current="a", state="quarantined", bucket=3, quarantined=B)
+    for s in host:
+        if s["metric"]["__name__"].endswith("_quarantined"):
+            s["metric"]["exported_path"] = s["metric"].pop("path")
+        s["metric"]["path"] = "/node"  # the target's label
+    r = promote(pointer, fake_prometheus(vector(api_samples(host) + healthy_fleet(B))), key, out, "--bake", "0s")
+    assert r.returncode == EXIT["halt"] and "1 rolled back (q)" in r.stdout, (r.stdout, r.stderr)
