@@ -3369,10 +3369,13 @@ def sign_rollout_metadata(args: argparse.Namespace) -> dict[str, str]:
 
 PROMOTE_EXIT: Final = {"advance": 0, "hold": 10, "halt": 11, "complete": 12}
 PROMOTE_METRICS: Final = ("info", "state", "quarantined", "rollout_bucket_number", "last_run_success")
-# Labels that describe a series, not the host that wrote it.
-PROMOTE_SERIES_LABELS: Final = frozenset((
-    "__name__", "state", "path", "current_generation", "booted_generation", "deployed_generation",
-    "upstream_generation"))
+# Labels that describe a series, not the host that wrote it.  Where a scrape
+# target has a label of the same name, Prometheus keeps the agent's as
+# exported_<name> (honor_labels: false); count_fleet reads that one first.
+AGENT_SERIES_LABELS: Final = ("state", "path", "current_generation", "booted_generation", "deployed_generation",
+                              "upstream_generation")
+PROMOTE_SERIES_LABELS: Final = frozenset(("__name__", *AGENT_SERIES_LABELS,
+                                          *(f"exported_{name}" for name in AGENT_SERIES_LABELS)))
 MAX_PROMETHEUS_ANSWER: Final = 64 * 1024 * 1024
 STEP_STARTED_KEY: Final = "x-step-started"
 # Host states (STATES) that mean the host cannot make progress by itself.
@@ -3462,7 +3465,8 @@ def count_fleet(samples: list[dict[str, Any]], build: str, percent: float) -> Fl
     hosts: dict[tuple[tuple[str, str], ...], dict[str, Any]] = {}
     name = os.path.basename(build)
     for sample in samples:
-        labels = sample["metric"]
+        labels = {**sample["metric"], **{name: sample["metric"][f"exported_{name}"] for name in AGENT_SERIES_LABELS
+                                         if f"exported_{name}" in sample["metric"]}}
         key = tuple(sorted((k, v) for k, v in labels.items() if k not in PROMOTE_SERIES_LABELS))
         host = hosts.setdefault(key, {})
         metric = labels.get("__name__", "")[len("nixos_autodeploy_"):]

@@ -544,3 +544,39 @@ def test_quarantined_state_is_a_failure_whatever_the_path_label_says(fake_promet
         s["metric"]["path"] = "/node"  # the target's label
     r = promote(pointer, fake_prometheus(vector(api_samples(host) + healthy_fleet(B))), key, out, "--bake", "0s")
     assert r.returncode == EXIT["halt"] and "1 rolled back (q)" in r.stdout, (r.stdout, r.stderr)
+
+
+@needs_prometheus
+def test_target_labels_named_like_the_agents_own(world, server, tmp_path):
+    """Scrape targets labelled `state` (a region) and `path`: the real
+    Prometheus renames the agent's labels to exported_state and
+    exported_path (honor_labels: false).  promote still sees each host once,
+    its state, and the canary that rolled the build back."""
+    a, b = world.path("a"), world.path("b")
+    key = make_key(tmp_path, "ci")
+    names = {"good1": "good-1", "good2": "good-2", "bad": "bad-1"}
+    fleet = Fleet(world, server, tmp_path, key, names, "/labels")
+    fleet.publish(sign(key, tmp_path / "p0", a, 1))
+    for role in fleet.hosts:
+        fleet.run(role)
+    p1 = sign(key, tmp_path / "p1", b, 2)
+    fleet.publish(p1)
+    fleet.hosts["bad"].ctl("fail").write_text(b + "\n")
+    fleet.run("good1")
+    fleet.run("good2")
+    fleet.run("bad", expect=(5,))
+    fleet.run("bad")  # its next run: state quarantined
+    monitor = FleetMonitor(tmp_path, fleet.textfile_dirs(), labels={"state": "CA", "path": "/node"})
+    try:
+        monitor.wait_for("the renamed labels", lambda: {
+            r["metric"]["instance"]: r["metric"].get("exported_state")
+            for r in monitor.query("nixos_autodeploy_state == 1")} == {
+            "good1": "deployed", "good2": "deployed", "bad": "quarantined"})
+        out = tmp_path / "next"
+        r = promote(p1, monitor.base, key, out, "--bake", "0s", "--min-healthy", "2")
+        assert r.returncode == EXIT["halt"], (r.stdout, r.stderr)
+        assert "3 host(s) report it, 3 admitted: 2 healthy, 1 rolled back (bad)" in r.stdout, r.stdout
+    finally:
+        monitor.close()
+        for h in fleet.hosts.values():
+            h.kill_orphans()
