@@ -174,6 +174,15 @@ ACTIVATION_WAIT_SECONDS: Final = 600
 
 # Boot assessment, /boot space and history (see "Booting safely" in README.md).
 BOOT_DIR: Final = "/boot"
+# Where the boot loader's entries and the kernels it copies live ($BOOT), when
+# --boot-dir does not say: the first of these that looks like one.  NixOS puts
+# them at boot.loader.systemd-boot.xbootldrMountPoint, else at
+# boot.loader.efi.efiSysMountPoint (nixpkgs' systemd-boot.nix: bootMountPoint;
+# systemd-boot-builder.py writes loader/entries and EFI/nixos there), whose
+# default is /boot; /boot/efi and /efi are the other common ESP mount points.
+# GRUB copies kernels into /boot/kernels whatever the ESP.
+BOOT_DIR_CANDIDATES: Final = ("/boot", "/efi", "/boot/efi")
+BOOT_DIR_MARKERS: Final = ("loader/entries", "EFI/nixos", "grub", "kernels")
 # Free space that must remain in /boot after the new kernel and initrd: the
 # loader entries, initrd secrets appended to the copied initrd, and the
 # filesystem's own overhead (FAT clusters) need room too.
@@ -300,6 +309,31 @@ class RebootMode(enum.Enum):
     KEXEC = "kexec"
 
 
+# hlsb-fulda/nixos-autodeploy's CLI (clap's ValueEnum, kebab-case: the variant
+# KExec is spelled `k-exec`) takes `-r k-exec`; users carry it over in extraArgs.
+REBOOT_MODE_ALIASES: Final = {"k-exec": RebootMode.KEXEC}
+
+
+def reboot_mode_arg(text: str) -> RebootMode:
+    """`--reboot-mode` as argparse's type: our spellings and the original's."""
+    if text in REBOOT_MODE_ALIASES:
+        return REBOOT_MODE_ALIASES[text]
+    return RebootMode(text)
+
+
+reboot_mode_arg.__name__ = "reboot mode"  # argparse's "invalid reboot mode value: ..."
+
+
+def absolute_dir(text: str) -> str:
+    """An absolute directory path as argparse's type (--boot-dir)."""
+    if not text.startswith("/") or "\0" in text:
+        raise ValueError(text)
+    return os.path.normpath(text)
+
+
+absolute_dir.__name__ = "absolute path"
+
+
 class Action(enum.Enum):
     TRACK = "track"
     RESUME = "resume"
@@ -331,6 +365,9 @@ class Config:
     health_checks: tuple[str, ...] = ()
     health_timeout: float = 120.0
     connectivity_check: bool = True
+    # Where the boot loader's entries and kernels are (--boot-dir); None: found
+    # among BOOT_DIR_CANDIDATES (boot_dir_of).
+    boot_dir: str | None = None
     reboot_window: tuple[int, int] | None = None  # minutes after midnight
     trusted_keys: str | None = None
     signature_url: str | None = None
@@ -1600,11 +1637,12 @@ def render_metrics(state: State, host: HostView, suspended: bool) -> str:
            "Staged systems the host did not boot into (boot loader fallback, e.g. after failed boot assessments); "
            "kept across runs.", [({}, state.boot_failures_total)])
     if state.boot_free_bytes is not None:
-        metric("boot_free_bytes", "gauge", "Free bytes in /boot (only when /boot is a separate filesystem).",
+        metric("boot_free_bytes", "gauge",
+               "Free bytes in $BOOT (/boot, or the ESP at /boot/efi or /efi; only when it is a separate filesystem).",
                [({}, state.boot_free_bytes)])
     if state.boot_needed_bytes is not None:
         metric("boot_needed_bytes", "gauge",
-               "Bytes the last deploy needed in /boot for its kernel and initrd, margin included (0: already there).",
+               "Bytes the last deploy needed in $BOOT for its kernel and initrd, margin included (0: already there).",
                [({}, state.boot_needed_bytes)])
     refused = pointer_refusal_reason(state)
     metric("pointer_refused", "gauge",
@@ -1779,12 +1817,44 @@ def read_loader_variable(name: str) -> str | None:
     return text if text and text.isprintable() else None
 
 
-def exhausted_boot_entry(system: str) -> str | None:
+def boot_dir_of(boot_dir: str | None = None) -> str:
+    """$BOOT: `boot_dir` when given (--boot-dir, from the module's boot loader
+    configuration), else the first candidate holding a boot loader's files,
+    else /boot."""
+    if boot_dir:
+        return boot_dir
+    for candidate in BOOT_DIR_CANDIDATES:
+        if any(os.path.isdir(os.path.join(candidate, marker)) for marker in BOOT_DIR_MARKERS):
+            return candidate
+    return BOOT_DIR
+
+
+# A Boot Loader Specification entry ID with its boot counter, as a file name
+# (`nixos-<hash>+2-1.conf`, `+0-3`, `+1`) or as an EFI variable shows it.  The
+# variables carry the counter as it was at boot (LoaderEntrySelected=foo+1-0.conf
+# while the file is already foo+0-1.conf), so IDs are compared without it.
+_BOOT_COUNTER_RE: Final = r"\+[0-9]+(-[0-9]+)?(?=(\.conf)?$)"
+
+
+def entry_id_without_counter(entry_id: str) -> str:
+    import re
+    return re.sub(_BOOT_COUNTER_RE, "", entry_id)
+
+
+def is_entry_pattern(entry_id: str) -> bool:
+    """systemd-boot takes a glob as the default (loader.conf `default nixos-*`,
+    as nixpkgs writes it with boot counting; `bootctl set-default 'foo*'`)."""
+    return any(c in entry_id for c in "*?[")
+
+
+def exhausted_boot_entry(system: str, boot_dir: str | None = None) -> str | None:
     """The systemd-boot entry of `system` that has no tries left (boot
     counting: `<id>+0-<failed>.conf`), or None.  NixOS entries name their
-    system in the `options` line (`init=<toplevel>/init`)."""
+    system in the `options` line (`init=<toplevel>/init`), whatever the file
+    is called (`nixos-generation-<n>.conf` up to 26.05, `nixos-<hash>.conf`
+    from 26.11)."""
     import re
-    directory = os.path.join(BOOT_DIR, "loader", "entries")
+    directory = os.path.join(boot_dir_of(boot_dir), "loader", "entries")
     try:
         names = sorted(os.listdir(directory))
     except OSError:
@@ -1805,45 +1875,54 @@ def exhausted_boot_entry(system: str) -> str | None:
     return None
 
 
-def boot_entry_choice(staged: str | None = None) -> tuple[str, str]:
+def boot_entry_choice(staged: str | None = None, boot_dir: str | None = None) -> tuple[str, str]:
     """Who chose this boot's entry instead of the staged system's:
     ("loader", why) when the staged entry ran out of tries or systemd-boot
     booted its default, ("manual", why) when systemd-boot says the booted
     entry is not its default (LoaderEntryDefault: a default picked in the menu
     or set with `bootctl set-default`), ("unknown", why) when it does not say
     (GRUB, BIOS, or no LoaderEntryDefault: NixOS writes its default into
-    loader.conf)."""
-    exhausted = exhausted_boot_entry(staged) if staged else None
+    loader.conf).  A default that is a pattern records no manual choice: a
+    fallback must never look like one."""
+    import fnmatch
+    exhausted = exhausted_boot_entry(staged, boot_dir) if staged else None
     if exhausted is not None:
         return "loader", f"boot entry {shorten(exhausted, 80)} has no tries left (boot counting)"
     selected = read_loader_variable("LoaderEntrySelected")
     default = read_loader_variable("LoaderEntryDefault")
     if selected is None or default is None:
         return "unknown", "the boot loader does not tell whether the entry was picked by hand"
-    if selected != default:
+    if is_entry_pattern(default):
+        if fnmatch.fnmatchcase(selected, default) or fnmatch.fnmatchcase(entry_id_without_counter(selected), default):
+            return "loader", (f"the boot loader booted {shorten(selected, 80)}, the first entry it would boot for "
+                              f"its default {shorten(default, 80)}")
+        return "unknown", (f"the boot loader's default is the pattern {shorten(default, 80)}, which records no "
+                           "choice by hand")
+    if entry_id_without_counter(selected) != entry_id_without_counter(default):
         return "manual", f"boot entry {shorten(selected, 80)} was picked by hand; the default is {shorten(default, 80)}"
     return "loader", f"the boot loader booted its default entry {shorten(selected, 80)}"
 
 
-def boot_is_separate() -> bool:
-    """Only a separate /boot filesystem can fill up on its own."""
+def boot_is_separate(boot_dir: str | None = None) -> bool:
+    """Only a separate boot filesystem (/boot, or the ESP at /boot/efi or
+    /efi) can fill up on its own."""
     try:
-        return os.stat(BOOT_DIR).st_dev != os.stat("/").st_dev
+        return os.stat(boot_dir_of(boot_dir)).st_dev != os.stat("/").st_dev
     except OSError:
         return False
 
 
-def boot_free_bytes() -> int | None:
-    if not boot_is_separate():
+def boot_free_bytes(boot_dir: str | None = None) -> int | None:
+    if not boot_is_separate(boot_dir):
         return None
     try:
-        st = os.statvfs(BOOT_DIR)
+        st = os.statvfs(boot_dir_of(boot_dir))
     except OSError:
         return None
     return st.f_bavail * st.f_frsize
 
 
-def boot_copies(system: str) -> list[tuple[str, str]]:
+def boot_copies(system: str, boot_dir: str | None = None) -> list[tuple[str, str]]:
     """(store file, destination in /boot) for the kernel and initrd that the
     boot loader installer copies into /boot, named as it names them:
     systemd-boot-builder.py's copy_from_file() (EFI/nixos/<store dir>-<file>.efi)
@@ -1851,10 +1930,11 @@ def boot_copies(system: str) -> list[tuple[str, str]]:
     GRUB without /boot/kernels reads kernels from the store: nothing is copied."""
     files = [os.path.realpath(os.path.join(system, name)) for name in ("kernel", "initrd")]
     files = [f for f in files if f.startswith(STORE_DIR + "/") and os.path.isfile(f)]
-    grub = os.path.isdir(os.path.join(BOOT_DIR, "grub"))
-    systemd_boot = any(os.path.isdir(os.path.join(BOOT_DIR, d)) for d in ("loader", "EFI/nixos"))
+    boot = boot_dir_of(boot_dir)
+    grub = os.path.isdir(os.path.join(boot, "grub"))
+    systemd_boot = any(os.path.isdir(os.path.join(boot, d)) for d in ("loader", "EFI/nixos"))
     if grub and not systemd_boot:
-        kernels = os.path.join(BOOT_DIR, "kernels")
+        kernels = os.path.join(boot, "kernels")
         if not os.path.isdir(kernels):
             return []
         return [(f, os.path.join(kernels, f[len(STORE_DIR) + 1:].replace("/", "-"))) for f in files]
@@ -1864,13 +1944,13 @@ def boot_copies(system: str) -> list[tuple[str, str]]:
         relative = f[len(STORE_DIR) + 1:]
         store_dir, _, rest = relative.partition("/")
         name = f"{store_dir}.efi" if not rest else f"{store_dir}-{os.path.basename(f)}.efi"
-        out.append((f, os.path.join(BOOT_DIR, "EFI", "nixos", name)))
+        out.append((f, os.path.join(boot, "EFI", "nixos", name)))
     return out
 
 
-def boot_space_needed(system: str) -> int:
-    """Bytes the system's kernel and initrd add to /boot (0 when already there)."""
-    return sum(os.path.getsize(src) for src, dest in boot_copies(system) if not os.path.exists(dest))
+def boot_space_needed(system: str, boot_dir: str | None = None) -> int:
+    """Bytes the system's kernel and initrd add to $BOOT (0 when already there)."""
+    return sum(os.path.getsize(src) for src, dest in boot_copies(system, boot_dir) if not os.path.exists(dest))
 
 
 def with_margin(needed: int) -> int:
@@ -2543,7 +2623,7 @@ class Agent:
         state = self.state
         bad, running = state.deployed, host.current
         assert bad is not None and running is not None
-        choice, detail = boot_entry_choice(bad)
+        choice, detail = boot_entry_choice(bad, self.cfg.boot_dir)
         if choice == "manual":
             return Outcome("booted_previous", f"the host rebooted into {basename_or_empty(running)}, not the staged "
                                               f"{basename_or_empty(bad)}: {detail}; the staged system stays the "
@@ -2583,20 +2663,21 @@ class Agent:
         """Refuse (nothing changed yet) when the new kernel and initrd would not
         fit into a separate /boot with a margin."""
         state = self.state
-        free = boot_free_bytes()
+        boot = boot_dir_of(self.cfg.boot_dir)
+        free = boot_free_bytes(boot)
         state.boot_free_bytes = free
         if free is None:
             state.boot_needed_bytes = None
-            debug(f"{BOOT_DIR} is not a separate filesystem: no space check")
+            debug(f"{boot} is not a separate filesystem: no space check")
             return
-        needed = with_margin(boot_space_needed(system))
+        needed = with_margin(boot_space_needed(system, boot))
         state.boot_needed_bytes = needed
         if needed > free:
-            raise DeployError(f"{BOOT_DIR} has {free} bytes free, but the kernel and initrd of {system} need "
-                              f"{needed} bytes there (with the margin): not deploying; free space in {BOOT_DIR} "
+            raise DeployError(f"{boot} has {free} bytes free, but the kernel and initrd of {system} need "
+                              f"{needed} bytes there (with the margin): not deploying; free space in {boot} "
                               "(delete old generations, then `nix-collect-garbage -d` and "
                               "`/run/current-system/bin/switch-to-configuration boot`)", "boot_space")
-        debug(f"{BOOT_DIR}: {free} bytes free, {needed} needed")
+        debug(f"{boot}: {free} bytes free, {needed} needed")
 
     def record_attempt(self, outcome: Outcome, ended: float) -> None:
         attempt, self.attempt = self.attempt, None
@@ -2716,7 +2797,7 @@ class Agent:
         self._record_outcome(outcome, ended)
         # Boot safety and history (README: "Booting safely").
         self.record_attempt(outcome, ended)
-        state.boot_free_bytes = boot_free_bytes()
+        state.boot_free_bytes = boot_free_bytes(cfg.boot_dir)
         if state.upstream and host.current != state.upstream:
             state.behind_since = state.behind_since or ended
         else:
@@ -3849,8 +3930,9 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="{switch,boot,smart}",
                        help="switch now, stage for the next boot, or smart: boot only when kernel, initrd or "
                             "modules change (default: switch)")
-    run_p.add_argument("-r", "--reboot-mode", type=RebootMode, choices=list(RebootMode), default=None,
-                       metavar="{reboot,kexec}", help="reboot (or kexec) after a boot-mode deploy (default: never)")
+    run_p.add_argument("-r", "--reboot-mode", type=reboot_mode_arg, choices=list(RebootMode), default=None,
+                       metavar="{reboot,kexec}", help="reboot (or kexec) after a boot-mode deploy (default: never; "
+                                                      "`k-exec`, the original's spelling, means kexec)")
     run_p.add_argument("--prometheus-path", metavar="FILE", help="write Prometheus metrics to FILE (textfile collector)")
     run_p.add_argument("--state-dir", metavar="DIR", default=DEFAULT_STATE_DIR,
                        help=f"where the agent keeps its record (default: {DEFAULT_STATE_DIR})")
@@ -3879,6 +3961,10 @@ def build_parser() -> argparse.ArgumentParser:
     run_p.add_argument("--on-failure", metavar="CMD", help="run CMD via /bin/sh -c after a failed run")
     run_p.add_argument("--hook-timeout", type=positive, default=60.0, metavar="SECONDS",
                        help="time allowed for a hook (default: 60)")
+    run_p.add_argument("--boot-dir", type=absolute_dir, metavar="DIR",
+                       help="where the boot loader's entries and the kernels it copies are ($BOOT: the ESP, or "
+                            "the XBOOTLDR partition): for the boot-loader checks and the space check (default: the "
+                            f"first of {', '.join(BOOT_DIR_CANDIDATES)} holding boot loader files, else {BOOT_DIR})")
     # Fleet rollouts: coordinated reboots.
     run_p.add_argument("--fleetlock-url", type=validate_fleetlock_url, metavar="URL",
                        help="take a FleetLock reboot slot (Zincati's protocol, e.g. airlock) at this base URL "
@@ -3985,6 +4071,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         token_file=args.token_file, json_field=args.json_field, on_success=args.on_success,
         on_failure=args.on_failure, hook_timeout=args.hook_timeout,
         fleetlock_url=args.fleetlock_url, fleetlock_group=args.fleetlock_group,
+        boot_dir=args.boot_dir,
     )
 
 
