@@ -3552,7 +3552,11 @@ def count_fleet(samples: list[dict[str, Any]], build: str, percent: float) -> Fl
         host = hosts.setdefault(key, {})
         metric = labels.get("__name__", "")[len("nixos_autodeploy_"):]
         if metric == "info":
-            host["info"] = labels
+            # Two info series for one host: one from before a Prometheus
+            # restart (no staleness markers then).  The one naming the build
+            # decides; state series have fixed labels and are never doubled.
+            if "info" not in host or labels.get("upstream_generation") == name:
+                host["info"] = labels
         elif metric == "state" and sample["value"] == 1:
             host["state"] = labels.get("state")
         elif metric == "quarantined" and sample["value"] == 1:

@@ -580,3 +580,60 @@ def test_target_labels_named_like_the_agents_own(world, server, tmp_path):
         monitor.close()
         for h in fleet.hosts.values():
             h.kill_orphans()
+
+
+def test_a_hosts_older_info_series_does_not_hide_its_failure(fake_prometheus, tmp_path):
+    """A Prometheus restarted within its lookback writes no staleness markers
+    for what vanished while it was down: a host's info series from before
+    (other labels) is answered next to the current one, in label order.  A
+    host whose current series names the build and which rolled it back
+    counts as a failure whichever comes last."""
+    key = make_key(tmp_path, "ci")
+    pointer = sign(key, tmp_path / "p", B, 5, "--rollout", "5%")
+    out = tmp_path / "next"
+    failed = host_samples("bad", B, current="a", state="rolled_back", ok=0, bucket=3)
+    before = sample("info", instance="bad", upstream_generation="0" * 32 + "-a", current_generation="a",
+                    deployed_generation="a", booted_generation="a")
+    for order in ([failed[0], before], [before, failed[0]]):
+        samples = api_samples(order + failed[1:]) + healthy_fleet(B)
+        r = promote(pointer, fake_prometheus(vector(samples)), key, out, "--bake", "0s")
+        assert r.returncode == EXIT["halt"] and "1 rolled back (bad)" in r.stdout, (r.stdout, r.stderr)
+        out.unlink()
+
+
+@needs_prometheus
+def test_failure_seen_right_after_a_prometheus_restart(world, server, tmp_path):
+    """The real sequence behind the test above: Prometheus stops, a canary
+    rolls the build back meanwhile, Prometheus starts again on its data; for
+    its lookback it answers the host's info series from before as well,
+    after the current one when its labels sort after it (as here)."""
+    paths = sorted((world.path(n) for n in "bcd"), key=os.path.basename)  # hosts start on a
+    b, a = paths[0], paths[-1]  # the series from before (upstream a) is answered last
+    key = make_key(tmp_path, "ci")
+    fleet = Fleet(world, server, tmp_path, key, {"bad": "bad-1", "good": "good-1"}, "/restart")
+    for revision, path in ((1, world.path("a")), (2, a)):
+        fleet.publish(sign(key, tmp_path / f"p0-{revision}", path, revision))
+        for role in fleet.hosts:
+            fleet.run(role)
+    monitor = FleetMonitor(tmp_path, fleet.textfile_dirs())
+    try:
+        monitor.wait_for("both deployed a", lambda: set(states(monitor).values()) == {"deployed"})
+        time.sleep(2)
+    finally:
+        monitor.close()
+    p1 = sign(key, tmp_path / "p1", b, 3)
+    fleet.publish(p1)
+    fleet.hosts["bad"].ctl("fail").write_text(b + "\n")
+    fleet.run("bad", expect=(5,))
+    fleet.run("good")
+    monitor = FleetMonitor(tmp_path, fleet.textfile_dirs())
+    try:
+        monitor.wait_for("bad rolled back", lambda: states(monitor).get("bad") == "rolled_back")
+        infos = [r["metric"]["upstream_generation"] for r in monitor.query('nixos_autodeploy_info{instance="bad"}')]
+        assert infos == [os.path.basename(b), os.path.basename(a)]  # the premise
+        r = promote(p1, monitor.base, key, tmp_path / "next", "--bake", "0s")
+        assert r.returncode == EXIT["halt"] and "1 rolled back (bad)" in r.stdout, (r.stdout, r.stderr)
+    finally:
+        monitor.close()
+        for h in fleet.hosts.values():
+            h.kill_orphans()
