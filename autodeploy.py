@@ -1823,6 +1823,14 @@ def boot_dir_of(boot_dir: str | None = None) -> str:
     else /boot."""
     if boot_dir:
         return boot_dir
+    # systemd-boot booted this host (it sets LoaderInfo, GRUB sets no Loader*
+    # variable): the place of its entries decides, whatever GRUB left in /boot
+    # (grub/, kernels/ on the root file system after a switch to systemd-boot
+    # with the ESP at /boot/efi), or a fallback would read as a manual choice.
+    if (read_loader_variable("LoaderInfo") or "").startswith("systemd-boot"):
+        for candidate in BOOT_DIR_CANDIDATES:
+            if os.path.isdir(os.path.join(candidate, "loader", "entries")):
+                return candidate
     for candidate in BOOT_DIR_CANDIDATES:
         if any(os.path.isdir(os.path.join(candidate, marker)) for marker in BOOT_DIR_MARKERS):
             return candidate
@@ -1843,7 +1851,8 @@ def entry_id_without_counter(entry_id: str) -> str:
 
 def is_entry_pattern(entry_id: str) -> bool:
     """systemd-boot takes a glob as the default (loader.conf `default nixos-*`,
-    as nixpkgs writes it with boot counting; `bootctl set-default 'foo*'`)."""
+    as nixpkgs writes it with boot counting, which never reaches the
+    LoaderEntryDefault variable; `bootctl set-default 'foo*'`, which does)."""
     return any(c in entry_id for c in "*?[")
 
 
@@ -3985,7 +3994,8 @@ def build_parser() -> argparse.ArgumentParser:
     run_p.add_argument("--boot-dir", type=absolute_dir, metavar="DIR",
                        help="where the boot loader's entries and the kernels it copies are ($BOOT: the ESP, or "
                             "the XBOOTLDR partition): for the boot-loader checks and the space check (default: the "
-                            f"first of {', '.join(BOOT_DIR_CANDIDATES)} holding boot loader files, else {BOOT_DIR})")
+                            f"first of {', '.join(BOOT_DIR_CANDIDATES)} holding boot loader files (systemd-boot's "
+                            f"entries when systemd-boot booted), else {BOOT_DIR})")
     # Fleet rollouts: coordinated reboots.
     run_p.add_argument("--fleetlock-url", type=validate_fleetlock_url, metavar="URL",
                        help="take a FleetLock reboot slot (Zincati's protocol, e.g. airlock) at this base URL "
