@@ -396,3 +396,20 @@ def test_state_from_the_previous_agent_keeps_working_and_keeps_unknown_keys(host
     assert json.loads(host.agent("status", "--json").stdout)["phase"] == "rolled_back_awaiting_reboot"
     saved = host.state()
     assert saved["x_future_field"] == {"kept": [1, 2]} and saved["rollback_of"] == b
+
+
+# ---------------------------------------------------------------------------
+# Found by the model-based test (tests/test_model.py)
+# ---------------------------------------------------------------------------
+
+
+def test_suspended_settled_host_with_nothing_to_release_reports_no_waiting_release(host, world, server, fleetlock):
+    """The model saw a suspended, settled host report `suspended: release the
+    FleetLock slot ... waits` although it held no slot and had initialized
+    FleetLock in this boot: a held step that would do nothing is no hold."""
+    assert fl_once(host, fleetlock).returncode == 0  # tracking, FleetLock initialized in this boot
+    suspend(host)
+    r = fl_once(host, fleetlock)
+    assert r.returncode == 0, r.stderr
+    assert "release the FleetLock slot (once settled): waits" not in r.stderr
+    assert state_gauge(host) == "up_to_date"
