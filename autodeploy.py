@@ -856,6 +856,7 @@ class Response:
     etag: str | None = None
     last_modified: str | None = None
     foreign: bool = False            # served by a redirect target on another origin
+    body_error: str | None = None    # request(answers=True) only: why the body could not be read
 
 
 def origin_of(url: str) -> tuple[str, str, int | None]:
@@ -993,10 +994,14 @@ class Fetcher:
 
     def request(self, url: str, headers: dict[str, str] | None = None, *, timeout: float,
                 limit: int = MAX_POINTER_BYTES, interruptible: bool = True, method: str = "GET",
-                data: bytes | None = None, follow: bool = True, answers: bool = False) -> Response:
+                data: bytes | None = None, follow: bool = True, answers: bool = False,
+                body_of: Callable[[int], bool] | None = None) -> Response:
         """One request within one deadline.  `follow=False` treats a redirect
-        as an answer; `answers=True` returns every final status (its body
-        read like any other) instead of raising FetchError."""
+        as an answer; `answers=True` returns every final status instead of
+        raising FetchError: the status decides, so its body is read only
+        where `body_of(status)` says it matters (default: always), at most
+        `limit` bytes, and a body that cannot be read (too large, malformed,
+        stalled, reset) leaves the answer with `body_error` set."""
         import contextlib
         deadline = Deadline(timeout)
         shown = f"{method} {redact_url(url)}"
@@ -1004,7 +1009,8 @@ class Fetcher:
         for attempt in range(1, tries + 1):
             try:
                 with deadline.guard(), Stopping.interruptible() if interruptible else contextlib.nullcontext():
-                    return self._once(url, headers or {}, deadline, limit, shown, method, data, follow, answers)
+                    return self._once(url, headers or {}, deadline, limit, shown, method, data, follow, answers,
+                                      body_of)
             except _TimeUp:
                 raise self._error(f"{shown}: timed out after {timeout:g}s", transient=True) from None
             except FetchError as exc:
@@ -1017,7 +1023,8 @@ class Fetcher:
         raise AssertionError("unreachable")
 
     def _once(self, url: str, headers: dict[str, str], deadline: Deadline, limit: int, shown: str,
-              method: str, data: bytes | None, follow: bool, answers: bool) -> Response:
+              method: str, data: bytes | None, follow: bool, answers: bool,
+              body_of: Callable[[int], bool] | None) -> Response:
         import http.client
         import urllib.error
         import urllib.request
@@ -1045,13 +1052,18 @@ class Fetcher:
         # silently dropped connection still leaves time for a retry; the
         # alarm bounds the whole.
         per_read = max(0.5, deadline.remaining() / 2)
+        # The network edge: every exception below (OSError, http.client's,
+        # a host name the IDNA codec refuses, anything a library raises)
+        # leaves as a FetchError; nothing from here reaches the cycle unmapped.
         try:
             response = self._opener.open(request, timeout=per_read)
+        except FetchError:
+            raise  # ours, from the redirect handler
         except urllib.error.HTTPError as exc:
             status = exc.code
             if answers and status != 304:
                 with exc:
-                    return Response(status, self._read_body(exc, limit, shown), *self._validators(exc.headers))
+                    return self._answer(status, exc, limit, body_of)
             exc.close()  # its body is never read: it may echo secrets or hold anything
             if status == 304:
                 return Response(304, b"", *self._validators(exc.headers))
@@ -1064,9 +1076,11 @@ class Fetcher:
         except urllib.error.URLError as exc:
             raise self._error(f"{shown}: {describe_network_error(exc.reason)}",
                               transient=_transient(exc.reason)) from None
-        except (OSError, http.client.HTTPException, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - see above
             raise self._error(f"{shown}: {describe_network_error(exc)}", transient=_transient(exc)) from None
         with response:
+            if answers:
+                return self._answer(response.status, response, limit, body_of)
             try:
                 foreign = origin_of(response.geturl()) != request.first_origin
                 encoding = (response.headers.get("Content-Encoding") or "identity").strip()
@@ -1075,9 +1089,27 @@ class Fetcher:
                                       f"{shorten(encoding, 40)}; only identity is accepted (configure the "
                                       "server not to compress the pointer)")
                 body = self._read_body(response, limit, shown)
-            except (OSError, http.client.HTTPException, ValueError) as exc:
+            except FetchError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the network edge, as above
                 raise self._error(f"{shown}: {describe_network_error(exc)}", transient=_transient(exc)) from None
             return Response(response.status, body, *self._validators(response.headers), foreign=foreign)
+
+    def _answer(self, status: int, response: Any, limit: int, body_of: Callable[[int], bool] | None) -> Response:
+        """A final answer whose status decides (answers=True): the body only
+        where it matters, and one that cannot be read is a note, not a failure."""
+        validators = self._validators(response.headers)
+        if body_of is not None and not body_of(status):
+            return Response(status, b"", *validators)
+        try:
+            return Response(status, self._read_body(response, limit, "the body"), *validators)
+        except FetchError as exc:
+            why = str(exc)
+        except _TimeUp:
+            why = "the body: timed out"
+        except Exception as exc:  # noqa: BLE001 - the network edge
+            why = f"the body: {describe_network_error(exc)}"
+        return Response(status, b"", *validators, body_error=why)
 
     def _read_body(self, response: Any, limit: int, shown: str) -> bytes:
         """At most `limit` bytes, in bounded pieces, whatever the framing claims."""
@@ -1117,7 +1149,7 @@ def connect_interruptibly(address: tuple[str, int], timeout: Any = None, source_
     def resolve() -> None:
         try:
             found["infos"] = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 - UnicodeError for `a..b`: raised in the caller, mapped there
             found["error"] = exc
     literal = False
     for family in (socket.AF_INET, socket.AF_INET6):
@@ -1193,7 +1225,10 @@ def describe_network_error(exc: BaseException | str) -> str:
         return f"TLS error: {exc}"
     if isinstance(exc, socket.gaierror):
         return f"cannot resolve host: {exc.strerror}"
-    return f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, UnicodeError):
+        # The IDNA codec refused the host name (getaddrinfo, http.client).
+        return "bad host name (an empty or over-63-character label, or not encodable)"
+    return outside_text(f"{type(exc).__name__}: {exc}")
 
 
 # ---------------------------------------------------------------------------
@@ -3023,20 +3058,25 @@ def machine_id_path() -> str:
 def fleetlock_request(fetcher: Fetcher, base_url: str, operation: str, client_id: str, group: str,
                       timeout: float) -> None:
     """One FleetLock operation (`pre-reboot` or `steady-state`) through the
-    agent's fetcher (proxies, one deadline, bounded reply; no credentials,
-    no redirects followed); returns on HTTP 200, raises FleetLockError with
-    the server's error kind otherwise."""
+    agent's fetcher (proxies, one deadline; no credentials, no redirects
+    followed); returns on HTTP 200, raises FleetLockError with the server's
+    error kind otherwise.  The status decides: a 200's body is never read;
+    an error's body (at most MAX_FLEETLOCK_REPLY_BYTES) only names the kind,
+    and one that cannot be read leaves the kind to the status."""
     url = base_url.rstrip("/") + "/v1/" + operation
     body = json.dumps({"client_params": {"id": client_id, "group": group}}).encode()
     try:
         response = fetcher.request(url, {"fleet-lock-protocol": "true", "Content-Type": "application/json"},
                                    method="POST", data=body, timeout=timeout, limit=MAX_FLEETLOCK_REPLY_BYTES,
-                                   interruptible=False, follow=False, answers=True)
+                                   interruptible=False, follow=False, answers=True,
+                                   body_of=lambda status: status != 200)
     except FetchError as exc:
         raise FleetLockError(f"FleetLock {operation}: {exc}", "unreachable") from None
     if response.status == 200:
         return
     kind, value = f"http_{response.status}", ""
+    if response.body_error is not None:
+        value = f"(reply not read: {response.body_error})"
     try:
         error = json.loads(response.body.decode("utf-8"))
         if isinstance(error, dict) and isinstance(error.get("kind"), str) and isinstance(error.get("value"), str):
