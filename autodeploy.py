@@ -411,8 +411,10 @@ class State:
 
     @classmethod
     def from_json(cls, data: Any, where: str) -> State:
-        """Every known field must have its declared type (unknown fields, from
-        another version, are dropped); anything else is a corrupt file."""
+        """Every known field must pass its validator in STATE_SCHEMA (inner
+        types and ranges; a field without one: its declared type); unknown
+        fields, from another version, are dropped.  Anything else is a
+        corrupt file: the run fails closed (exit 9) and `status` names the field."""
         if not isinstance(data, dict):
             raise StateError(f"{where} is corrupt (not a JSON object). {RECOVERY_HINT}")
         values = {}
@@ -420,25 +422,119 @@ class State:
             if name not in data:
                 continue
             value = data[name]
-            if not json_matches(value, types):
-                raise StateError(f"{where} is corrupt ({name} is not of its type). {RECOVERY_HINT}")
+            check = STATE_SCHEMA.get(name)
+            ok = check[0](value) if check is not None else json_matches(value, types)
+            if not ok:
+                what = check[1] if check is not None else "of its declared type"
+                raise StateError(f"{where} is corrupt ({name} is not {what}). {RECOVERY_HINT}")
             values[name] = value
-        if "highest_revision" in values and values["highest_revision"] is not None \
-                and not valid_revision(values["highest_revision"]):
-            raise StateError(f"{where} is corrupt (highest_revision out of range). {RECOVERY_HINT}")
-        inner = {"interrupted": {key: (int,) for key in values.get("interrupted") or {}},
-                 "last_error": {key: (str,) for key in values.get("last_error") or {}},
-                 "intent": {key: INTENT_FIELDS.get(key, (object,)) for key in values.get("intent") or {}}}
-        for name, types in inner.items():
-            if any(not json_matches(values[name][key], kinds) for key, kinds in types.items()):
-                raise StateError(f"{where} is corrupt ({name} holds a value of the wrong type). {RECOVERY_HINT}")
         return cls(**values)
+
+
+# -- The state's schema: one validator per field (predicate, what it must be).
+# Counters fit Prometheus' and every consumer's 64 bits; times are finite.
+
+MAX_COUNT: Final = 2**64 - 1
+MAX_SECONDS: Final = 2.0**40  # Unix times and durations (about the year 36800)
+
+
+def valid_revision(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_REVISION
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any, low: float = -MAX_SECONDS, high: float = MAX_SECONDS) -> bool:
+    """A finite JSON number in [low, high] (a huge integer is compared, never converted)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return low <= value <= high  # False for NaN; inf is out of range
+
+
+def _count(value: Any) -> bool:
+    return _integer(value) and 0 <= value <= MAX_COUNT
+
+
+def _moment(value: Any) -> bool:
+    return _number(value, 0)
+
+
+def _text(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _flag(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: value is None or check(value)
+
+
+def _map_of(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, dict) and all(isinstance(k, str) and check(v) for k, v in value.items())
+
+
+def _record(fields: dict[str, Callable[[Any], bool]], required: tuple[str, ...] = ()) -> Callable[[Any], bool]:
+    """A JSON object whose known keys pass their checks (others, from another
+    version, are kept) and that has every required key."""
+    def check(value: Any) -> bool:
+        return (isinstance(value, dict) and all(key in value for key in required)
+                and all(fields[key](v) for key, v in value.items() if key in fields))
+    return check
+
+
+def _list_of(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, list) and all(check(item) for item in value)
 
 
 # What a deploy's intent may hold (state.json's `intent`).
 INTENT_FIELDS: Final = {
     "phase": (str,), "upstream": (str,), "action": (str,), "previous_profile": (str, type(None)),
     "previous_current": (str, type(None)), "started": (float,), "activated": (bool,), "reason": (str,),
+}
+_opt_text, _opt_moment, _opt_count = _optional(_text), _optional(_moment), _optional(_count)
+HISTORY_ENTRY: Final = _record({
+    "time": _moment, "path": _opt_text, "revision": _optional(lambda v: valid_revision(v)), "action": _opt_text,
+    "outcome": _opt_text, "duration": _optional(lambda v: _number(v, 0)), "error_kind": _opt_text})
+ROLLOUT_VIEW: Final = _record({
+    "target": _text, "hostname": _text, "bucket": lambda v: _integer(v) and 0 <= v < ROLLOUT_BUCKETS,
+    "start_percent": lambda v: _number(v, 0, 100), "percent": lambda v: _number(v, 0, 100),
+    "start": _optional(_number), "duration": _optional(lambda v: _number(v, 0)), "paused": _flag,
+    "admitted": _flag, "turn_at": _optional(_number),
+}, required=("target", "bucket", "start_percent", "start", "duration", "percent", "paused"))
+STATE_SCHEMA: Final[dict[str, tuple[Callable[[Any], bool], str]]] = {
+    **{name: (_opt_text, "a string or null") for name in (
+        "deployed", "staged_from", "activation", "previous", "upstream", "revision_path", "quarantined",
+        "quarantine_reason", "last_state", "last_reason", "reboot_reason", "staged_boot_id")},
+    **{name: (_flag, "true or false") for name in ("verified", "dirty", "reboot_required", "reboot_window_wait")},
+    **{name: (_opt_moment, "a Unix time or null") for name in (
+        "deployed_at", "last_run", "last_success", "behind_since")},
+    **{name: (_count, f"a whole number from 0 to {MAX_COUNT}") for name in (
+        "rollbacks_total", "deploys_total", "boot_failures_total")},
+    **{name: (_opt_count, f"a whole number from 0 to {MAX_COUNT} or null") for name in (
+        "boot_free_bytes", "boot_needed_bytes")},
+    **{name: (_optional(valid_revision), f"a revision from 0 to {MAX_REVISION} or null") for name in (
+        "upstream_revision", "highest_revision")},
+    "last_run_success": (_optional(_flag), "true, false or null"),
+    "last_run_duration": (_optional(lambda v: _number(v, 0)), "a duration in seconds or null"),
+    "pointer": (_optional(_map_of(lambda v: True)), "an object or null"),
+    "interrupted": (_map_of(_count), "an object of counts"),
+    "intent": (_optional(_record({key: (lambda types: lambda v: json_matches(v, types))(types)
+                                  for key, types in INTENT_FIELDS.items()})),
+               "an object of typed intent fields or null"),
+    "last_error": (_optional(_map_of(_text)), "an object of strings or null"),
+    "boot_failure": (_optional(_record({"path": _opt_text, "booted": _opt_text, "choice": _opt_text,
+                                        "reason": _opt_text, "time": _opt_moment})),
+                     "an object of typed boot-failure fields or null"),
+    "history": (_list_of(HISTORY_ENTRY), "a list of deploy attempts (objects with typed fields)"),
+    "rollout": (_optional(ROLLOUT_VIEW), "a rollout view (an object with typed fields) or null"),
+    "reboot_slot": (_optional(_record({"group": _text, "id": _text, "granted": _flag, "since": _moment})),
+                    "a reboot slot (an object with typed fields) or null"),
+    "fleetlock_failures": (_map_of(_count), "an object of counts"),
+    "fleetlock_error": (_optional(_map_of(_text)), "an object of strings or null"),
 }
 _FIELD_TYPES: dict[type, dict[str, tuple[type, ...]]] = {}
 
@@ -463,10 +559,6 @@ def json_matches(value: Any, types: tuple[type, ...]) -> bool:
     if isinstance(value, int) and float in types:
         return True
     return isinstance(value, types)
-
-
-def valid_revision(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_REVISION
 
 
 @dataclass(frozen=True)
@@ -1532,14 +1624,18 @@ class StateStore:
         return state
 
     def suspension(self) -> dict[str, Any] | None:
+        """{"reason": str, "since": Unix time or None} while suspended; a
+        suspend file that cannot be read or has other values still suspends."""
         try:
-            with open(self.suspend_path) as f:
-                data = json.load(f)
-            return data if isinstance(data, dict) else {"reason": "unreadable suspend file", "since": None}
+            with open(self.suspend_path, "rb") as f:
+                data = json.loads(f.read(MAX_STATE_BYTES), parse_constant=_no_json_constant)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return {"reason": "unreadable suspend file (treated as suspended)", "since": None}
+        if not isinstance(data, dict) or not _text(data.get("reason", "")) or not _opt_moment(data.get("since")):
+            return {"reason": "malformed suspend file (treated as suspended)", "since": None}
+        return {"reason": data.get("reason", ""), "since": data.get("since")}
 
     def suspend(self, reason: str) -> None:
         self.ensure_dir()

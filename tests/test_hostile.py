@@ -723,3 +723,40 @@ def test_a_key_past_valid_before_is_refused_within_the_hour(host, world, server,
     state_file.write_text(json.dumps(data))
     r = host.once(host.url, "--trusted-keys", str(trusted))
     assert r.returncode == 4 and error_kind(host) == "signature", r.stderr
+
+
+# ---------------------------------------------------------------------------
+# The state's schema (issue #18, item 5): right outer types, wrong inside
+
+
+@pytest.mark.parametrize("field,raw", [
+    ("fleetlock_error", '{"operation": "pre-reboot", "kind": 1, "message": "x", "time": "1"}'),
+    ("deploys_total", "1" + "0" * 400),
+    ("history", "[1]"),
+    ("history", '[{"time": "yesterday", "action": "switch"}]'),
+    ("last_error", '{"kind": 5}'),
+    ("rollout", '{"target": 1}'),
+    ("interrupted", '{"/nix/store/x": 1e400}'),
+    ("last_run", "1e400"),
+], ids=["lock-kind-int", "count-10e400", "history-int", "history-time-str", "last-error-kind-int",
+        "rollout-target-int", "interrupted-inf", "last-run-inf"])
+def test_state_with_bad_inner_values_fails_closed(host, world, server, field, raw):
+    a, b = world.path("a"), world.path("b")
+    assert host.once(host.url).returncode == 0  # tracking a
+    state_file = host.var_lib / "nixos-autodeploy" / "state.json"
+    state = json.loads(state_file.read_text())
+    state.pop(field, None)
+    text = json.dumps(state)[:-1] + f', "{field}": {raw}}}\n'
+    state_file.write_text(text)
+    server.pointer(b)
+    r = host.once(host.url, "--on-failure", "echo $NIXOS_AUTODEPLOY_ERROR_KIND > /run/hook")
+    assert r.returncode == 9, r.stderr
+    assert f"({field} is not" in r.stderr and "trust-reset" in r.stderr
+    assert "internal error" not in r.stderr and "Traceback" not in r.stderr
+    assert host.current == a and host.profile == a  # nothing deployed
+    assert state_file.read_text() == text  # left as it is
+    assert state_gauge(host) == "failed" and error_kind(host) == "state"
+    assert (host.run_dir / "hook").read_text().strip() == "state"
+    status = host.agent("status")
+    assert status.returncode == 9 and f"({field} is not" in status.stderr, status.stderr
+    assert "internal error" not in status.stderr and "Traceback" not in status.stderr
