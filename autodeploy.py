@@ -1447,24 +1447,45 @@ def allowed_signers(trusted_keys_file: str) -> str:
 
 
 def verify_signature(body: bytes, signature: bytes, signers: str, workdir: str) -> str:
-    """Verify with `ssh-keygen -Y verify`; return the signer's principal."""
+    """Verify with `ssh-keygen -Y verify`; return the signer's principal.
+    ssh-keygen reads the signers and the signature from files, written into
+    a private temporary directory (0700, unpredictable name) in `workdir`
+    (the state directory, root's), or, when that does not exist yet (a dry
+    run before the first run), in the system's temporary directory.  When
+    they cannot be written (a full disk) the state is what failed: StateError."""
+    import shutil
     import tempfile
-    with tempfile.TemporaryDirectory(dir=workdir, prefix=".verify-") as tmp:
-        signers_file = os.path.join(tmp, "allowed_signers")
-        sig_file = os.path.join(tmp, "pointer.sig")
-        atomic_write(signers_file, signers, 0o600)
-        atomic_write(sig_file, signature, 0o600)
-        found = ssh_keygen(["-Y", "find-principals", "-s", sig_file, "-f", signers_file])
-        principals = found.stdout.split() if found.returncode == 0 else []
-        if not principals:
-            raise PointerError("pointer signature is not made by a trusted key", "signature")
-        principal = principals[0]
-        checked = ssh_keygen(["-Y", "verify", "-f", signers_file, "-I", principal,
-                              "-n", SIGNATURE_NAMESPACE, "-s", sig_file], stdin=body)
-        if checked.returncode != 0:
-            why = checked.stdout.strip().splitlines()[-1:] or ["verification failed"]
-            raise PointerError(f"pointer signature does not verify: {why[0]}", "signature")
-        return principal
+    where = workdir if os.path.isdir(workdir) else tempfile.gettempdir()
+    tmp = None
+    try:
+        try:
+            tmp = tempfile.mkdtemp(dir=where, prefix=".verify-")
+            signers_file = os.path.join(tmp, "allowed_signers")
+            sig_file = os.path.join(tmp, "pointer.sig")
+            atomic_write(signers_file, signers, 0o600)
+            atomic_write(sig_file, signature, 0o600)
+        except OSError as exc:
+            raise StateError(f"cannot write the files to verify the pointer signature in {where}: "
+                             f"{exc.strerror}") from None
+        return _verify_files(body, signers_file, sig_file)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _verify_files(body: bytes, signers_file: str, sig_file: str) -> str:
+    """ssh-keygen: who signed it (find-principals), then verify as that principal."""
+    found = ssh_keygen(["-Y", "find-principals", "-s", sig_file, "-f", signers_file])
+    principals = found.stdout.split() if found.returncode == 0 else []
+    if not principals:
+        raise PointerError("pointer signature is not made by a trusted key", "signature")
+    principal = principals[0]
+    checked = ssh_keygen(["-Y", "verify", "-f", signers_file, "-I", principal,
+                          "-n", SIGNATURE_NAMESPACE, "-s", sig_file], stdin=body)
+    if checked.returncode != 0:
+        why = checked.stdout.strip().splitlines()[-1:] or ["verification failed"]
+        raise PointerError(f"pointer signature does not verify: {why[0]}", "signature")
+    return principal
 
 
 def check_trust(pointer: Pointer, floor: RevisionFloor, cfg: Config) -> None:

@@ -705,3 +705,43 @@ def test_url_credentials_and_token_file_together_are_a_usage_error(host, server,
     url = host.url.replace("http://", "http://user:pw@")
     r = host.once(url, "--token-file", str(token_file))
     assert r.returncode == 2 and "not both" in r.stderr and "pw" not in r.stderr
+
+
+# ---------------------------------------------------------------------------
+# The signature's work directory (issue #18, item 6)
+# ---------------------------------------------------------------------------
+
+
+def test_dry_run_with_keys_before_the_state_directory_exists(host, world, server, keys, tmp_path):
+    body, sig = sign(keys["ci1"], 1, world.path("b"), tmp_path / "pointer")
+    serve(server, body, sig)
+    trusted = trust_file(tmp_path / "trusted.pub", keys["ci1"].public)
+    state_dir = host.var_lib / "nixos-autodeploy"
+    assert not state_dir.exists()
+    r = host.once(host.url, "--dry-run", "--trusted-keys", str(trusted))
+    assert r.returncode == 0, r.stderr
+    assert "internal error" not in r.stderr
+    assert "would" in r.stdout
+    assert not state_dir.exists()  # a dry run creates nothing
+    assert host.current == world.path("a")
+
+
+def test_full_state_disk_while_verifying_is_a_state_error(host, world, server, keys, tmp_path):
+    from test_hostile import fill_leaving
+    state_dir = host.small_disk("/var/lib/nixos-autodeploy", "64k")
+    state_dir.chmod(0o700)
+    trusted = trust_file(tmp_path / "trusted.pub", keys["ci1"].public)
+    serve(server, *sign(keys["ci1"], 1, world.path("a"), tmp_path / "p1"))
+    assert host.once(host.url, "--trusted-keys", str(trusted)).returncode == 0
+    old = (state_dir / "state.json").read_text()
+    filler = fill_leaving(state_dir, 0)
+    serve(server, *sign(keys["ci1"], 2, world.path("b"), tmp_path / "p2"))
+    r = host.once(host.url, "--trusted-keys", str(trusted))
+    assert r.returncode == 9, r.stderr
+    assert "internal error" not in r.stderr
+    assert error_kind(host) == "state" and state_gauge(host) == "failed"
+    assert host.current == world.path("a") and (state_dir / "state.json").read_text() == old
+    assert not [p for p in state_dir.iterdir() if p.name.startswith(".verify-")]  # nothing left behind
+    filler.unlink()
+    r = host.once(host.url, "--trusted-keys", str(trusted))
+    assert r.returncode == 0 and host.current == world.path("b"), r.stderr
