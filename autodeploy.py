@@ -356,6 +356,11 @@ class Pointer:
     metadata: dict[str, str]
     revision: int | None = None
     signed: bool = False
+    foreign: bool = False  # served by a redirect target on another origin: its text is never shown
+
+    def show(self, text: str) -> str:
+        """Its text in an error: escaped and shortened, or withheld (see withheld())."""
+        return withheld(text) if self.foreign else shorten(text)
 
 
 @dataclass
@@ -684,6 +689,12 @@ def shorten(data: bytes | str, limit: int = 120) -> str:
     size = len(data)
     data = redact(data)
     return outside_text(repr(data[:limit])) + (f" ... ({size} characters)" if size > limit else "")
+
+
+def withheld(_data: bytes | str) -> str:
+    """Text a redirect target on another origin served, as we show it: not
+    at all (the agent must not become a way to read internal endpoints)."""
+    return "(not shown: served by a redirect target on another host)"
 
 
 def redact_url(url: str) -> str:
@@ -1117,7 +1128,6 @@ class Fetcher:
     def _once(self, url: str, headers: dict[str, str], deadline: Deadline, limit: int, shown: str,
               method: str, data: bytes | None, follow: bool, answers: bool,
               body_of: Callable[[int], bool] | None) -> Response:
-        import http.client
         import urllib.error
         import urllib.request
         from urllib.parse import urlsplit, urlunsplit
@@ -1350,11 +1360,13 @@ def validate_store_path(path: str, received: bytes | str, show: Excerpt = None) 
     return path
 
 
-def parse_pointer(body: bytes, json_field: str | None = None, show: Excerpt = None) -> Pointer:
+def parse_pointer(body: bytes, json_field: str | None = None, show: Excerpt = None, foreign: bool = False) -> Pointer:
     """The first non-empty line is the store path; later lines are `key: value`
     with keys from POINTER_KEYS (or `x-` annotations), each at most once.
-    `show` renders the refused input for the error (escaped, redacted)."""
-    show = show or shorten
+    `show` renders the refused input for the error (escaped, redacted);
+    `foreign` (another origin served it) withholds it here and in every
+    later check of the pointer's text (Pointer.show: rollout fields, expiry)."""
+    show = show or (withheld if foreign else shorten)
     if b"\0" in body:
         raise PointerError(f"pointer contains NUL bytes: got {show(body)}")
     try:
@@ -1372,7 +1384,7 @@ def parse_pointer(body: bytes, json_field: str | None = None, show: Excerpt = No
             value = value[key]
         if not isinstance(value, str):
             raise PointerError(f"JSON field {json_field!r} is not a string: got {show(repr(value))}")
-        return Pointer(validate_store_path(value, value, show), {})
+        return Pointer(validate_store_path(value, value, show), {}, foreign=foreign)
     # Lines end at \n only (not at U+2028 or \x1c, which str.splitlines()
     # would split at and a checker in CI might not), and only ASCII blanks
     # are trimmed: what the agent reads is what a plain text tool shows.
@@ -1402,7 +1414,7 @@ def parse_pointer(body: bytes, json_field: str | None = None, show: Excerpt = No
             raise PointerError(f"pointer revision is not a whole number from 0 to {MAX_REVISION}: "
                                f"got {show(text)}", "revision")
         revision = int(text)
-    return Pointer(path, metadata, revision)
+    return Pointer(path, metadata, revision, foreign=foreign)
 
 
 # ---------------------------------------------------------------------------
@@ -1509,8 +1521,8 @@ def check_trust(pointer: Pointer, floor: RevisionFloor, cfg: Config) -> None:
     me = cfg.hostname or local_hostname()
     if hosts != ["*"] and me not in hosts:
         listed = " ".join(hosts)
-        raise PointerError(f"pointer is for hosts {listed[:200]}{'...' if len(listed) > 200 else ''}, "
-                           f"not for {me}", "host")
+        shown = pointer.show(listed) if pointer.foreign else f"{listed[:200]}{'...' if len(listed) > 200 else ''}"
+        raise PointerError(f"pointer is for hosts {shown}, not for {me}", "host")
     check_expiry(pointer)
 
 
@@ -1530,9 +1542,9 @@ def check_expiry(pointer: Pointer) -> None:
     try:
         expiry = parse_rfc3339(text)
     except ValueError:
-        raise PointerError(f"pointer not-after is not an RFC 3339 time: {shorten(text)}", "expired") from None
+        raise PointerError(f"pointer not-after is not an RFC 3339 time: {pointer.show(text)}", "expired") from None
     if datetime.now(timezone.utc) > expiry:
-        raise PointerError(f"pointer expired at {text}", "expired")
+        raise PointerError(f"pointer expired at {pointer.show(text) if pointer.foreign else text}", "expired")
 
 
 def local_hostname() -> str:
@@ -2247,7 +2259,7 @@ class Agent:
     def rollout_step(self, pointer: Pointer) -> Rollout:
         """Validate the pointer's rollout fields (exit 4 when malformed) and
         record where this host stands in the wave."""
-        rollout = parse_rollout(pointer.metadata)
+        rollout = parse_rollout(pointer.metadata, pointer.show)
         if any(key in pointer.metadata for key in ("rollout", "rollout-start", "rollout-duration", "pause")):
             hostname = self.cfg.hostname or local_hostname()
             self.state.rollout = rollout_view(rollout, hostname, pointer.path, now_epoch())
@@ -2411,24 +2423,17 @@ class Agent:
                 pointer = dataclasses.replace(pointer, signed=True)
             state.upstream, state.upstream_revision = pointer.path, pointer.revision
             return pointer
-        pointer = parse_pointer(resp.body, cfg.json_field, self.excerpt(resp))
+        pointer = parse_pointer(resp.body, cfg.json_field, foreign=resp.foreign)
         verified: tuple[str | None, float | None] = (None, None)
         if self.signers is not None:
             pointer, verified = self.verify(pointer, resp.body, record)
         state.upstream, state.upstream_revision = pointer.path, pointer.revision
-        keep = len(resp.body) <= MAX_PERSISTED_POINTER
+        # What another origin served is not kept either (it may be an internal endpoint's text).
+        keep = len(resp.body) <= MAX_PERSISTED_POINTER and not resp.foreign
         state.pointer = dataclasses.asdict(PointerRecord(
             **identity, body=resp.body.decode(), etag=resp.etag, last_modified=resp.last_modified,
             verified=verified[0], verified_at=verified[1], fetched_at=time.time())) if keep else None
         return pointer
-
-    def excerpt(self, resp: Response) -> Callable[[bytes | str], str]:
-        """How the refused pointer is shown: escaped and redacted, and not at
-        all when a redirect target on another host served it (the agent must
-        not become a way to read internal endpoints)."""
-        if resp.foreign:
-            return lambda _data: "(not shown: served by a redirect target on another host)"
-        return shorten
 
     def verify(self, pointer: Pointer, body: bytes,
                record: PointerRecord | None) -> tuple[Pointer, tuple[str, float]]:
@@ -3032,9 +3037,12 @@ def parse_duration(text: str) -> float:
     return float(sum(int(n) * DURATION_UNITS[u] for n, u in re.findall(r"([0-9]+)([smhdw])", text)))
 
 
-def parse_rollout(metadata: dict[str, str]) -> Rollout:
-    """The rollout fields of a pointer, validated; PointerError (exit 4) otherwise."""
+def parse_rollout(metadata: dict[str, str], show: Excerpt = None) -> Rollout:
+    """The rollout fields of a pointer, validated; PointerError (exit 4)
+    otherwise, showing the refused value through `show` (the pointer's own
+    rule: withheld when another origin served it)."""
     import re
+    show = show or shorten
     # Without `rollout:` a pointer goes to every host at once, but a ramp
     # (rollout-start + rollout-duration) without one starts at 0%.
     percent = 0.0 if "rollout-start" in metadata else 100.0
@@ -3043,7 +3051,7 @@ def parse_rollout(metadata: dict[str, str]) -> Rollout:
         text = metadata["rollout"]
         if not re.fullmatch(r"[0-9]{1,3}(?:\.[0-9]{1,2})?%", text) or float(text.rstrip("%")) > 100:
             raise PointerError(f"pointer rollout is not a percentage between 0% and 100% "
-                               f"(e.g. `rollout: 10%`): got {shorten(text)}")
+                               f"(e.g. `rollout: 10%`): got {show(text)}")
         percent = float(text.rstrip("%"))
     if ("rollout-start" in metadata) != ("rollout-duration" in metadata):
         raise PointerError("pointer has only one of rollout-start and rollout-duration: a ramp needs both")
@@ -3052,19 +3060,19 @@ def parse_rollout(metadata: dict[str, str]) -> Rollout:
         try:
             start = parse_rfc3339(text).timestamp()
         except ValueError:
-            raise PointerError(f"pointer rollout-start is not an RFC 3339 time: got {shorten(text)}") from None
+            raise PointerError(f"pointer rollout-start is not an RFC 3339 time: got {show(text)}") from None
         text = metadata["rollout-duration"]
         try:
             duration = parse_duration(text)
         except ValueError:
             raise PointerError(f"pointer rollout-duration is not a duration such as 24h or 90m: "
-                               f"got {shorten(text)}") from None
+                               f"got {show(text)}") from None
         if not 0 < duration <= 366 * 86400:
-            raise PointerError(f"pointer rollout-duration must be above 0 and at most 366d: got {shorten(text)}")
+            raise PointerError(f"pointer rollout-duration must be above 0 and at most 366d: got {show(text)}")
     if "pause" in metadata:
         text = metadata["pause"].lower()
         if text not in ("true", "hold", "false"):
-            raise PointerError(f"pointer pause is not true, hold or false: got {shorten(metadata['pause'])}")
+            raise PointerError(f"pointer pause is not true, hold or false: got {show(metadata['pause'])}")
         paused = text != "false"
     return Rollout(percent, start, duration, paused)
 

@@ -760,3 +760,27 @@ def test_state_with_bad_inner_values_fails_closed(host, world, server, field, ra
     status = host.agent("status")
     assert status.returncode == 9 and f"({field} is not" in status.stderr, status.stderr
     assert "internal error" not in status.stderr and "Traceback" not in status.stderr
+
+
+@pytest.mark.parametrize("line", ["rollout: INTERNAL-SECRET", "rollout-start: INTERNAL-SECRET\nrollout-duration: 1h",
+                                  "rollout-start: 2026-01-01T00:00:00Z\nrollout-duration: INTERNAL-SECRET",
+                                  "pause: INTERNAL-SECRET"])
+def test_rollout_text_from_another_origin_is_shown_nowhere(host, world, server, tmp_path, line):
+    """Issue #18, item 7: the rule for pointer excerpts also holds for rollout fields."""
+    internal = type(server)(world.cache)
+    try:
+        internal.set("/admin", f"{world.path('b')}\n{line}\n")
+        server.set("/pointer", "", status=302, headers={"Location": internal.base + "/admin"})
+        hook, dump = hook_dump(host, tmp_path)
+        r = host.once(host.url, "--on-failure", hook, "--prometheus-path", METRICS)
+        assert r.returncode == 4, r.stderr
+        assert "redirect target on another host" in r.stderr
+        seen = [r.stderr, everything_persisted(host), dump.read_text(), host.agent("status").stdout,
+                host.agent("status", "--json").stdout]
+        assert not [s for s in seen if "INTERNAL-SECRET" in s]
+        # The same pointer from the pointer's own origin is shown (escaped): the rule is about origins.
+        server.set("/pointer", f"{world.path('b')}\n{line}\n")
+        r = host.once(host.url)
+        assert r.returncode == 4 and "INTERNAL-SECRET" in r.stderr, r.stderr
+    finally:
+        internal.close()
