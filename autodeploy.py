@@ -1526,10 +1526,21 @@ def check_trust(pointer: Pointer, floor: RevisionFloor, cfg: Config) -> None:
     check_expiry(pointer)
 
 
+# RFC 3339 date-time: `T`, `t` or one space between date and time (never any
+# other character, as datetime.fromisoformat() would take); the offset may be
+# left out (UTC), and so may the time (midnight).
+RFC3339_PATTERN: Final = (r"[0-9]{4}-[0-9]{2}-[0-9]{2}(?:[Tt ][0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:\.[0-9]{1,6})?)?"
+                          r"(?:[Zz]|[+-][0-9]{2}:[0-9]{2})?)?")
+
+
 def parse_rfc3339(text: str) -> Any:
-    """An aware datetime (UTC when no offset is given); ValueError otherwise."""
+    """An aware datetime (UTC when no offset is given); ValueError otherwise.
+    The one parser of times for hosts (`not-after:`, `rollout-start:`) and `sign`."""
+    import re
     from datetime import datetime, timezone
-    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if not re.fullmatch(RFC3339_PATTERN, text):
+        raise ValueError(f"not an RFC 3339 time: {text!r}")
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
 
 
@@ -3423,7 +3434,7 @@ def command_sign(key: str, revision: int, hosts: list[str], all_hosts: bool, not
     if bool(hosts) == all_hosts:
         raise UsageError("name the hosts that may deploy this pointer with --hosts H [H ...], or sign it for "
                          "every host with --all-hosts (a pointer without a host list could be replayed on any host)")
-    bad = [h for h in hosts if not h.isprintable() or h == "*" or any(c.isspace() or c == "," for c in h)]
+    bad = [h for h in hosts if not h or not h.isprintable() or h == "*" or any(c.isspace() or c == "," for c in h)]
     if bad:
         raise UsageError(f"--hosts: not a host name: {shorten(bad[0], 60)}")
     if not_after is not None and no_expiry:
@@ -3442,7 +3453,9 @@ def command_sign(key: str, revision: int, hosts: list[str], all_hosts: bool, not
     if not_after is not None:
         lines.append(f"not-after: {not_after}")
     lines += sign_rollout_lines(rollout or {})
-    atomic_write(output, "\n".join(lines) + "\n")
+    text = "\n".join(lines) + "\n"
+    refuse_what_hosts_refuse(text, hosts or ["*"])
+    atomic_write(output, text)
     try:
         os.unlink(output + ".sig")
     except FileNotFoundError:
@@ -3453,6 +3466,25 @@ def command_sign(key: str, revision: int, hosts: list[str], all_hosts: bool, not
     log(f"wrote {output} and {output}.sig (revision {revision}"
         + (f", valid until {not_after})" if not_after else ", never expires)"))
     return 0
+
+
+def refuse_what_hosts_refuse(text: str, hosts: list[str]) -> None:
+    """`sign` reads the pointer it is about to sign with the hosts' own
+    parsers (lines, keys, revision, rollout fields, times, host list), so CI
+    cannot publish a pointer every host refuses."""
+    try:
+        pointer = parse_pointer(text.encode())
+        parse_rollout(pointer.metadata)
+        if "not-after" in pointer.metadata:
+            try:
+                parse_rfc3339(pointer.metadata["not-after"])
+            except ValueError:
+                raise PointerError(f"pointer not-after is not an RFC 3339 time: "
+                                   f"{shorten(pointer.metadata['not-after'])}") from None
+    except PointerError as exc:
+        raise UsageError(f"sign: hosts would refuse this pointer: {str(exc).replace('pointer ', '', 1)}") from None
+    if pointer.metadata.get("hosts", "").replace(",", " ").split() != hosts:
+        raise UsageError(f"sign: hosts would read another host list than --hosts: {shorten(' '.join(hosts), 80)}")
 
 
 def command_trust_reset(state_dir: str, min_revision: int) -> int:

@@ -745,3 +745,44 @@ def test_full_state_disk_while_verifying_is_a_state_error(host, world, server, k
     filler.unlink()
     r = host.once(host.url, "--trusted-keys", str(trusted))
     assert r.returncode == 0 and host.current == world.path("b"), r.stderr
+
+
+# ---------------------------------------------------------------------------
+# `sign` refuses what hosts refuse (issue #18, item 8)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [
+    ["--all-hosts", "--not-after", "2030-01-01\n00:00:00Z"],
+    ["--all-hosts", "--not-after", "2030-01-01\x0b00:00:00Z"],
+    ["--all-hosts", "--rollout-start", "2030-01-01\n00:00:00Z", "--rollout-duration", "1h"],
+    ["--all-hosts", "--rollout-start", "2030-01-01\x0b00:00:00Z", "--rollout-duration", "1h"],
+    ["--hosts", ""],
+    ["--hosts", "web1", ""],
+], ids=["not-after-newline", "not-after-vtab", "rollout-start-newline", "rollout-start-vtab", "hosts-empty",
+        "hosts-one-empty"])
+def test_sign_refuses_what_hosts_refuse(keys, tmp_path, args):
+    out = tmp_path / "pointer"
+    path = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-nixos-system-a"
+    r = subprocess.run([sys.executable, str(AGENT), "sign", "--key", str(keys["ci1"].private), "--revision", "1",
+                        *args, "-o", str(out), path], capture_output=True, text=True)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not out.exists() and not (tmp_path / "pointer.sig").exists()
+
+
+def test_hosts_and_sign_read_times_with_one_parser(keys, tmp_path):
+    """What `sign` accepts, a host accepts: the same parse_rfc3339."""
+    import importlib
+    sys.path.insert(0, str(AGENT.parent))
+    ad = importlib.import_module("autodeploy")
+    for text in ("2030-01-01T00:00:00Z", "2030-01-01t00:00:00+02:00", "2030-01-01 00:00:00", "2030-01-01"):
+        ad.parse_rfc3339(text)
+        out = tmp_path / "p"
+        r = subprocess.run([sys.executable, str(AGENT), "sign", "--key", str(keys["ci1"].private), "--revision", "1",
+                            "--all-hosts", "--not-after", text, "-o", str(out),
+                            "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-nixos-system-a"], capture_output=True,
+                           text=True)
+        assert r.returncode == 0, r.stderr
+        pointer = ad.parse_pointer(out.read_bytes())
+        ad.check_expiry(pointer)
