@@ -277,7 +277,7 @@ class ProcessError(AutodeployError):
 
     def __init__(self, argv: list[str], returncode: int, output: str = "") -> None:
         self.argv, self.returncode, self.output = argv, returncode, output
-        detail = f": {output.strip()[-500:]}" if output.strip() else ""
+        detail = f": {outside_text(output.strip())[-500:]}" if output.strip() else ""
         super().__init__(f"{os.path.basename(argv[0])} exited with {returncode}{detail}")
 
 
@@ -631,9 +631,12 @@ _verbose = False
 
 
 def log(message: str) -> None:
-    # outside_text() is the last safety net: whatever a message carries, it
-    # cannot move the cursor, forge a line, ring a bell or show a credential.
-    print(f"{PROG}: {outside_text(message)}", file=sys.stderr, flush=True)
+    # printable() is the last safety net: whatever a message carries, it
+    # cannot move the cursor, forge a line or ring a bell.  Credentials are
+    # masked where outside text enters a message (outside_text(), shorten(),
+    # redact_url()), never here: a password such as `deploy` must not turn
+    # the agent's own words ("deployed") into "***ed".
+    print(f"{PROG}: {printable(message)}", file=sys.stderr, flush=True)
 
 
 def debug(message: str) -> None:
@@ -673,9 +676,11 @@ def redact(text: str) -> str:
 
 
 def outside_text(text: str) -> str:
-    """Text that came from outside, made safe to show or store: printable
+    """Text that came from outside (a server, an exception, a process) or
+    may carry a credential (a URL), made safe to show or store: printable
     and with every credential masked (also when a server echoes one back,
-    in any letter case)."""
+    in any letter case).  Applied to that text where it enters a message,
+    never to a whole message: the agent's own words are not masked."""
     if _secrets_pattern is None and text.isprintable():
         return text
     return redact(printable(redact(text)))
@@ -986,7 +991,8 @@ class Fetcher:
         register_secrets(token)
 
     def _error(self, message: str, transient: bool = False) -> FetchError:
-        return FetchError(outside_text(message)[:MAX_MESSAGE], transient)
+        # Every outside piece of the message was masked where it was put in.
+        return FetchError(printable(message)[:MAX_MESSAGE], transient)
 
     # -- the opener ----------------------------------------------------------
 
@@ -1055,7 +1061,7 @@ class Fetcher:
                 target = urljoin(req.full_url, newurl)
                 scheme = urlsplit(target).scheme
                 if scheme not in ("http", "https"):
-                    raise fetcher._error(f"redirected to an unsupported scheme {scheme!r}: only http:// and "
+                    raise fetcher._error(f"redirected to an unsupported scheme {shorten(scheme, 40)}: only http:// and "
                                          "https:// are fetched")
                 if urlsplit(req.full_url).scheme == "https" and scheme == "http":
                     raise fetcher._error("refused a redirect from https:// to plain http://")
@@ -1107,7 +1113,7 @@ class Fetcher:
         stalled, reset) leaves the answer with `body_error` set."""
         import contextlib
         deadline = Deadline(timeout)
-        shown = f"{method} {redact_url(url)}"
+        shown = f"{method} {outside_text(redact_url(url))}"
         tries = FETCH_TRIES
         for attempt in range(1, tries + 1):
             try:
@@ -1311,7 +1317,7 @@ def describe_network_error(exc: BaseException | str) -> str:
     import http.client
     import socket
     if isinstance(exc, str):
-        return exc
+        return outside_text(exc)
     if isinstance(exc, (socket.timeout, TimeoutError)):
         return "timed out"
     if isinstance(exc, ConnectionRefusedError):
@@ -1324,9 +1330,9 @@ def describe_network_error(exc: BaseException | str) -> str:
     if isinstance(exc, ConnectionResetError):
         return "connection reset by the server"
     if _is_tls_error(exc):
-        return f"TLS error: {exc}"
+        return f"TLS error: {outside_text(str(exc))}"
     if isinstance(exc, socket.gaierror):
-        return f"cannot resolve host: {exc.strerror}"
+        return f"cannot resolve host: {outside_text(str(exc.strerror))}"
     if isinstance(exc, UnicodeError):
         # The IDNA codec refused the host name (getaddrinfo, http.client).
         return "bad host name (an empty or over-63-character label, or not encodable)"
@@ -1521,7 +1527,8 @@ def check_trust(pointer: Pointer, floor: RevisionFloor, cfg: Config) -> None:
     me = cfg.hostname or local_hostname()
     if hosts != ["*"] and me not in hosts:
         listed = " ".join(hosts)
-        shown = pointer.show(listed) if pointer.foreign else f"{listed[:200]}{'...' if len(listed) > 200 else ''}"
+        shown = (pointer.show(listed) if pointer.foreign
+                 else f"{outside_text(listed)[:200]}{'...' if len(listed) > 200 else ''}")
         raise PointerError(f"pointer is for hosts {shown}, not for {me}", "host")
     check_expiry(pointer)
 
@@ -1730,7 +1737,8 @@ def render_metrics(state: State, host: HostView, suspended: bool) -> str:
         lines.append(f"# HELP {full} {help_text}")
         lines.append(f"# TYPE {full} {kind}")
         for labels, value in samples:
-            rendered = ",".join(f'{k}="{escape_label(outside_text(v))}"' for k, v in labels.items())
+            # Label values are printable; what came from outside was masked where it entered.
+            rendered = ",".join(f'{k}="{escape_label(printable(v))}"' for k, v in labels.items())
             number = str(int(value)) if float(value).is_integer() else repr(round(float(value), 3))
             lines.append(f"{full}{{{rendered}}} {number}" if labels else f"{full} {number}")
 
@@ -2201,7 +2209,7 @@ class Agent:
             if _verbose:
                 import traceback
                 traceback.print_exc()
-            err = AutodeployError(f"internal error: {type(exc).__name__}: {exc}")
+            err = AutodeployError(f"internal error: {type(exc).__name__}: {outside_text(str(exc))}")
             outcome = Outcome("failed", str(err), error=err)
         self._finish(outcome, started)
         return outcome
@@ -2916,9 +2924,9 @@ class Agent:
     def _record_outcome(self, outcome: Outcome, ended: float) -> None:
         state = self.state
         state.last_run_success = outcome.error is None
-        state.last_state, state.last_reason = outcome.state, outside_text(outcome.reason)[:MAX_MESSAGE]
+        state.last_state, state.last_reason = outcome.state, printable(outcome.reason)[:MAX_MESSAGE]
         if outcome.error is not None:
-            state.last_error = {"kind": outcome.error.kind, "message": outside_text(str(outcome.error))[:MAX_MESSAGE]}
+            state.last_error = {"kind": outcome.error.kind, "message": printable(str(outcome.error))[:MAX_MESSAGE]}
         else:
             state.last_success, state.last_error = ended, None
 
@@ -2938,7 +2946,7 @@ class Agent:
             "NIXOS_AUTODEPLOY_EXIT_CODE": str(outcome.error.exit_code if outcome.error else 0),
             "NIXOS_AUTODEPLOY_URL": redact_url(cfg.url),
         }
-        env.update({name: outside_text(value)[:MAX_MESSAGE] for name, value in hook_vars.items()})
+        env.update({name: printable(value)[:MAX_MESSAGE] for name, value in hook_vars.items()})
         which = "on-failure" if outcome.error else "on-success"
         try:
             result = shell(command, timeout=cfg.hook_timeout, env=env)
@@ -3360,7 +3368,7 @@ def command_status(state_dir: str, as_json: bool) -> int:
         rows.append(("fleetlock error", fields["fleetlock_error"].get("message")))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
-        print(f"{key:<{width}}  {outside_text(value) if value is not None else '-'}")
+        print(f"{key:<{width}}  {printable(value) if value is not None else '-'}")
     print_history(fields["history"])
     return 0
 
@@ -3382,7 +3390,7 @@ def print_history(history: list[dict[str, Any]]) -> None:
             str(entry["revision"]) if entry.get("revision") is not None else "-",
             basename_or_empty(entry.get("path")) or "-", str(entry.get("error_kind") or "-"),
         ))
-    table = [tuple(outside_text(cell) for cell in row) for row in table]
+    table = [tuple(printable(cell) for cell in row) for row in table]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
@@ -3773,7 +3781,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001
         if _verbose:
             raise
-        log(f"internal error: {type(exc).__name__}: {exc} (run with --verbose for a traceback)")
+        log(f"internal error: {type(exc).__name__}: {outside_text(str(exc))} (run with --verbose for a traceback)")
         return 1
 
 

@@ -784,3 +784,31 @@ def test_rollout_text_from_another_origin_is_shown_nowhere(host, world, server, 
         assert r.returncode == 4 and "INTERNAL-SECRET" in r.stderr, r.stderr
     finally:
         internal.close()
+
+
+# ---------------------------------------------------------------------------
+# Masking only what came from outside (issue #18, item 9)
+
+
+def test_a_password_never_masks_the_agents_own_words(host, world, server, tmp_path):
+    b = world.path("b")
+    url = host.url.replace("http://", "http://ops:deploy@")
+    assert host.once(url).returncode == 0  # tracking a
+    server.pointer(b)
+    hook, dump = hook_dump(host, tmp_path)
+    r = host.once(url, "--on-success", hook, "--prometheus-path", METRICS)
+    assert r.returncode == 0, r.stderr
+    assert host.current == b
+    text = host.metrics_text()
+    assert 'nixos_autodeploy_state{state="deployed"} 1' in text and "***ed" not in text
+    assert "deployed" in r.stderr and "***ed" not in r.stderr
+    assert "NIXOS_AUTODEPLOY_OUTCOME=deployed" in dump.read_text().splitlines()
+    status = host.agent("status")
+    assert "deployed" in status.stdout and "***" not in status.stdout
+    assert host.state()["last_state"] == "deployed" and "***" not in host.state()["last_reason"]
+    # What came from outside is still masked: the pointer echoing the password, in any case.
+    server.set("/pointer", "<html>DePloy</html>\n")
+    r = host.once(url)
+    assert r.returncode == 4, r.stderr
+    assert "***" in r.stderr and "DePloy" not in r.stderr + everything_persisted(host)
+    assert "ops:deploy" not in r.stderr + everything_persisted(host)
