@@ -3542,14 +3542,31 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
-def positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return value
+# Every SECONDS option: a finite number up to this (366 days); larger ones
+# overflow timers and sleeps, nan and inf are not a time at all.
+MAX_OPTION_SECONDS: Final = 366 * 86400
+
+
+def seconds_option(*, zero: bool) -> Callable[[str], float]:
+    """The type of a SECONDS option: a finite number above 0 (or from 0 with
+    `zero`) and at most MAX_OPTION_SECONDS; anything else is a usage error."""
+    allowed = (f"from 0 to {MAX_OPTION_SECONDS}" if zero else f"above 0 and at most {MAX_OPTION_SECONDS}") \
+        + " (366 days)"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {shorten(text, 40)}") from None
+        # NaN fails every comparison, so it is refused here too.
+        if not ((value >= 0 if zero else value > 0) and value <= MAX_OPTION_SECONDS):
+            raise argparse.ArgumentTypeError(f"must be a number of seconds {allowed}: {shorten(text, 40)}")
+        return value
+    parse.__name__ = "seconds"
+    return parse
+
+
+positive: Final = seconds_option(zero=False)
 
 
 def http_url(text: str) -> str:
@@ -3708,7 +3725,7 @@ def build_parser() -> argparse.ArgumentParser:
     check_p.add_argument("--url", required=True, type=http_url,
                          help="pointer URL, fetched as the connectivity check")
     add_check_options(check_p, "run CMD via /bin/sh -c; non-zero fails the boot check (repeatable)")
-    check_p.add_argument("--wait", type=float, default=300.0, metavar="SECONDS",
+    check_p.add_argument("--wait", type=seconds_option(zero=True), default=300.0, metavar="SECONDS",
                          help="retry failing checks for up to SECONDS (network coming up; default: 300)")
     check_p.add_argument("--timeout", type=positive, default=30.0, metavar="SECONDS", help="HTTP timeout")
     check_p.add_argument("--token-file", metavar="FILE", help="send `Authorization: Bearer <token>` read from FILE")

@@ -128,3 +128,31 @@ def test_demo_runs_end_to_end():
                    "nixos_autodeploy_state{state=\"pending_reboot\"} 1"):
         assert needle in out, needle
     assert "Done in" in out
+
+
+# ---------------------------------------------------------------------------
+# Bad numeric option values (issue #18, item 10)
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("args", [
+    ["check-boot", "--wait", "nan"], ["check-boot", "--wait", "inf"], ["check-boot", "--wait", "-1"],
+    ["check-boot", "--timeout", "inf"], ["check-boot", "--health-timeout", "nan"],
+    ["run", "--once", "--timeout", "inf"], ["run", "--once", "--timeout", "nan"], ["run", "--once", "--timeout", "0"],
+    ["run", "--once", "--timeout", "1e300"], ["run", "--once", "--interval", "inf"],
+    ["run", "--once", "--health-timeout=-inf"], ["run", "--once", "--hook-timeout", "NaN"],
+], ids=lambda a: " ".join(a))
+def test_numeric_options_refuse_nan_inf_and_out_of_range(host, args):
+    r = host.agent(args[0], "--url", host.url, *args[1:], timeout=60)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "must be a number of seconds" in lines[0], r.stderr
+    assert not (host.var_lib / "nixos-autodeploy").exists()  # refused before anything ran
+
+
+def test_the_largest_seconds_values_work(host):
+    r = host.agent("check-boot", "--url", host.url, "--wait", "0", "--timeout", "31622400")
+    assert r.returncode == 0, r.stderr
+    r = host.agent("run", "--once", "--url", host.url, "--timeout", "31622400", "--hook-timeout", "31622400")
+    assert r.returncode == 0, r.stderr
