@@ -1602,6 +1602,11 @@ class StateStore:
                 return f.read(MAX_STATE_BYTES + 1)
         except FileNotFoundError:
             return None
+        except PermissionError:
+            # Not corrupt, only root's (state.json is 0600 in a 0700 directory):
+            # nothing to reset, the reader lacks the right.
+            raise StateError(f"cannot read {path}: permission denied (the state is readable by root only); "
+                             f"run it as root, e.g. `sudo autodeploy.py status`") from None
         except OSError as exc:
             raise StateError(f"cannot read {path}: {exc.strerror}. {RECOVERY_HINT}") from None
 
@@ -3369,14 +3374,15 @@ def command_status(state_dir: str, as_json: bool) -> int:
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {printable(value) if value is not None else '-'}")
-    print_history(fields["history"])
+    print_history(fields["history"], width)
     return 0
 
 
-def print_history(history: list[dict[str, Any]]) -> None:
-    """The deploy attempts as a short table, newest first."""
+def print_history(history: list[dict[str, Any]], width: int) -> None:
+    """The deploy attempts as a short table, newest first (`width`: the
+    other rows' key column, so an empty history lines up with them)."""
     if not history:
-        print("history   none")
+        print(f"{'history':<{width}}  none")
         return
     print(f"history (last {len(history)} deploy attempts, newest first):")
     header = ("time", "action", "outcome", "duration", "revision", "path", "error")
@@ -3620,7 +3626,8 @@ other commands (see `autodeploy.py COMMAND --help`):
   suspend       stop deploying on this host until `resume`
   resume        deploy again after `suspend`
   trust-reset   set the revision floor by hand (recovery; logged)
-  sign          write a signed pointer (for CI)"""
+  sign          write a signed pointer (for CI)
+  check-boot    boot assessment: health checks for the booted system"""
 
 
 def add_check_options(parser: argparse.ArgumentParser, what: str) -> None:
