@@ -542,7 +542,7 @@ INTENT_FIELDS: Final = {
 }
 _opt_text, _opt_moment, _opt_count = _optional(_text), _optional(_moment), _optional(_count)
 HISTORY_ENTRY: Final = _record({
-    "time": _moment, "path": _opt_text, "revision": _optional(lambda v: valid_revision(v)), "action": _opt_text,
+    "time": _moment, "path": _opt_text, "revision": _optional(valid_revision), "action": _opt_text,
     "outcome": _opt_text, "duration": _optional(lambda v: _number(v, 0)), "error_kind": _opt_text})
 ROLLOUT_VIEW: Final = _record({
     "target": _text, "hostname": _text, "bucket": lambda v: _integer(v) and 0 <= v < ROLLOUT_BUCKETS,
