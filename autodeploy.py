@@ -3642,11 +3642,13 @@ def sign_rollout_metadata(args: argparse.Namespace) -> dict[str, str]:
 #   | what the fleet and the pointer say                          | verdict  | exit |
 #   |-------------------------------------------------------------|----------|------|
 #   | Prometheus unreachable, a query error, an answer not understood | none  | 3    |
+#   |   (not HTTP 200, or with warnings: a partial answer)         |          |      |
 #   | the pointer says `pause`                                    | hold     | 10   |
 #   | failures among admitted hosts above --max-failures (or       | halt     | 11   |
 #   |   --max-failure-percent): rolled back, did not boot          |          |      |
 #   | the rollout is at 100%                                      | complete | 12   |
 #   | a ramp (rollout-start) moves the rollout by itself          | hold     | 10   |
+#   | no host reports the build (an empty answer)                 | hold     | 10   |
 #   | fewer than --min-healthy admitted hosts run it healthy      | hold     | 10   |
 #   | the step is younger than --bake                             | hold     | 10   |
 #   | otherwise                                                   | advance  | 0    |
@@ -3658,10 +3660,13 @@ def sign_rollout_metadata(args: argparse.Namespace) -> dict[str, str]:
 
 PROMOTE_EXIT: Final = {"advance": 0, "hold": 10, "halt": 11, "complete": 12}
 PROMOTE_METRICS: Final = ("info", "state", "quarantined", "rollout_bucket_number", "last_run_success")
-# Labels that describe a series, not the host that wrote it.
-PROMOTE_SERIES_LABELS: Final = frozenset((
-    "__name__", "state", "path", "current_generation", "booted_generation", "deployed_generation",
-    "upstream_generation"))
+# Labels that describe a series, not the host that wrote it.  Where a scrape
+# target has a label of the same name, Prometheus keeps the agent's as
+# exported_<name> (honor_labels: false); count_fleet reads that one first.
+AGENT_SERIES_LABELS: Final = ("state", "path", "current_generation", "booted_generation", "deployed_generation",
+                              "upstream_generation")
+PROMOTE_SERIES_LABELS: Final = frozenset(("__name__", *AGENT_SERIES_LABELS,
+                                          *(f"exported_{name}" for name in AGENT_SERIES_LABELS)))
 MAX_PROMETHEUS_ANSWER: Final = 64 * 1024 * 1024
 STEP_STARTED_KEY: Final = "x-step-started"
 # Host states (STATES) that mean the host cannot make progress by itself.
@@ -3690,11 +3695,16 @@ class FleetCount:
     boot_failed: int = 0
     stuck: int = 0
     on_the_way: int = 0
-    failed_hosts: list[str] = field(default_factory=list)
+    rolled_back_hosts: list[str] = field(default_factory=list)
+    boot_failed_hosts: list[str] = field(default_factory=list)
 
     @property
     def failures(self) -> int:
         return self.rolled_back + self.boot_failed
+
+    @property
+    def failed_hosts(self) -> list[str]:
+        return sorted(self.rolled_back_hosts + self.boot_failed_hosts)
 
 
 def prometheus_vector(fetcher: Fetcher, base: str, expr: str, timeout: float) -> list[dict[str, Any]]:
@@ -3708,10 +3718,17 @@ def prometheus_vector(fetcher: Fetcher, base: str, expr: str, timeout: float) ->
         answer = json.loads(resp.body, parse_constant=_no_json_constant)
     except (ValueError, RecursionError):
         raise FetchError(f"Prometheus answered HTTP {resp.status} with something that is not JSON") from None
-    if not isinstance(answer, dict) or answer.get("status") != "success":
+    if not isinstance(answer, dict) or answer.get("status") != "success" or resp.status != 200:
         said = answer.get("error") if isinstance(answer, dict) else None
-        raise FetchError(f"Prometheus answered HTTP {resp.status}: query error"
+        raise FetchError(f"Prometheus answered HTTP {resp.status}: "
+                         + ("query error" if resp.status == 200 or said else "not its answer")
                          + (f": {outside_text(said)[:300]}" if isinstance(said, str) else ""))
+    warnings = answer.get("warnings")
+    if warnings:
+        # Errors that did not stop the query: the data is what was collected
+        # (a partial answer), and a host missing from it cannot halt anything.
+        said = warnings[0] if isinstance(warnings, list) and isinstance(warnings[0], str) else "?"
+        raise FetchError(f"Prometheus answered with warnings (a partial answer): {outside_text(said)[:300]}")
     data = answer.get("data")
     if not isinstance(data, dict) or data.get("resultType") != "vector" or not isinstance(data.get("result"), list):
         raise FetchError("Prometheus answered with something other than an instant vector")
@@ -3739,12 +3756,17 @@ def count_fleet(samples: list[dict[str, Any]], build: str, percent: float) -> Fl
     hosts: dict[tuple[tuple[str, str], ...], dict[str, Any]] = {}
     name = os.path.basename(build)
     for sample in samples:
-        labels = sample["metric"]
+        labels = {**sample["metric"], **{name: sample["metric"][f"exported_{name}"] for name in AGENT_SERIES_LABELS
+                                         if f"exported_{name}" in sample["metric"]}}
         key = tuple(sorted((k, v) for k, v in labels.items() if k not in PROMOTE_SERIES_LABELS))
         host = hosts.setdefault(key, {})
         metric = labels.get("__name__", "")[len("nixos_autodeploy_"):]
         if metric == "info":
-            host["info"] = labels
+            # Two info series for one host: one from before a Prometheus
+            # restart (no staleness markers then).  The one naming the build
+            # decides; state series have fixed labels and are never doubled.
+            if "info" not in host or labels.get("upstream_generation") == name:
+                host["info"] = labels
         elif metric == "state" and sample["value"] == 1:
             host["state"] = labels.get("state")
         elif metric == "quarantined" and sample["value"] == 1:
@@ -3765,19 +3787,19 @@ def count_fleet(samples: list[dict[str, Any]], build: str, percent: float) -> Fl
         state = host.get("state")
         if state == "boot_failed":
             count.boot_failed += 1
-        elif state == "rolled_back" or host.get("quarantined") == build:
+            count.boot_failed_hosts.append(shown)
+        elif state in ("rolled_back", "quarantined") or host.get("quarantined") == build:
+            # `quarantined` is the state of a host whose upstream (the build)
+            # is quarantined; it does not depend on the path label surviving.
             count.rolled_back += 1
+            count.rolled_back_hosts.append(shown)
         elif (info.get("current_generation") == info.get("deployed_generation") == name
               and host.get("last_run_success") == 1 and state in ("up_to_date", "deployed")):
             count.healthy += 1
-            continue
         elif state in STUCK_STATES or host.get("last_run_success") == 0:
             count.stuck += 1
-            continue
         else:
             count.on_the_way += 1
-            continue
-        count.failed_hosts.append(shown)
     return count
 
 
@@ -3796,6 +3818,10 @@ def promote_verdict(count: FleetCount, policy: PromotePolicy, rollout: Rollout, 
         return "complete", None, "the rollout is at 100%"
     if rollout.start is not None:
         return "hold", None, "the pointer ramps by itself (rollout-start/rollout-duration); promote only halts it"
+    if count.reporting == 0:
+        # An empty answer (a selector that matches nothing, a Prometheus that
+        # lost its data) is no evidence, whatever --min-healthy allows.
+        return "hold", None, "no host reports the build (an empty answer is no evidence)"
     if count.healthy < policy.min_healthy:
         return "hold", None, (f"{count.healthy} admitted host(s) run it healthy, {policy.min_healthy} needed"
                               + (" (no host is admitted yet: a larger first step or a lower --min-healthy?)"
@@ -3809,10 +3835,33 @@ def promote_verdict(count: FleetCount, policy: PromotePolicy, rollout: Rollout, 
                                   f"{format_duration(step_age)}")
 
 
+def named_hosts(hosts: list[str]) -> str:
+    """` (a, b, ...)` after a count in promote's paragraph; at most ten names."""
+    return f" ({', '.join(hosts[:10])}{', ...' if len(hosts) > 10 else ''})" if hosts else ""
+
+
 def format_duration(seconds: float) -> str:
     seconds = int(max(0, seconds))
     hours, rest = divmod(seconds, 3600)
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def public_key_signers(key: str) -> str:
+    """The allowed-signers document of --key's own public half: promote
+    re-signs what it reads, so it reads only what CI signed.  --key may be
+    the public key itself, its private half in ssh-agent."""
+    try:
+        with open(key, "rb") as f:
+            head = f.read(MAX_SIGNATURE_BYTES).decode("utf-8", "replace").strip()
+    except OSError:
+        head = ""
+    if not (head.startswith(KEY_TYPES) and "\n" not in head):
+        result = ssh_keygen(["-y", "-f", key])
+        lines = [line for line in result.stdout.splitlines() if line.startswith(KEY_TYPES)]
+        if result.returncode != 0 or not lines:
+            raise UsageError(f"cannot read the public key of --key {key}: {result.stdout.strip()[:200]}")
+        head = lines[0]
+    return f'{SIGNATURE_NAMESPACE} namespaces="{SIGNATURE_NAMESPACE}" {head}\n'
 
 
 def read_current_pointer(where: str, fetcher: Fetcher, signers: str | None, timeout: float
@@ -3898,12 +3947,18 @@ def command_promote(args: argparse.Namespace) -> int:
         raise UsageError("--not-after and --no-expiry exclude each other")
     if args.not_after is not None:
         try:
-            parse_rfc3339(args.not_after)
+            expiry = parse_rfc3339(args.not_after).timestamp()
         except ValueError:
             raise UsageError(f"--not-after {args.not_after!r} is not an RFC 3339 time") from None
+        if expiry <= time.time():
+            raise UsageError(f"--not-after {args.not_after} is past: every host would refuse the next pointer")
     fetcher = Fetcher(None)
-    signers = allowed_signers(args.trusted_keys) if args.trusted_keys else None
+    signers = allowed_signers(args.trusted_keys) if args.trusted_keys else public_key_signers(args.key)
     pointer, started = read_current_pointer(args.pointer, fetcher, signers, args.timeout)
+    if policy.on_halt == "revert" and policy.revert_to == pointer.path:
+        # "Reverting" to the failing build would publish it to every host.
+        log(f"--revert-to is the pointer's own build {pointer.path}: a halt pauses instead")
+        policy = dataclasses.replace(policy, on_halt="pause", revert_to=None)
     rollout = parse_rollout(pointer.metadata)
     names = "|".join(PROMOTE_METRICS)
     matchers = f'__name__=~"nixos_autodeploy_({names})"' + (f",{args.selector}" if args.selector else "")
@@ -3920,10 +3975,10 @@ def command_promote(args: argparse.Namespace) -> int:
         written = (f" Wrote {args.output} (revision {pointer.revision + 1}): "
                    + (f"rollout {percent:g}%." if verdict == "advance" else
                       f"{policy.revert_to} for every host." if policy.on_halt == "revert" else "pause: true."))
-    failed = f" ({', '.join(count.failed_hosts[:10])})" if count.failed_hosts else ""
     print(f"{verdict.upper()}: {why}. {pointer.path} (revision {pointer.revision}) is at "
           f"{rollout.percent_at(now):g}%: {count.reporting} host(s) report it, {count.admitted} admitted: "
-          f"{count.healthy} healthy, {count.rolled_back} rolled back, {count.boot_failed} did not boot{failed}, "
+          f"{count.healthy} healthy, {count.rolled_back} rolled back{named_hosts(count.rolled_back_hosts)}, "
+          f"{count.boot_failed} did not boot{named_hosts(count.boot_failed_hosts)}, "
           f"{count.stuck} stuck, {count.on_the_way} on their way. Policy: steps "
           f"{'/'.join(f'{s:g}%' for s in policy.steps)}, bake {format_duration(policy.bake)}, at least "
           f"{policy.min_healthy} healthy, at most {policy.max_failures} failure(s)"
@@ -4058,6 +4113,11 @@ def label_matchers(text: str) -> str:
     return inner.strip()
 
 
+def pointer_source(text: str) -> str:
+    """promote --pointer: a URL (checked as --url is) or a file."""
+    return http_url(text) if text.startswith(("http://", "https://")) else text
+
+
 def store_path_option(text: str) -> str:
     try:
         return validate_store_path(text, text)
@@ -4178,14 +4238,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     promote_p = sub.add_parser("promote", help="CI: the rollout's next step (advance, hold, halt), decided by "
                                                "the fleet's metrics in Prometheus")
-    promote_p.add_argument("--pointer", required=True, metavar="FILE|URL",
+    promote_p.add_argument("--pointer", required=True, metavar="FILE|URL", type=pointer_source,
                            help="the current signed pointer (FILE.sig or URL.sig next to it)")
     promote_p.add_argument("--prometheus", required=True, type=http_url, metavar="URL",
                            help="Prometheus base URL (its /api/v1/query is asked)")
     promote_p.add_argument("--key", required=True, help="OpenSSH private key that signs the next pointer")
     promote_p.add_argument("-o", "--output", required=True, metavar="FILE",
                            help="where the next pointer goes (FILE.sig too); written only on advance and halt")
-    promote_p.add_argument("--trusted-keys", metavar="FILE", help="verify the current pointer's signature first")
+    promote_p.add_argument("--trusted-keys", metavar="FILE",
+                           help="keys the current pointer must be signed by (default: the public half of --key)")
     promote_p.add_argument("--steps", type=parse_steps, default=(5.0, 25.0, 100.0), metavar="P,P,...",
                            help="the rollout's steps in percent (default: 5,25,100)")
     promote_p.add_argument("--bake", type=duration_option, default=3600.0, metavar="DURATION",

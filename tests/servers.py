@@ -337,10 +337,11 @@ NODE_EXPORTER = shutil.which("prometheus-node-exporter") or "/usr/bin/prometheus
 class FleetMonitor:
     """One Debian `prometheus-node-exporter` per host (the textfile collector
     on the directory the host's agent writes its metrics into) and a Debian
-    `prometheus` scraping them every second, labelled instance=<name>; rule
-    files loaded as given.  Every process is stopped by close()."""
+    `prometheus` scraping them every second, labelled instance=<name> (and
+    `labels`, target labels for every host); rule files loaded as given.  Every process is stopped by close()."""
 
-    def __init__(self, root: Path, textfile_dirs: dict[str, Path], rule_files: tuple[Path, ...] = ()) -> None:
+    def __init__(self, root: Path, textfile_dirs: dict[str, Path], rule_files: tuple[Path, ...] = (),
+                 labels: dict[str, str] | None = None) -> None:
         import json
         self.procs: list[subprocess.Popen] = []
         self.logs = root
@@ -351,7 +352,7 @@ class FleetMonitor:
                 self._start(f"node-exporter-{name}", [
                     NODE_EXPORTER, f"--web.listen-address=127.0.0.1:{port}", "--collector.disable-defaults",
                     "--collector.textfile", f"--collector.textfile.directory={directory}"])
-                targets.append({"targets": [f"127.0.0.1:{port}"], "labels": {"instance": name}})
+                targets.append({"targets": [f"127.0.0.1:{port}"], "labels": {**(labels or {}), "instance": name}})
             port = free_port()
             self.base = f"http://127.0.0.1:{port}"
             config = root / "prometheus.yml"

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from servers import NODE_EXPORTER, PROMETHEUS, FleetMonitor, free_port
+from servers import NODE_EXPORTER, PROMETHEUS, FleetMonitor, RawServer, free_port
 from test_trust import make_key
 from world import AGENT, METRICS, REPO, Host
 
@@ -224,24 +224,27 @@ POLICY = ad.PromotePolicy(steps=(5.0, 25.0, 100.0), bake=3600.0, min_healthy=2, 
 
 
 @pytest.mark.parametrize("count, rollout, age, policy, verdict, step", [
-    (ad.FleetCount(admitted=4, healthy=4), ad.Rollout(5.0), 7200.0, POLICY, "advance", 25.0),
-    (ad.FleetCount(admitted=4, healthy=4), ad.Rollout(25.0), 7200.0, POLICY, "advance", 100.0),
-    (ad.FleetCount(admitted=4, healthy=4), ad.Rollout(30.0), 7200.0, POLICY, "advance", 100.0),
-    (ad.FleetCount(admitted=4, healthy=4), ad.Rollout(5.0), 60.0, POLICY, "hold", None),
-    (ad.FleetCount(admitted=4, healthy=4), ad.Rollout(5.0), None, POLICY, "hold", None),
-    (ad.FleetCount(admitted=4, healthy=1), ad.Rollout(5.0), 7200.0, POLICY, "hold", None),
-    (ad.FleetCount(admitted=4, healthy=3, rolled_back=1), ad.Rollout(5.0), 7200.0, POLICY, "halt", None),
-    (ad.FleetCount(admitted=4, healthy=3, boot_failed=1), ad.Rollout(100.0), 7200.0, POLICY, "halt", None),
-    (ad.FleetCount(admitted=4, healthy=4), ad.Rollout(100.0), 7200.0, POLICY, "complete", None),
-    (ad.FleetCount(admitted=4, healthy=4), ad.Rollout(5.0, paused=True), 7200.0, POLICY, "hold", None),
-    (ad.FleetCount(admitted=4, rolled_back=4), ad.Rollout(5.0, paused=True), 7200.0, POLICY, "hold", None),
-    (ad.FleetCount(admitted=4, healthy=4), ad.Rollout(5.0, start=0.0, duration=60.0), 7200.0, POLICY, "hold",
-     None),
+    (ad.FleetCount(reporting=4, admitted=4, healthy=4), ad.Rollout(5.0), 7200.0, POLICY, "advance", 25.0),
+    (ad.FleetCount(reporting=4, admitted=4, healthy=4), ad.Rollout(25.0), 7200.0, POLICY, "advance", 100.0),
+    (ad.FleetCount(reporting=4, admitted=4, healthy=4), ad.Rollout(30.0), 7200.0, POLICY, "advance", 100.0),
+    (ad.FleetCount(reporting=4, admitted=4, healthy=4), ad.Rollout(5.0), 60.0, POLICY, "hold", None),
+    (ad.FleetCount(reporting=4, admitted=4, healthy=4), ad.Rollout(5.0), None, POLICY, "hold", None),
+    (ad.FleetCount(reporting=4, admitted=4, healthy=1), ad.Rollout(5.0), 7200.0, POLICY, "hold", None),
+    (ad.FleetCount(reporting=4, admitted=4, healthy=3, rolled_back=1), ad.Rollout(5.0), 7200.0, POLICY, "halt", None),
+    (ad.FleetCount(reporting=4, admitted=4, healthy=3, boot_failed=1), ad.Rollout(100.0), 7200.0, POLICY, "halt", None),
+    (ad.FleetCount(reporting=4, admitted=4, healthy=4), ad.Rollout(100.0), 7200.0, POLICY, "complete", None),
+    (ad.FleetCount(reporting=4, admitted=4, healthy=4), ad.Rollout(5.0, paused=True), 7200.0, POLICY, "hold", None),
+    (ad.FleetCount(reporting=4, admitted=4, rolled_back=4), ad.Rollout(5.0, paused=True), 7200.0, POLICY, "hold", None),
+    (ad.FleetCount(reporting=4, admitted=4, healthy=4), ad.Rollout(5.0, start=0.0, duration=60.0), 7200.0, POLICY,
+     "hold", None),
     # 1 of 20 is 5%: within a 10% limit once --max-failures allows one.
-    (ad.FleetCount(admitted=20, healthy=19, rolled_back=1), ad.Rollout(5.0), 7200.0,
+    (ad.FleetCount(reporting=20, admitted=20, healthy=19, rolled_back=1), ad.Rollout(5.0), 7200.0,
      ad.PromotePolicy(min_healthy=2, max_failures=1, max_failure_percent=10.0), "advance", 25.0),
-    (ad.FleetCount(admitted=5, healthy=4, rolled_back=1), ad.Rollout(5.0), 7200.0,
+    (ad.FleetCount(reporting=5, admitted=5, healthy=4, rolled_back=1), ad.Rollout(5.0), 7200.0,
      ad.PromotePolicy(min_healthy=2, max_failures=1, max_failure_percent=10.0), "halt", None),
+    # Nothing reports the build: no evidence, whatever --min-healthy says.
+    (ad.FleetCount(), ad.Rollout(5.0), 7200.0, ad.PromotePolicy(min_healthy=0), "hold", None),
+    (ad.FleetCount(reporting=3), ad.Rollout(5.0), 7200.0, ad.PromotePolicy(min_healthy=0), "advance", 25.0),
 ])
 def test_promote_verdict(count, rollout, age, policy, verdict, step):
     got, percent, why = ad.promote_verdict(count, policy, rollout, age)
@@ -302,3 +305,335 @@ def test_steps_accepted(text):
 def test_steps_refused(text):
     with pytest.raises(Exception):
         ad.parse_steps(text)
+
+
+# ---------------------------------------------------------------------------
+# A Prometheus that answers what the test says (RawServer), hostile pointers
+# ---------------------------------------------------------------------------
+
+B = "/nix/store/" + "1" * 32 + "-b"
+
+
+def vector(samples: list[dict], **extra) -> dict:
+    return {"status": "success", "data": {"resultType": "vector", "result": samples}, **extra}
+
+
+def api_samples(samples: list[dict]) -> list[dict]:
+    """count_fleet's samples as /api/v1/query writes them."""
+    return [{"metric": s["metric"], "value": [1700000000.0, repr(float(s["value"]))]} for s in samples]
+
+
+@pytest.fixture
+def fake_prometheus():
+    made = []
+
+    def serve(body, status: int = 200):
+        raw = body if isinstance(body, bytes) else __import__("json").dumps(body).encode()
+
+        def handler(conn, n):
+            conn.sendall(f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {len(raw)}\r\n"
+                         f"Connection: close\r\n\r\n".encode() + raw)
+        made.append(RawServer(handler))
+        return f"http://127.0.0.1:{made[-1].port}"
+    yield serve
+    for srv in made:
+        srv.close()
+
+
+def healthy_fleet(build: str, n: int = 3) -> list[dict]:
+    name = os.path.basename(build)
+    return api_samples([s for i in range(n) for s in
+                        host_samples(f"h{i}", build, current=name, state="deployed", bucket=i)])
+
+
+def test_empty_answer_never_advances_even_without_min_healthy(fake_prometheus, tmp_path):
+    """Issue #21: an empty answer never advances a rollout, also with
+    --min-healthy 0 (no canary required once hosts report the build)."""
+    key = make_key(tmp_path, "ci")
+    pointer = sign(key, tmp_path / "p", B, 5, "--rollout", "5%")
+    out = tmp_path / "next"
+    r = promote(pointer, fake_prometheus(vector([])), key, out, "--bake", "0s", "--min-healthy", "0")
+    assert r.returncode == EXIT["hold"] and not out.exists(), (r.stdout, r.stderr)
+    assert "0 host(s) report it" in r.stdout
+    # Hosts that report it, none admitted yet: --min-healthy 0 says go on.
+    r = promote(pointer, fake_prometheus(vector(healthy_fleet(B))), key, out, "--bake", "0s", "--min-healthy", "0")
+    assert r.returncode == EXIT["advance"], (r.stdout, r.stderr)
+
+
+def failing_fleet(build: str, n: int = 1) -> list[dict]:
+    return api_samples([s for i in range(n) for s in
+                        host_samples(f"f{i}", build, current="a", state="rolled_back", ok=0, bucket=i)])
+
+
+def test_revert_to_the_failing_build_itself_pauses(fake_prometheus, tmp_path):
+    """--revert-to naming the pointer's own build (a CI variable that already
+    points at it) must not turn a halt into that build for every host."""
+    key = make_key(tmp_path, "ci")
+    pointer = sign(key, tmp_path / "p", B, 5, "--rollout", "5%")
+    out = tmp_path / "next"
+    r = promote(pointer, fake_prometheus(vector(failing_fleet(B) + healthy_fleet(B))), key, out, "--bake", "0s",
+                "--on-halt", "revert", "--revert-to", B)
+    assert r.returncode == EXIT["halt"], (r.stdout, r.stderr)
+    halted = fields(out)
+    assert (halted["path"], halted["pause"], halted["rollout"]) == (B, "true", "5%"), halted
+    assert "x-reverted-from" not in halted and "pause: true" in r.stdout
+
+
+def test_pointer_not_signed_by_ci_is_not_resigned(fake_prometheus, tmp_path):
+    """Without --trusted-keys promote verifies the current pointer against
+    the public half of --key: otherwise whoever can write the pointer (or
+    its web server) chooses what CI's key signs next (here a revision that
+    would leave no room above it, and `hosts: *`)."""
+    key = make_key(tmp_path, "ci")
+    other = make_key(tmp_path, "intruder")
+    url = fake_prometheus(vector(healthy_fleet(B)))
+    out = tmp_path / "next"
+    forged = tmp_path / "forged"
+    forged.write_text(f"{B}\nrevision: {2**63 - 2}\nhosts: *\nrollout: 5%\nx-step-started: 2020-01-01T00:00:00Z\n")
+    unsigned = promote(forged, url, key, out, "--bake", "0s")
+    sign(other, forged, B, 2**63 - 2, "--rollout", "5%")
+    by_other = promote(forged, url, key, out, "--bake", "0s")
+    for r in (unsigned, by_other):
+        assert r.returncode not in (0, 11) and not out.exists(), (r.stdout, r.stderr)
+    assert "not made by a trusted key" in by_other.stderr
+    # Signed by the key promote signs with: trusted without --trusted-keys.
+    sign(key, forged, B, 7, "--rollout", "5%")
+    r = promote(forged, url, key, out, "--bake", "0s")
+    assert r.returncode == EXIT["advance"] and fields(out)["revision"] == "8", (r.stdout, r.stderr)
+
+
+@pytest.mark.parametrize("status", [203, 500, 503])
+def test_http_error_with_a_success_body_is_no_answer(fake_prometheus, tmp_path, status):
+    """Only a 200 is Prometheus's answer; an error page that happens to hold
+    a success document (a proxy's cached body) is not the fleet's state."""
+    key = make_key(tmp_path, "ci")
+    pointer = sign(key, tmp_path / "p", B, 5, "--rollout", "5%")
+    out = tmp_path / "next"
+    r = promote(pointer, fake_prometheus(vector(healthy_fleet(B)), status), key, out, "--bake", "0s")
+    assert r.returncode == 3 and not out.exists() and f"HTTP {status}" in r.stderr, (r.stdout, r.stderr)
+
+
+def test_partial_answer_with_warnings_is_no_answer(fake_prometheus, tmp_path):
+    """Prometheus's API: warnings are errors that did not stop the query, and
+    the data field holds what was collected (a Thanos querier with a store
+    down answers so): hosts may be missing, failures among them.  infos
+    (hints about the query) are not such errors."""
+    key = make_key(tmp_path, "ci")
+    pointer = sign(key, tmp_path / "p", B, 5, "--rollout", "5%")
+    out = tmp_path / "next"
+    partial = vector(healthy_fleet(B), warnings=["partial response: store 10.0.0.3:10901 unavailable"])
+    r = promote(pointer, fake_prometheus(partial), key, out, "--bake", "0s")
+    assert r.returncode == 3 and not out.exists() and "store 10.0.0.3" in r.stderr, (r.stdout, r.stderr)
+    hinted = vector(healthy_fleet(B), infos=["PromQL info: metric might not be a counter"])
+    r = promote(pointer, fake_prometheus(hinted), key, out, "--bake", "0s")
+    assert r.returncode == EXIT["advance"], (r.stdout, r.stderr)
+
+
+def test_explanation_names_each_failed_host_under_its_failure(fake_prometheus, tmp_path):
+    """The paragraph a human acts on: a host that rolled the build back is
+    not listed as one that did not boot it."""
+    key = make_key(tmp_path, "ci")
+    pointer = sign(key, tmp_path / "p", B, 5, "--rollout", "5%")
+    out = tmp_path / "next"
+    samples = api_samples(host_samples("rb-host", B, current="a", state="rolled_back", ok=0, bucket=1)
+                          + host_samples("bf-host", B, current="a", state="boot_failed", ok=0, bucket=2))
+    r = promote(pointer, fake_prometheus(vector(samples)), key, out, "--bake", "0s")
+    assert r.returncode == EXIT["halt"], (r.stdout, r.stderr)
+    assert "1 rolled back (rb-host), 1 did not boot (bf-host)," in r.stdout, r.stdout
+    samples = api_samples(host_samples("rb-host", B, current="a", state="rolled_back", ok=0, bucket=1))
+    r = promote(pointer, fake_prometheus(vector(samples)), key, out, "--bake", "0s")
+    assert "1 rolled back (rb-host), 0 did not boot," in r.stdout, r.stdout
+
+
+def test_not_after_in_the_past_writes_nothing(fake_prometheus, tmp_path):
+    """A next pointer every host would refuse as expired is no step: not an
+    advance, and above all not a halt (the hosts would not pause)."""
+    key = make_key(tmp_path, "ci")
+    pointer = sign(key, tmp_path / "p", B, 5, "--rollout", "5%")
+    out = tmp_path / "next"
+    for samples in (healthy_fleet(B), failing_fleet(B)):
+        r = promote(pointer, fake_prometheus(vector(samples)), key, out, "--bake", "0s",
+                    "--not-after", "2020-01-01T00:00:00Z")
+        assert r.returncode == 2 and not out.exists(), (r.stdout, r.stderr)
+        assert "--not-after" in r.stderr
+
+
+def test_every_halt_pointer_is_one_the_real_agent_accepts(world, server, fake_prometheus, tmp_path):
+    """The pointers a halt writes (a revert to the previous build; a pause of
+    a ramp, which keeps its rollout lines), fetched and obeyed by the real
+    agent: nothing refused."""
+    a, c = world.path("a"), world.path("c")
+    key = make_key(tmp_path, "ci")
+    fleet = Fleet(world, server, tmp_path / "hosts", key, {"one": "one-0", "two": "two-0"}, "/halts")
+    fleet.publish(sign(key, tmp_path / "p1", a, 1))
+    for role in fleet.hosts:
+        fleet.run(role)
+    p2 = sign(key, tmp_path / "p2", c, 2)
+    fleet.publish(p2)
+    for role in fleet.hosts:
+        fleet.run(role)
+    assert {h.current for h in fleet.hosts.values()} == {c}
+    prometheus = fake_prometheus(vector(failing_fleet(c)))
+    out = tmp_path / "next"
+    r = promote(p2, prometheus, key, out, "--bake", "0s", "--on-halt", "revert", "--revert-to", a)
+    assert r.returncode == EXIT["halt"], (r.stdout, r.stderr)
+    fleet.publish(out)
+    for role in fleet.hosts:
+        fleet.run(role)
+    assert {h.current for h in fleet.hosts.values()} == {a}
+    assert {h.state()["last_state"] for h in fleet.hosts.values()} <= {"deployed", "up_to_date"}
+
+    ramp = sign(key, tmp_path / "p4", c, 4, "--rollout", "0%", "--rollout-start", "2020-01-01T00:00:00Z",
+                "--rollout-duration", "1h")
+    out.unlink()
+    r = promote(ramp, prometheus, key, out, "--bake", "0s")
+    assert r.returncode == EXIT["halt"], (r.stdout, r.stderr)
+    paused = fields(out)
+    assert (paused["pause"], paused["rollout-start"], paused["rollout-duration"]) == (
+        "true", "2020-01-01T00:00:00Z", "1h")
+    fleet.publish(out)
+    for role in fleet.hosts:
+        fleet.run(role)
+    assert {h.current for h in fleet.hosts.values()} == {a}
+    assert {h.state()["last_state"] for h in fleet.hosts.values()} == {"rollout_paused"}
+
+
+@pytest.mark.parametrize("url", ["http://[::1/p", "http://127.0.0.1:99999/p", "http://127.0.0.1:1/p q", "http:///p"])
+def test_malformed_pointer_url_is_a_usage_error(tmp_path, url):
+    key = make_key(tmp_path, "ci")
+    out = tmp_path / "next"
+    argv = [sys.executable, str(AGENT), "promote", "--pointer", url, "--prometheus", "http://127.0.0.1:1",
+            "--key", str(key.private), "-o", str(out), "--timeout", "1"]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "internal error" not in r.stderr and not out.exists(), r.stderr
+
+
+def test_key_held_by_ssh_agent(fake_prometheus, tmp_path):
+    """`--key KEY.pub` with the private half in ssh-agent (ssh-keygen -Y sign
+    takes either): the current pointer is verified against that public key."""
+    key = make_key(tmp_path, "ci")
+    pointer = sign(key, tmp_path / "p", B, 5, "--rollout", "5%")
+    agent = subprocess.run(["ssh-agent", "-s"], capture_output=True, text=True, check=True).stdout
+    env = dict(os.environ, **dict(line.split(";")[0].split("=", 1) for line in agent.splitlines() if "=" in line))
+    try:
+        subprocess.run(["ssh-add", "-q", str(key.private)], env=env, check=True, capture_output=True)
+        out = tmp_path / "next"
+        argv = [sys.executable, str(AGENT), "promote", "--pointer", str(pointer), "--prometheus",
+                fake_prometheus(vector(healthy_fleet(B))), "--key", f"{key.private}.pub", "-o", str(out),
+                "--bake", "0s", "--timeout", "5"]
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
+        assert r.returncode == EXIT["advance"], (r.stdout, r.stderr)
+        assert fields(out)["rollout"] == "25%"
+    finally:
+        os.kill(int(env["SSH_AGENT_PID"]), 15)
+
+
+def test_quarantined_state_is_a_failure_whatever_the_path_label_says(fake_prometheus, tmp_path):
+    """The agent reports state `quarantined` only when its upstream (here the
+    build) is quarantined.  Where the scrape target has a `path` label of its
+    own, Prometheus renames the agent's to `exported_path` (honor_labels:
+    false), and a metric_relabel_configs may drop it: the host that rolled
+    the build back must still count as a failure on its next runs."""
+    key = make_key(tmp_path, "ci")
+    pointer = sign(key, tmp_path / "p", B, 5, "--rollout", "5%")
+    out = tmp_path / "next"
+    host = host_samples("q", B, current="a", state="quarantined", bucket=3, quarantined=B)
+    for s in host:
+        if s["metric"]["__name__"].endswith("_quarantined"):
+            s["metric"]["exported_path"] = s["metric"].pop("path")
+        s["metric"]["path"] = "/node"  # the target's label
+    r = promote(pointer, fake_prometheus(vector(api_samples(host) + healthy_fleet(B))), key, out, "--bake", "0s")
+    assert r.returncode == EXIT["halt"] and "1 rolled back (q)" in r.stdout, (r.stdout, r.stderr)
+
+
+@needs_prometheus
+def test_target_labels_named_like_the_agents_own(world, server, tmp_path):
+    """Scrape targets labelled `state` (a region) and `path`: the real
+    Prometheus renames the agent's labels to exported_state and
+    exported_path (honor_labels: false).  promote still sees each host once,
+    its state, and the canary that rolled the build back."""
+    a, b = world.path("a"), world.path("b")
+    key = make_key(tmp_path, "ci")
+    names = {"good1": "good-1", "good2": "good-2", "bad": "bad-1"}
+    fleet = Fleet(world, server, tmp_path, key, names, "/labels")
+    fleet.publish(sign(key, tmp_path / "p0", a, 1))
+    for role in fleet.hosts:
+        fleet.run(role)
+    p1 = sign(key, tmp_path / "p1", b, 2)
+    fleet.publish(p1)
+    fleet.hosts["bad"].ctl("fail").write_text(b + "\n")
+    fleet.run("good1")
+    fleet.run("good2")
+    fleet.run("bad", expect=(5,))
+    fleet.run("bad")  # its next run: state quarantined
+    monitor = FleetMonitor(tmp_path, fleet.textfile_dirs(), labels={"state": "CA", "path": "/node"})
+    try:
+        monitor.wait_for("the renamed labels", lambda: {
+            r["metric"]["instance"]: r["metric"].get("exported_state")
+            for r in monitor.query("nixos_autodeploy_state == 1")} == {
+            "good1": "deployed", "good2": "deployed", "bad": "quarantined"})
+        out = tmp_path / "next"
+        r = promote(p1, monitor.base, key, out, "--bake", "0s", "--min-healthy", "2")
+        assert r.returncode == EXIT["halt"], (r.stdout, r.stderr)
+        assert "3 host(s) report it, 3 admitted: 2 healthy, 1 rolled back (bad)" in r.stdout, r.stdout
+    finally:
+        monitor.close()
+        for h in fleet.hosts.values():
+            h.kill_orphans()
+
+
+def test_a_hosts_older_info_series_does_not_hide_its_failure(fake_prometheus, tmp_path):
+    """A Prometheus restarted within its lookback writes no staleness markers
+    for what vanished while it was down: a host's info series from before
+    (other labels) is answered next to the current one, in label order.  A
+    host whose current series names the build and which rolled it back
+    counts as a failure whichever comes last."""
+    key = make_key(tmp_path, "ci")
+    pointer = sign(key, tmp_path / "p", B, 5, "--rollout", "5%")
+    out = tmp_path / "next"
+    failed = host_samples("bad", B, current="a", state="rolled_back", ok=0, bucket=3)
+    before = sample("info", instance="bad", upstream_generation="0" * 32 + "-a", current_generation="a",
+                    deployed_generation="a", booted_generation="a")
+    for order in ([failed[0], before], [before, failed[0]]):
+        samples = api_samples(order + failed[1:]) + healthy_fleet(B)
+        r = promote(pointer, fake_prometheus(vector(samples)), key, out, "--bake", "0s")
+        assert r.returncode == EXIT["halt"] and "1 rolled back (bad)" in r.stdout, (r.stdout, r.stderr)
+        out.unlink()
+
+
+@needs_prometheus
+def test_failure_seen_right_after_a_prometheus_restart(world, server, tmp_path):
+    """The real sequence behind the test above: Prometheus stops, a canary
+    rolls the build back meanwhile, Prometheus starts again on its data; for
+    its lookback it answers the host's info series from before as well,
+    after the current one when its labels sort after it (as here)."""
+    paths = sorted((world.path(n) for n in "bcd"), key=os.path.basename)  # hosts start on a
+    b, a = paths[0], paths[-1]  # the series from before (upstream a) is answered last
+    key = make_key(tmp_path, "ci")
+    fleet = Fleet(world, server, tmp_path, key, {"bad": "bad-1", "good": "good-1"}, "/restart")
+    for revision, path in ((1, world.path("a")), (2, a)):
+        fleet.publish(sign(key, tmp_path / f"p0-{revision}", path, revision))
+        for role in fleet.hosts:
+            fleet.run(role)
+    monitor = FleetMonitor(tmp_path, fleet.textfile_dirs())
+    try:
+        monitor.wait_for("both deployed a", lambda: set(states(monitor).values()) == {"deployed"})
+        time.sleep(2)
+    finally:
+        monitor.close()
+    p1 = sign(key, tmp_path / "p1", b, 3)
+    fleet.publish(p1)
+    fleet.hosts["bad"].ctl("fail").write_text(b + "\n")
+    fleet.run("bad", expect=(5,))
+    fleet.run("good")
+    monitor = FleetMonitor(tmp_path, fleet.textfile_dirs())
+    try:
+        monitor.wait_for("bad rolled back", lambda: states(monitor).get("bad") == "rolled_back")
+        infos = [r["metric"]["upstream_generation"] for r in monitor.query('nixos_autodeploy_info{instance="bad"}')]
+        assert infos == [os.path.basename(b), os.path.basename(a)]  # the premise
+        r = promote(p1, monitor.base, key, tmp_path / "next", "--bake", "0s")
+        assert r.returncode == EXIT["halt"] and "1 rolled back (bad)" in r.stdout, (r.stdout, r.stderr)
+    finally:
+        monitor.close()
+        for h in fleet.hosts.values():
+            h.kill_orphans()
