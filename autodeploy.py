@@ -2011,6 +2011,14 @@ def boot_dir_of(boot_dir: str | None = None) -> str:
     else /boot."""
     if boot_dir:
         return boot_dir
+    # systemd-boot booted this host (it sets LoaderInfo, GRUB sets no Loader*
+    # variable): the place of its entries decides, whatever GRUB left in /boot
+    # (grub/, kernels/ on the root file system after a switch to systemd-boot
+    # with the ESP at /boot/efi), or a fallback would read as a manual choice.
+    if (read_loader_variable("LoaderInfo") or "").startswith("systemd-boot"):
+        for candidate in BOOT_DIR_CANDIDATES:
+            if os.path.isdir(os.path.join(candidate, "loader", "entries")):
+                return candidate
     for candidate in BOOT_DIR_CANDIDATES:
         if any(os.path.isdir(os.path.join(candidate, marker)) for marker in BOOT_DIR_MARKERS):
             return candidate
@@ -2031,7 +2039,8 @@ def entry_id_without_counter(entry_id: str) -> str:
 
 def is_entry_pattern(entry_id: str) -> bool:
     """systemd-boot takes a glob as the default (loader.conf `default nixos-*`,
-    as nixpkgs writes it with boot counting; `bootctl set-default 'foo*'`)."""
+    as nixpkgs writes it with boot counting, which never reaches the
+    LoaderEntryDefault variable; `bootctl set-default 'foo*'`, which does)."""
     return any(c in entry_id for c in "*?[")
 
 
@@ -3547,6 +3556,9 @@ def command_sign(key: str, revision: int, hosts: list[str], all_hosts: bool, not
     if not_after is not None:
         lines.append(f"not-after: {not_after}")
     lines += sign_rollout_lines(rollout or {})
+    if rollout:
+        # The first step's bake time for `promote`, signed with the rest.
+        lines.append(f"{STEP_STARTED_KEY}: {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
     refuse_what_hosts_refuse("\n".join(lines) + "\n", hosts or ["*"])
     write_signed_pointer(key, output, lines)
     log(f"wrote {output} and {output}.sig (revision {revision}"
@@ -3646,10 +3658,11 @@ def sign_rollout_metadata(args: argparse.Namespace) -> dict[str, str]:
 #   | the pointer says `pause`                                    | hold     | 10   |
 #   | failures among admitted hosts above --max-failures (or       | halt     | 11   |
 #   |   --max-failure-percent): rolled back, did not boot          |          |      |
-#   | the rollout is at 100%                                      | complete | 12   |
+#   | the rollout is at 100% (also a ramp that reached it)        | complete | 12   |
 #   | a ramp (rollout-start) moves the rollout by itself          | hold     | 10   |
 #   | no host reports the build (an empty answer)                 | hold     | 10   |
 #   | fewer than --min-healthy admitted hosts run it healthy      | hold     | 10   |
+#   |   (healthy: also ran within --max-report-age)                |          |      |
 #   | the step is younger than --bake                             | hold     | 10   |
 #   | otherwise                                                   | advance  | 0    |
 #
@@ -3659,7 +3672,8 @@ def sign_rollout_metadata(args: argparse.Namespace) -> dict[str, str]:
 # file's modification time or the URL's Last-Modified.
 
 PROMOTE_EXIT: Final = {"advance": 0, "hold": 10, "halt": 11, "complete": 12}
-PROMOTE_METRICS: Final = ("info", "state", "quarantined", "rollout_bucket_number", "last_run_success")
+PROMOTE_METRICS: Final = ("info", "state", "quarantined", "rollout_bucket_number", "last_run_success",
+                           "last_run_timestamp_seconds")
 # Labels that describe a series, not the host that wrote it.  Where a scrape
 # target has a label of the same name, Prometheus keeps the agent's as
 # exported_<name> (honor_labels: false); count_fleet reads that one first.
@@ -3710,6 +3724,7 @@ class FleetCount:
 def prometheus_vector(fetcher: Fetcher, base: str, expr: str, timeout: float) -> list[dict[str, Any]]:
     """An instant query's vector; FetchError for anything else (Prometheus
     down, a query error, an answer that is not a vector)."""
+    import math
     from urllib.parse import urlencode
     url = base.rstrip("/") + "/api/v1/query?" + urlencode({"query": expr})
     resp = fetcher.request(url, {"Accept": "application/json"}, timeout=timeout, limit=MAX_PROMETHEUS_ANSWER,
@@ -3741,15 +3756,21 @@ def prometheus_vector(fetcher: Fetcher, base: str, expr: str, timeout: float) ->
         try:
             number = float(value[1])
         except ValueError:
-            raise FetchError("Prometheus answered with a sample value that is not a number") from None
+            number = math.nan
+        if not math.isfinite(number):
+            # The agent writes only finite numbers: NaN or infinity is not its answer.
+            raise FetchError("Prometheus answered with a sample value that is not a finite number")
         out.append({"metric": metric, "value": number})
     return out
 
 
-def count_fleet(samples: list[dict[str, Any]], build: str, percent: float) -> FleetCount:
+def count_fleet(samples: list[dict[str, Any]], build: str, percent: float, now: float | None = None,
+                max_age: float | None = None) -> FleetCount:
     """Where each host stands with `build`, from the agent's own metrics
     (README: Metrics): admitted (its bucket is below the rollout), healthy
-    (runs it, deployed it, last run succeeded, up to date), rolled back
+    (runs it, deployed it, last run succeeded, up to date, and that run is
+    at most `max_age` old at `now`: a textfile left behind by an agent that
+    stopped running proves nothing), rolled back
     (quarantined it, or rolled back), did not boot it (boot_failed), stuck
     (a state it cannot leave by itself), or on its way (realising, waiting
     for a reboot, a window or a slot)."""
@@ -3771,7 +3792,7 @@ def count_fleet(samples: list[dict[str, Any]], build: str, percent: float) -> Fl
             host["state"] = labels.get("state")
         elif metric == "quarantined" and sample["value"] == 1:
             host["quarantined"] = labels.get("path")
-        elif metric in ("rollout_bucket_number", "last_run_success"):
+        elif metric in ("rollout_bucket_number", "last_run_success", "last_run_timestamp_seconds"):
             host[metric] = sample["value"]
     count = FleetCount()
     for key, host in sorted(hosts.items()):
@@ -3794,17 +3815,20 @@ def count_fleet(samples: list[dict[str, Any]], build: str, percent: float) -> Fl
             count.rolled_back += 1
             count.rolled_back_hosts.append(shown)
         elif (info.get("current_generation") == info.get("deployed_generation") == name
-              and host.get("last_run_success") == 1 and state in ("up_to_date", "deployed")):
+              and host.get("last_run_success") == 1 and state in ("up_to_date", "deployed")
+              and (max_age is None or now is None or now - host.get("last_run_timestamp_seconds", 0) <= max_age)):
             count.healthy += 1
-        elif state in STUCK_STATES or host.get("last_run_success") == 0:
+        elif (state in STUCK_STATES or host.get("last_run_success") == 0
+              or (max_age is not None and now is not None
+                  and now - host.get("last_run_timestamp_seconds", 0) > max_age)):
             count.stuck += 1
         else:
             count.on_the_way += 1
     return count
 
 
-def promote_verdict(count: FleetCount, policy: PromotePolicy, rollout: Rollout, step_age: float | None
-                    ) -> tuple[str, float | None, str]:
+def promote_verdict(count: FleetCount, policy: PromotePolicy, rollout: Rollout, step_age: float | None,
+                    now: float | None = None) -> tuple[str, float | None, str]:
     """(verdict, the next step's percent, why): the table above, as code."""
     if rollout.paused:
         return "hold", None, "the pointer says pause: a human decides (republish without pause to resume)"
@@ -3814,7 +3838,7 @@ def promote_verdict(count: FleetCount, policy: PromotePolicy, rollout: Rollout, 
         limit = f"more than {policy.max_failures}" if count.failures > policy.max_failures else \
             f"{ratio:.1f}% of the admitted hosts, more than {policy.max_failure_percent:g}%"
         return "halt", None, f"{count.failures} admitted host(s) failed it ({limit})"
-    if rollout.percent >= 100 and rollout.start is None:
+    if (rollout.percent_at(now) if now is not None else rollout.percent) >= 100:
         return "complete", None, "the rollout is at 100%"
     if rollout.start is not None:
         return "hold", None, "the pointer ramps by itself (rollout-start/rollout-duration); promote only halts it"
@@ -3943,6 +3967,8 @@ def command_promote(args: argparse.Namespace) -> int:
                            on_halt=args.on_halt, revert_to=args.revert_to)
     if policy.on_halt == "revert" and policy.revert_to is None:
         raise UsageError("--on-halt revert needs --revert-to STOREPATH (the build to publish instead)")
+    if policy.on_halt != "revert" and policy.revert_to is not None:
+        raise UsageError("--revert-to is used only with --on-halt revert (a halt pauses otherwise)")
     if args.not_after is not None and args.no_expiry:
         raise UsageError("--not-after and --no-expiry exclude each other")
     if args.not_after is not None:
@@ -3964,9 +3990,9 @@ def command_promote(args: argparse.Namespace) -> int:
     matchers = f'__name__=~"nixos_autodeploy_({names})"' + (f",{args.selector}" if args.selector else "")
     samples = prometheus_vector(fetcher, args.prometheus, "{" + matchers + "}", args.timeout)
     now = time.time()
-    count = count_fleet(samples, pointer.path, rollout.percent_at(now))
+    count = count_fleet(samples, pointer.path, rollout.percent_at(now), now, args.max_report_age)
     step_age = now - started if started is not None else None
-    verdict, percent, why = promote_verdict(count, policy, rollout, step_age)
+    verdict, percent, why = promote_verdict(count, policy, rollout, step_age, now)
     written = ""
     if verdict in ("advance", "halt"):
         not_after = None if args.no_expiry else (args.not_after or default_not_after())
@@ -4199,7 +4225,8 @@ def build_parser() -> argparse.ArgumentParser:
     run_p.add_argument("--boot-dir", type=absolute_dir, metavar="DIR",
                        help="where the boot loader's entries and the kernels it copies are ($BOOT: the ESP, or "
                             "the XBOOTLDR partition): for the boot-loader checks and the space check (default: the "
-                            f"first of {', '.join(BOOT_DIR_CANDIDATES)} holding boot loader files, else {BOOT_DIR})")
+                            f"first of {', '.join(BOOT_DIR_CANDIDATES)} holding boot loader files (systemd-boot's "
+                            f"entries when systemd-boot booted), else {BOOT_DIR})")
     # Fleet rollouts: coordinated reboots.
     run_p.add_argument("--fleetlock-url", type=validate_fleetlock_url, metavar="URL",
                        help="take a FleetLock reboot slot (Zincati's protocol, e.g. airlock) at this base URL "
@@ -4251,6 +4278,9 @@ def build_parser() -> argparse.ArgumentParser:
                            help="the rollout's steps in percent (default: 5,25,100)")
     promote_p.add_argument("--bake", type=duration_option, default=3600.0, metavar="DURATION",
                            help="how long a step runs before it may advance, e.g. 30m, 2h (default: 1h)")
+    promote_p.add_argument("--max-report-age", type=duration_option, default=26 * 3600.0, metavar="DURATION",
+                           help="a host counts as healthy only when its last run is at most this old; an older one "
+                                "counts as stuck (default: 26h, for hosts that poll daily)")
     promote_p.add_argument("--min-healthy", type=count_option, default=1, metavar="N",
                            help="admitted hosts that must run the build healthy before a step advances (default: 1)")
     promote_p.add_argument("--max-failures", type=count_option, default=0, metavar="N",

@@ -97,42 +97,65 @@ let
   # explained, never an evaluation error for a user who did not ask for the
   # wiring.
   ownFile = toString ./module.nix;
-  unwrapDef =
-    v:
+  # One level of a definition as the module system takes it at an option
+  # (nixpkgs lib/modules.nix: dischargeProperties, then filterOverrides):
+  # mkIf/mkMerge discharged, mkOrder looked through, and the priority of the
+  # outermost mkOverride (null: a plain definition).
+  defsAt =
+    prio: v:
     if !builtins.isAttrs v then
-      [ v ]
+      [ { inherit prio; value = v; } ]
     else if (v._type or null) == "if" then
-      (if v.condition then unwrapDef v.content else [ ])
+      (if v.condition then defsAt prio v.content else [ ])
     else if (v._type or null) == "merge" then
-      lib.concatMap unwrapDef v.contents
-    else if lib.elem (v._type or null) [
-      "override"
-      "order"
-    ] then
-      unwrapDef v.content
+      lib.concatMap (defsAt prio) v.contents
+    else if (v._type or null) == "override" then
+      defsAt (if prio == null then v.priority else prio) v.content
+    else if (v._type or null) == "order" then
+      defsAt prio v.content
     else
-      [ v ];
+      [ { inherit prio; value = v; } ];
   fieldOf =
-    name: values:
+    name:
     lib.concatMap (
-      v: if builtins.isAttrs v && !(v ? _type) && v ? ${name} then unwrapDef v.${name} else [ ]
-    ) values;
+      d:
+      if builtins.isAttrs d.value && !(d.value ? _type) && d.value ? ${name} then defsAt null d.value.${name} else [ ]
+    );
+  # Only the definitions of the highest priority are merged; a plain
+  # definition of ours would throw away the host's mkDefault ones (a shared
+  # profile's `extraFlags = lib.mkDefault [ ... ]`, or a whole
+  # `node = lib.mkDefault { enable = true; ... }`, the exporter with it).
+  # So ours join the others' priority when theirs is weaker than a plain
+  # definition, and stay plain otherwise (a mkForce of the host wins, and a
+  # warning says what is not wired).
+  defaultPrio = lib.modules.defaultOverridePriority or 100;
+  prioOf = d: if d.prio == null then defaultPrio else d.prio;
+  highestPrio = lib.foldl' (m: d: lib.min m (prioOf d)) 9999;
+  winning = defs: lib.filter (d: prioOf d == highestPrio defs) defs;
+  joinPrio = defs: if defs == [ ] then defaultPrio else lib.max defaultPrio (highestPrio defs);
+  # (definitionsWithLocations are the exporters option's winning definitions,
+  # their own mkOverride already stripped.)
   otherNodeDefs = fieldOf "node" (
-    lib.concatMap (d: unwrapDef d.value) (
+    lib.concatMap (d: defsAt null d.value) (
       lib.filter (d: d.file != ownFile) (options.services.prometheus.exporters.definitionsWithLocations or [ ])
     )
   );
-  otherNodeList = name: lib.concatMap (l: if builtins.isList l then l else [ ]) (fieldOf name otherNodeDefs);
+  otherNodeField = name: fieldOf name (winning otherNodeDefs);
+  otherNodeList =
+    name: lib.concatMap (d: if builtins.isList d.value then d.value else [ ]) (winning (otherNodeField name));
   # nixpkgs joins extraFlags with spaces into ExecStart (exporters/node.nix),
   # so "--collector.textfile.directory /dir" in one element is two words to
   # node_exporter: split the elements the way systemd will.
   flagWords = lib.concatMap (f: lib.filter (w: builtins.isString w && w != "") (builtins.split "[[:space:]]+" f));
+  # "/dir/" and "/dir" are one directory to node_exporter, read twice when
+  # passed in both spellings (every metric twice: failed scrapes).
+  normDir = d: if d != "/" && lib.hasSuffix "/" d then normDir (lib.removeSuffix "/" d) else d;
   textfileDirsIn =
     flags0:
     let
       flags = flagWords flags0;
     in
-    lib.concatLists (
+    map normDir (lib.concatLists (
       lib.imap0 (
         i: f:
         if lib.hasPrefix "--collector.textfile.directory=" f then
@@ -142,13 +165,13 @@ let
         else
           [ ]
       ) flags
-    );
+    ));
   existingTextfileDirs = textfileDirsIn (otherNodeList "extraFlags");
   textfileDisabled = lib.elem "textfile" (otherNodeList "disabledCollectors");
   # The wiring as it can happen: asked for (by default: the exporter is on)
   # and the host has not turned the textfile collector off.
   wire = cfg.enable && cfg.wireNodeExporter && !textfileDisabled;
-  wireFlag = wire && !(lib.elem cfg.textfileDirectory existingTextfileDirs);
+  wireFlag = wire && !(lib.elem (normDir cfg.textfileDirectory) existingTextfileDirs);
   defaultTextfileDirectory = "/var/lib/prometheus-node-exporter-text";
   nodeExporterVersion = pkgs.prometheus-node-exporter.version or null;
   # systemd expands %-specifiers in Environment= values: the operator's
@@ -203,7 +226,9 @@ let
       dirs = textfileDirsIn node.extraFlags;
       textfileOff = lib.elem "textfile" node.disabledCollectors;
     in
-    optional (cfg.wireNodeExporter && textfileOff)
+    optional (wire && !textfileOff && !(lib.elem (normDir cfg.textfileDirectory) dirs))
+      "system.autoDeploy: services.prometheus.exporters.node.extraFlags does not pass the agent's textfile directory ${cfg.textfileDirectory} (a definition with a higher priority, e.g. lib.mkForce, replaced the module's), so the agent's metrics are not exported. Add \"--collector.textfile.directory=${cfg.textfileDirectory}\" there, or set system.autoDeploy.wireNodeExporter = false to silence this."
+    ++ optional (cfg.wireNodeExporter && textfileOff)
       "system.autoDeploy: services.prometheus.exporters.node.disabledCollectors disables the textfile collector, so the agent's metrics (${toString cfg.prometheusFilePath}) are not exported; nothing was wired. Remove \"textfile\" from disabledCollectors to export them, or set system.autoDeploy.wireNodeExporter = false to silence this."
     ++ optional (wire && lib.length dirs != lib.length (lib.unique dirs))
       "system.autoDeploy: services.prometheus.exporters.node.extraFlags passes a textfile directory more than once (${lib.concatStringsSep ", " dirs}); node_exporter reads it twice and every scrape fails with duplicate metrics. Where the exporter is configured through a function, which this module cannot look into, pass system.autoDeploy.textfileDirectory there only once, or set system.autoDeploy.wireNodeExporter = false."
@@ -317,8 +342,10 @@ let
   #   systemd-run --unit=nixos-autodeploy-activation --wait ... switch-to-configuration
   # and removes it after systemd-run returned. The trigger runs while that
   # switch-to-configuration waits for the target, i.e. while the marker is
-  # there, and stays quiet when the PID in it is alive (a crashed agent's
-  # stale marker is ignored; /run is empty after every boot). Even a run
+  # there, and stays quiet when the PID in it is alive and the agent's
+  # transient nixos-autodeploy-activation.service runs (a crashed agent's
+  # stale marker is ignored, also when its PID has been reused by another
+  # process; /run is empty after every boot). Even a run
   # started by mistake would not restart anything: `systemctl start` of the
   # active nixos-autodeploy.service joins the running start job, and the unit
   # has restartIfChanged = false.
@@ -327,7 +354,7 @@ let
     case "$pid" in
       "" | *[!0-9]*) ;;
       *)
-        if kill -0 "$pid" 2>/dev/null; then
+        if kill -0 "$pid" 2>/dev/null && systemctl is-active --quiet nixos-autodeploy-activation.service; then
           echo "activated by nixos-autodeploy (PID $pid) itself: no run"
           exit 0
         fi
@@ -875,11 +902,15 @@ in
     # default is exporters.node.enable) would read that option's own value:
     # infinite recursion.
     {
-      services.prometheus.exporters.node = {
-        enabledCollectors = mkIf (wire && !(lib.elem "textfile" (otherNodeList "enabledCollectors"))) [
-          "textfile"
-        ];
-        extraFlags = mkIf wireFlag [ "--collector.textfile.directory=${cfg.textfileDirectory}" ];
+      services.prometheus.exporters.node = lib.mkOverride (joinPrio otherNodeDefs) {
+        enabledCollectors = mkIf (wire && !(lib.elem "textfile" (otherNodeList "enabledCollectors"))) (
+          lib.mkOverride (joinPrio (otherNodeField "enabledCollectors")) [ "textfile" ]
+        );
+        extraFlags = mkIf wireFlag (
+          lib.mkOverride (joinPrio (otherNodeField "extraFlags")) [
+            "--collector.textfile.directory=${cfg.textfileDirectory}"
+          ]
+        );
       };
       # Only a directory we point the exporter at is ours to create; an
       # existing one is left as its owner set it up.

@@ -7,7 +7,8 @@ boot.loader.systemd-boot.xbootldrMountPoint, else boot.loader.efi.efiSysMountPoi
 entries there (an entry without tries left settles a fallback), check the
 space there, and never take a fallback for a manual choice: not when the
 entries are out of its sight, not when LoaderEntryDefault is a pattern
-(`default nixos-*`, what nixpkgs 26.11 writes with boot counting), not when
+(`bootctl set-default 'nixos-*'`; systemd-boot never copies loader.conf's
+`default nixos-*`, what nixpkgs 26.11 writes, into the variable), not when
 the EFI variables carry the counter as it was at boot.
 """
 
@@ -93,7 +94,7 @@ def test_space_is_checked_where_the_kernels_go(boot_host, world, server, at):
 
 @pytest.mark.parametrize("selected", ["nixos-" + "1" * 32 + "+0-1.conf", "nixos-" + "1" * 32 + ".conf"])
 def test_a_pattern_default_records_no_manual_choice(host, world, server, selected):
-    """`default nixos-*` in loader.conf: systemd-boot reports the pattern as
+    """`bootctl set-default 'nixos-*'`: systemd-boot reports the pattern as
     LoaderEntryDefault.  Booting an older entry is then the boot loader's
     fallback (counted, quarantined), never `booted_previous`."""
     a, b = world.path("a"), world.path("b")
@@ -148,6 +149,7 @@ def test_boot_entry_choice_table(tmp_path, monkeypatch):
 
 
 def test_boot_dir_is_found_among_the_usual_mount_points(tmp_path, monkeypatch):
+    monkeypatch.setenv(ad.EFIVARS_ENV, str(tmp_path / "efivars"))  # never the machine's
     roots = {name: tmp_path / name.strip("/").replace("/", "-") for name in ad.BOOT_DIR_CANDIDATES}
     monkeypatch.setattr(ad, "BOOT_DIR_CANDIDATES", tuple(str(p) for p in roots.values()))
     monkeypatch.setattr(ad, "BOOT_DIR", str(roots["/boot"]))
@@ -158,6 +160,13 @@ def test_boot_dir_is_found_among_the_usual_mount_points(tmp_path, monkeypatch):
     assert ad.boot_dir_of(None) == str(roots["/efi"])  # /efi before /boot/efi
     (roots["/boot"] / "grub").mkdir(parents=True)
     assert ad.boot_dir_of(None) == str(roots["/boot"])  # GRUB copies into /boot
+    # ... unless systemd-boot booted: then its entries decide, not GRUB's leftovers
+    (tmp_path / "efivars").mkdir()
+    (tmp_path / "efivars" / f"LoaderInfo-{ad.LOADER_GUID}").write_bytes(
+        b"\x06\x00\x00\x00" + "systemd-boot 258.1\0".encode("utf-16-le"))
+    assert ad.boot_dir_of(None) == str(roots["/boot/efi"])
+    (roots["/boot"] / "loader" / "entries").mkdir(parents=True)
+    assert ad.boot_dir_of(None) == str(roots["/boot"])  # XBOOTLDR at /boot, ESP elsewhere
     assert ad.boot_dir_of("/given") == "/given"
 
 
@@ -168,3 +177,45 @@ def test_boot_dir_option():
     assert ad.config_from_args(parser.parse_args(["run", "--url", "http://x/p"])).boot_dir is None
     with pytest.raises(ad.UsageError, match="invalid absolute path value"):
         parser.parse_args(["run", "--url", "http://x/p", "--boot-dir", "boot/efi"])
+
+
+def loader_info(host, value: str) -> None:
+    """systemd-boot's LoaderInfo variable ("systemd-boot 258.1"): set by
+    systemd-boot on every boot, by GRUB never."""
+    d = host.root / "efivars"
+    d.mkdir(exist_ok=True)
+    (d / f"LoaderInfo-{ad.LOADER_GUID}").write_bytes(b"\x06\x00\x00\x00" + (value + "\0").encode("utf-16-le"))
+
+
+@pytest.mark.parametrize("given", [False, True], ids=["systemd-boot-booted", "--boot-dir"])
+def test_grub_leftovers_in_boot_do_not_hide_the_esp(boot_host, world, server, given):
+    """systemd-boot with the ESP at /boot/efi, on a host that used GRUB before:
+    /boot (the root file system) still holds grub/ and kernels/.  The entries
+    on the ESP must settle the fallback, not the EFI variables alone (which
+    read as a manual choice), and the space check must run on the ESP, both
+    with the module's --boot-dir and without it on a host systemd-boot booted."""
+    host = boot_host
+    a, b, k = world.path("a"), world.path("b"), world.path("k")
+    mount = host.mount_boot(16 * MiB, at="/boot/efi")
+    for leftover in ("grub", "kernels"):
+        (host.root / "boot-dir" / leftover).mkdir()
+    args = ("--boot-dir", "/boot/efi") if given else ()
+    stage(host, b, *args)
+    fall_back(host, a)
+    entries = mount / "loader" / "entries"
+    entry(entries, "nixos-generation-1.conf", a)
+    entry(entries, "nixos-generation-2+0-1.conf", b)
+    env = {"NIXOS_AUTODEPLOY_EFIVARS": efivars(host, "nixos-generation-1.conf", "nixos-generation-2.conf")}
+    if not given:  # --boot-dir alone must do it (no LoaderInfo to fall back on)
+        loader_info(host, "systemd-boot 258.1")
+    r = host.once(host.url, "--switch-mode", "boot", *args, env=env)
+    assert r.returncode == 5, r.stderr
+    failure = host.state()["boot_failure"]
+    assert failure["choice"] == "loader" and "+0-1.conf" in failure["reason"], failure
+    # the space check runs where the kernels go: the ESP, not the leftovers
+    filler = fill(mount, 2 * MiB)
+    server.pointer(k)
+    r = host.once(host.url, *args, env=env)
+    assert r.returncode == 5, r.stderr
+    assert "/boot/efi has" in r.stderr and "not deploying" in r.stderr, r.stderr
+    filler.unlink()

@@ -294,10 +294,23 @@ CASES = {
     "env-percent": ad('environment = { https_proxy = "http://u:p%40ss@proxy:3128"; };'),
     "node-has-dir-mkif": node('enable = true; extraFlags = lib.mkIf true '
                               '(lib.mkBefore [ "--collector.textfile.directory=/srv/prom" ]);'),
+    # a profile's lists given with mkDefault (or below a mkDefault node): they stay, ours join them
+    "node-has-dir-mkdefault": node('enable = true; extraFlags = lib.mkDefault [ "--collector.textfile.directory=/srv/prom" ]; '
+                                   'enabledCollectors = lib.mkDefault [ "systemd" ];'),
+    "node-mkdefault-node": ad("", 'services.prometheus.exporters.node = lib.mkDefault { enable = true; '
+                                  'extraFlags = [ "--collector.textfile.directory=/srv/prom" ]; '
+                                  'enabledCollectors = [ "systemd" ]; };'),
+    # ... also where the agent is off: importing the module must not remove the exporter
+    "disabled-mkdefault-node": ('{ lib, ... }: { services.prometheus.exporters.node = lib.mkDefault '
+                                '{ enable = true; enabledCollectors = [ "systemd" ]; }; }'),
+    # flags forced by the host: they win, and a warning says ours is not passed
+    "node-has-dir-forced": node('enable = true; extraFlags = lib.mkForce [ "--collector.textfile.directory=/srv/prom" ];'),
     "node-has-dir-conflict": node('enable = true; extraFlags = [ "--collector.textfile.directory=/srv/prom" ];',
                                   'textfileDirectory = "/srv/other";'),
     "node-custom-dir": node("enable = true;", 'textfileDirectory = "/srv/metrics";'),
     "node-has-our-dir": node(f'enable = true; extraFlags = [ "--collector.textfile.directory={TEXTFILE_DIR}" ];'),
+    # ... spelled with a trailing slash: still the same directory
+    "node-has-our-dir-slash": node(f'enable = true; extraFlags = [ "--collector.textfile.directory={TEXTFILE_DIR}/" ];'),
     # the NixOS manual's exporter example (services/monitoring/prometheus), as is
     "node-manual-example": node('enable = true; port = 9100; enabledCollectors = [ "logind" "systemd" ]; '
                                 'disabledCollectors = [ "textfile" ]; openFirewall = true; '
@@ -674,10 +687,39 @@ def test_an_existing_textfile_directory_is_kept_and_ours_added(matrix, case):
     assert r["warnings"] == []
 
 
+@pytest.mark.parametrize("case", ["node-has-dir-mkdefault", "node-mkdefault-node"])
+def test_the_hosts_mkdefault_flags_and_collectors_are_kept(matrix, case):
+    """A shared profile sets the exporter's lists with mkDefault: a plain
+    definition of ours would win over it and drop the host's directory and
+    collectors (the module system keeps only the strongest definitions of a
+    list); ours joins them at their priority instead."""
+    r = ok(matrix[case])
+    flags = exporter_flags(r)
+    assert "--collector.textfile.directory=/srv/prom" in flags, flags
+    assert f"--collector.textfile.directory={TEXTFILE_DIR}" in flags, flags
+    assert "--collector.systemd" in flags and flags.count("--collector.textfile") == 1, flags
+    assert r["warnings"] == []
+    r = ok(matrix["disabled-mkdefault-node"])
+    assert "--collector.systemd" in exporter_flags(r), r["units"].keys()
+
+
+def test_forced_exporter_flags_win_and_warn(matrix):
+    r = ok(matrix["node-has-dir-forced"])
+    flags = exporter_flags(r)
+    assert [f for f in flags if f.startswith("--collector.textfile.directory")] == [
+        "--collector.textfile.directory=/srv/prom"], flags
+    assert any("does not pass" in w and TEXTFILE_DIR in w for w in r["warnings"]), r["warnings"]
+
+
 def test_our_directory_already_passed_is_not_passed_twice(matrix):
     r = ok(matrix["node-has-our-dir"])
     flags = " ".join(exporter_flags(r))
     assert flags.count(f"--collector.textfile.directory={TEXTFILE_DIR}") == 1, flags
+    assert r["warnings"] == []
+    # node_exporter would read /dir/ and /dir both: every metric twice, failed scrapes
+    r = ok(matrix["node-has-our-dir-slash"])
+    flags = " ".join(exporter_flags(r))
+    assert flags.count("--collector.textfile.directory") == 1, flags
     assert r["warnings"] == []
 
 
@@ -871,15 +913,18 @@ def test_bad_value_is_a_type_error(bad_results, index):
 # which switch-to-configuration restarts on every switch/test; no activation
 # script snippet, no /run/nixos/activation-restart-list
 
-def _run_trigger(tmp_path, script, marker=None):
+def _run_trigger(tmp_path, script, marker=None, activating=True):
     """The trigger's script under bash, with /run/nixos-autodeploy redirected
-    and a `systemctl` that records its arguments."""
+    and a `systemctl` that records what it starts and answers `is-active`
+    for the agent's transient activation unit (`activating`)."""
     run = tmp_path / "rt"
     shutil.rmtree(run, ignore_errors=True)
     (run / "nixos-autodeploy").mkdir(parents=True)
     (run / "bin").mkdir()
     calls = run / "calls"
-    (run / "bin" / "systemctl").write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
+    (run / "bin" / "systemctl").write_text(
+        '#!/bin/sh\ncase "$*" in *is-active*nixos-autodeploy-activation.service) '
+        f'exit {0 if activating else 3};; esac\necho "$*" >> {calls}\n')
     (run / "bin" / "systemctl").chmod(0o755)
     text = script.replace("/run/nixos-autodeploy/", f"{run}/nixos-autodeploy/")
     assert "/run/" not in text.replace(str(run), ""), text  # never the machine's /run
@@ -917,6 +962,9 @@ def test_manual_switch_trigger(matrix, tmp_path):
     # a stale marker (dead PID) or garbage does not silence the trigger
     for marker in ("4194305\n", "not-a-pid", ""):
         assert _run_trigger(tmp_path, script, marker) == start, marker
+    # nor does a stale marker whose PID was reused (a live process, but no
+    # activation of the agent runs: the agent was killed with SIGKILL)
+    assert _run_trigger(tmp_path, script, f"{os.getpid()}\n", activating=False) == start
     # the disabled module defines neither the unit nor a hook
     assert TRIGGER not in matrix["disabled"]["units"]
 
@@ -1230,7 +1278,7 @@ def test_driver_standin_rejects_what_the_driver_would(vm_render, mutation, error
 
 @pytest.mark.parametrize("case", [c for c in CASES if c not in (
     "missing-url", "empty-url", "keys-both", "json-keys",
-    "disabled", "disabled-with-exporter")])
+    "disabled", "disabled-with-exporter", "disabled-mkdefault-node")])
 def test_command_lines_parse_with_the_agents_parser(matrix, case):
     """Every flag the module passes exists in the agent (its own parser)."""
     argv = argv_of(ok(matrix[case]))

@@ -257,12 +257,13 @@ def sample(name: str, value: float = 1, **labels: str) -> dict:
 
 
 def host_samples(instance: str, build: str, *, current: str, state: str, ok: float = 1, bucket: int | None = None,
-                 quarantined: str = "") -> list[dict]:
+                 quarantined: str = "", last_run: float | None = None) -> list[dict]:
     name = os.path.basename(build)
     out = [sample("info", instance=instance, upstream_generation=name, current_generation=current,
                   deployed_generation=current, booted_generation=current),
            sample("state", 1, instance=instance, state=state), sample("state", 0, instance=instance, state="dirty"),
            sample("last_run_success", ok, instance=instance),
+           sample("last_run_timestamp_seconds", time.time() if last_run is None else last_run, instance=instance),
            sample("quarantined", int(bool(quarantined)), instance=instance, path=quarantined)]
     if bucket is not None:
         out.append(sample("rollout_bucket_number", bucket, instance=instance))
@@ -637,3 +638,38 @@ def test_failure_seen_right_after_a_prometheus_restart(world, server, tmp_path):
         monitor.close()
         for h in fleet.hosts.values():
             h.kill_orphans()
+
+
+def test_a_stale_report_is_not_healthy():
+    """A textfile an agent wrote long ago (its timer broke with the new
+    build) proves nothing: the host is stuck, not healthy."""
+    b = "/nix/store/" + "1" * 32 + "-b"
+    nb = os.path.basename(b)
+    samples = host_samples("fresh", b, current=nb, state="up_to_date", last_run=10_000.0) + host_samples(
+        "stale", b, current=nb, state="up_to_date", last_run=10_000.0 - 30 * 3600)
+    count = ad.count_fleet(samples, b, 100.0, now=10_000.0, max_age=26 * 3600)
+    assert (count.healthy, count.stuck) == (1, 1)
+    assert ad.count_fleet(samples, b, 100.0).healthy == 2  # without an age limit
+
+
+def test_a_finished_ramp_is_complete():
+    ramp = ad.Rollout(5.0, start=0.0, duration=3600.0)
+    count = ad.FleetCount(reporting=4, admitted=4, healthy=4)
+    assert ad.promote_verdict(count, POLICY, ramp, 7200.0, now=1800.0)[0] == "hold"
+    assert ad.promote_verdict(count, POLICY, ramp, 7200.0, now=3600.0)[0] == "complete"
+
+
+def test_revert_to_without_revert_is_a_usage_error(world, tmp_path):
+    key = make_key(tmp_path, "ci")
+    pointer = sign(key, tmp_path / "p", world.path("b"), 1, "--rollout", "5%")
+    r = promote(pointer, f"http://127.0.0.1:{free_port()}", key, tmp_path / "next", "--revert-to", world.path("a"))
+    assert r.returncode == 2 and "--revert-to is used only with --on-halt revert" in r.stderr, r.stderr
+
+
+def test_sign_writes_the_first_steps_start(world, tmp_path):
+    key = make_key(tmp_path, "ci")
+    before = time.time()
+    pointer = fields(sign(key, tmp_path / "p", world.path("b"), 1, "--rollout", "5%"))
+    started = ad.parse_rfc3339(pointer["x-step-started"]).timestamp()
+    assert before - 1 <= started <= time.time() + 1
+    assert "x-step-started" not in fields(sign(key, tmp_path / "q", world.path("b"), 2))

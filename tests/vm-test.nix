@@ -586,9 +586,10 @@ in
           # systemd-bless-boot removed the counter from the entry's name.
           counted.wait_until_succeeds("! ls /boot/loader/entries | grep -qF '+'", timeout=60)
           # nixpkgs 26.11 with boot counting names entries nixos-<content
-          # hash>.conf and writes a pattern as loader.conf's default, which
-          # systemd-boot reports as LoaderEntryDefault: the agent must never
-          # take the fallback below for a manual choice.
+          # hash>.conf and writes a pattern as loader.conf's default (which
+          # systemd-boot does not copy into LoaderEntryDefault: the entry
+          # files decide): the agent must never take the fallback below for
+          # a manual choice.
           counted.succeed("grep -q '^default nixos-' /boot/loader/loader.conf")
           unit = counted.succeed("systemctl cat nixos-autodeploy-boot-check.service")
           assert "Before=boot-complete.target" in unit, unit
