@@ -295,6 +295,11 @@ def test_model(world, tmp_path):
             hypothesis.seed(seed)(test)()
         except BudgetSpent:
             pass
+        except hypothesis.errors.FlakyStrategyDefinition:
+            # The budget ended an example in the middle, which hypothesis sees
+            # as a shorter run of a known prefix; only a failure counts.
+            if Fleet.deadline == float("inf") or time.monotonic() < Fleet.deadline:
+                raise
     finally:
         Fleet.server.close()
         Fleet.fleetlock.close()
