@@ -9,6 +9,7 @@ agent's journal are attached to its report.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 ENABLED = os.environ.get("AUTODEPLOY_VM_TESTS") == "1"
+if ENABLED:
+    # A timeout's SIGTERM ends pytest through SystemExit: atexit stops the qemus.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 REASON = None if ENABLED else "the VM tier runs with AUTODEPLOY_VM_TESTS=1 (tests/vm/run.sh, .ci/run)"
 if REASON is None:
     REASON = harness.missing_prerequisites()
@@ -27,11 +31,46 @@ if REASON is None:
         raise pytest.UsageError(f"AUTODEPLOY_VM_TESTS=1 under CI, but the VM tier cannot run: {REASON}")
 
 
+# Rough seconds per scenario under TCG (for splitting the tier between two
+# runners side by side: longest first, each to the less loaded runner).
+WEIGHTS = {
+    "test_switch_deploy": 50, "test_boot_deploy_reboot_and_verify": 160, "test_boot_counting_fallback": 250,
+    "test_kexec_deploy": 200, "test_unhealthy_after_reboot_rolls_back_and_reboots": 300,
+    "test_stop_during_realise_is_a_stop": 60, "test_activation_killed_by_sigterm_is_not_a_success": 60,
+    "test_loader_variables_after_kexec_are_not_evidence": 150, "test_loader_entry_default_pattern_fallback": 250,
+    "test_module_units_boot_check_keeps_boot_unblessed_and_rolls_back": 320,
+}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--vm-shard", default=None, metavar="I/N",
+                     help="VM tier: run only the I-th (1-based) of N shares of the scenarios")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "vm: a scenario of the VM tier (tests/vm/)")
 
 
+def shard(items: list, index: int, count: int) -> list:
+    loads = [0.0] * count
+    mine = []
+    for item in sorted(items, key=lambda i: -WEIGHTS.get(i.name, 120)):
+        runner = loads.index(min(loads))
+        loads[runner] += WEIGHTS.get(item.name, 120)
+        if runner == index:
+            mine.append(item)
+    return mine
+
+
 def pytest_collection_modifyitems(config, items):
+    spec = config.getoption("--vm-shard")
+    if spec:
+        index, count = (int(x) for x in spec.split("/"))
+        ours = [i for i in items if Path(str(i.fspath)).parent == Path(__file__).parent]
+        keep = set(map(id, shard(ours, index - 1, count)))
+        deselected = [i for i in ours if id(i) not in keep]
+        items[:] = [i for i in items if id(i) in keep or i not in ours]
+        config.hook.pytest_deselected(items=deselected)
     if REASON is None:
         return
     skip = pytest.mark.skip(reason=f"VM tier: {REASON}")

@@ -65,7 +65,8 @@ chroot "$root" systemctl enable network-online.target 2>/dev/null || true
 # What slows boots under TCG and means nothing here.
 for u in apt-daily.timer apt-daily-upgrade.timer man-db.timer logrotate.timer e2scrub_all.timer \
          e2scrub_reap.service fstrim.timer dpkg-db-backup.timer systemd-tmpfiles-clean.timer \
-         getty@tty1.service systemd-timesyncd.service nix-daemon.socket nix-daemon.service; do
+         getty@tty1.service systemd-timesyncd.service nix-daemon.socket nix-daemon.service \
+         kexec-load.service kexec.service; do
   ln -sf /dev/null "$root/etc/systemd/system/$u"
 done
 # The journal persists, so a failed boot's messages can be read after it.

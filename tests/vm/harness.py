@@ -25,6 +25,7 @@ Every wait has a timeout; every qemu is stopped by its PID.
 
 from __future__ import annotations
 
+import atexit
 import base64
 import hashlib
 import json
@@ -176,6 +177,21 @@ class GuestError(RuntimeError):
     pass
 
 
+LIVE: set[Qemu] = set()
+
+
+def stop_all() -> None:
+    """Stop every qemu this process started (at exit, also after SIGTERM)."""
+    for q in list(LIVE):
+        try:
+            q.stop()
+        except Exception:  # noqa: BLE001 - stop the others too
+            pass
+
+
+atexit.register(stop_all)
+
+
 class Qemu:
     """One qemu process of a machine; ``Machine`` starts a new one per boot
     through the firmware."""
@@ -217,6 +233,7 @@ class Qemu:
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         self.pid = self.proc.pid
+        LIVE.add(self)
         machine.note(f"qemu started (pid {self.pid}{', resuming ' + incoming.name if incoming else ''})")
         self.serial = self._connect("serial.sock")
         threading.Thread(target=self._read_serial, daemon=True).start()
@@ -262,6 +279,14 @@ class Qemu:
                 out.flush()
 
     def _read_qmp(self) -> None:
+        try:
+            self._read_qmp_lines()
+        except OSError:
+            pass
+        with self.cond:
+            self.cond.notify_all()
+
+    def _read_qmp_lines(self) -> None:
         for line in self.qmp_file:
             try:
                 msg = json.loads(line)
@@ -296,6 +321,14 @@ class Qemu:
         return reply["return"]
 
     def _read_ctl(self) -> None:
+        try:
+            self._read_ctl_lines()
+        except OSError:
+            pass
+        with self.cond:
+            self.cond.notify_all()
+
+    def _read_ctl_lines(self) -> None:
         f = self.ctl.makefile("rb")
         for line in f:
             try:
@@ -352,6 +385,7 @@ class Qemu:
 
     def stop(self) -> None:
         """Stop this qemu by its PID: SIGTERM, then SIGKILL."""
+        LIVE.discard(self)
         if self.proc.poll() is None:
             os.kill(self.pid, signal.SIGTERM)
             try:
@@ -490,8 +524,9 @@ class Machine:
         self.kexecs += 1
         return new
 
-    def wait_boots(self, count: int, timeout_each: float = 300) -> None:
-        """Follow `count` resets in a row (boots that never come up)."""
+    def follow_resets(self, count: int, timeout_each: float = 300) -> None:
+        """Follow `count` resets in a row (a reboot, then boots that never
+        come up): after each, power on again without waiting for the guest."""
         for _ in range(count):
             reason = self.wait_reset(timeout_each)
             if reason not in ("guest-reset", "guest-panic", "unknown"):
@@ -665,3 +700,32 @@ def new_machine(base: Base, directory: Path, name: str, forwards: dict[str, int]
     m.create(base.disk, "qcow2", base.vars)
     m.resume(base.state)
     return m
+
+
+def main(argv: list[str]) -> int:
+    """`python3 tests/vm/harness.py prepare`: build the image, the systems and
+    the base state (before two scenario runners start side by side)."""
+    if argv[1:] != ["prepare"]:
+        print("usage: harness.py prepare", file=sys.stderr)
+        return 2
+    reason = missing_prerequisites()
+    if reason:
+        print(f"vm: cannot run: {reason}", file=sys.stderr)
+        return 1
+    servers: list[PointerServer] = []
+
+    def server_for(cache: Path) -> PointerServer:
+        servers.append(PointerServer(cache))
+        return servers[-1]
+
+    started = time.monotonic()
+    base = ensure_base(server_for)
+    for s in servers:
+        s.close()
+    log(f"prepared in {time.monotonic() - started:.0f}s: image {base.image.name} "
+        f"(built in {base.seconds.get('image', 0):.0f}s), base {base.root.name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -130,3 +130,72 @@ class Guest:
             if time.monotonic() > deadline:
                 raise harness.GuestError(f"{unit} still {st} after {timeout}s (waiting for {states})")
             time.sleep(0.5)
+
+
+# ---------------------------------------------------------------------------
+# The units module.nix renders (evaluated like tests/test_module.py does)
+# ---------------------------------------------------------------------------
+
+NIXPKGS_LIB = harness.REPO.parent / "shared" / "nixpkgs-lib" / "lib"
+STORE_REF = r"/nix/store/[0-9a-z]{32}-[^/\s\"]+"
+
+
+def nixpkgs_lib() -> "harness.Path | None":
+    import os
+    path = harness.Path(os.environ.get("NIXPKGS_LIB") or NIXPKGS_LIB)
+    return path if (path / "default.nix").is_file() else None
+
+
+def module_units(settings: str, tmp: "harness.Path") -> dict:
+    """Evaluate module.nix with `system.autoDeploy = { settings }` under
+    tests/nixos_harness/; returns units (name -> text), wantedBy, requiredBy,
+    tmpfiles."""
+    import os
+    import subprocess
+    lib = nixpkgs_lib()
+    assert lib is not None, "no nixpkgs lib/ (set NIXPKGS_LIB)"
+    cases = tmp / "cases.nix"
+    cases.write_text('{ "vm" = { pkgs, lib, ... }: { system.autoDeploy = { enable = true; url = "'
+                     + POINTER_URL + '"; ' + settings + " }; }; }\n")
+    r = subprocess.run(["nix-instantiate", "--eval", "--strict", "--json", "--readonly-mode",
+                        str(harness.TESTS / "nixos_harness" / "eval.nix"), "--arg", "libPath", str(lib),
+                        "--arg", "modulePath", str(harness.REPO / "module.nix"), "--arg", "cases", f"import {cases}"],
+                       capture_output=True, text=True, env={**os.environ, "NIX_CONFIG": ""}, timeout=300)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)["vm"]
+    assert result.get("failedAssertions", []) == [], result["failedAssertions"]
+    return result
+
+
+def install_module_units(guest: Guest, rendered: dict, enable_timer: bool = False) -> list[str]:
+    """Install the rendered units as NixOS would (requiredBy/wantedBy as
+    .requires/.wants links, tmpfiles rules).  The store paths they name
+    (the package, coreutils, systemd...) are made in the guest's store: a
+    `bin` and `sbin` with the guest's tools and `nixos-autodeploy`, which
+    runs the autodeploy.py under test."""
+    import re
+    units: dict[str, str] = rendered["units"]
+    refs = sorted({m for text in units.values() for m in re.findall(STORE_REF, text)})
+    tools = "/usr/local/lib/vmtest/bin"
+    script = [
+        "set -e",
+        f"mkdir -p {tools}",
+        f"for f in /usr/sbin/* /usr/bin/* /sbin/* /bin/*; do ln -sfn \"$f\" {tools}/; done",
+        f"printf '#!/bin/sh\\nexec /usr/bin/python3 {GUEST_AGENT_PATH} \"$@\"\\n' > {tools}/nixos-autodeploy",
+        f"chmod 755 {tools}/nixos-autodeploy",
+    ]
+    for ref in refs:
+        script.append(f"[ -e {ref} ] || {{ mkdir -p {ref} && ln -s {tools} {ref}/bin && ln -s {tools} {ref}/sbin; }}")
+    guest.sh("\n".join(script))
+    for name, text in units.items():
+        guest.put(f"/etc/systemd/system/{name}", text)
+        for kind, targets in (("wants", rendered["unitsWantedBy"].get(name, [])),
+                              ("requires", rendered["unitsRequiredBy"].get(name, []))):
+            for target in targets:
+                if name.endswith(".timer") and not enable_timer:
+                    continue
+                guest.sh(f"mkdir -p /etc/systemd/system/{target}.{kind} && "
+                         f"ln -sfn ../{name} /etc/systemd/system/{target}.{kind}/{name}")
+    guest.put("/etc/tmpfiles.d/nixos-autodeploy.conf", "\n".join(rendered["tmpfiles"]) + "\n")
+    guest.sh("systemd-tmpfiles --create /etc/tmpfiles.d/nixos-autodeploy.conf && systemctl daemon-reload")
+    return sorted(units)
