@@ -156,7 +156,7 @@ def test_stop_during_realise_is_a_stop(vm: Guest) -> None:
     b = vm.point("b")
     vm.server.cache_delay = 4.0  # every cache file takes 4 s: the realise takes a while
     vm.start_agent()
-    vm.sh("for i in $(seq 600); do pgrep -f 'nix-store --realise' >/dev/null && exit 0; sleep 0.1; done; exit 1",
+    vm.sh("for i in $(seq 600); do pgrep -f '[n]ix-store --realise' >/dev/null && exit 0; sleep 0.1; done; exit 1",
           timeout=90)
     vm.sh("systemctl stop nixos-autodeploy.service")
     vm.server.cache_delay = 0.0
