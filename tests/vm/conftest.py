@@ -39,6 +39,7 @@ WEIGHTS = {
     "test_stop_during_realise_is_a_stop": 60, "test_activation_killed_by_sigterm_is_not_a_success": 60,
     "test_loader_variables_after_kexec_are_not_evidence": 150, "test_loader_entry_default_pattern_fallback": 250,
     "test_module_units_boot_check_keeps_boot_unblessed_and_rolls_back": 320,
+    "test_manual_choice_in_the_boot_menu": 170, "test_power_loss_during_boot_activation_converges": 170,
 }
 
 

@@ -22,7 +22,10 @@ while [ "$i" -le "$jobs" ]; do
   i=$((i + 1))
 done
 rc=0
-for pid in $pids; do wait "$pid" || rc=1; done
+for pid in $pids; do
+  # pytest's 5: this runner's share selected no scenario (with -k).
+  wait "$pid" || { st=$?; [ "$st" = 5 ] || rc=1; }
+done
 i=1
 while [ "$i" -le "$jobs" ]; do
   echo "=== VM tier, runner $i of $jobs ==="

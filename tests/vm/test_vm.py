@@ -296,3 +296,53 @@ def test_module_units_boot_check_keeps_boot_unblessed_and_rolls_back(vm: Guest, 
     state = vm.state()
     assert state["quarantined"] == bad, state
     assert "boot assessment failed" in (state.get("quarantine_reason") or ""), state
+
+
+# ---------------------------------------------------------------------------
+# The operator and the power supply
+# ---------------------------------------------------------------------------
+
+
+def test_manual_choice_in_the_boot_menu(vm: Guest) -> None:
+    """b is staged (its entry the default, pinned with `bootctl set-default`);
+    the operator boots a once (`bootctl set-oneshot`, as picking it in the
+    menu does).  systemd-boot says so: LoaderEntrySelected (a) differs from
+    LoaderEntryDefault (b).  The agent reports booted_previous, counts no
+    failure, quarantines nothing and leaves b the default."""
+    track_a(vm, "-s", "boot")
+    b = vm.point("b")
+    assert vm.run_agent() == 0, vm.last_journal
+    b_entry, a_entry = vm.entry_of("b"), vm.entry_of("a")
+    vm.sh(f"bootctl set-default {b_entry} && bootctl set-oneshot {a_entry}")
+    vm.sh_nowait("systemctl reboot")
+    vm.reboot_and_wait()
+    assert vm.booted() == vm.systems["a"]
+    assert vm.loader_variable("LoaderEntrySelected") == a_entry
+    assert vm.run_agent() == 0, vm.last_journal
+    state = vm.state()
+    assert state["last_state"] == "booted_previous", state
+    assert state.get("boot_failures_total", 0) == 0 and state.get("quarantined") != b, state
+    assert vm.profile() == b and vm.entry_of("b") == b_entry
+
+
+def test_power_loss_during_boot_activation_converges(vm: Guest) -> None:
+    """Power loss (qemu killed) while `switch-to-configuration boot` of b
+    runs: the host boots again through the firmware, and the agent's next
+    runs converge: b staged, profile and record on it, no intent left."""
+    track_a(vm, "-s", "boot")
+    b = vm.point("b")
+    vm.sh(f"echo {b} > /var/lib/standin/hang && sync")
+    vm.start_agent()
+    vm.wait_unit_state("nixos-autodeploy-activation.service", {"active"}, timeout=180)
+    vm.m.power_loss()
+    vm.m.start()
+    vm.m.wait_running()
+    assert vm.booted() == vm.systems["a"]
+    vm.sh("rm -f /var/lib/standin/hang")
+    for _ in range(3):
+        vm.run_agent()
+        state = vm.state()
+        if state.get("deployed") == b and not state.get("intent"):
+            break
+    assert state.get("deployed") == b and not state.get("intent") and not state.get("dirty"), state
+    assert vm.profile() == b and vm.entry_of("b") is not None, vm.entries()
