@@ -68,6 +68,9 @@ Exit codes:
     8  not a NixOS host (/run/current-system is missing)
     9  state: corrupt or unreadable (fail closed until `trust-reset`), unsafe directory, or not saved
 
+`promote` (CI side) exits 0 advance, 10 hold, 11 halt, 12 complete, besides 2,
+3 (Prometheus unreachable or a query error: nothing written) and 4.
+
 A SIGTERM/SIGINT while the agent only waits (a fetch, a unit) ends the run at
 once, writing nothing (exit 0); otherwise the current step is finished first.
 
@@ -171,6 +174,15 @@ ACTIVATION_WAIT_SECONDS: Final = 600
 
 # Boot assessment, /boot space and history (see "Booting safely" in README.md).
 BOOT_DIR: Final = "/boot"
+# Where the boot loader's entries and the kernels it copies live ($BOOT), when
+# --boot-dir does not say: the first of these that looks like one.  NixOS puts
+# them at boot.loader.systemd-boot.xbootldrMountPoint, else at
+# boot.loader.efi.efiSysMountPoint (nixpkgs' systemd-boot.nix: bootMountPoint;
+# systemd-boot-builder.py writes loader/entries and EFI/nixos there), whose
+# default is /boot; /boot/efi and /efi are the other common ESP mount points.
+# GRUB copies kernels into /boot/kernels whatever the ESP.
+BOOT_DIR_CANDIDATES: Final = ("/boot", "/efi", "/boot/efi")
+BOOT_DIR_MARKERS: Final = ("loader/entries", "EFI/nixos", "grub", "kernels")
 # Free space that must remain in /boot after the new kernel and initrd: the
 # loader entries, initrd secrets appended to the copied initrd, and the
 # filesystem's own overhead (FAT clusters) need room too.
@@ -297,6 +309,31 @@ class RebootMode(enum.Enum):
     KEXEC = "kexec"
 
 
+# hlsb-fulda/nixos-autodeploy's CLI (clap's ValueEnum, kebab-case: the variant
+# KExec is spelled `k-exec`) takes `-r k-exec`; users carry it over in extraArgs.
+REBOOT_MODE_ALIASES: Final = {"k-exec": RebootMode.KEXEC}
+
+
+def reboot_mode_arg(text: str) -> RebootMode:
+    """`--reboot-mode` as argparse's type: our spellings and the original's."""
+    if text in REBOOT_MODE_ALIASES:
+        return REBOOT_MODE_ALIASES[text]
+    return RebootMode(text)
+
+
+reboot_mode_arg.__name__ = "reboot mode"  # argparse's "invalid reboot mode value: ..."
+
+
+def absolute_dir(text: str) -> str:
+    """An absolute directory path as argparse's type (--boot-dir)."""
+    if not text.startswith("/") or "\0" in text:
+        raise ValueError(text)
+    return os.path.normpath(text)
+
+
+absolute_dir.__name__ = "absolute path"
+
+
 class Action(enum.Enum):
     TRACK = "track"
     RESUME = "resume"
@@ -328,6 +365,9 @@ class Config:
     health_checks: tuple[str, ...] = ()
     health_timeout: float = 120.0
     connectivity_check: bool = True
+    # Where the boot loader's entries and kernels are (--boot-dir); None: found
+    # among BOOT_DIR_CANDIDATES (boot_dir_of).
+    boot_dir: str | None = None
     reboot_window: tuple[int, int] | None = None  # minutes after midnight
     trusted_keys: str | None = None
     signature_url: str | None = None
@@ -1597,11 +1637,12 @@ def render_metrics(state: State, host: HostView, suspended: bool) -> str:
            "Staged systems the host did not boot into (boot loader fallback, e.g. after failed boot assessments); "
            "kept across runs.", [({}, state.boot_failures_total)])
     if state.boot_free_bytes is not None:
-        metric("boot_free_bytes", "gauge", "Free bytes in /boot (only when /boot is a separate filesystem).",
+        metric("boot_free_bytes", "gauge",
+               "Free bytes in $BOOT (/boot, or the ESP at /boot/efi or /efi; only when it is a separate filesystem).",
                [({}, state.boot_free_bytes)])
     if state.boot_needed_bytes is not None:
         metric("boot_needed_bytes", "gauge",
-               "Bytes the last deploy needed in /boot for its kernel and initrd, margin included (0: already there).",
+               "Bytes the last deploy needed in $BOOT for its kernel and initrd, margin included (0: already there).",
                [({}, state.boot_needed_bytes)])
     refused = pointer_refusal_reason(state)
     metric("pointer_refused", "gauge",
@@ -1776,12 +1817,53 @@ def read_loader_variable(name: str) -> str | None:
     return text if text and text.isprintable() else None
 
 
-def exhausted_boot_entry(system: str) -> str | None:
+def boot_dir_of(boot_dir: str | None = None) -> str:
+    """$BOOT: `boot_dir` when given (--boot-dir, from the module's boot loader
+    configuration), else the first candidate holding a boot loader's files,
+    else /boot."""
+    if boot_dir:
+        return boot_dir
+    # systemd-boot booted this host (it sets LoaderInfo, GRUB sets no Loader*
+    # variable): the place of its entries decides, whatever GRUB left in /boot
+    # (grub/, kernels/ on the root file system after a switch to systemd-boot
+    # with the ESP at /boot/efi), or a fallback would read as a manual choice.
+    if (read_loader_variable("LoaderInfo") or "").startswith("systemd-boot"):
+        for candidate in BOOT_DIR_CANDIDATES:
+            if os.path.isdir(os.path.join(candidate, "loader", "entries")):
+                return candidate
+    for candidate in BOOT_DIR_CANDIDATES:
+        if any(os.path.isdir(os.path.join(candidate, marker)) for marker in BOOT_DIR_MARKERS):
+            return candidate
+    return BOOT_DIR
+
+
+# A Boot Loader Specification entry ID with its boot counter, as a file name
+# (`nixos-<hash>+2-1.conf`, `+0-3`, `+1`) or as an EFI variable shows it.  The
+# variables carry the counter as it was at boot (LoaderEntrySelected=foo+1-0.conf
+# while the file is already foo+0-1.conf), so IDs are compared without it.
+_BOOT_COUNTER_RE: Final = r"\+[0-9]+(-[0-9]+)?(?=(\.conf)?$)"
+
+
+def entry_id_without_counter(entry_id: str) -> str:
+    import re
+    return re.sub(_BOOT_COUNTER_RE, "", entry_id)
+
+
+def is_entry_pattern(entry_id: str) -> bool:
+    """systemd-boot takes a glob as the default (loader.conf `default nixos-*`,
+    as nixpkgs writes it with boot counting, which never reaches the
+    LoaderEntryDefault variable; `bootctl set-default 'foo*'`, which does)."""
+    return any(c in entry_id for c in "*?[")
+
+
+def exhausted_boot_entry(system: str, boot_dir: str | None = None) -> str | None:
     """The systemd-boot entry of `system` that has no tries left (boot
     counting: `<id>+0-<failed>.conf`), or None.  NixOS entries name their
-    system in the `options` line (`init=<toplevel>/init`)."""
+    system in the `options` line (`init=<toplevel>/init`), whatever the file
+    is called (`nixos-generation-<n>.conf` up to 26.05, `nixos-<hash>.conf`
+    from 26.11)."""
     import re
-    directory = os.path.join(BOOT_DIR, "loader", "entries")
+    directory = os.path.join(boot_dir_of(boot_dir), "loader", "entries")
     try:
         names = sorted(os.listdir(directory))
     except OSError:
@@ -1802,45 +1884,54 @@ def exhausted_boot_entry(system: str) -> str | None:
     return None
 
 
-def boot_entry_choice(staged: str | None = None) -> tuple[str, str]:
+def boot_entry_choice(staged: str | None = None, boot_dir: str | None = None) -> tuple[str, str]:
     """Who chose this boot's entry instead of the staged system's:
     ("loader", why) when the staged entry ran out of tries or systemd-boot
     booted its default, ("manual", why) when systemd-boot says the booted
     entry is not its default (LoaderEntryDefault: a default picked in the menu
     or set with `bootctl set-default`), ("unknown", why) when it does not say
     (GRUB, BIOS, or no LoaderEntryDefault: NixOS writes its default into
-    loader.conf)."""
-    exhausted = exhausted_boot_entry(staged) if staged else None
+    loader.conf).  A default that is a pattern records no manual choice: a
+    fallback must never look like one."""
+    import fnmatch
+    exhausted = exhausted_boot_entry(staged, boot_dir) if staged else None
     if exhausted is not None:
         return "loader", f"boot entry {shorten(exhausted, 80)} has no tries left (boot counting)"
     selected = read_loader_variable("LoaderEntrySelected")
     default = read_loader_variable("LoaderEntryDefault")
     if selected is None or default is None:
         return "unknown", "the boot loader does not tell whether the entry was picked by hand"
-    if selected != default:
+    if is_entry_pattern(default):
+        if fnmatch.fnmatchcase(selected, default) or fnmatch.fnmatchcase(entry_id_without_counter(selected), default):
+            return "loader", (f"the boot loader booted {shorten(selected, 80)}, the first entry it would boot for "
+                              f"its default {shorten(default, 80)}")
+        return "unknown", (f"the boot loader's default is the pattern {shorten(default, 80)}, which records no "
+                           "choice by hand")
+    if entry_id_without_counter(selected) != entry_id_without_counter(default):
         return "manual", f"boot entry {shorten(selected, 80)} was picked by hand; the default is {shorten(default, 80)}"
     return "loader", f"the boot loader booted its default entry {shorten(selected, 80)}"
 
 
-def boot_is_separate() -> bool:
-    """Only a separate /boot filesystem can fill up on its own."""
+def boot_is_separate(boot_dir: str | None = None) -> bool:
+    """Only a separate boot filesystem (/boot, or the ESP at /boot/efi or
+    /efi) can fill up on its own."""
     try:
-        return os.stat(BOOT_DIR).st_dev != os.stat("/").st_dev
+        return os.stat(boot_dir_of(boot_dir)).st_dev != os.stat("/").st_dev
     except OSError:
         return False
 
 
-def boot_free_bytes() -> int | None:
-    if not boot_is_separate():
+def boot_free_bytes(boot_dir: str | None = None) -> int | None:
+    if not boot_is_separate(boot_dir):
         return None
     try:
-        st = os.statvfs(BOOT_DIR)
+        st = os.statvfs(boot_dir_of(boot_dir))
     except OSError:
         return None
     return st.f_bavail * st.f_frsize
 
 
-def boot_copies(system: str) -> list[tuple[str, str]]:
+def boot_copies(system: str, boot_dir: str | None = None) -> list[tuple[str, str]]:
     """(store file, destination in /boot) for the kernel and initrd that the
     boot loader installer copies into /boot, named as it names them:
     systemd-boot-builder.py's copy_from_file() (EFI/nixos/<store dir>-<file>.efi)
@@ -1848,10 +1939,11 @@ def boot_copies(system: str) -> list[tuple[str, str]]:
     GRUB without /boot/kernels reads kernels from the store: nothing is copied."""
     files = [os.path.realpath(os.path.join(system, name)) for name in ("kernel", "initrd")]
     files = [f for f in files if f.startswith(STORE_DIR + "/") and os.path.isfile(f)]
-    grub = os.path.isdir(os.path.join(BOOT_DIR, "grub"))
-    systemd_boot = any(os.path.isdir(os.path.join(BOOT_DIR, d)) for d in ("loader", "EFI/nixos"))
+    boot = boot_dir_of(boot_dir)
+    grub = os.path.isdir(os.path.join(boot, "grub"))
+    systemd_boot = any(os.path.isdir(os.path.join(boot, d)) for d in ("loader", "EFI/nixos"))
     if grub and not systemd_boot:
-        kernels = os.path.join(BOOT_DIR, "kernels")
+        kernels = os.path.join(boot, "kernels")
         if not os.path.isdir(kernels):
             return []
         return [(f, os.path.join(kernels, f[len(STORE_DIR) + 1:].replace("/", "-"))) for f in files]
@@ -1861,13 +1953,13 @@ def boot_copies(system: str) -> list[tuple[str, str]]:
         relative = f[len(STORE_DIR) + 1:]
         store_dir, _, rest = relative.partition("/")
         name = f"{store_dir}.efi" if not rest else f"{store_dir}-{os.path.basename(f)}.efi"
-        out.append((f, os.path.join(BOOT_DIR, "EFI", "nixos", name)))
+        out.append((f, os.path.join(boot, "EFI", "nixos", name)))
     return out
 
 
-def boot_space_needed(system: str) -> int:
-    """Bytes the system's kernel and initrd add to /boot (0 when already there)."""
-    return sum(os.path.getsize(src) for src, dest in boot_copies(system) if not os.path.exists(dest))
+def boot_space_needed(system: str, boot_dir: str | None = None) -> int:
+    """Bytes the system's kernel and initrd add to $BOOT (0 when already there)."""
+    return sum(os.path.getsize(src) for src, dest in boot_copies(system, boot_dir) if not os.path.exists(dest))
 
 
 def with_margin(needed: int) -> int:
@@ -2540,7 +2632,7 @@ class Agent:
         state = self.state
         bad, running = state.deployed, host.current
         assert bad is not None and running is not None
-        choice, detail = boot_entry_choice(bad)
+        choice, detail = boot_entry_choice(bad, self.cfg.boot_dir)
         if choice == "manual":
             return Outcome("booted_previous", f"the host rebooted into {basename_or_empty(running)}, not the staged "
                                               f"{basename_or_empty(bad)}: {detail}; the staged system stays the "
@@ -2580,20 +2672,21 @@ class Agent:
         """Refuse (nothing changed yet) when the new kernel and initrd would not
         fit into a separate /boot with a margin."""
         state = self.state
-        free = boot_free_bytes()
+        boot = boot_dir_of(self.cfg.boot_dir)
+        free = boot_free_bytes(boot)
         state.boot_free_bytes = free
         if free is None:
             state.boot_needed_bytes = None
-            debug(f"{BOOT_DIR} is not a separate filesystem: no space check")
+            debug(f"{boot} is not a separate filesystem: no space check")
             return
-        needed = with_margin(boot_space_needed(system))
+        needed = with_margin(boot_space_needed(system, boot))
         state.boot_needed_bytes = needed
         if needed > free:
-            raise DeployError(f"{BOOT_DIR} has {free} bytes free, but the kernel and initrd of {system} need "
-                              f"{needed} bytes there (with the margin): not deploying; free space in {BOOT_DIR} "
+            raise DeployError(f"{boot} has {free} bytes free, but the kernel and initrd of {system} need "
+                              f"{needed} bytes there (with the margin): not deploying; free space in {boot} "
                               "(delete old generations, then `nix-collect-garbage -d` and "
                               "`/run/current-system/bin/switch-to-configuration boot`)", "boot_space")
-        debug(f"{BOOT_DIR}: {free} bytes free, {needed} needed")
+        debug(f"{boot}: {free} bytes free, {needed} needed")
 
     def record_attempt(self, outcome: Outcome, ended: float) -> None:
         attempt, self.attempt = self.attempt, None
@@ -2713,7 +2806,7 @@ class Agent:
         self._record_outcome(outcome, ended)
         # Boot safety and history (README: "Booting safely").
         self.record_attempt(outcome, ended)
-        state.boot_free_bytes = boot_free_bytes()
+        state.boot_free_bytes = boot_free_bytes(cfg.boot_dir)
         if state.upstream and host.current != state.upstream:
             state.behind_since = state.behind_since or ended
         else:
@@ -3251,7 +3344,6 @@ def command_check_boot(args: argparse.Namespace) -> int:
 
 def command_sign(key: str, revision: int, hosts: list[str], all_hosts: bool, not_after: str | None,
                  no_expiry: bool, path: str, output: str, rollout: dict[str, str] | None = None) -> int:
-    from datetime import datetime, timedelta, timezone
     validate_store_path(path, path)
     if not valid_revision(revision):
         raise UsageError(f"--revision must be a whole number from 0 to {MAX_REVISION}")
@@ -3270,13 +3362,29 @@ def command_sign(key: str, revision: int, hosts: list[str], all_hosts: bool, not
         except ValueError:
             raise UsageError(f"--not-after {not_after!r} is not an RFC 3339 time") from None
     elif not no_expiry:
-        # TUF's freshness rule: a replayed old pointer stops working even
-        # where a host lost its revision floor.
-        expiry = datetime.now(timezone.utc) + timedelta(days=SIGN_DEFAULT_VALIDITY_DAYS)
-        not_after = expiry.strftime("%Y-%m-%dT%H:%M:%SZ")
+        not_after = default_not_after()
     if not_after is not None:
         lines.append(f"not-after: {not_after}")
     lines += sign_rollout_lines(rollout or {})
+    if rollout:
+        # The first step's bake time for `promote`, signed with the rest.
+        lines.append(f"{STEP_STARTED_KEY}: {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
+    write_signed_pointer(key, output, lines)
+    log(f"wrote {output} and {output}.sig (revision {revision}"
+        + (f", valid until {not_after})" if not_after else ", never expires)"))
+    return 0
+
+
+def default_not_after() -> str:
+    """TUF's freshness rule: a replayed old pointer stops working even where
+    a host lost its revision floor."""
+    from datetime import datetime, timedelta, timezone
+    expiry = datetime.now(timezone.utc) + timedelta(days=SIGN_DEFAULT_VALIDITY_DAYS)
+    return expiry.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def write_signed_pointer(key: str, output: str, lines: list[str]) -> None:
+    """The pointer file and its OpenSSH signature at FILE.sig."""
     atomic_write(output, "\n".join(lines) + "\n")
     try:
         os.unlink(output + ".sig")
@@ -3285,9 +3393,6 @@ def command_sign(key: str, revision: int, hosts: list[str], all_hosts: bool, not
     result = ssh_keygen(["-Y", "sign", "-f", key, "-n", SIGNATURE_NAMESPACE, output])
     if result.returncode != 0:
         raise AutodeployError(f"ssh-keygen -Y sign failed: {result.stdout.strip()}")
-    log(f"wrote {output} and {output}.sig (revision {revision}"
-        + (f", valid until {not_after})" if not_after else ", never expires)"))
-    return 0
 
 
 def command_trust_reset(state_dir: str, min_revision: int) -> int:
@@ -3325,6 +3430,377 @@ def sign_rollout_metadata(args: argparse.Namespace) -> dict[str, str]:
     if meta["rollout"] is not None and not meta["rollout"].endswith("%"):
         meta["rollout"] += "%"
     return {k: v for k, v in meta.items() if v is not None}
+
+
+# ---------------------------------------------------------------------------
+# Command: promote (CI side: a rollout's next step, decided by Prometheus)
+# ---------------------------------------------------------------------------
+#
+# CI runs `promote` on a schedule next to `sign`.  It reads the current
+# signed pointer, asks Prometheus (GET /api/v1/query) for the agent's metrics
+# of every host, counts the hosts that were admitted to the pointer's build,
+# and applies a small policy, in this order:
+#
+#   | what the fleet and the pointer say                          | verdict  | exit |
+#   |-------------------------------------------------------------|----------|------|
+#   | Prometheus unreachable, a query error, an answer not understood | none  | 3    |
+#   |   (not HTTP 200, or with warnings: a partial answer)         |          |      |
+#   | the pointer says `pause`                                    | hold     | 10   |
+#   | failures among admitted hosts above --max-failures (or       | halt     | 11   |
+#   |   --max-failure-percent): rolled back, did not boot          |          |      |
+#   | the rollout is at 100% (also a ramp that reached it)        | complete | 12   |
+#   | a ramp (rollout-start) moves the rollout by itself          | hold     | 10   |
+#   | no host reports the build (an empty answer)                 | hold     | 10   |
+#   | fewer than --min-healthy admitted hosts run it healthy      | hold     | 10   |
+#   |   (healthy: also ran within --max-report-age)                |          |      |
+#   | the step is younger than --bake                             | hold     | 10   |
+#   | otherwise                                                   | advance  | 0    |
+#
+# advance and halt write the next pointer (-o FILE and FILE.sig, the revision
+# one higher); hold, complete and every error write nothing.  The step's
+# start is the pointer's `x-step-started:` (promote writes it), else the
+# file's modification time or the URL's Last-Modified.
+
+PROMOTE_EXIT: Final = {"advance": 0, "hold": 10, "halt": 11, "complete": 12}
+PROMOTE_METRICS: Final = ("info", "state", "quarantined", "rollout_bucket_number", "last_run_success",
+                           "last_run_timestamp_seconds")
+# Labels that describe a series, not the host that wrote it.  Where a scrape
+# target has a label of the same name, Prometheus keeps the agent's as
+# exported_<name> (honor_labels: false); count_fleet reads that one first.
+AGENT_SERIES_LABELS: Final = ("state", "path", "current_generation", "booted_generation", "deployed_generation",
+                              "upstream_generation")
+PROMOTE_SERIES_LABELS: Final = frozenset(("__name__", *AGENT_SERIES_LABELS,
+                                          *(f"exported_{name}" for name in AGENT_SERIES_LABELS)))
+MAX_PROMETHEUS_ANSWER: Final = 64 * 1024 * 1024
+STEP_STARTED_KEY: Final = "x-step-started"
+# Host states (STATES) that mean the host cannot make progress by itself.
+STUCK_STATES: Final = frozenset(("failed", "dirty", "suspended", "refused"))
+
+
+@dataclass(frozen=True)
+class PromotePolicy:
+    steps: tuple[float, ...] = (5.0, 25.0, 100.0)
+    bake: float = 3600.0
+    min_healthy: int = 1
+    max_failures: int = 0
+    max_failure_percent: float | None = None
+    on_halt: str = "pause"               # or "revert" (to revert_to)
+    revert_to: str | None = None
+
+
+@dataclass
+class FleetCount:
+    """The hosts that report the pointer's build as their upstream."""
+
+    reporting: int = 0
+    admitted: int = 0
+    healthy: int = 0
+    rolled_back: int = 0
+    boot_failed: int = 0
+    stuck: int = 0
+    on_the_way: int = 0
+    rolled_back_hosts: list[str] = field(default_factory=list)
+    boot_failed_hosts: list[str] = field(default_factory=list)
+
+    @property
+    def failures(self) -> int:
+        return self.rolled_back + self.boot_failed
+
+    @property
+    def failed_hosts(self) -> list[str]:
+        return sorted(self.rolled_back_hosts + self.boot_failed_hosts)
+
+
+def prometheus_vector(fetcher: Fetcher, base: str, expr: str, timeout: float) -> list[dict[str, Any]]:
+    """An instant query's vector; FetchError for anything else (Prometheus
+    down, a query error, an answer that is not a vector)."""
+    import math
+    from urllib.parse import urlencode
+    url = base.rstrip("/") + "/api/v1/query?" + urlencode({"query": expr})
+    resp = fetcher.request(url, {"Accept": "application/json"}, timeout=timeout, limit=MAX_PROMETHEUS_ANSWER,
+                           interruptible=False, answers=True)
+    try:
+        answer = json.loads(resp.body, parse_constant=_no_json_constant)
+    except (ValueError, RecursionError):
+        raise FetchError(f"Prometheus answered HTTP {resp.status} with something that is not JSON") from None
+    if not isinstance(answer, dict) or answer.get("status") != "success" or resp.status != 200:
+        said = answer.get("error") if isinstance(answer, dict) else None
+        raise FetchError(f"Prometheus answered HTTP {resp.status}: "
+                         + ("query error" if resp.status == 200 or said else "not its answer")
+                         + (f": {outside_text(said)[:300]}" if isinstance(said, str) else ""))
+    warnings = answer.get("warnings")
+    if warnings:
+        # Errors that did not stop the query: the data is what was collected
+        # (a partial answer), and a host missing from it cannot halt anything.
+        said = warnings[0] if isinstance(warnings, list) and isinstance(warnings[0], str) else "?"
+        raise FetchError(f"Prometheus answered with warnings (a partial answer): {outside_text(said)[:300]}")
+    data = answer.get("data")
+    if not isinstance(data, dict) or data.get("resultType") != "vector" or not isinstance(data.get("result"), list):
+        raise FetchError("Prometheus answered with something other than an instant vector")
+    out = []
+    for sample in data["result"]:
+        metric, value = (sample.get("metric"), sample.get("value")) if isinstance(sample, dict) else (None, None)
+        if (not isinstance(metric, dict) or not all(isinstance(v, str) for v in metric.values())
+                or not isinstance(value, list) or len(value) != 2 or not isinstance(value[1], str)):
+            raise FetchError("Prometheus answered with a malformed sample")
+        try:
+            number = float(value[1])
+        except ValueError:
+            number = math.nan
+        if not math.isfinite(number):
+            # The agent writes only finite numbers: NaN or infinity is not its answer.
+            raise FetchError("Prometheus answered with a sample value that is not a finite number")
+        out.append({"metric": metric, "value": number})
+    return out
+
+
+def count_fleet(samples: list[dict[str, Any]], build: str, percent: float, now: float | None = None,
+                max_age: float | None = None) -> FleetCount:
+    """Where each host stands with `build`, from the agent's own metrics
+    (README: Metrics): admitted (its bucket is below the rollout), healthy
+    (runs it, deployed it, last run succeeded, up to date, and that run is
+    at most `max_age` old at `now`: a textfile left behind by an agent that
+    stopped running proves nothing), rolled back
+    (quarantined it, or rolled back), did not boot it (boot_failed), stuck
+    (a state it cannot leave by itself), or on its way (realising, waiting
+    for a reboot, a window or a slot)."""
+    hosts: dict[tuple[tuple[str, str], ...], dict[str, Any]] = {}
+    name = os.path.basename(build)
+    for sample in samples:
+        labels = {**sample["metric"], **{name: sample["metric"][f"exported_{name}"] for name in AGENT_SERIES_LABELS
+                                         if f"exported_{name}" in sample["metric"]}}
+        key = tuple(sorted((k, v) for k, v in labels.items() if k not in PROMOTE_SERIES_LABELS))
+        host = hosts.setdefault(key, {})
+        metric = labels.get("__name__", "")[len("nixos_autodeploy_"):]
+        if metric == "info":
+            # Two info series for one host: one from before a Prometheus
+            # restart (no staleness markers then).  The one naming the build
+            # decides; state series have fixed labels and are never doubled.
+            if "info" not in host or labels.get("upstream_generation") == name:
+                host["info"] = labels
+        elif metric == "state" and sample["value"] == 1:
+            host["state"] = labels.get("state")
+        elif metric == "quarantined" and sample["value"] == 1:
+            host["quarantined"] = labels.get("path")
+        elif metric in ("rollout_bucket_number", "last_run_success", "last_run_timestamp_seconds"):
+            host[metric] = sample["value"]
+    count = FleetCount()
+    for key, host in sorted(hosts.items()):
+        info = host.get("info") or {}
+        if info.get("upstream_generation") != name:
+            continue  # has not seen this build (yet)
+        count.reporting += 1
+        bucket = host.get("rollout_bucket_number")
+        if host.get("state") == "waiting_rollout" or (bucket is not None and bucket >= percent * ROLLOUT_BUCKETS / 100):
+            continue
+        count.admitted += 1
+        shown = outside_text(dict(key).get("instance") or ",".join(f"{k}={v}" for k, v in key) or "?")[:80]
+        state = host.get("state")
+        if state == "boot_failed":
+            count.boot_failed += 1
+            count.boot_failed_hosts.append(shown)
+        elif state in ("rolled_back", "quarantined") or host.get("quarantined") == build:
+            # `quarantined` is the state of a host whose upstream (the build)
+            # is quarantined; it does not depend on the path label surviving.
+            count.rolled_back += 1
+            count.rolled_back_hosts.append(shown)
+        elif (info.get("current_generation") == info.get("deployed_generation") == name
+              and host.get("last_run_success") == 1 and state in ("up_to_date", "deployed")
+              and (max_age is None or now is None or now - host.get("last_run_timestamp_seconds", 0) <= max_age)):
+            count.healthy += 1
+        elif (state in STUCK_STATES or host.get("last_run_success") == 0
+              or (max_age is not None and now is not None
+                  and now - host.get("last_run_timestamp_seconds", 0) > max_age)):
+            count.stuck += 1
+        else:
+            count.on_the_way += 1
+    return count
+
+
+def promote_verdict(count: FleetCount, policy: PromotePolicy, rollout: Rollout, step_age: float | None,
+                    now: float | None = None) -> tuple[str, float | None, str]:
+    """(verdict, the next step's percent, why): the table above, as code."""
+    if rollout.paused:
+        return "hold", None, "the pointer says pause: a human decides (republish without pause to resume)"
+    ratio = 100.0 * count.failures / count.admitted if count.admitted else 0.0
+    if count.failures > policy.max_failures or (
+            policy.max_failure_percent is not None and count.failures and ratio > policy.max_failure_percent):
+        limit = f"more than {policy.max_failures}" if count.failures > policy.max_failures else \
+            f"{ratio:.1f}% of the admitted hosts, more than {policy.max_failure_percent:g}%"
+        return "halt", None, f"{count.failures} admitted host(s) failed it ({limit})"
+    if (rollout.percent_at(now) if now is not None else rollout.percent) >= 100:
+        return "complete", None, "the rollout is at 100%"
+    if rollout.start is not None:
+        return "hold", None, "the pointer ramps by itself (rollout-start/rollout-duration); promote only halts it"
+    if count.reporting == 0:
+        # An empty answer (a selector that matches nothing, a Prometheus that
+        # lost its data) is no evidence, whatever --min-healthy allows.
+        return "hold", None, "no host reports the build (an empty answer is no evidence)"
+    if count.healthy < policy.min_healthy:
+        return "hold", None, (f"{count.healthy} admitted host(s) run it healthy, {policy.min_healthy} needed"
+                              + (" (no host is admitted yet: a larger first step or a lower --min-healthy?)"
+                                 if count.admitted == 0 else ""))
+    if step_age is None or step_age < policy.bake:
+        baked = "unknown" if step_age is None else format_duration(step_age)
+        return "hold", None, f"the step has baked {baked} of {format_duration(policy.bake)}"
+    upcoming = [step for step in policy.steps if step > rollout.percent]
+    following = upcoming[0] if upcoming else 100.0
+    return "advance", following, (f"{count.healthy} healthy, no more failures than allowed, baked "
+                                  f"{format_duration(step_age)}")
+
+
+def named_hosts(hosts: list[str]) -> str:
+    """` (a, b, ...)` after a count in promote's paragraph; at most ten names."""
+    return f" ({', '.join(hosts[:10])}{', ...' if len(hosts) > 10 else ''})" if hosts else ""
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def public_key_signers(key: str) -> str:
+    """The allowed-signers document of --key's own public half: promote
+    re-signs what it reads, so it reads only what CI signed.  --key may be
+    the public key itself, its private half in ssh-agent."""
+    try:
+        with open(key, "rb") as f:
+            head = f.read(MAX_SIGNATURE_BYTES).decode("utf-8", "replace").strip()
+    except OSError:
+        head = ""
+    if not (head.startswith(KEY_TYPES) and "\n" not in head):
+        result = ssh_keygen(["-y", "-f", key])
+        lines = [line for line in result.stdout.splitlines() if line.startswith(KEY_TYPES)]
+        if result.returncode != 0 or not lines:
+            raise UsageError(f"cannot read the public key of --key {key}: {result.stdout.strip()[:200]}")
+        head = lines[0]
+    return f'{SIGNATURE_NAMESPACE} namespaces="{SIGNATURE_NAMESPACE}" {head}\n'
+
+
+def read_current_pointer(where: str, fetcher: Fetcher, signers: str | None, timeout: float
+                         ) -> tuple[Pointer, float | None]:
+    """The pointer promote starts from (a file or a URL), verified when keys
+    are given, and when its step started (x-step-started:, else the file's
+    modification time or the URL's Last-Modified)."""
+    import email.utils
+    import tempfile
+    started: float | None = None
+    if where.startswith(("http://", "https://")):
+        resp = fetcher.get(where, timeout=timeout, interruptible=False)
+        body = resp.body
+        signature = fetcher.get(where + ".sig", timeout=timeout, limit=MAX_SIGNATURE_BYTES,
+                                interruptible=False).body if signers else b""
+        if resp.last_modified:
+            try:
+                started = email.utils.parsedate_to_datetime(resp.last_modified).timestamp()
+            except (TypeError, ValueError):
+                started = None
+    else:
+        try:
+            with open(where, "rb") as f:
+                body = f.read(MAX_POINTER_BYTES + 1)
+                started = os.fstat(f.fileno()).st_mtime
+            signature = b""
+            if signers:
+                with open(where + ".sig", "rb") as f:
+                    signature = f.read(MAX_SIGNATURE_BYTES + 1)
+        except OSError as exc:
+            raise UsageError(f"cannot read the pointer {exc.filename}: {exc.strerror}") from None
+        if len(body) > MAX_POINTER_BYTES:
+            raise PointerError(f"the pointer {where} is larger than {MAX_POINTER_BYTES} bytes")
+    pointer = parse_pointer(body)
+    if signers:
+        with tempfile.TemporaryDirectory(prefix="autodeploy-promote-") as tmp:
+            verify_signature(body, signature, signers, tmp)
+    if pointer.revision is None:
+        raise PointerError("the current pointer has no `revision:` line: promote writes revision + 1", "revision")
+    if STEP_STARTED_KEY in pointer.metadata:
+        try:
+            started = parse_rfc3339(pointer.metadata[STEP_STARTED_KEY]).timestamp()
+        except ValueError:
+            raise PointerError(f"pointer {STEP_STARTED_KEY} is not an RFC 3339 time") from None
+    return pointer, started
+
+
+def next_pointer_lines(pointer: Pointer, verdict: str, percent: float | None, policy: PromotePolicy,
+                       not_after: str | None, now: float) -> list[str]:
+    """The pointer promote publishes: revision + 1, the same hosts, the same
+    annotations; the next step (advance), `pause: true` or the previous build
+    everywhere at once (halt)."""
+    assert pointer.revision is not None
+    meta = pointer.metadata
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+    path, rollout = pointer.path, {}
+    if verdict == "advance":
+        assert percent is not None
+        rollout = {"rollout": f"{percent:g}%", STEP_STARTED_KEY: stamp}
+    elif policy.on_halt == "revert":
+        assert policy.revert_to is not None
+        path, rollout = policy.revert_to, {"x-reverted-from": pointer.path}
+    else:
+        rollout = {k: meta[k] for k in ("rollout", "rollout-start", "rollout-duration", STEP_STARTED_KEY)
+                   if k in meta}
+        rollout["pause"] = "true"
+    lines = [path, f"revision: {pointer.revision + 1}", f"hosts: {meta.get('hosts', '*')}"]
+    if not_after is not None:
+        lines.append(f"not-after: {not_after}")
+    kept = {k: v for k, v in meta.items() if k.startswith("x-") and k not in (STEP_STARTED_KEY, "x-reverted-from")}
+    lines += [f"{k}: {v}" for k, v in {**rollout, **kept}.items()]
+    parse_rollout(parse_pointer(("\n".join(lines) + "\n").encode()).metadata)  # what hosts will accept
+    return lines
+
+
+def command_promote(args: argparse.Namespace) -> int:
+    policy = PromotePolicy(steps=args.steps, bake=args.bake, min_healthy=args.min_healthy,
+                           max_failures=args.max_failures, max_failure_percent=args.max_failure_percent,
+                           on_halt=args.on_halt, revert_to=args.revert_to)
+    if policy.on_halt == "revert" and policy.revert_to is None:
+        raise UsageError("--on-halt revert needs --revert-to STOREPATH (the build to publish instead)")
+    if policy.on_halt != "revert" and policy.revert_to is not None:
+        raise UsageError("--revert-to is used only with --on-halt revert (a halt pauses otherwise)")
+    if args.not_after is not None and args.no_expiry:
+        raise UsageError("--not-after and --no-expiry exclude each other")
+    if args.not_after is not None:
+        try:
+            expiry = parse_rfc3339(args.not_after).timestamp()
+        except ValueError:
+            raise UsageError(f"--not-after {args.not_after!r} is not an RFC 3339 time") from None
+        if expiry <= time.time():
+            raise UsageError(f"--not-after {args.not_after} is past: every host would refuse the next pointer")
+    fetcher = Fetcher(None)
+    signers = allowed_signers(args.trusted_keys) if args.trusted_keys else public_key_signers(args.key)
+    pointer, started = read_current_pointer(args.pointer, fetcher, signers, args.timeout)
+    if policy.on_halt == "revert" and policy.revert_to == pointer.path:
+        # "Reverting" to the failing build would publish it to every host.
+        log(f"--revert-to is the pointer's own build {pointer.path}: a halt pauses instead")
+        policy = dataclasses.replace(policy, on_halt="pause", revert_to=None)
+    rollout = parse_rollout(pointer.metadata)
+    names = "|".join(PROMOTE_METRICS)
+    matchers = f'__name__=~"nixos_autodeploy_({names})"' + (f",{args.selector}" if args.selector else "")
+    samples = prometheus_vector(fetcher, args.prometheus, "{" + matchers + "}", args.timeout)
+    now = time.time()
+    count = count_fleet(samples, pointer.path, rollout.percent_at(now), now, args.max_report_age)
+    step_age = now - started if started is not None else None
+    verdict, percent, why = promote_verdict(count, policy, rollout, step_age, now)
+    written = ""
+    if verdict in ("advance", "halt"):
+        not_after = None if args.no_expiry else (args.not_after or default_not_after())
+        write_signed_pointer(args.key, args.output, next_pointer_lines(pointer, verdict, percent, policy,
+                                                                        not_after, now))
+        written = (f" Wrote {args.output} (revision {pointer.revision + 1}): "
+                   + (f"rollout {percent:g}%." if verdict == "advance" else
+                      f"{policy.revert_to} for every host." if policy.on_halt == "revert" else "pause: true."))
+    print(f"{verdict.upper()}: {why}. {pointer.path} (revision {pointer.revision}) is at "
+          f"{rollout.percent_at(now):g}%: {count.reporting} host(s) report it, {count.admitted} admitted: "
+          f"{count.healthy} healthy, {count.rolled_back} rolled back{named_hosts(count.rolled_back_hosts)}, "
+          f"{count.boot_failed} did not boot{named_hosts(count.boot_failed_hosts)}, "
+          f"{count.stuck} stuck, {count.on_the_way} on their way. Policy: steps "
+          f"{'/'.join(f'{s:g}%' for s in policy.steps)}, bake {format_duration(policy.bake)}, at least "
+          f"{policy.min_healthy} healthy, at most {policy.max_failures} failure(s)"
+          + (f" and {policy.max_failure_percent:g}%" if policy.max_failure_percent is not None else "")
+          + f", on halt {policy.on_halt}.{written}")
+    return PROMOTE_EXIT[verdict]
 
 
 # ---------------------------------------------------------------------------
@@ -3388,6 +3864,63 @@ def http_url(text: str) -> str:
     return urlunsplit((parts.scheme, netloc, quote(parts.path, safe=safe), quote(parts.query, safe=safe), ""))
 
 
+def parse_steps(text: str) -> tuple[float, ...]:
+    """`5,25,100`: increasing percentages, the last 100."""
+    import re
+    parts = text.split(",")
+    if not all(re.fullmatch(r"[0-9]{1,3}(?:\.[0-9]{1,2})?", p.strip()) for p in parts):
+        raise argparse.ArgumentTypeError(f"not a list of percentages such as 5,25,100: {text!r}")
+    steps = tuple(float(p) for p in parts)
+    if any(not 0 < s <= 100 for s in steps) or list(steps) != sorted(set(steps)) or steps[-1] != 100:
+        raise argparse.ArgumentTypeError(f"steps must increase, lie above 0 and end at 100: {text!r}")
+    return steps
+
+
+def duration_option(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration such as 30m, 2h or 1d: {text!r}") from None
+
+
+def count_option(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or len(text) > 9:
+        raise argparse.ArgumentTypeError(f"not a whole number from 0: {text!r}")
+    return int(text)
+
+
+def percent_option(text: str) -> float:
+    import re
+    if not re.fullmatch(r"[0-9]{1,3}(?:\.[0-9]{1,2})?", text) or float(text) > 100:
+        raise argparse.ArgumentTypeError(f"not a percentage from 0 to 100: {text!r}")
+    return float(text)
+
+
+def label_matchers(text: str) -> str:
+    """PromQL label matchers (`job="node",env=~"prod|stage"`), checked so
+    that nothing but matchers reaches the query."""
+    import re
+    matcher = r'\s*[a-zA-Z_][a-zA-Z0-9_]*\s*(?:=|!=|=~|!~)\s*"(?:[^"\\\n]|\\.)*"\s*'
+    inner = text.strip()
+    if inner.startswith("{") and inner.endswith("}"):
+        inner = inner[1:-1]
+    if inner and not re.fullmatch(f"{matcher}(?:,{matcher})*", inner):
+        raise argparse.ArgumentTypeError(f'not PromQL label matchers such as job="node": {text!r}')
+    return inner.strip()
+
+
+def pointer_source(text: str) -> str:
+    """promote --pointer: a URL (checked as --url is) or a file."""
+    return http_url(text) if text.startswith(("http://", "https://")) else text
+
+
+def store_path_option(text: str) -> str:
+    try:
+        return validate_store_path(text, text)
+    except PointerError as exc:
+        raise argparse.ArgumentTypeError(str(exc).replace("pointer ", "")) from None
+
+
 RUN_DESCRIPTION: Final = """\
 Pull-based deployment agent for NixOS hosts: fetch the pointer at --url,
 realise the system it names from the binary cache, activate it, roll back
@@ -3398,7 +3931,8 @@ other commands (see `autodeploy.py COMMAND --help`):
   suspend       stop deploying on this host until `resume`
   resume        deploy again after `suspend`
   trust-reset   set the revision floor by hand (recovery; logged)
-  sign          write a signed pointer (for CI)"""
+  sign          write a signed pointer (for CI)
+  promote       the rollout's next step from the fleet's metrics (for CI)"""
 
 
 def add_check_options(parser: argparse.ArgumentParser, what: str) -> None:
@@ -3426,8 +3960,9 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="{switch,boot,smart}",
                        help="switch now, stage for the next boot, or smart: boot only when kernel, initrd or "
                             "modules change (default: switch)")
-    run_p.add_argument("-r", "--reboot-mode", type=RebootMode, choices=list(RebootMode), default=None,
-                       metavar="{reboot,kexec}", help="reboot (or kexec) after a boot-mode deploy (default: never)")
+    run_p.add_argument("-r", "--reboot-mode", type=reboot_mode_arg, choices=list(RebootMode), default=None,
+                       metavar="{reboot,kexec}", help="reboot (or kexec) after a boot-mode deploy (default: never; "
+                                                      "`k-exec`, the original's spelling, means kexec)")
     run_p.add_argument("--prometheus-path", metavar="FILE", help="write Prometheus metrics to FILE (textfile collector)")
     run_p.add_argument("--state-dir", metavar="DIR", default=DEFAULT_STATE_DIR,
                        help=f"where the agent keeps its record (default: {DEFAULT_STATE_DIR})")
@@ -3456,6 +3991,11 @@ def build_parser() -> argparse.ArgumentParser:
     run_p.add_argument("--on-failure", metavar="CMD", help="run CMD via /bin/sh -c after a failed run")
     run_p.add_argument("--hook-timeout", type=positive, default=60.0, metavar="SECONDS",
                        help="time allowed for a hook (default: 60)")
+    run_p.add_argument("--boot-dir", type=absolute_dir, metavar="DIR",
+                       help="where the boot loader's entries and the kernels it copies are ($BOOT: the ESP, or "
+                            "the XBOOTLDR partition): for the boot-loader checks and the space check (default: the "
+                            f"first of {', '.join(BOOT_DIR_CANDIDATES)} holding boot loader files (systemd-boot's "
+                            f"entries when systemd-boot booted), else {BOOT_DIR})")
     # Fleet rollouts: coordinated reboots.
     run_p.add_argument("--fleetlock-url", type=validate_fleetlock_url, metavar="URL",
                        help="take a FleetLock reboot slot (Zincati's protocol, e.g. airlock) at this base URL "
@@ -3492,6 +4032,44 @@ def build_parser() -> argparse.ArgumentParser:
     sign_p.add_argument("--pause", action="store_true", help="write `pause: true`: no host starts this deploy")
     sign_p.add_argument("store_path", metavar="STOREPATH", nargs="?")
 
+    promote_p = sub.add_parser("promote", help="CI: the rollout's next step (advance, hold, halt), decided by "
+                                               "the fleet's metrics in Prometheus")
+    promote_p.add_argument("--pointer", required=True, metavar="FILE|URL", type=pointer_source,
+                           help="the current signed pointer (FILE.sig or URL.sig next to it)")
+    promote_p.add_argument("--prometheus", required=True, type=http_url, metavar="URL",
+                           help="Prometheus base URL (its /api/v1/query is asked)")
+    promote_p.add_argument("--key", required=True, help="OpenSSH private key that signs the next pointer")
+    promote_p.add_argument("-o", "--output", required=True, metavar="FILE",
+                           help="where the next pointer goes (FILE.sig too); written only on advance and halt")
+    promote_p.add_argument("--trusted-keys", metavar="FILE",
+                           help="keys the current pointer must be signed by (default: the public half of --key)")
+    promote_p.add_argument("--steps", type=parse_steps, default=(5.0, 25.0, 100.0), metavar="P,P,...",
+                           help="the rollout's steps in percent (default: 5,25,100)")
+    promote_p.add_argument("--bake", type=duration_option, default=3600.0, metavar="DURATION",
+                           help="how long a step runs before it may advance, e.g. 30m, 2h (default: 1h)")
+    promote_p.add_argument("--max-report-age", type=duration_option, default=26 * 3600.0, metavar="DURATION",
+                           help="a host counts as healthy only when its last run is at most this old; an older one "
+                                "counts as stuck (default: 26h, for hosts that poll daily)")
+    promote_p.add_argument("--min-healthy", type=count_option, default=1, metavar="N",
+                           help="admitted hosts that must run the build healthy before a step advances (default: 1)")
+    promote_p.add_argument("--max-failures", type=count_option, default=0, metavar="N",
+                           help="halt when more admitted hosts than this rolled the build back or did not boot it "
+                                "(default: 0)")
+    promote_p.add_argument("--max-failure-percent", type=percent_option, default=None, metavar="P",
+                           help="halt also when failures exceed P%% of the admitted hosts (default: no such limit)")
+    promote_p.add_argument("--selector", type=label_matchers, default="", metavar="MATCHERS",
+                           help='PromQL label matchers that select the fleet, e.g. job="node",env="prod"')
+    promote_p.add_argument("--on-halt", choices=("pause", "revert"), default="pause",
+                           help="halt by `pause: true` (default) or by publishing --revert-to to every host")
+    promote_p.add_argument("--revert-to", metavar="STOREPATH", type=store_path_option,
+                           help="the build published by --on-halt revert (usually the previous one)")
+    promote_p.add_argument("--not-after", metavar="TIME",
+                           help=f"RFC 3339 expiry of the next pointer (default: {SIGN_DEFAULT_VALIDITY_DAYS} days "
+                                "from now)")
+    promote_p.add_argument("--no-expiry", action="store_true", help="write no `not-after:` line")
+    promote_p.add_argument("--timeout", type=positive, default=30.0, metavar="SECONDS",
+                           help="time allowed for each request (default: 30)")
+
     reset_p = sub.add_parser("trust-reset", help="set the revision floor by hand (recovery from a corrupt or "
                                                  "lost state; logged)")
     reset_p.add_argument("--min-revision", required=True, type=int, metavar="N",
@@ -3513,7 +4091,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS: Final = ("run", "status", "suspend", "resume", "sign", "trust-reset", "check-boot")
+COMMANDS: Final = ("run", "status", "suspend", "resume", "sign", "promote", "trust-reset", "check-boot")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -3527,6 +4105,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         token_file=args.token_file, json_field=args.json_field, on_success=args.on_success,
         on_failure=args.on_failure, hook_timeout=args.hook_timeout,
         fleetlock_url=args.fleetlock_url, fleetlock_group=args.fleetlock_group,
+        boot_dir=args.boot_dir,
     )
 
 
@@ -3566,6 +4145,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise UsageError("autodeploy.py sign: the following arguments are required: STOREPATH")
             return command_sign(args.key, args.revision, args.hosts, args.all_hosts, args.not_after, args.no_expiry,
                                 args.store_path, args.output, rollout=sign_rollout_metadata(args))
+        if args.command == "promote":
+            return command_promote(args)
         return command_run(config_from_args(args))
     except AutodeployError as exc:
         log(f"error: {exc}")

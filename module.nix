@@ -27,10 +27,15 @@ let
 
   defaultStateDir = "/var/lib/nixos-autodeploy";
   unitName = "nixos-autodeploy.service";
-  triggerUnitName = "nixos-autodeploy-trigger.service";
   # Name of the systemd credential holding the bearer token; the agent reads
   # it from $CREDENTIALS_DIRECTORY/<name> (the `%d` specifier).
   tokenCredential = "token";
+  # A list, not a string: nixpkgs' unit options (nixos/lib/systemd-unit-options.nix,
+  # `unitOption`, since NixOS/nixpkgs#290946 in 26.05 and 26.11) concatenate
+  # every definition into a list as soon as one of them is a list, while two
+  # different strings conflict. As a list, a user's own credential merges
+  # with ours whether the user writes it as a string or as a list.
+  tokenCredentials = [ "${tokenCredential}:${cfg.tokenFile}" ];
 
   # An absolute path given as a *string*, so that it is never copied into the
   # world-readable Nix store: a Nix path literal (./token) is rejected instead
@@ -69,56 +74,88 @@ let
       description = "absolute directory path without trailing slash, whitespace, `.` or `..` (not `/`, `/var`, `/var/lib`, `/run`, `/nix`)";
     };
 
-  # --- The node exporter's own textfile directory -----------------------------
+  # --- The node exporter's textfile directories -------------------------------
   #
-  # node_exporter refuses a repeated `--collector.textfile.directory` (and its
-  # unit then restarts forever), so the wiring must not add one when the host
-  # already passes one. That cannot be read from
-  # config.services.prometheus.exporters.node.extraFlags: our own definition
-  # of that option would depend on its value (infinite recursion). Instead we
+  # Since node_exporter 1.9 `--collector.textfile.directory` may be repeated
+  # (collector/textfile.go reads it with kingpin's `.Strings()`,
+  # prometheus/node_exporter#3135); nixpkgs 26.05 and 26.11 ship 1.9 or later.
+  # So the agent gets a directory of its own next to any the host already
+  # has, and the wiring never has to take over (or argue with) the host's.
+  # What it must not do: pass a directory the host already passes (the same
+  # files read twice are duplicate metrics, and the scrape fails), or add the
+  # `textfile` collector when the host lists it already (kingpin refuses a
+  # repeated boolean flag and the exporter restarts forever), or wire
+  # anything when the host disabled the collector (the NixOS manual's own
+  # exporter example does). Those facts cannot be read from
+  # config.services.prometheus.exporters.node: our own definitions of its
+  # options would depend on their values (infinite recursion). Instead we
   # read the other modules' definitions of `services.prometheus.exporters`
   # (the option is one submodule; see nixpkgs'
   # nixos/modules/services/monitoring/prometheus/exporters.nix), looking
-  # through mkIf/mkMerge/mkOverride/mkOrder. An assertion below checks the
-  # merged result, so a definition this cannot see (a function module) still
-  # cannot produce a second flag unnoticed.
+  # through mkIf/mkMerge/mkOverride/mkOrder. Warnings below check the merged
+  # result, so a definition this cannot see (a function module) is
+  # explained, never an evaluation error for a user who did not ask for the
+  # wiring.
   ownFile = toString ./module.nix;
-  unwrapDef =
-    v:
+  # One level of a definition as the module system takes it at an option
+  # (nixpkgs lib/modules.nix: dischargeProperties, then filterOverrides):
+  # mkIf/mkMerge discharged, mkOrder looked through, and the priority of the
+  # outermost mkOverride (null: a plain definition).
+  defsAt =
+    prio: v:
     if !builtins.isAttrs v then
-      [ v ]
+      [ { inherit prio; value = v; } ]
     else if (v._type or null) == "if" then
-      (if v.condition then unwrapDef v.content else [ ])
+      (if v.condition then defsAt prio v.content else [ ])
     else if (v._type or null) == "merge" then
-      lib.concatMap unwrapDef v.contents
-    else if lib.elem (v._type or null) [
-      "override"
-      "order"
-    ] then
-      unwrapDef v.content
+      lib.concatMap (defsAt prio) v.contents
+    else if (v._type or null) == "override" then
+      defsAt (if prio == null then v.priority else prio) v.content
+    else if (v._type or null) == "order" then
+      defsAt prio v.content
     else
-      [ v ];
+      [ { inherit prio; value = v; } ];
   fieldOf =
-    name: values:
+    name:
     lib.concatMap (
-      v: if builtins.isAttrs v && !(v ? _type) && v ? ${name} then unwrapDef v.${name} else [ ]
-    ) values;
+      d:
+      if builtins.isAttrs d.value && !(d.value ? _type) && d.value ? ${name} then defsAt null d.value.${name} else [ ]
+    );
+  # Only the definitions of the highest priority are merged; a plain
+  # definition of ours would throw away the host's mkDefault ones (a shared
+  # profile's `extraFlags = lib.mkDefault [ ... ]`, or a whole
+  # `node = lib.mkDefault { enable = true; ... }`, the exporter with it).
+  # So ours join the others' priority when theirs is weaker than a plain
+  # definition, and stay plain otherwise (a mkForce of the host wins, and a
+  # warning says what is not wired).
+  defaultPrio = lib.modules.defaultOverridePriority or 100;
+  prioOf = d: if d.prio == null then defaultPrio else d.prio;
+  highestPrio = lib.foldl' (m: d: lib.min m (prioOf d)) 9999;
+  winning = defs: lib.filter (d: prioOf d == highestPrio defs) defs;
+  joinPrio = defs: if defs == [ ] then defaultPrio else lib.max defaultPrio (highestPrio defs);
+  # (definitionsWithLocations are the exporters option's winning definitions,
+  # their own mkOverride already stripped.)
   otherNodeDefs = fieldOf "node" (
-    lib.concatMap (d: unwrapDef d.value) (
+    lib.concatMap (d: defsAt null d.value) (
       lib.filter (d: d.file != ownFile) (options.services.prometheus.exporters.definitionsWithLocations or [ ])
     )
   );
-  otherNodeList = name: lib.concatMap (l: if builtins.isList l then l else [ ]) (fieldOf name otherNodeDefs);
+  otherNodeField = name: fieldOf name (winning otherNodeDefs);
+  otherNodeList =
+    name: lib.concatMap (d: if builtins.isList d.value then d.value else [ ]) (winning (otherNodeField name));
   # nixpkgs joins extraFlags with spaces into ExecStart (exporters/node.nix),
   # so "--collector.textfile.directory /dir" in one element is two words to
   # node_exporter: split the elements the way systemd will.
   flagWords = lib.concatMap (f: lib.filter (w: builtins.isString w && w != "") (builtins.split "[[:space:]]+" f));
+  # "/dir/" and "/dir" are one directory to node_exporter, read twice when
+  # passed in both spellings (every metric twice: failed scrapes).
+  normDir = d: if d != "/" && lib.hasSuffix "/" d then normDir (lib.removeSuffix "/" d) else d;
   textfileDirsIn =
     flags0:
     let
       flags = flagWords flags0;
     in
-    lib.concatLists (
+    map normDir (lib.concatLists (
       lib.imap0 (
         i: f:
         if lib.hasPrefix "--collector.textfile.directory=" f then
@@ -128,11 +165,15 @@ let
         else
           [ ]
       ) flags
-    );
+    ));
   existingTextfileDirs = textfileDirsIn (otherNodeList "extraFlags");
-  exporterHasTextfileDir = existingTextfileDirs != [ ];
-  wireFlag = cfg.enable && cfg.wireNodeExporter && !exporterHasTextfileDir;
+  textfileDisabled = lib.elem "textfile" (otherNodeList "disabledCollectors");
+  # The wiring as it can happen: asked for (by default: the exporter is on)
+  # and the host has not turned the textfile collector off.
+  wire = cfg.enable && cfg.wireNodeExporter && !textfileDisabled;
+  wireFlag = wire && !(lib.elem (normDir cfg.textfileDirectory) existingTextfileDirs);
   defaultTextfileDirectory = "/var/lib/prometheus-node-exporter-text";
+  nodeExporterVersion = pkgs.prometheus-node-exporter.version or null;
   # systemd expands %-specifiers in Environment= values: the operator's
   # values (a proxy password with %40 in it) are meant literally.
   unitEnvironment = lib.mapAttrs (_: v: lib.replaceStrings [ "%" ] [ "%%" ] (toString v)) cfg.environment;
@@ -162,6 +203,46 @@ let
       null;
 
   opt = flag: value: optionals (value != null) [ flag (toString value) ];
+
+  # Boot counting for systemd-boot exists from nixpkgs 26.11 on (release notes
+  # rl-2611: boot.loader.systemd-boot.bootCounting); 26.05 does not declare
+  # the option, so it is looked up in `options` before it is read.
+  hasBootCounting = lib.hasAttrByPath [ "boot" "loader" "systemd-boot" "bootCounting" ] options;
+  bootCountingOn = hasBootCounting && config.boot.loader.systemd-boot.bootCounting.enable;
+  # $BOOT as nixpkgs' systemd-boot.nix computes it (bootMountPoint): the
+  # XBOOTLDR partition when there is one, else the ESP; the builder writes
+  # loader/entries and EFI/nixos there.
+  systemdBootDir =
+    let
+      sdb = config.boot.loader.systemd-boot;
+    in
+    if sdb.xbootldrMountPoint != null then sdb.xbootldrMountPoint else config.boot.loader.efi.efiSysMountPoint;
+
+  # The exporter as merged (whatever produced it), checked after the fact:
+  # warnings, never assertions (see "The node exporter's textfile directories").
+  exporterWarnings =
+    let
+      node = config.services.prometheus.exporters.node;
+      dirs = textfileDirsIn node.extraFlags;
+      textfileOff = lib.elem "textfile" node.disabledCollectors;
+    in
+    optional (wire && !textfileOff && !(lib.elem (normDir cfg.textfileDirectory) dirs))
+      "system.autoDeploy: services.prometheus.exporters.node.extraFlags does not pass the agent's textfile directory ${cfg.textfileDirectory} (a definition with a higher priority, e.g. lib.mkForce, replaced the module's), so the agent's metrics are not exported. Add \"--collector.textfile.directory=${cfg.textfileDirectory}\" there, or set system.autoDeploy.wireNodeExporter = false to silence this."
+    ++ optional (cfg.wireNodeExporter && textfileOff)
+      "system.autoDeploy: services.prometheus.exporters.node.disabledCollectors disables the textfile collector, so the agent's metrics (${toString cfg.prometheusFilePath}) are not exported; nothing was wired. Remove \"textfile\" from disabledCollectors to export them, or set system.autoDeploy.wireNodeExporter = false to silence this."
+    ++ optional (wire && lib.length dirs != lib.length (lib.unique dirs))
+      "system.autoDeploy: services.prometheus.exporters.node.extraFlags passes a textfile directory more than once (${lib.concatStringsSep ", " dirs}); node_exporter reads it twice and every scrape fails with duplicate metrics. Where the exporter is configured through a function, which this module cannot look into, pass system.autoDeploy.textfileDirectory there only once, or set system.autoDeploy.wireNodeExporter = false."
+    ++ optional (wire && lib.length node.enabledCollectors != lib.length (lib.unique node.enabledCollectors))
+      "system.autoDeploy: services.prometheus.exporters.node.enabledCollectors lists a collector more than once (${lib.concatStringsSep ", " node.enabledCollectors}); node_exporter refuses a repeated flag and does not start. Where the exporter is configured through a function, which this module cannot look into, set system.autoDeploy.wireNodeExporter = false and enable the textfile collector yourself."
+    ++
+      optional
+        (
+          wire
+          && lib.length (lib.unique dirs) > 1
+          && nodeExporterVersion != null
+          && lib.versionOlder nodeExporterVersion "1.9"
+        )
+        "system.autoDeploy: node_exporter ${nodeExporterVersion} reads one textfile directory, but services.prometheus.exporters.node.extraFlags passes ${toString (lib.length (lib.unique dirs))} (${lib.concatStringsSep ", " dirs}); it refuses to start. Use node_exporter 1.9 or later (nixpkgs 26.05 and later), or set system.autoDeploy.textfileDirectory to the host's directory.";
 
   # Fleet rollouts (issue #14): FleetLock reboot slots. The group is passed
   # only with a URL, so an unused default never reaches the command line.
@@ -202,6 +283,7 @@ let
   ++ opt "--reboot-mode" cfg.rebootMode
   ++ opt "--reboot-window" cfg.rebootWindow
   ++ opt "--prometheus-path" cfg.prometheusFilePath
+  ++ opt "--boot-dir" cfg.bootDir
   ++ checkArgs
   ++ opt "--trusted-keys" trustedKeysFile
   ++ opt "--signature-url" cfg.signatureUrl
@@ -236,54 +318,50 @@ let
   # right away so that nixos_autodeploy_dirty is correct at once, not one
   # interval later.
   #
-  # How: switch-to-configuration reads /run/nixos/activation-restart-list after
-  # the activation script ran, and starts every unit listed there that is not
-  # active. We *append* (several modules share that file) the name of a tiny
-  # helper unit, nixos-autodeploy-trigger.service, which runs
-  # `systemctl start --no-block nixos-autodeploy.service`. We do not list
-  # nixos-autodeploy.service itself: it is Type=oneshot, and
-  # switch-to-configuration waits for its start jobs, so `nixos-rebuild switch`
-  # would block for a whole agent run; and if that run deploys, the agent's own
-  # switch-to-configuration would wait forever for the lock held by the manual
-  # one (deadlock).
+  # How: switch-to-configuration restarts sysinit-reactivation.target on every
+  # switch/test, after the activation script and the unit reloads, and waits
+  # for that job (nixpkgs' switch-to-configuration-ng, main.rs: "restarting
+  # sysinit-reactivation.target"). It does not for `boot` and `dry-activate`,
+  # and the target is not started at boot (the timer's OnBootSec covers
+  # boots). nixpkgs hooks its own per-switch work
+  # there (systemd-tmpfiles-resetup.service, nixos/modules/system/boot/systemd/
+  # tmpfiles.nix). The target wants nixos-autodeploy-trigger.service, a tiny
+  # oneshot that runs `systemctl start --no-block nixos-autodeploy.service`
+  # and returns at once. The earlier hook, appending to
+  # /run/nixos/activation-restart-list, is deprecated in switch-to-configuration-ng
+  # (a warning on every switch, removal announced for 26.11).
   #
-  # Our own activation must not trigger anything. The agent runs
-  #   systemd-run --unit=nixos-autodeploy-activation \
-  #     --setenv=NIXOS_AUTODEPLOY_ACTIVATION=1 --wait ... switch-to-configuration
-  # and switch-to-configuration (both the Rust -ng and the Perl version) runs
-  # the activation script as a plain child process that inherits its
-  # environment, so the variable is visible below. As a second, independent
-  # marker the agent writes its PID to /run/nixos-autodeploy/activating before
-  # systemd-run and removes it afterwards; the marker only counts while that
-  # process is alive, so a crashed agent cannot silence the trigger (a stale
-  # file is ignored, and /run is empty after every boot). Even without both
-  # markers nothing would be killed:
-  # nixos-autodeploy.service has restartIfChanged = false, so an active agent
-  # listed in the restart list is skipped, never restarted.
+  # Wants, not Requires: whatever the trigger does, the switch does not fail.
+  # The target orders itself after what it wants (systemd.target(5), default
+  # dependencies), so switch-to-configuration waits for the trigger, which
+  # takes milliseconds; it never waits for an agent run (--no-block), so
+  # `nixos-rebuild switch` does not block for a whole run.
   #
-  # Only switch/test activations count (NIXOS_ACTION is set by
-  # switch-to-configuration); the activation at boot does not trigger (the
-  # timer's OnBootSec does that), and dry-activate does not run this snippet.
-  activationSnippet = ''
-    case "''${NIXOS_ACTION-}" in
-      switch|test)
-        _autodeploy_own=0
-        if [ "''${NIXOS_AUTODEPLOY_ACTIVATION-}" = 1 ]; then
-          _autodeploy_own=1
-        elif [ -f /run/nixos-autodeploy/activating ]; then
-          _autodeploy_pid=$(cat /run/nixos-autodeploy/activating 2>/dev/null || true)
-          case "$_autodeploy_pid" in
-            "" | *[!0-9]*) ;;
-            *) if kill -0 "$_autodeploy_pid" 2>/dev/null; then _autodeploy_own=1; fi ;;
-          esac
+  # Our own activation must not trigger anything. The agent writes its PID to
+  # /run/nixos-autodeploy/activating before its
+  #   systemd-run --unit=nixos-autodeploy-activation --wait ... switch-to-configuration
+  # and removes it after systemd-run returned. The trigger runs while that
+  # switch-to-configuration waits for the target, i.e. while the marker is
+  # there, and stays quiet when the PID in it is alive and the agent's
+  # transient nixos-autodeploy-activation.service runs (a crashed agent's
+  # stale marker is ignored, also when its PID has been reused by another
+  # process; /run is empty after every boot). Even a run
+  # started by mistake would not restart anything: `systemctl start` of the
+  # active nixos-autodeploy.service joins the running start job, and the unit
+  # has restartIfChanged = false.
+  triggerScript = ''
+    pid=$(cat ${runtimeDir}/activating 2>/dev/null || true)
+    case "$pid" in
+      "" | *[!0-9]*) ;;
+      *)
+        if kill -0 "$pid" 2>/dev/null && systemctl is-active --quiet nixos-autodeploy-activation.service; then
+          echo "activated by nixos-autodeploy (PID $pid) itself: no run"
+          exit 0
         fi
-        if [ "$_autodeploy_own" = 0 ]; then
-          mkdir -p /run/nixos
-          echo ${triggerUnitName} >> /run/nixos/activation-restart-list
-        fi
-        unset _autodeploy_own _autodeploy_pid
         ;;
     esac
+    echo "a manual switch: starting ${unitName}"
+    exec systemctl start --no-block ${unitName}
   '';
 in
 {
@@ -402,28 +480,25 @@ in
         Whether to hook the agent's metrics into the Prometheus node
         exporter: makes {option}`system.autoDeploy.textfileDirectory` the
         default location of {option}`system.autoDeploy.prometheusFilePath`
-        and, unless the exporter already has a textfile directory (then that
-        one is used as it is), creates it and points the exporter's textfile
-        collector at it (`--collector.textfile.directory`).
+        and creates it and adds it to the exporter's textfile directories
+        (`--collector.textfile.directory`, repeatable since node_exporter
+        1.9), next to any the host already has; enables the textfile
+        collector unless it is listed already. When the host disables the
+        collector (`disabledCollectors = [ "textfile" ]`) nothing is wired
+        and a warning explains it.
       '';
     };
 
     textfileDirectory = mkOption {
       type = externalPathType;
-      default =
-        if exporterHasTextfileDir then lib.head existingTextfileDirs else defaultTextfileDirectory;
-      defaultText = lib.literalMD ''
-        the directory of a `--collector.textfile.directory` that the
-        configuration already passes in
-        {option}`services.prometheus.exporters.node.extraFlags`, else
-        `"${defaultTextfileDirectory}"`
-      '';
+      default = defaultTextfileDirectory;
       example = "/run/prometheus-textfiles";
       description = ''
-        Directory read by the node exporter's textfile collector when
-        {option}`system.autoDeploy.wireNodeExporter` is enabled. When the
-        exporter already has a textfile directory, that one is used and no
-        second flag is added (node_exporter refuses a repeated flag).
+        The agent's own directory for the node exporter's textfile collector
+        when {option}`system.autoDeploy.wireNodeExporter` is enabled. It is
+        passed in addition to the textfile directories the host already has
+        (node_exporter 1.9 and later read several); a directory the host
+        already passes is not passed twice.
       '';
     };
 
@@ -441,6 +516,32 @@ in
         Where the agent writes its metrics in the Prometheus text format
         (atomically, on every run); `null` writes none. Passed as
         `--prometheus-path`.
+      '';
+    };
+
+    bootDir = mkOption {
+      type = types.nullOr externalPathType;
+      default = if config.boot.loader.systemd-boot.enable then systemdBootDir else null;
+      defaultText = literalExpression ''
+        if config.boot.loader.systemd-boot.enable then
+          (if config.boot.loader.systemd-boot.xbootldrMountPoint != null
+           then config.boot.loader.systemd-boot.xbootldrMountPoint
+           else config.boot.loader.efi.efiSysMountPoint)
+        else null
+      '';
+      example = "/boot/efi";
+      description = ''
+        Where the boot loader keeps its entries and the kernels it copies
+        (`$BOOT`: the ESP, or the XBOOTLDR partition). The agent reads the
+        boot entries there (an entry that ran out of tries is a boot-loader
+        fallback, never a manual choice) and checks there that a new kernel
+        fits. Follows {option}`boot.loader.efi.efiSysMountPoint` (often
+        {file}`/boot`, {file}`/boot/efi` or {file}`/efi`) and
+        {option}`boot.loader.systemd-boot.xbootldrMountPoint` with
+        systemd-boot; `null` (GRUB, which copies kernels into
+        {file}`/boot/kernels`) lets the agent take the first of {file}`/boot`,
+        {file}`/efi`, {file}`/boot/efi` that holds boot loader files. Passed
+        as `--boot-dir`.
       '';
     };
 
@@ -680,7 +781,8 @@ in
       the boot assessment: a check unit, ordered before and required by
       `boot-complete.target`, that runs `nixos-autodeploy check-boot` with the
       agent's health checks and connectivity check. With systemd-boot's boot
-      counting ({option}`boot.loader.systemd-boot.bootCounting.enable`), a
+      counting ({option}`boot.loader.systemd-boot.bootCounting.enable`, NixOS
+      26.11 and later), a
       failing check keeps the boot entry from being blessed by
       `systemd-bless-boot.service`, and after its tries the boot loader falls
       back to the previous generation. See {manpage}`systemd.special(7)`
@@ -716,34 +818,7 @@ in
           assertion = cfg.jsonField == null || trustedKeysFile == null;
           message = "system.autoDeploy.jsonField cannot be combined with trusted keys (signed pointers are plain text).";
         }
-      ]
-      ++ lib.optionals cfg.wireNodeExporter (
-        let
-          node = config.services.prometheus.exporters.node;
-          dirs = textfileDirsIn node.extraFlags;
-        in
-        [
-          {
-            # The merged value, whatever produced it: node_exporter exits on
-            # a repeated flag and its unit restarts forever.
-            assertion = lib.length dirs <= 1;
-            message = "services.prometheus.exporters.node.extraFlags passes --collector.textfile.directory ${toString (lib.length dirs)} times (${lib.concatStringsSep ", " dirs}); node_exporter accepts it once. Keep one and set system.autoDeploy.textfileDirectory to it, or set system.autoDeploy.wireNodeExporter = false (needed where the exporter is configured through a function, which this module cannot look into).";
-          }
-          {
-            # The same for a collector listed twice (--collector.textfile twice).
-            assertion = lib.length node.enabledCollectors == lib.length (lib.unique node.enabledCollectors);
-            message = "services.prometheus.exporters.node.enabledCollectors lists a collector more than once (${lib.concatStringsSep ", " node.enabledCollectors}); node_exporter refuses a repeated flag. Where the exporter is configured through a function, which this module cannot look into, set system.autoDeploy.wireNodeExporter = false and enable the textfile collector yourself.";
-          }
-          {
-            assertion = lib.all (d: d == cfg.textfileDirectory) dirs;
-            message = "system.autoDeploy.textfileDirectory is ${cfg.textfileDirectory}, but the node exporter reads ${lib.concatStringsSep ", " dirs}; leave textfileDirectory at its default (it follows the exporter) or make them equal.";
-          }
-          {
-            assertion = !(lib.elem "textfile" node.disabledCollectors);
-            message = "system.autoDeploy.wireNodeExporter needs the node exporter's textfile collector, but services.prometheus.exporters.node.disabledCollectors disables it.";
-          }
-        ]
-      );
+      ];
 
       warnings =
         optional (cfg.fleetlock.url != null && cfg.interval == "04:42")
@@ -757,7 +832,8 @@ in
               && cfg.prometheusFilePath != null
               && dirOf cfg.prometheusFilePath != cfg.textfileDirectory
             )
-            "system.autoDeploy.prometheusFilePath is not in system.autoDeploy.textfileDirectory, so the node exporter will not see it.";
+            "system.autoDeploy.prometheusFilePath is not in system.autoDeploy.textfileDirectory, so the node exporter will not see it."
+        ++ exporterWarnings;
 
       environment.systemPackages = [ cfg.package ];
 
@@ -781,7 +857,7 @@ in
         // lib.optionalAttrs (cfg.tokenFile != null) {
           # The secret stays where it is; systemd copies it into a private,
           # root-only directory for the duration of the run.
-          LoadCredential = "${tokenCredential}:${cfg.tokenFile}";
+          LoadCredential = tokenCredentials;
         };
       };
 
@@ -800,26 +876,16 @@ in
         };
       };
 
-      # Started through /run/nixos/activation-restart-list after a manual
-      # activation (see activationSnippet). Returns at once, so
-      # switch-to-configuration never waits for an agent run.
+      # Started by every switch/test (see triggerScript); returns at once.
       systemd.services.nixos-autodeploy-trigger = {
         description = "Run nixos-autodeploy after a manual activation";
+        wantedBy = [ "sysinit-reactivation.target" ];
+        before = [ "sysinit-reactivation.target" ];
+        # Started by the switch itself, never restarted because it changed.
         restartIfChanged = false;
-        serviceConfig = {
-          Type = "oneshot";
-          ExecStart = utils.escapeSystemdExecArgs [
-            "${config.systemd.package}/bin/systemctl"
-            "start"
-            "--no-block"
-            unitName
-          ];
-        };
-      };
-
-      system.activationScripts.nixos-autodeploy = {
-        deps = [ ];
-        text = activationSnippet;
+        serviceConfig.Type = "oneshot";
+        # `systemctl` comes from the service's default path (systemd).
+        script = triggerScript;
       };
 
       systemd.tmpfiles.rules = [
@@ -836,11 +902,15 @@ in
     # default is exporters.node.enable) would read that option's own value:
     # infinite recursion.
     {
-      services.prometheus.exporters.node = {
-        enabledCollectors = mkIf (
-          cfg.enable && cfg.wireNodeExporter && !(lib.elem "textfile" (otherNodeList "enabledCollectors"))
-        ) [ "textfile" ];
-        extraFlags = mkIf wireFlag [ "--collector.textfile.directory=${cfg.textfileDirectory}" ];
+      services.prometheus.exporters.node = lib.mkOverride (joinPrio otherNodeDefs) {
+        enabledCollectors = mkIf (wire && !(lib.elem "textfile" (otherNodeList "enabledCollectors"))) (
+          lib.mkOverride (joinPrio (otherNodeField "enabledCollectors")) [ "textfile" ]
+        );
+        extraFlags = mkIf wireFlag (
+          lib.mkOverride (joinPrio (otherNodeField "extraFlags")) [
+            "--collector.textfile.directory=${cfg.textfileDirectory}"
+          ]
+        );
       };
       # Only a directory we point the exporter at is ours to create; an
       # existing one is left as its owner set it up.
@@ -857,8 +927,10 @@ in
     # agent's own verification after the reboot stays the safety net.
     (mkIf (cfg.enable && cfg.bootAssessment.enable) {
       warnings =
-        optional (!(config.boot.loader.systemd-boot.bootCounting.enable or false))
-          "system.autoDeploy.bootAssessment is enabled but boot.loader.systemd-boot.bootCounting.enable is not: no boot entry carries a try counter, so nothing reaches boot-complete.target and the boot check does not run (the agent still verifies a boot-mode deploy after the reboot).";
+        optional (hasBootCounting && !bootCountingOn)
+          "system.autoDeploy.bootAssessment is enabled but boot.loader.systemd-boot.bootCounting.enable is not: no boot entry carries a try counter, so nothing reaches boot-complete.target and the boot check does not run (the agent still verifies a boot-mode deploy after the reboot)."
+        ++ optional (!hasBootCounting)
+          "system.autoDeploy.bootAssessment is enabled, but this nixpkgs has no boot counting for systemd-boot (boot.loader.systemd-boot.bootCounting comes with NixOS 26.11; 26.05 does not have it): unless something else gives boot entries a try counter, nothing reaches boot-complete.target and the boot check does not run (the agent still verifies a boot-mode deploy after the reboot).";
 
       # It judges a boot, not a configuration: never (re)started by an
       # activation (agentUnitBase); its health checks find what the agent's find.
@@ -894,7 +966,7 @@ in
           StateDirectoryMode = "0700";
         }
         // lib.optionalAttrs (cfg.tokenFile != null) {
-          LoadCredential = "${tokenCredential}:${cfg.tokenFile}";
+          LoadCredential = tokenCredentials;
         };
       };
     })

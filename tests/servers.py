@@ -324,3 +324,91 @@ def read_request(conn: socket.socket) -> bytes:
             break
         data += piece
     return data
+
+
+# ---------------------------------------------------------------------------
+# Prometheus and node exporters: the fleet view
+# ---------------------------------------------------------------------------
+
+PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
+NODE_EXPORTER = shutil.which("prometheus-node-exporter") or "/usr/bin/prometheus-node-exporter"
+
+
+class FleetMonitor:
+    """One Debian `prometheus-node-exporter` per host (the textfile collector
+    on the directory the host's agent writes its metrics into) and a Debian
+    `prometheus` scraping them every second, labelled instance=<name> (and
+    `labels`, target labels for every host); rule files loaded as given.  Every process is stopped by close()."""
+
+    def __init__(self, root: Path, textfile_dirs: dict[str, Path], rule_files: tuple[Path, ...] = (),
+                 labels: dict[str, str] | None = None) -> None:
+        import json
+        self.procs: list[subprocess.Popen] = []
+        self.logs = root
+        targets = []
+        try:
+            for name, directory in textfile_dirs.items():
+                port = free_port()
+                self._start(f"node-exporter-{name}", [
+                    NODE_EXPORTER, f"--web.listen-address=127.0.0.1:{port}", "--collector.disable-defaults",
+                    "--collector.textfile", f"--collector.textfile.directory={directory}"])
+                targets.append({"targets": [f"127.0.0.1:{port}"], "labels": {**(labels or {}), "instance": name}})
+            port = free_port()
+            self.base = f"http://127.0.0.1:{port}"
+            config = root / "prometheus.yml"
+            config.write_text(json.dumps({  # JSON is YAML
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"},
+                "rule_files": [str(f) for f in rule_files],
+                "scrape_configs": [{"job_name": "node", "static_configs": targets}],
+            }))
+            self._start("prometheus", [
+                PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={root / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h"])
+            self.deadline = time.monotonic() + 120
+            self.wait_for("prometheus ready", lambda: self.get("/-/ready", raw=True))
+            self.wait_for("every target up", lambda: len(self.query("up == 1")) == len(targets))
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, name: str, argv: list[str]) -> None:
+        log = open(self.logs / f"{name}.log", "w")
+        self.procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT))
+        log.close()
+
+    def get(self, path: str, raw: bool = False):
+        import json
+        import urllib.request
+        with urllib.request.urlopen(self.base + path, timeout=5) as resp:
+            body = resp.read(10_000_000)
+        return body if raw else json.loads(body)
+
+    def query(self, expr: str) -> list[dict]:
+        import urllib.parse
+        data = self.get("/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
+        assert data["status"] == "success", data
+        return data["data"]["result"]
+
+    def wait_for(self, what: str, check: Callable[[], object], timeout: float | None = None):
+        """Poll `check` every half second until it returns something true;
+        bounded by `timeout` (default: the monitor's own two minutes)."""
+        end = self.deadline if timeout is None else time.monotonic() + timeout
+        while time.monotonic() < end:
+            for proc in self.procs:
+                if proc.poll() is not None:
+                    raise AssertionError(f"{proc.args[0]} exited with {proc.returncode} while waiting for {what}")
+            try:
+                result = check()
+            except (OSError, ValueError, KeyError):
+                result = None
+            if result:
+                return result
+            time.sleep(0.5)
+        raise AssertionError(f"timed out waiting for {what}")
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            stop(proc)

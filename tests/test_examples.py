@@ -22,6 +22,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 WORKFLOWS = ["github-actions.yml", "forgejo-actions.yml"]
+PROMOTE_WORKFLOWS = ["promote-github-actions.yml"]
 
 ACTIONLINT = shutil.which("actionlint")
 needs_actionlint = pytest.mark.skipif(
@@ -54,7 +55,7 @@ def actionlint(path: Path, tmp_path: Path, ignore: list[str] = ()) -> subprocess
 
 
 @needs_actionlint
-@pytest.mark.parametrize("name", WORKFLOWS)
+@pytest.mark.parametrize("name", WORKFLOWS + PROMOTE_WORKFLOWS)
 def test_actionlint_accepts_workflow(name, tmp_path):
     result = actionlint(EXAMPLES / name, tmp_path, IGNORE.get(name, []))
     output = result.stdout + result.stderr
@@ -107,7 +108,7 @@ def test_workflow_publishes_signed_pointers(name):
     assert '"test-*"' in text and "${REF_NAME#test-}" in text
 
 
-@pytest.mark.parametrize("name", WORKFLOWS)
+@pytest.mark.parametrize("name", WORKFLOWS + PROMOTE_WORKFLOWS)
 def test_secrets_only_reach_steps_through_env(name):
     """`${{ secrets.X }}` only as the whole value of an env entry (never in a
     script, where it would end up in the logged command line), and no script
@@ -120,3 +121,25 @@ def test_secrets_only_reach_steps_through_env(name):
     for line in lines:
         if re.search(r"\becho\b.*(KEY|TOKEN|SECRET)\b", line) and "KEYS=" not in line and "NIX_SSHOPTS" not in line:
             pytest.fail(f"a script echoes a secret: {line.strip()}")
+
+
+@pytest.mark.parametrize("name", PROMOTE_WORKFLOWS)
+def test_promote_workflow_branches_on_every_exit_code(name):
+    """The scheduled promotion: the agent's own `promote`, in the build
+    workflow's concurrency group, publishing exactly on advance (0) and halt
+    (11), and failing on halt and on errors; every option it passes exists."""
+    import sys
+    sys.path.insert(0, str(ROOT))
+    import autodeploy
+    text = (EXAMPLES / name).read_text()
+    call = re.search(r'autodeploy\.py" promote(.*?)\n\s*code=\$\?', text, re.S)
+    assert call, "no `autodeploy.py promote ...` call"
+    options = set(re.findall(r"(?<![\w-])(--[a-z-]+|-o)\b", call.group(1)))
+    parser = autodeploy.build_parser()
+    promote = parser._subparsers._group_actions[0].choices["promote"]
+    known = {flag for action in promote._actions for flag in action.option_strings}
+    assert options and options <= known, options - known
+    assert "group: nixos-autodeploy-publish" in text
+    assert "0|11) echo \"publish=yes\"" in text and "10|12) echo \"publish=no\"" in text
+    assert '*) exit "$code"' in text and "steps.promote.outputs.code == '11'" in text
+    assert autodeploy.PROMOTE_EXIT == {"advance": 0, "hold": 10, "halt": 11, "complete": 12}

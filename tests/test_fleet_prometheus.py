@@ -13,24 +13,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import socket
-import subprocess
 import time
-import urllib.parse
-import urllib.request
-from pathlib import Path
 
 import pytest
 
+from servers import NODE_EXPORTER, PROMETHEUS, FleetMonitor
 from world import METRICS, REPO, FleetLockServer, Host
 
 DASHBOARD = REPO / "contrib" / "grafana-dashboard.json"
 ALERTS = REPO / "contrib" / "alerts.yml"
-PROMETHEUS = shutil.which("prometheus")
-NODE_EXPORTER = shutil.which("prometheus-node-exporter") or shutil.which("node_exporter")
-MISSING = [name for name, path in (("prometheus", PROMETHEUS), ("prometheus-node-exporter", NODE_EXPORTER))
-           if path is None]
+MISSING = [os.path.basename(path) for path in (PROMETHEUS, NODE_EXPORTER) if not os.path.exists(path)]
 if MISSING and os.environ.get("CI") != "true":
     pytestmark = pytest.mark.skip(reason=f"{' and '.join(MISSING)} not installed (Debian: apt-get install "
                                          "prometheus prometheus-node-exporter; tests/run.sh does)")
@@ -67,38 +59,6 @@ def test_dashboard_has_the_fleet_table_and_panels():
         assert "$" not in expr, f"dashboard queries run as they are (no Grafana variables): {expr}"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def get_json(url: str, timeout: float = 5) -> dict:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
-        return json.loads(resp.read(10_000_000))
-
-
-def query(base: str, expr: str) -> list[dict]:
-    data = get_json(f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": expr}))
-    assert data["status"] == "success", data
-    return data["data"]["result"]
-
-
-def wait_for(what: str, check, deadline: float, procs: list[subprocess.Popen]):
-    while time.monotonic() < deadline:
-        for proc in procs:
-            if proc.poll() is not None:
-                raise AssertionError(f"{proc.args[0]} exited with {proc.returncode} while waiting for {what}")
-        try:
-            result = check()
-        except (OSError, ValueError, KeyError):
-            result = None
-        if result:
-            return result
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def bucket(hostname: str, path: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{hostname}\0{path}".encode()).digest(), "big") % 10000
 
@@ -132,38 +92,13 @@ def test_fleet_through_node_exporter_and_prometheus(world, server, tmp_path):
     for role in hosts:
         run(role)  # tracking a: every textfile exists before the exporters start
 
-    procs: list[subprocess.Popen] = []
-    targets = []
+    textfiles = {role: h.var_lib / os.path.dirname(METRICS)[len("/var/lib/"):] for role, h in hosts.items()}
+    monitor = FleetMonitor(tmp_path, textfiles, rule_files=(ALERTS,))
+    started = time.monotonic()
     try:
-        for role, h in hosts.items():
-            port = free_port()
-            textfiles = h.var_lib / os.path.dirname(METRICS)[len("/var/lib/"):]
-            log = open(tmp_path / f"node-exporter-{role}.log", "w")
-            procs.append(subprocess.Popen(
-                [NODE_EXPORTER, f"--web.listen-address=127.0.0.1:{port}", "--collector.disable-defaults",
-                 "--collector.textfile", f"--collector.textfile.directory={textfiles}"],
-                stdout=log, stderr=subprocess.STDOUT))
-            targets.append({"targets": [f"127.0.0.1:{port}"], "labels": {"instance": role}})
-        prom_port = free_port()
-        base = f"http://127.0.0.1:{prom_port}"
-        config = tmp_path / "prometheus.yml"
-        config.write_text(json.dumps({  # JSON is YAML
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"},
-            "rule_files": [str(ALERTS)],
-            "scrape_configs": [{"job_name": "node", "static_configs": targets}],
-        }))
-        log = open(tmp_path / "prometheus.log", "w")
-        procs.append(subprocess.Popen(
-            [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{prom_port}", "--storage.tsdb.retention.time=1h"],
-            stdout=log, stderr=subprocess.STDOUT))
-        deadline = time.monotonic() + 120
-        wait_for("prometheus ready", lambda: urllib.request.urlopen(base + "/-/ready", timeout=2).status == 200,
-                 deadline, procs)
-        wait_for("three targets up", lambda: len(query(base, "up == 1")) == 3, deadline, procs)
-        wait_for("agent metrics", lambda: len(query(base, "nixos_autodeploy_last_run_timestamp_seconds")) == 3,
-                 deadline, procs)
-        rules = get_json(base + "/api/v1/rules")["data"]["groups"]
+        monitor.wait_for("agent metrics",
+                         lambda: len(monitor.query("nixos_autodeploy_last_run_timestamp_seconds")) == 3)
+        rules = monitor.get("/api/v1/rules")["data"]["groups"]
         assert [g["name"] for g in rules] == ["nixos-autodeploy"], "contrib/alerts.yml is loaded"
 
         # The fleet moves: a 50% wave of b for web and db, a boot deploy for cache.
@@ -174,28 +109,29 @@ def test_fleet_through_node_exporter_and_prometheus(world, server, tmp_path):
             run(role)
         assert hosts["web"].current == b and hosts["db"].current == a
         def new_states():
-            now = {r["metric"]["instance"]: r["metric"]["state"] for r in query(base, "nixos_autodeploy_state == 1")}
+            now = {r["metric"]["instance"]: r["metric"]["state"]
+                   for r in monitor.query("nixos_autodeploy_state == 1")}
             return now if len(now) == 3 and "tracking" not in now.values() else None
-        states = wait_for("the new states in Prometheus", new_states, deadline, procs)
+        states = monitor.wait_for("the new states in Prometheus", new_states)
         assert states == {"web": "deployed", "db": "waiting_rollout", "cache": "waiting_reboot_slot"}, states
 
         # Every query the dashboard uses returns data.
         empty: list[str] = []
 
         def all_queries_answer():
-            empty[:] = [expr for expr in dashboard_queries() if not query(base, expr)]
+            empty[:] = [expr for expr in dashboard_queries() if not monitor.query(expr)]
             return not empty or None
         try:
-            wait_for("every dashboard query to return data", all_queries_answer, deadline, procs)
+            monitor.wait_for("every dashboard query to return data", all_queries_answer)
         except AssertionError as exc:
             raise AssertionError(f"{exc}; dashboard queries without data: {empty}") from None
         table = {r["metric"]["instance"]: float(r["value"][1])
-                 for r in query(base, "max by (instance) (nixos_autodeploy_rollout_bucket_number)")}
+                 for r in monitor.query("max by (instance) (nixos_autodeploy_rollout_bucket_number)")}
         assert table == {"web": bucket(names["web"], b), "db": bucket(names["db"], b)}
-        assert {r["metric"]["instance"] for r in query(base, "nixos_autodeploy_fleetlock_failures_total")} == {"cache"}
+        assert {r["metric"]["instance"] for r in monitor.query("nixos_autodeploy_fleetlock_failures_total")} == {"cache"}
 
         # One host is made to fail: its deploy of c is rolled back.
-        assert not [x for x in get_json(base + "/api/v1/alerts")["data"]["alerts"] if x["state"] == "firing"
+        assert not [x for x in monitor.get("/api/v1/alerts")["data"]["alerts"] if x["state"] == "firing"
                     and x["labels"]["alertname"] == "NixosAutodeployRolledBack"]
         hosts["web"].ctl("fail").write_text(c + "\n")
         server.pointer(c, "/web")
@@ -203,25 +139,18 @@ def test_fleet_through_node_exporter_and_prometheus(world, server, tmp_path):
         assert r.returncode == 5, r.stderr
 
         def rolled_back_alert():
-            alerts = get_json(base + "/api/v1/alerts")["data"]["alerts"]
+            alerts = monitor.get("/api/v1/alerts")["data"]["alerts"]
             firing = [x for x in alerts if x["state"] == "firing"
                       and x["labels"]["alertname"] == "NixosAutodeployRolledBack"]
             return firing or None
-        firing = wait_for("NixosAutodeployRolledBack to fire", rolled_back_alert, deadline, procs)
+        firing = monitor.wait_for("NixosAutodeployRolledBack to fire", rolled_back_alert)
         assert [x["labels"]["instance"] for x in firing] == ["web"]
         assert firing[0]["labels"]["severity"] == "warning"
-        print(f"\nalert fired for web {120 - (deadline - time.monotonic()):.1f}s into the test; "
+        print(f"\nalert fired for web {time.monotonic() - started:.1f}s into the test; "
               f"{len(dashboard_queries())} dashboard queries answered")
     finally:
-        for proc in procs:
-            proc.terminate()
-        for proc in procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        monitor.close()
         fleetlock.close()
         for h in hosts.values():
             h.kill_orphans()
-    assert all(proc.poll() is not None for proc in procs)
+    assert all(proc.poll() is not None for proc in monitor.procs)

@@ -83,13 +83,15 @@ def nix_eval(expr_file: Path, *args: str, check=True):
     return res
 
 
-def harness_eval(cases: dict[str, str], tmp: Path):
-    """Evaluate {name: nix module expression} in one nix-instantiate call."""
-    cases_file = tmp / "cases.nix"
+def harness_eval(cases: dict[str, str], tmp: Path, channel: str = "26.11", check=True):
+    """Evaluate {name: nix module expression} in one nix-instantiate call,
+    with the option set of a channel ("26.11": unstable, "26.05": stable)."""
+    cases_file = tmp / f"cases-{channel}.nix"
     cases_file.write_text("{\n" + "".join(
         f"  {json.dumps(name)} = {body};\n" for name, body in cases.items()) + "}\n")
     return nix_eval(HARNESS / "eval.nix", "--arg", "libPath", str(NIXPKGS_LIB),
-                    "--arg", "modulePath", str(MODULE), "--arg", "cases", f"import {cases_file}")
+                    "--arg", "modulePath", str(MODULE), "--arg", "cases", f"import {cases_file}",
+                    "--argstr", "channel", channel, check=check)
 
 
 # --------------------------------------------------------------------------
@@ -252,9 +254,18 @@ CASES = {
                  f'url = "{URL}?a=%41&b=$HOME"; tokenFile = "/run/keys/token"; '
                  'onSuccess = "echo 100% $USER"; }; }'),
     "short-flags": ad('switchMode = "switch"; extraArgs = [ "-f" "-s" "boot" "-r" "kexec" ];'),
+    # the original's spelling of kexec (clap ValueEnum: KExec -> k-exec), item 5
+    "short-flags-k-exec": ad('extraArgs = [ "-r" "k-exec" ];'),
     "reboot-mode-reboot": ad('rebootMode = "reboot"; switchMode = "smart";'),
     "state-var-lib": ad('stateDir = "/var/lib/autodeploy-b";'),
     "token": ad('tokenFile = "/run/keys/token";'),
+    # another credential added by the user, as a string and as a list (item 3)
+    "token-user-cred-string": ad('tokenFile = "/run/keys/token"; bootAssessment.enable = true;',
+                                 'systemd.services.nixos-autodeploy.serviceConfig.LoadCredential = "db:/run/keys/db"; '
+                                 'systemd.services.nixos-autodeploy-boot-check.serviceConfig.LoadCredential = "db:/run/keys/db";'),
+    "token-user-cred-list": ad('tokenFile = "/run/keys/token";',
+                               'systemd.services.nixos-autodeploy.serviceConfig.LoadCredential = [ "db:/run/keys/db" ];'),
+    "user-cred-no-token": ad('', 'systemd.services.nixos-autodeploy.serviceConfig.LoadCredential = "db:/run/keys/db";'),
     "keys": ad(f'trustedKeys = [ "{KEY1}" ];'),
     "keys-file": ad('trustedKeysFile = "/etc/autodeploy/allowed_signers";'),
     "keys-both": ad(f'trustedKeys = [ "{KEY1}" ]; trustedKeysFile = "/etc/autodeploy/allowed_signers";'),
@@ -283,9 +294,31 @@ CASES = {
     "env-percent": ad('environment = { https_proxy = "http://u:p%40ss@proxy:3128"; };'),
     "node-has-dir-mkif": node('enable = true; extraFlags = lib.mkIf true '
                               '(lib.mkBefore [ "--collector.textfile.directory=/srv/prom" ]);'),
+    # a profile's lists given with mkDefault (or below a mkDefault node): they stay, ours join them
+    "node-has-dir-mkdefault": node('enable = true; extraFlags = lib.mkDefault [ "--collector.textfile.directory=/srv/prom" ]; '
+                                   'enabledCollectors = lib.mkDefault [ "systemd" ];'),
+    "node-mkdefault-node": ad("", 'services.prometheus.exporters.node = lib.mkDefault { enable = true; '
+                                  'extraFlags = [ "--collector.textfile.directory=/srv/prom" ]; '
+                                  'enabledCollectors = [ "systemd" ]; };'),
+    # ... also where the agent is off: importing the module must not remove the exporter
+    "disabled-mkdefault-node": ('{ lib, ... }: { services.prometheus.exporters.node = lib.mkDefault '
+                                '{ enable = true; enabledCollectors = [ "systemd" ]; }; }'),
+    # flags forced by the host: they win, and a warning says ours is not passed
+    "node-has-dir-forced": node('enable = true; extraFlags = lib.mkForce [ "--collector.textfile.directory=/srv/prom" ];'),
     "node-has-dir-conflict": node('enable = true; extraFlags = [ "--collector.textfile.directory=/srv/prom" ];',
                                   'textfileDirectory = "/srv/other";'),
     "node-custom-dir": node("enable = true;", 'textfileDirectory = "/srv/metrics";'),
+    "node-has-our-dir": node(f'enable = true; extraFlags = [ "--collector.textfile.directory={TEXTFILE_DIR}" ];'),
+    # ... spelled with a trailing slash: still the same directory
+    "node-has-our-dir-slash": node(f'enable = true; extraFlags = [ "--collector.textfile.directory={TEXTFILE_DIR}/" ];'),
+    # the NixOS manual's exporter example (services/monitoring/prometheus), as is
+    "node-manual-example": node('enable = true; port = 9100; enabledCollectors = [ "logind" "systemd" ]; '
+                                'disabledCollectors = [ "textfile" ]; openFirewall = true; '
+                                'firewallFilter = "-i br0 -p tcp -m tcp --dport 9100";'),
+    "node-manual-example-wire": node('enable = true; disabledCollectors = [ "textfile" ];',
+                                     "wireNodeExporter = true;"),
+    "node-fn-form-dir": ad("", 'services.prometheus.exporters = { ... }: { node = { enable = true; '
+                               f'extraFlags = [ "--collector.textfile.directory={TEXTFILE_DIR}" ]; }}; }};'),
     "node-prom-elsewhere": node("enable = true;", 'prometheusFilePath = "/tmp/elsewhere.prom";'),
     "node-textfile-listed": node('enable = true; enabledCollectors = [ "systemd" "textfile" ];'),
     "node-textfile-disabled": node('enable = true; disabledCollectors = [ "textfile" ];'),
@@ -294,6 +327,14 @@ CASES = {
         healthChecks = [ "curl -fsS http://localhost/" ]; path = [ pkgs.curl ];'''),
     "boot-assessment-elsewhere": ad('''bootAssessment.enable = true; connectivityCheck = false;
         stateDir = "/persist/autodeploy"; tokenFile = "/run/secrets/token";'''),
+    # where the boot loader's files are (item 8): $BOOT from the boot loader options
+    "esp-boot": ad("", "boot.loader.systemd-boot.enable = true;"),
+    "esp-boot-efi": ad("", 'boot.loader.systemd-boot.enable = true; boot.loader.efi.efiSysMountPoint = "/boot/efi";'),
+    "esp-efi": ad("", 'boot.loader.systemd-boot.enable = true; boot.loader.efi.efiSysMountPoint = "/efi";'),
+    "esp-xbootldr": ad("", 'boot.loader.systemd-boot = { enable = true; xbootldrMountPoint = "/boot"; }; '
+                           'boot.loader.efi.efiSysMountPoint = "/efi";'),
+    "esp-override": ad('bootDir = "/mnt/esp";', "boot.loader.systemd-boot.enable = true;"),
+    "grub-efi": ad("", 'boot.loader.grub.efiSupport = true; boot.loader.efi.efiSysMountPoint = "/boot/efi";'),
     # fleet rollouts (issue #14): FleetLock reboot slots
     "fleetlock": ad('''switchMode = "boot"; rebootMode = "reboot"; fleetlock.url = "http://fleetlock.example.org:8080";
         fleetlock.group = "workers"; extraArgs = [ "--verbose" ];'''),
@@ -311,6 +352,25 @@ CASES = {
 @pytest.fixture(scope="session")
 def matrix(can_eval, tmp_path_factory):
     return harness_eval(CASES, tmp_path_factory.mktemp("matrix"))
+
+
+# Where the channels differ (boot.loader.systemd-boot.bootCounting, 26.11 only):
+# these cases on both option sets, and the one only 26.11 can evaluate.
+CHANNEL_CASES = {name: CASES[name] for name in (
+    "defaults", "boot-assessment", "boot-assessment-elsewhere", "esp-boot-efi", "readme-quick-start",
+    "flake-check-host", "vm-machine")}
+COUNTING_CASE = ad("bootAssessment.enable = true;",
+                   "boot.loader.systemd-boot = { enable = true; bootCounting.enable = true; };")
+
+
+@pytest.fixture(scope="session")
+def channels(can_eval, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("channels")
+    return {
+        "26.11": harness_eval({**CHANNEL_CASES, "counting": COUNTING_CASE}, tmp, "26.11"),
+        "26.05": harness_eval(CHANNEL_CASES, tmp, "26.05"),
+        "26.05-counting": harness_eval({"counting": COUNTING_CASE}, tmp, "26.05", check=False),
+    }
 
 
 def svc(r):
@@ -360,6 +420,9 @@ def test_harness_unit_option_merge(can_eval, tmp_path):
     cases = {
         "lists": ('{ systemd.services.x.serviceConfig.ExecStartPre = [ "a" ]; }',
                   '{ systemd.services.x.serviceConfig.ExecStartPre = [ "b" ]; }'),
+        # nixpkgs #290946: one list definition lifts the strings into the list
+        "lifted": ('{ systemd.services.x.serviceConfig.LoadCredential = "a:/a"; }',
+                   '{ systemd.services.x.serviceConfig.LoadCredential = [ "b:/b" ]; }'),
         "equal": ('{ systemd.services.x.serviceConfig.Type = "oneshot"; }',
                   '{ systemd.services.x.serviceConfig.Type = "oneshot"; }'),
     }
@@ -374,6 +437,7 @@ def test_harness_unit_option_merge(can_eval, tmp_path):
         """))
     r = nix_eval(f)
     assert values(r["lists"], "Service", "ExecStartPre") == ["a", "b"]
+    assert sorted(values(r["lifted"], "Service", "LoadCredential")) == ["a:/a", "b:/b"]
     assert value(r["equal"], "Service", "Type") == "oneshot"
     conflict = tmp_path / "conflict.nix"
     conflict.write_text(textwrap.dedent(f"""\
@@ -403,7 +467,7 @@ def test_defaults(matrix):
     for flag in ("--reboot-mode", "--reboot-window", "--prometheus-path", "--state-dir",
                  "--health-check", "--no-connectivity-check", "--trusted-keys",
                  "--signature-url", "--hostname", "--token-file", "--json-field",
-                 "--on-success", "--on-failure"):
+                 "--on-success", "--on-failure", "--boot-dir"):
         assert flag not in argv, flag
     assert "null" not in argv
     assert r["systemPackages"] == [PACKAGE]
@@ -490,6 +554,18 @@ def test_token_file_is_a_credential(matrix):
     assert value(svc(matrix["defaults"]), "Service", "LoadCredential") is None
 
 
+def test_load_credential_is_a_list_users_can_add_to(matrix):
+    """Item 3: LoadCredential= as a list, so that a user's own credential, as
+    a string or a list, merges instead of "conflicting definition values"."""
+    for case in ("token-user-cred-string", "token-user-cred-list"):
+        text = svc(ok(matrix[case]))
+        assert sorted(values(text, "Service", "LoadCredential")) == [
+            "db:/run/keys/db", "token:/run/keys/token"], case
+    check = ok(matrix["token-user-cred-string"])["units"]["nixos-autodeploy-boot-check.service"]
+    assert sorted(values(check, "Service", "LoadCredential")) == ["db:/run/keys/db", "token:/run/keys/token"]
+    assert values(svc(ok(matrix["user-cred-no-token"])), "Service", "LoadCredential") == ["db:/run/keys/db"]
+
+
 def test_trusted_keys(matrix):
     assert flag_values(argv_of(ok(matrix["keys"])), "--trusted-keys") == [
         _store("nixos-autodeploy-trusted-keys", KEY1 + "\n")]
@@ -556,14 +632,6 @@ def test_timer_unit(matrix):
     assert value(t, "Install", "WantedBy") == "timers.target"
 
 
-def test_trigger_unit_does_not_block(matrix):
-    t = matrix["defaults"]["units"][TRIGGER]
-    assert value(t, "Service", "Type") == "oneshot"
-    assert value(t, "Service", "X-RestartIfChanged") == "false"
-    assert parse_exec(value(t, "Service", "ExecStart")) == [
-        f"{SYSTEMD}/bin/systemctl", "start", "--no-block", SVC]
-
-
 # --------------------------------------------------------------------------
 # node exporter wiring
 
@@ -601,21 +669,67 @@ def test_node_exporter_matrix(matrix, case, wired):
 
 
 @pytest.mark.parametrize("case", ["node-has-dir", "node-has-dir-split", "node-has-dir-mkif", "node-has-dir-space"])
-def test_existing_textfile_directory_is_used_not_repeated(matrix, case):
+def test_an_existing_textfile_directory_is_kept_and_ours_added(matrix, case):
+    """Item 4: node_exporter >= 1.9 reads several textfile directories
+    (collector/textfile.go, `.Strings()`, node_exporter#3135): the host's stays
+    as it is, the agent's own is added next to it."""
     r = ok(matrix[case])
-    assert r["autoDeploy"]["textfileDirectory"] == "/srv/prom"
-    assert r["autoDeploy"]["prometheusFilePath"] == "/srv/prom/nixos-autodeploy.prom"
-    assert flag_values(argv_of(r), "--prometheus-path") == ["/srv/prom/nixos-autodeploy.prom"]
+    assert r["autoDeploy"]["textfileDirectory"] == TEXTFILE_DIR
+    assert r["autoDeploy"]["prometheusFilePath"] == PROM
+    assert flag_values(argv_of(r), "--prometheus-path") == [PROM]
     flags = " ".join(exporter_flags(r))
-    assert flags.count("--collector.textfile.directory") == 1, flags
-    # the owner's directory is left as it is
+    assert flags.count("--collector.textfile.directory") == 2, flags
+    assert f"--collector.textfile.directory={TEXTFILE_DIR}" in flags and "/srv/prom" in flags
+    assert exporter_flags(r).count("--collector.textfile") == 1
+    # ours is created, the owner's directory is left as it is
+    assert f"d {TEXTFILE_DIR} 0755 root root - -" in r["tmpfiles"]
     assert not any("/srv/prom" in rule for rule in r["tmpfiles"])
     assert r["warnings"] == []
 
 
-def test_textfile_directory_conflict_and_custom(matrix):
-    msgs = matrix["node-has-dir-conflict"]["failedAssertions"]
-    assert any("node exporter reads /srv/prom" in m for m in msgs), msgs
+@pytest.mark.parametrize("case", ["node-has-dir-mkdefault", "node-mkdefault-node"])
+def test_the_hosts_mkdefault_flags_and_collectors_are_kept(matrix, case):
+    """A shared profile sets the exporter's lists with mkDefault: a plain
+    definition of ours would win over it and drop the host's directory and
+    collectors (the module system keeps only the strongest definitions of a
+    list); ours joins them at their priority instead."""
+    r = ok(matrix[case])
+    flags = exporter_flags(r)
+    assert "--collector.textfile.directory=/srv/prom" in flags, flags
+    assert f"--collector.textfile.directory={TEXTFILE_DIR}" in flags, flags
+    assert "--collector.systemd" in flags and flags.count("--collector.textfile") == 1, flags
+    assert r["warnings"] == []
+    r = ok(matrix["disabled-mkdefault-node"])
+    assert "--collector.systemd" in exporter_flags(r), r["units"].keys()
+
+
+def test_forced_exporter_flags_win_and_warn(matrix):
+    r = ok(matrix["node-has-dir-forced"])
+    flags = exporter_flags(r)
+    assert [f for f in flags if f.startswith("--collector.textfile.directory")] == [
+        "--collector.textfile.directory=/srv/prom"], flags
+    assert any("does not pass" in w and TEXTFILE_DIR in w for w in r["warnings"]), r["warnings"]
+
+
+def test_our_directory_already_passed_is_not_passed_twice(matrix):
+    r = ok(matrix["node-has-our-dir"])
+    flags = " ".join(exporter_flags(r))
+    assert flags.count(f"--collector.textfile.directory={TEXTFILE_DIR}") == 1, flags
+    assert r["warnings"] == []
+    # node_exporter would read /dir/ and /dir both: every metric twice, failed scrapes
+    r = ok(matrix["node-has-our-dir-slash"])
+    flags = " ".join(exporter_flags(r))
+    assert flags.count("--collector.textfile.directory") == 1, flags
+    assert r["warnings"] == []
+
+
+def test_textfile_directory_custom_and_next_to_the_hosts(matrix):
+    r = ok(matrix["node-has-dir-conflict"])  # the released module refused this
+    flags = exporter_flags(r)
+    assert "--collector.textfile.directory=/srv/prom" in flags
+    assert "--collector.textfile.directory=/srv/other" in flags
+    assert flag_values(argv_of(r), "--prometheus-path") == ["/srv/other/nixos-autodeploy.prom"]
+    assert r["warnings"] == []
     r = ok(matrix["node-custom-dir"])
     assert r["node"]["extraFlags"] == ["--collector.textfile.directory=/srv/metrics"]
     assert "d /srv/metrics 0755 root root - -" in r["tmpfiles"]
@@ -624,12 +738,34 @@ def test_textfile_directory_conflict_and_custom(matrix):
                for w in matrix["node-prom-elsewhere"]["warnings"])
 
 
-def test_textfile_collector_not_repeated_nor_disabled(matrix):
+def test_textfile_collector_not_repeated(matrix):
     r = ok(matrix["node-textfile-listed"])
     assert r["node"]["enabledCollectors"] == ["systemd", "textfile"]
     assert exporter_flags(r).count("--collector.textfile") == 1
-    msgs = matrix["node-textfile-disabled"]["failedAssertions"]
-    assert any("disabledCollectors disables it" in m for m in msgs), msgs
+
+
+@pytest.mark.parametrize("case", ["node-textfile-disabled", "node-manual-example", "node-manual-example-wire"])
+def test_a_disabled_textfile_collector_evaluates_and_warns(matrix, case):
+    """Item 4: the NixOS manual's exporter example disables the textfile
+    collector; switching to this module must not break its evaluation: nothing
+    is wired (no collector, no directory flag), a warning explains why."""
+    r = ok(matrix[case])
+    flags = exporter_flags(r)
+    assert "--no-collector.textfile" in flags and "--collector.textfile" not in flags
+    assert not any(f.startswith("--collector.textfile.directory") for f in flags)
+    assert r["node"]["extraFlags"] == []
+    assert not any(TEXTFILE_DIR in rule for rule in r["tmpfiles"])
+    assert [w for w in r["warnings"] if "disables the textfile collector" in w], r["warnings"]
+
+
+def test_a_repeated_collector_is_a_warning_not_an_evaluation_error(matrix):
+    """A definition the module cannot read (a function) can still end up with
+    `--collector.textfile` twice: explained with advice, the evaluation goes on."""
+    r = ok(matrix["node-fn-form"])
+    assert any("lists a collector more than once" in w and "wireNodeExporter = false" in w
+               for w in r["warnings"]), r["warnings"]
+    r = ok(matrix["node-fn-form-dir"])
+    assert any("textfile directory more than once" in w for w in r["warnings"]), r["warnings"]
 
 
 # --------------------------------------------------------------------------
@@ -739,6 +875,7 @@ BAD_VALUES = [
     ("bootAssessment.enable", '"yes"'),
     ("fleetlock.url", '"fleetlock.example.org"'),
     ("fleetlock.group", '"two words"'),
+    ("bootDir", '"boot/efi"'),
 ]
 
 
@@ -772,69 +909,64 @@ def test_bad_value_is_a_type_error(bad_results, index):
 
 
 # --------------------------------------------------------------------------
-# activation: the snippet as it sits in the generated activation script, run
-# under bash with the script's ERR trap and its /run paths redirected
+# the manual-activation trigger (item 2): started by sysinit-reactivation.target,
+# which switch-to-configuration restarts on every switch/test; no activation
+# script snippet, no /run/nixos/activation-restart-list
 
-def _snippet_block(script: str) -> str:
-    m = re.search(r"^#### Activation script snippet nixos-autodeploy:\n(.*?)(?=^#### |\Z)",
-                  script, re.S | re.M)
-    assert m, script
-    return m.group(1).split("\n# Make this configuration the current configuration.")[0]
-
-
-def _run_snippet(tmp_path, block, env_extra, existing=None):
+def _run_trigger(tmp_path, script, marker=None, activating=True):
+    """The trigger's script under bash, with /run/nixos-autodeploy redirected
+    and a `systemctl` that records what it starts and answers `is-active`
+    for the agent's transient activation unit (`activating`)."""
     run = tmp_path / "rt"
     shutil.rmtree(run, ignore_errors=True)
     (run / "nixos-autodeploy").mkdir(parents=True)
-    text = block.replace("/run/nixos-autodeploy/", f"{run}/nixos-autodeploy/")
-    text = re.sub(r"(?<![\w/])/run/nixos(?![\w-])", f"{run}/nixos", text)
-    # never touch the real /run of the machine running the tests
-    assert "/run/" not in text.replace(str(run), ""), text
-    restart_list = run / "nixos" / "activation-restart-list"
-    if existing is not None:
-        (run / "nixos").mkdir()
-        restart_list.write_text(existing)
-    marker = env_extra.pop("_MARKER", None)
+    (run / "bin").mkdir()
+    calls = run / "calls"
+    (run / "bin" / "systemctl").write_text(
+        '#!/bin/sh\ncase "$*" in *is-active*nixos-autodeploy-activation.service) '
+        f'exit {0 if activating else 3};; esac\necho "$*" >> {calls}\n')
+    (run / "bin" / "systemctl").chmod(0o755)
+    text = script.replace("/run/nixos-autodeploy/", f"{run}/nixos-autodeploy/")
+    assert "/run/" not in text.replace(str(run), ""), text  # never the machine's /run
     if marker is not None:
         (run / "nixos-autodeploy" / "activating").write_text(marker)
-    # the preamble of nixos' activation script
-    script = '_status=0\ntrap "_status=1 _localstatus=\\$?" ERR\numask 0022\n' + text + "\nexit $_status\n"
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
-    env.update(env_extra)
-    res = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
+    env = {"PATH": f"{run / 'bin'}:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+    res = subprocess.run(["bash", "-e", "-c", text], env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    assert "failed" not in res.stdout, res.stdout
-    return restart_list.read_text() if restart_list.exists() else None
+    return calls.read_text() if calls.exists() else ""
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="bash not found")
-def test_activation_snippet_behaviour(matrix, tmp_path):
-    act = matrix["defaults"]["activation"]
-    assert act["snippet"]["supportsDryActivation"] is False
-    # dry-activate does not run it
-    assert "#### Activation script snippet nixos-autodeploy does not support dry activation." in act["dry"]
-    assert "activation-restart-list" not in act["dry"]
-    block = _snippet_block(act["script"])
-    assert ">> /run/nixos/activation-restart-list" in block
-    assert "> /run/nixos/activation-restart-list" not in block.replace(">>", "")
-    line = "nixos-autodeploy-trigger.service\n"
-
-    # manual `nixos-rebuild switch` / `test`: trigger, appended to what is there
-    assert _run_snippet(tmp_path, block, {"NIXOS_ACTION": "switch"}) == line
-    assert _run_snippet(tmp_path, block, {"NIXOS_ACTION": "test"}, "foo.service\n") == \
-        "foo.service\n" + line
-    # boot-time activation (no NIXOS_ACTION) and dry-activate: nothing
-    assert _run_snippet(tmp_path, block, {}) is None
-    assert _run_snippet(tmp_path, block, {"NIXOS_ACTION": "dry-activate"}) is None
-    # our own activation, marked by the environment
-    assert _run_snippet(tmp_path, block, {"NIXOS_ACTION": "switch",
-                                          "NIXOS_AUTODEPLOY_ACTIVATION": "1"}) is None
-    # ... or by the marker file holding the PID of a live agent
-    assert _run_snippet(tmp_path, block, {"NIXOS_ACTION": "switch",
-                                          "_MARKER": f"{os.getpid()}\n"}) is None
+def test_manual_switch_trigger(matrix, tmp_path):
+    r = ok(matrix["defaults"])
+    # no deprecated hook: nothing in the activation script at all
+    assert r["activation"]["snippet"] is None
+    assert "activation-restart-list" not in r["activation"]["script"]
+    assert "nixos-autodeploy" not in r["activation"]["script"]
+    unit = r["units"][TRIGGER]
+    # wanted (not required: a failing trigger never fails a switch) by the
+    # target every switch/test restarts, and ordered before it
+    assert r["unitsWantedBy"][TRIGGER] == ["sysinit-reactivation.target"]
+    assert r["unitsRequiredBy"][TRIGGER] == []
+    assert value(unit, "Unit", "Before") == "sysinit-reactivation.target"
+    assert value(unit, "Service", "Type") == "oneshot"
+    assert value(unit, "Service", "X-RestartIfChanged") == "false"
+    assert value(unit, "Service", "ExecStart").endswith("/bin/nixos-autodeploy-trigger-start ")
+    assert f"{SYSTEMD}/bin" in environment(unit)["PATH"].split(":")  # systemctl
+    script = r["triggerScript"]
+    start = f"start --no-block {SVC}\n"
+    # a manual switch: the agent's unit is started without waiting for it
+    assert _run_trigger(tmp_path, script) == start
+    # our own activation: the marker holds the PID of a live agent
+    assert _run_trigger(tmp_path, script, f"{os.getpid()}\n") == ""
     # a stale marker (dead PID) or garbage does not silence the trigger
     for marker in ("4194305\n", "not-a-pid", ""):
-        assert _run_snippet(tmp_path, block, {"NIXOS_ACTION": "switch", "_MARKER": marker}) == line
+        assert _run_trigger(tmp_path, script, marker) == start, marker
+    # nor does a stale marker whose PID was reused (a live process, but no
+    # activation of the agent runs: the agent was killed with SIGKILL)
+    assert _run_trigger(tmp_path, script, f"{os.getpid()}\n", activating=False) == start
+    # the disabled module defines neither the unit nor a hook
+    assert TRIGGER not in matrix["disabled"]["units"]
 
 
 # --------------------------------------------------------------------------
@@ -855,7 +987,16 @@ let
         if a == { } then throw "${name}: module must match an open attribute set" else "lambda")
     else if t == "set" then builtins.deepSeq (lib.mapAttrs (_: v: builtins.seq v null) m) "set"
     else throw "${name}: module must be a function or an attribute set, not a ${t}";
+  # checks per system: only the names (nothing is built or evaluated further)
+  withPkgs = flake.outputs {
+    self = withPkgs;
+    nixpkgs = {
+      inherit lib;
+      legacyPackages = lib.genAttrs [ "x86_64-linux" "aarch64-linux" ] (s: { stdenv.hostPlatform.system = s; });
+    };
+  };
 in {
+  checkNames = lib.mapAttrs (_: builtins.attrNames) withPkgs.checks;
   kinds = lib.mapAttrs check self.nixosModules;
   names = builtins.attrNames self.nixosModules;
   # each module evaluates under the harness
@@ -877,6 +1018,10 @@ def test_flake_nixos_modules(can_eval, tmp_path):
     assert set(r["kinds"].values()) == {"set"}
     for name, units in r["units"].items():
         assert {SVC, TIMER, TRIGGER} <= set(units), name
+    # item 7: the VM test (BIOS GRUB on `machine`) only where it can boot
+    assert "vm-test" in r["checkNames"]["x86_64-linux"]
+    assert "vm-test" not in r["checkNames"]["aarch64-linux"]
+    assert {"package", "module-eval", "module-nixos"} <= set(r["checkNames"]["aarch64-linux"])
 
 
 # --------------------------------------------------------------------------
@@ -937,50 +1082,52 @@ def test_package_nix(can_eval, tmp_path):
 VM_RENDER = """\
 let
   lib = import @LIB@;
-  h = import @HARNESS@/default.nix { inherit lib; };
-  agent = import @REPO@/tests/vm-test-machine.nix { };
-  evalSystem = extra: (lib.evalModules {
-    modules = h.modules ++ [ @REPO@/module.nix agent.base extra ];
-  }).config;
-  fake = name: "/nix/store/${builtins.substring 0 32 (builtins.hashString "sha256" name)}-nixos-system-machine-${name}";
+  channel = "@CHANNEL@";
+  h = import @HARNESS@/default.nix { inherit lib channel; };
+  vm = import @REPO@/tests/vm-test.nix {
+    pkgs = { inherit lib; };
+    nixosModule = @REPO@/module.nix;
+    hasBootCounting = channel != "26.05";
+  };
+  # The VM test's own node modules, evaluated with nixpkgs' module system and
+  # the harness' declarations of what they use (boot loader, qemu-vm, /etc,
+  # the module's options) for this channel. `cache` (nginx) is left out.
+  evalNode = node: (lib.evalModules { modules = h.modules ++ [ node ]; }).config;
+  nodes = lib.mapAttrs (_: evalNode) (removeAttrs vm.nodes [ "cache" ]);
   ours = c: lib.filterAttrs
     (n: _: lib.hasPrefix "nixos-autodeploy" n || lib.hasPrefix "prometheus-" n) c.systemd.units;
-  describe = marker: c: {
-    inherit marker;
+  failed = c: map (a: a.message) (lib.filter (a: !a.assertion) c.assertions);
+  describe = c: {
+    marker = c.environment.etc."autodeploy-test".text;
     units = lib.mapAttrs (_: u: u.text) (ours c);
     requiredBy = lib.mapAttrs (_: u: u.requiredBy) (ours c);
+    failedAssertions = failed c;
+    inherit (c) warnings;
   };
-  base = evalSystem { };
-  variants = lib.mapAttrs (_: v: evalSystem { system.autoDeploy = v.autoDeploy; }) agent.variants;
-  # `nodes.machine` as the script sees it: the evaluated configuration, with
-  # stand-in store paths for the systems.
-  nodes.machine = base // {
-    system = base.system // { build.toplevel = fake "base"; };
-    autodeployTest.systems = lib.mapAttrs (n: _: fake n) agent.variants;
-  };
-  # `counted`: its agent part under the harness; the "broken" variant only
-  # differs in its marker file.
-  counted = (lib.evalModules { modules = h.modules ++ [ @REPO@/module.nix agent.counted ]; }).config;
-  nodes.counted = counted // {
-    system = counted.system // { build.toplevel = fake "counted-base"; };
-    autodeployTest.broken = fake "counted-broken";
-  };
-  vm = import @REPO@/tests/vm-test.nix { pkgs = { inherit lib; }; nixosModule = { }; };
+  path = c: c.system.build.toplevel.outPath;
+  m = nodes.machine;
 in {
   script = vm.testScript { inherit nodes; };
   nodeNames = builtins.attrNames vm.nodes;
+  inherit (vm) globalTimeout meta;
+  machineVirtualisation = m.virtualisation;
+  machineGrow = { inherit (m.boot) growPartition; autoResize = m.virtualisation.fileSystems."/".autoResize; };
+  systemNames = lib.mapAttrs (_: c: path c) m.autodeployTest.variantConfigs // { base = path m; };
   guests = {
     machine = {
-      base = fake "base";
-      systems = { ${fake "base"} = describe "base" base; }
-        // lib.mapAttrs' (n: v: lib.nameValuePair (fake n) (describe agent.variants.${n}.marker v)) variants;
+      base = path m;
+      systems = { ${path m} = describe m; }
+        // lib.mapAttrs' (_: c: lib.nameValuePair (path c) (describe c)) m.autodeployTest.variantConfigs;
     };
-    counted = {
-      base = fake "counted-base";
+  } // lib.optionalAttrs (nodes ? counted) {
+    counted = let c = nodes.counted; in {
+      base = path c;
       counting = true;
+      bootCounting = c.boot.loader.systemd-boot.bootCounting;
+      efi = c.boot.loader.efi;
       systems = {
-        ${fake "counted-base"} = describe "base" counted;
-        ${fake "counted-broken"} = describe "broken" counted;
+        ${path c} = describe c;
+        ${path c.autodeployTest.brokenConfig} = describe c.autodeployTest.brokenConfig;
       };
     };
   };
@@ -1008,12 +1155,21 @@ def _agent_parser():
     return parse
 
 
-@pytest.fixture(scope="session")
-def vm_render(can_eval, tmp_path_factory):
+def _vm_render(tmp_path_factory, channel):
     f = tmp_path_factory.mktemp("vm") / "render.nix"
     f.write_text(VM_RENDER.replace("@LIB@", str(NIXPKGS_LIB)).replace("@REPO@", str(REPO))
-                 .replace("@HARNESS@", str(HARNESS)))
+                 .replace("@HARNESS@", str(HARNESS)).replace("@CHANNEL@", channel))
     return nix_eval(f)
+
+
+@pytest.fixture(scope="session")
+def vm_render(can_eval, tmp_path_factory):
+    return _vm_render(tmp_path_factory, "26.11")
+
+
+@pytest.fixture(scope="session")
+def vm_render_stable(can_eval, tmp_path_factory):
+    return _vm_render(tmp_path_factory, "26.05")
 
 
 def _world(render):
@@ -1054,9 +1210,48 @@ def test_vm_test_script_runs_against_the_driver_standin(vm_render):
         calls = [c[0] for c in by_name[name].calls if c[0] in ("start", "wait_for_shutdown")]
         assert calls == ["start"] + ["wait_for_shutdown", "start"] * (boots - 1), (name, calls)
     machine = world.guests["machine"]
-    assert machine.booted == machine.current and machine.current.endswith("-boot-b")
+    assert machine.booted == machine.current == vm_render["systemNames"]["boot-b"]
     counted = world.guests["counted"]
-    assert counted.current.endswith("-counted-base") and counted.state.boot_failures == 1
+    assert counted.current == vm_render["guests"]["counted"]["base"] and counted.state.boot_failures == 1
+
+
+def test_vm_test_nodes_evaluate_on_both_channels(vm_render, vm_render_stable):
+    """Item 6/1/7: the VM test's `machine` and `counted` nodes, evaluated with
+    what they use declared like nixpkgs declares it. On 26.11 `counted` has
+    boot counting; on 26.05 (no such option) the test has no `counted` node
+    and its script no boot-counting part, and `machine` evaluates the same."""
+    for render in (vm_render, vm_render_stable):
+        for name, guest in render["guests"].items():
+            for path, system in guest["systems"].items():
+                assert system["failedAssertions"] == [], (name, path)
+        # every variant is a system of its own (the agent must fetch it)
+        names = render["systemNames"]
+        assert len(set(names.values())) == len(names) == 6, names
+        # item 7: the root file system grows to the disk; two hours
+        assert render["machineGrow"] == {"growPartition": True, "autoResize": True}
+        assert render["machineVirtualisation"]["useBootLoader"] is True
+        assert render["globalTimeout"] == 7200 and render["meta"]["timeout"] == 7200
+    counted = vm_render["guests"]["counted"]
+    assert counted["bootCounting"] == {"enable": True, "tries": 1}
+    assert counted["efi"]["canTouchEfiVariables"] is True
+    base = counted["systems"][counted["base"]]
+    assert not [w for w in base["warnings"] if "bootCounting" in w or "boot counting" in w], base["warnings"]
+    # the agent is told where the entries are: the ESP at /boot (qemu-vm)
+    argv = parse_exec(value(base["units"][SVC], "Service", "ExecStart"))
+    assert flag_values(argv, "--boot-dir") == ["/boot"]
+    assert sorted(vm_render["nodeNames"]) == ["cache", "counted", "machine"]
+    assert sorted(vm_render_stable["nodeNames"]) == ["cache", "machine"]
+    assert "counted" not in vm_render_stable["guests"]
+    assert "boot check" not in vm_render_stable["script"] and "counted" not in vm_render_stable["script"]
+    assert "grep -q '^default nixos-' /boot/loader/loader.conf" in vm_render["script"]
+
+
+def test_vm_test_script_runs_on_the_stable_channel(vm_render_stable):
+    ds, script, world = _world(vm_render_stable)
+    driver = ds.run_script(script, world, vm_render_stable["nodeNames"])
+    assert not any("boot check" in s for s in driver.subtests)
+    machine = world.guests["machine"]
+    assert machine.booted == machine.current == vm_render_stable["systemNames"]["boot-b"]
 
 
 @pytest.mark.parametrize("mutation,error", [
@@ -1082,8 +1277,8 @@ def test_driver_standin_rejects_what_the_driver_would(vm_render, mutation, error
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c not in (
-    "missing-url", "empty-url", "keys-both", "json-keys", "node-has-dir-conflict", "node-fn-form",
-    "node-textfile-disabled", "disabled", "disabled-with-exporter")])
+    "missing-url", "empty-url", "keys-both", "json-keys",
+    "disabled", "disabled-with-exporter", "disabled-mkdefault-node")])
 def test_command_lines_parse_with_the_agents_parser(matrix, case):
     """Every flag the module passes exists in the agent (its own parser)."""
     argv = argv_of(ok(matrix[case]))
@@ -1097,6 +1292,22 @@ def test_command_lines_parse_with_the_agents_parser(matrix, case):
         return
     args = parse(argv)
     assert args.url == flag_values(argv, "--url")[-1]
+    if case == "short-flags-k-exec":
+        assert args.reboot_mode.value == "kexec"
+
+
+def test_original_k_exec_spelling_is_accepted_and_typos_are_not():
+    """Item 5: hlsb-fulda/nixos-autodeploy's `-r k-exec` means kexec; anything
+    else that is not a reboot mode still exits 2 (usage)."""
+    for spelling in ("k-exec", "kexec"):
+        res = subprocess.run([sys.executable, str(REPO / "autodeploy.py"), "run", "--url", "http://127.0.0.1:9/p",
+                              "-r", spelling, "--help"], capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr
+    parse = _agent_parser()
+    assert parse(["--url", "http://x/p", "-r", "k-exec"]).reboot_mode.value == "kexec"
+    res = subprocess.run([sys.executable, str(REPO / "autodeploy.py"), "--url", "http://127.0.0.1:9/p",
+                          "-r", "kexe", "--once"], capture_output=True, text=True)
+    assert res.returncode == 2 and "invalid reboot mode value" in res.stderr, res.stderr
 
 
 def test_boot_check_unit_shares_path_token_and_checks(matrix):
@@ -1153,6 +1364,47 @@ def test_boot_assessment_without_boot_counting_warns_and_is_off_by_default(matri
     assert not any("bootCounting" in w for w in d["warnings"])
 
 
+def test_the_module_evaluates_on_both_channels(channels):
+    """Item 1: the same configurations evaluate with 26.05's and 26.11's option
+    sets; only the boot-assessment warning differs, and it names what the
+    channel has."""
+    for channel in ("26.11", "26.05"):
+        for case in CHANNEL_CASES:
+            r = ok(channels[channel][case])
+            assert argv_of(r)[0].endswith("/bin/nixos-autodeploy"), (channel, case)
+    new, old = channels["26.11"], channels["26.05"]
+    for case in CHANNEL_CASES:
+        if case.startswith("boot-assessment"):
+            continue
+        assert new[case]["units"] == old[case]["units"], case
+        assert new[case]["warnings"] == old[case]["warnings"] == [], case
+    w_new = [w for w in new["boot-assessment"]["warnings"] if "boot counting" in w or "bootCounting" in w]
+    w_old = [w for w in old["boot-assessment"]["warnings"] if "boot counting" in w or "bootCounting" in w]
+    assert len(w_new) == 1 and "bootCounting.enable is not" in w_new[0]
+    assert len(w_old) == 1 and "26.05 does not have it" in w_old[0] and "is not:" not in w_old[0]
+    # with boot counting on (26.11): no warning, the check unit is there
+    r = ok(new["counting"])
+    assert not [w for w in r["warnings"] if "bootCounting" in w or "boot counting" in w], r["warnings"]
+    assert r["unitsRequiredBy"]["nixos-autodeploy-boot-check.service"] == ["boot-complete.target"]
+    # the option 26.05 does not have: nixpkgs' own error (what broke the VM test)
+    res = channels["26.05-counting"]
+    assert res.returncode != 0 and "boot.loader.systemd-boot.bootCounting' does not exist" in res.stderr, res.stderr
+
+
+@pytest.mark.parametrize("case,boot_dir", [
+    ("defaults", None), ("grub-efi", None), ("esp-boot", "/boot"), ("esp-boot-efi", "/boot/efi"),
+    ("esp-efi", "/efi"), ("esp-xbootldr", "/boot"), ("esp-override", "/mnt/esp")])
+def test_boot_dir_follows_the_boot_loader(matrix, case, boot_dir):
+    """Item 8: the agent learns where $BOOT is from the boot loader options
+    (systemd-boot: xbootldrMountPoint, else efiSysMountPoint); GRUB copies
+    into /boot/kernels, so the agent's own search is left to it."""
+    r = ok(matrix[case])
+    argv = argv_of(r)
+    assert flag_values(argv, "--boot-dir") == ([boot_dir] if boot_dir else [])
+    args = _agent_parser()(argv)
+    assert args.boot_dir == boot_dir
+
+
 def test_fleetlock_options_reach_the_agent(matrix):
     argv = argv_of(ok(matrix["fleetlock"]))
     assert flag_values(argv, "--fleetlock-url") == ["http://fleetlock.example.org:8080"]
@@ -1162,14 +1414,6 @@ def test_fleetlock_options_reach_the_agent(matrix):
     assert args.fleetlock_url == "http://fleetlock.example.org:8080" and args.fleetlock_group == "workers"
     argv = argv_of(ok(matrix["fleetlock-off"]))
     assert "--fleetlock-url" not in argv and "--fleetlock-group" not in argv
-
-
-def test_a_repeated_collector_is_an_assertion_not_a_restart_loop(matrix):
-    """node_exporter refuses `--collector.textfile` twice and its unit restarts
-    for ever: a definition the module cannot read (a function) must fail the
-    evaluation with advice instead."""
-    failed = matrix["node-fn-form"]["failedAssertions"]
-    assert any("lists a collector more than once" in m and "wireNodeExporter = false" in m for m in failed), failed
 
 
 def test_environment_values_are_literal(matrix):

@@ -294,6 +294,8 @@ class Host:
         self.boot_id_file = root / "boot_id"
         self.boot_id_file.write_text(str(uuid.uuid4()) + "\n")
         self.boot_mount: Path | None = None  # a tmpfs at /boot, see mount_boot()
+        self.boot_binds: dict[str, Path] = {}  # where mount_boot() put it: /boot, and /efi for an ESP there
+        self.created_efi = False  # mount_boot(at="/efi") created the machine's (empty) /efi mount point
         self.env = {
             "PATH": f"{STANDIN_BIN}:/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
             "NIX_CONFIG": base_nix_config(
@@ -311,28 +313,52 @@ class Host:
     def binds(self) -> dict[str, Path]:
         binds = {"/nix": self.nix, "/run": self.run_dir, "/var/lib": self.var_lib,
                  "/proc/sys/kernel/random/boot_id": self.boot_id_file}
-        if self.boot_mount is not None:
-            binds["/boot"] = self.boot_mount
+        binds.update(self.boot_binds)
         return binds
 
-    def mount_boot(self, size: int, layout: str = "systemd-boot") -> Path:
-        """A separate /boot for this host: a tmpfs of `size` bytes, laid out
-        like systemd-boot's (EFI/nixos, loader/entries) or GRUB's (grub,
-        kernels).  unmount_boot() removes it."""
-        mnt = self.root / "boot"
+    def mount_boot(self, size: int, layout: str = "systemd-boot", at: str = "/boot") -> Path:
+        """A separate boot file system for this host: a tmpfs of `size` bytes,
+        laid out like systemd-boot's (EFI/nixos, loader/entries) or GRUB's
+        (grub, kernels), mounted where NixOS users put the ESP
+        (boot.loader.efi.efiSysMountPoint): at /boot, at /boot/efi (with
+        /boot a plain directory of the root file system around it) or at /efi
+        (with an empty /boot).  unmount_boot() removes it."""
+        assert at in ("/boot", "/boot/efi", "/efi"), at
+        mnt = self.root / ("boot" if at == "/boot" else "esp")
         mnt.mkdir(exist_ok=True)
+        plain_boot = self.root / "boot-dir"
+        if at == "/boot/efi":
+            (plain_boot / "efi").mkdir(parents=True, exist_ok=True)
+            mnt = plain_boot / "efi"
+        elif at == "/efi":
+            plain_boot.mkdir(exist_ok=True)
+            if not os.path.isdir("/efi"):
+                # An empty mount point on the machine; only this host's
+                # namespace ever mounts anything on it. Removed again.
+                os.mkdir("/efi", 0o755)
+                self.created_efi = True
         subprocess.run([MOUNT, "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(mnt)], check=True)
         self.boot_mount = mnt
+        self.boot_binds = ({"/boot": mnt} if at == "/boot" else {"/boot": plain_boot} if at == "/boot/efi"
+                           else {"/boot": plain_boot, "/efi": mnt})
         dirs = ["EFI/nixos", "loader/entries"] if layout == "systemd-boot" else ["grub", "kernels"]
         for d in dirs:
             (mnt / d).mkdir(parents=True, exist_ok=True)
         self.ctl("boot-copies").write_text("")  # the stand-in installer copies kernels now
+        self.ctl("boot-dir").write_text(at + "\n")  # ... into this $BOOT
         return mnt
 
     def unmount_boot(self) -> None:
         if self.boot_mount is not None:
             subprocess.run(["umount", "-l", str(self.boot_mount)], check=False)
             self.boot_mount = None
+        self.boot_binds = {}
+        if self.created_efi:
+            try:
+                os.rmdir("/efi")
+            except OSError:
+                pass
+            self.created_efi = False
 
     def sh(self, script: str, check: bool = True) -> RunResult:
         r = in_namespace(self.binds, ["/bin/sh", "-c", script], env=self.env, capture_output=True, text=True)

@@ -33,6 +33,7 @@ import builtins
 import contextlib
 import inspect
 import json
+import hashlib
 import re
 import shlex
 import types
@@ -201,6 +202,7 @@ class Guest:
         self.state = AgentState()
         self.metrics: str | None = None
         self.trigger_runs = 0
+        self.trigger_journal: list[str] = []  # the trigger unit's messages, this boot
         self.token_present = False
         self.pending: list[Callable[[], Any]] = []
         self.reboot_requested = False
@@ -226,6 +228,7 @@ class Guest:
         self.booted_previous = self.state.staged_from is not None and chosen != self.generations[-1]
         self.current = self.booted = chosen
         self.trigger_runs = 0
+        self.trigger_journal = []
         self.token_present = False  # /run is a tmpfs
         self.reboot_requested = False
         self.boot_check = None
@@ -239,13 +242,25 @@ class Guest:
                 if good:
                     self.tries[chosen] = None  # systemd-bless-boot: counter removed
 
+    @staticmethod
+    def entry_id(system: str) -> str:
+        """nixpkgs 26.11's systemd-boot-builder names entries after their
+        content (nixos-<hash>.conf), no longer nixos-generation-<n>.conf."""
+        return "nixos-" + hashlib.sha256(system.encode()).hexdigest()[:32]
+
     def entries(self) -> str:
+        """loader/entries: `<id>+<tries left>-<tries used>.conf` while counted
+        (`+1` when new, `+0-1` once its try is used up), `<id>.conf` once blessed."""
         out = []
-        for i, g in enumerate(self.generations, 1):
+        for g in self.generations:
             t = self.tries.get(g)
-            out.append(f"nixos-generation-{i}" + ("" if t is None else f"+{t}" + ("-1" if t == 0 else ""))
-                       + ".conf")
-        return "\n".join(out) + "\n"
+            out.append(self.entry_id(g) + ("" if t is None else f"+{t}" + ("-1" if t == 0 else "")) + ".conf")
+        return "\n".join(sorted(out)) + "\n"
+
+    def loader_conf(self) -> str:
+        """loader.conf as the 26.11 builder writes it with boot counting: the
+        default a pattern, the newest generation `preferred`."""
+        return f"timeout 5\ndefault nixos-*\npreferred {self.entry_id(self.generations[-1])}\nconsole-mode keep\n"
 
     # --- the agent --------------------------------------------------------
 
@@ -307,13 +322,31 @@ class Guest:
                 self.reboot_requested = True
             return code
         self.current = upstream
+        # switch-to-configuration switch restarts sysinit-reactivation.target:
+        # the trigger runs and sees the agent's live PID in the marker
+        self.run_trigger(own=True)
         st.deployed, st.staged_from, st.verified = upstream, None, True
         return self.finish("deployed", 0)
 
     def manual_switch(self, path: str) -> None:
         self.current = path
-        # the module's activation snippet: NIXOS_ACTION=switch, not ours
-        self.pending.append(self.trigger)
+        # switch-to-configuration restarts sysinit-reactivation.target, which
+        # wants the trigger (if the new system's module says so); no marker
+        if self.run_trigger(own=False):
+            self.pending.append(self.trigger)
+
+    def run_trigger(self, own: bool) -> bool:
+        """nixos-autodeploy-trigger.service, started by the restart of
+        sysinit-reactivation.target on a switch; True when it started the agent."""
+        unit = self.systems[self.current].units.get("nixos-autodeploy-trigger.service", "")
+        if "WantedBy=sysinit-reactivation.target" not in unit:
+            return False
+        if own:
+            self.trigger_journal.append("activated by nixos-autodeploy (PID 4242) itself: no run")
+        else:
+            self.trigger_journal.append("a manual switch: starting nixos-autodeploy.service")
+        self.trigger_journal.append("Finished Run nixos-autodeploy after a manual activation.")
+        return not own
 
     def trigger(self) -> None:
         self.trigger_runs += 1
@@ -834,13 +867,16 @@ def guest_command(g: Guest, command: str) -> tuple[int, str] | None:
     if command == "ls /boot/loader/entries":
         assert g.counting, f"{g.name} has no systemd-boot entries in the model"
         return 0, g.entries()
+    if command == "grep -q '^default nixos-' /boot/loader/loader.conf":
+        assert g.counting, f"{g.name} has no systemd-boot loader.conf in the model"
+        return (0 if re.search(r"^default nixos-", g.loader_conf(), re.M) else 1), ""
     if command == "find /var/lib/nixos-autodeploy -mindepth 1 -delete":
         g.state = AgentState()
         return 0, ""
     if command == f"cat {w.prom}":
         return (0, g.metrics) if g.metrics is not None else (1, "")
     if command == "journalctl -b -q -o cat -u nixos-autodeploy-trigger.service":
-        return 0, "Finished Run nixos-autodeploy after a manual activation.\n" * g.trigger_runs
+        return 0, "".join(line + "\n" for line in g.trigger_journal)
     if m := re.fullmatch(r"systemctl show -P (\w+) ([\w.-]+)", command):
         key, unit = m.groups()
         if key == "RequiredBy":

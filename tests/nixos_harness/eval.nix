@@ -11,11 +11,13 @@
   cases,
   # Only these attributes of each result (null: all).
   select ? null,
+  # The nixpkgs channel whose option set is declared (see default.nix).
+  channel ? "26.11",
 }:
 
 let
   lib = import libPath;
-  harness = import ./default.nix { inherit lib; };
+  harness = import ./default.nix { inherit lib channel; };
 
   evalCase =
     module:
@@ -41,6 +43,8 @@ let
           dry = c.system.dryActivationScript;
           snippet = c.system.activationScripts.nixos-autodeploy or null;
         };
+        # The manual-activation trigger's shell script (`script`, run by bash).
+        triggerScript = c.systemd.services.nixos-autodeploy-trigger.script or null;
         node = {
           inherit (c.services.prometheus.exporters.node) enable enabledCollectors extraFlags;
         };

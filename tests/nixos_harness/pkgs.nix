@@ -46,5 +46,5 @@ in
   curl = fakeDrv "curl-8.9.1" { };
   jq = fakeDrv "jq-1.7.1" { };
   nix = fakeDrv "nix-2.24" { };
-  prometheus-node-exporter = fakeDrv "node_exporter-1.8.2" { };
+  prometheus-node-exporter = fakeDrv "node_exporter-1.9.1" { version = "1.9.1"; };
 }

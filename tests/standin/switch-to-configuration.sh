@@ -9,9 +9,9 @@ self=@out@
 action="$1"
 ctl=/var/lib/standin
 mkdir -p "$ctl"
-# The agent marks its own activation twice (see module.nix): an environment
-# variable, and its PID in /run/nixos-autodeploy/activating.  marker=1 only
-# when both are there and the PID is alive.
+# The agent marks its own activation twice: an environment variable, and its
+# PID in /run/nixos-autodeploy/activating (the one module.nix's manual-switch
+# trigger reads).  marker=1 only when both are there and the PID is alive.
 marker="${NIXOS_AUTODEPLOY_ACTIVATION:-}"
 pid=$(cat /run/nixos-autodeploy/activating 2>/dev/null || true)
 if [ -n "$marker" ] && ! { [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; }; then marker="env-only"; fi
@@ -34,14 +34,16 @@ esac
 case "$action" in
   switch|boot)
     if [ -e "$ctl/boot-copies" ]; then
+      # $BOOT: /boot, or the ESP at /boot/efi or /efi (Host.mount_boot(at=)).
+      boot=$(cat "$ctl/boot-dir" 2>/dev/null || echo /boot)
       for f in kernel initrd; do
         src=$(readlink -f "$self/$f")
         rel=${src#/nix/store/}
-        if [ -d /boot/EFI/nixos ]; then
+        if [ -d "$boot/EFI/nixos" ]; then
           dir=${rel%%/*}
-          if [ "$dir" = "$rel" ]; then dest="/boot/EFI/nixos/$rel.efi"; else dest="/boot/EFI/nixos/$dir-${src##*/}.efi"; fi
-        elif [ -d /boot/kernels ]; then
-          dest="/boot/kernels/$(printf %s "$rel" | tr / -)"
+          if [ "$dir" = "$rel" ]; then dest="$boot/EFI/nixos/$rel.efi"; else dest="$boot/EFI/nixos/$dir-${src##*/}.efi"; fi
+        elif [ -d "$boot/kernels" ]; then
+          dest="$boot/kernels/$(printf %s "$rel" | tr / -)"
         else
           continue
         fi
