@@ -147,23 +147,25 @@ def nixpkgs_lib() -> "harness.Path | None":
 
 
 def module_units(settings: str, tmp: "harness.Path") -> dict:
-    """Evaluate module.nix with `system.autoDeploy = { settings }` under
-    tests/nixos_harness/; returns units (name -> text), wantedBy, requiredBy,
-    tmpfiles."""
+    """Evaluate module.nix with `system.autoDeploy = { settings }` (systemd-boot
+    with boot counting, as the guest has) under tests/nixos_harness/: units
+    (name -> text), wantedBy, requiredBy, scripts, tmpfiles."""
     import os
     import subprocess
     lib = nixpkgs_lib()
     assert lib is not None, "no nixpkgs lib/ (set NIXPKGS_LIB)"
-    cases = tmp / "cases.nix"
-    cases.write_text('{ "vm" = { pkgs, lib, ... }: { system.autoDeploy = { enable = true; url = "'
-                     + POINTER_URL + '"; ' + settings + " }; }; }\n")
+    host = tmp / "host.nix"
+    host.write_text("{ pkgs, lib, ... }: {\n  boot.loader.systemd-boot.enable = true;\n"
+                    "  boot.loader.systemd-boot.bootCounting.enable = true;\n"
+                    f'  system.autoDeploy = {{ enable = true; url = "{POINTER_URL}"; {settings} }};\n}}\n')
     r = subprocess.run(["nix-instantiate", "--eval", "--strict", "--json", "--readonly-mode",
-                        str(harness.TESTS / "nixos_harness" / "eval.nix"), "--arg", "libPath", str(lib),
-                        "--arg", "modulePath", str(harness.REPO / "module.nix"), "--arg", "cases", f"import {cases}"],
+                        str(harness.HERE / "module-units.nix"), "--arg", "libPath", str(lib),
+                        "--arg", "modulePath", str(harness.REPO / "module.nix"), "--arg", "config", str(host)],
                        capture_output=True, text=True, env={**os.environ, "NIX_CONFIG": ""}, timeout=300)
     assert r.returncode == 0, r.stderr
-    result = json.loads(r.stdout)["vm"]
-    assert result.get("failedAssertions", []) == [], result["failedAssertions"]
+    result = json.loads(r.stdout)
+    assert result["failedAssertions"] == [], result["failedAssertions"]
+    assert result["warnings"] == [], result["warnings"]
     return result
 
 
@@ -185,7 +187,15 @@ def install_module_units(guest: Guest, rendered: dict, enable_timer: bool = Fals
         f"chmod 755 {tools}/nixos-autodeploy",
     ]
     for ref in refs:
-        script.append(f"[ -e {ref} ] || {{ mkdir -p {ref} && ln -s {tools} {ref}/bin && ln -s {tools} {ref}/sbin; }}")
+        name = ref.split("-unit-script-", 1)[1] if "-unit-script-" in ref else None
+        if name is not None:
+            # NixOS' makeJobScript: the unit's `script` under `#!${runtimeShell} -e`.
+            body = "#!/bin/sh -e\n" + rendered["scripts"].get(name, "exit 1\n")
+            script.append(f"mkdir -p {ref}/bin && printf '%s' {shlex.quote(body)} > {ref}/bin/{name} "
+                          f"&& chmod 755 {ref}/bin/{name}")
+        else:
+            script.append(f"[ -e {ref} ] || {{ mkdir -p {ref} && ln -s {tools} {ref}/bin "
+                          f"&& ln -s {tools} {ref}/sbin; }}")
     guest.sh("\n".join(script))
     for name, text in units.items():
         guest.put(f"/etc/systemd/system/{name}", text)
