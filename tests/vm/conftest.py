@@ -34,11 +34,11 @@ if REASON is None:
 # Rough seconds per scenario under TCG (for splitting the tier between two
 # runners side by side: longest first, each to the less loaded runner).
 WEIGHTS = {
-    "test_switch_deploy": 50, "test_boot_deploy_reboot_and_verify": 160, "test_boot_counting_fallback": 250,
-    "test_kexec_deploy": 200, "test_unhealthy_after_reboot_rolls_back_and_reboots": 300,
-    "test_stop_during_realise_is_a_stop": 60, "test_activation_killed_by_sigterm_is_not_a_success": 60,
-    "test_loader_variables_after_kexec_are_not_evidence": 150, "test_loader_entry_default_pattern_fallback": 250,
-    "test_module_units_boot_check_keeps_boot_unblessed_and_rolls_back": 320,
+    "test_switch_deploy": 50, "test_boot_deploy_reboot_and_verify": 160, "test_boot_counting_fallback": 160,
+    "test_kexec_deploy": 210, "test_unhealthy_after_reboot_rolls_back_and_reboots": 190,
+    "test_stop_during_realise_is_a_stop": 35, "test_activation_killed_by_sigterm_is_not_a_success": 45,
+    "test_loader_variables_after_kexec_are_not_evidence": 270, "test_loader_entry_default_pattern_fallback": 150,
+    "test_module_units_boot_check_keeps_boot_unblessed_and_rolls_back": 350,
     "test_manual_choice_in_the_boot_menu": 170, "test_power_loss_during_boot_activation_converges": 170,
 }
 
