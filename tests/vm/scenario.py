@@ -171,31 +171,30 @@ def module_units(settings: str, tmp: "harness.Path") -> dict:
 
 def install_module_units(guest: Guest, rendered: dict, enable_timer: bool = False) -> list[str]:
     """Install the rendered units as NixOS would (requiredBy/wantedBy as
-    .requires/.wants links, tmpfiles rules).  The store paths they name
-    (the package, coreutils, systemd...) are made in the guest's store: a
-    `bin` and `sbin` with the guest's tools and `nixos-autodeploy`, which
-    runs the autodeploy.py under test."""
+    .requires/.wants links, tmpfiles rules).  The store paths they name are
+    made in the guest's store: the package's bin/nixos-autodeploy runs the
+    autodeploy.py under test, a unit-script-NAME holds the unit's `script`,
+    and coreutils, systemd... link bin and sbin to the guest's own tools."""
     import re
     units: dict[str, str] = rendered["units"]
     refs = sorted({m for text in units.values() for m in re.findall(STORE_REF, text)})
-    tools = "/usr/local/lib/vmtest/bin"
-    script = [
-        "set -e",
-        f"mkdir -p {tools}",
-        f"for f in /usr/sbin/* /usr/bin/* /sbin/* /bin/*; do ln -sfn \"$f\" {tools}/; done",
-        f"printf '#!/bin/sh\\nexec /usr/bin/python3 {GUEST_AGENT_PATH} \"$@\"\\n' > {tools}/nixos-autodeploy",
-        f"chmod 755 {tools}/nixos-autodeploy",
-    ]
+    script = ["set -e"]
     for ref in refs:
-        name = ref.split("-unit-script-", 1)[1] if "-unit-script-" in ref else None
-        if name is not None:
+        if "-unit-script-" in ref:
             # NixOS' makeJobScript: the unit's `script` under `#!${runtimeShell} -e`.
+            name = ref.split("-unit-script-", 1)[1]
             body = "#!/bin/sh -e\n" + rendered["scripts"].get(name, "exit 1\n")
             script.append(f"mkdir -p {ref}/bin && printf '%s' {shlex.quote(body)} > {ref}/bin/{name} "
                           f"&& chmod 755 {ref}/bin/{name}")
+        elif ref.split("-", 1)[1].startswith("nixos-autodeploy-"):
+            # The package: its bin/nixos-autodeploy runs the autodeploy.py under test.
+            wrapper = f"#!/bin/sh\nexec /usr/bin/python3 {GUEST_AGENT_PATH} \"$@\"\n"
+            script.append(f"mkdir -p {ref}/bin && printf '%s' {shlex.quote(wrapper)} > {ref}/bin/nixos-autodeploy "
+                          f"&& chmod 755 {ref}/bin/nixos-autodeploy")
         else:
-            script.append(f"[ -e {ref} ] || {{ mkdir -p {ref} && ln -s {tools} {ref}/bin "
-                          f"&& ln -s {tools} {ref}/sbin; }}")
+            # coreutils, systemd, ...: the guest's own tools.
+            script.append(f"[ -e {ref} ] || {{ mkdir -p {ref} && ln -s /usr/bin {ref}/bin "
+                          f"&& ln -s /usr/sbin {ref}/sbin; }}")
     guest.sh("\n".join(script))
     for name, text in units.items():
         guest.put(f"/etc/systemd/system/{name}", text)
