@@ -547,7 +547,7 @@ HISTORY_ENTRY: Final = _record({
 ROLLOUT_VIEW: Final = _record({
     "target": _text, "hostname": _text, "bucket": lambda v: _integer(v) and 0 <= v < ROLLOUT_BUCKETS,
     "start_percent": lambda v: _number(v, 0, 100), "percent": lambda v: _number(v, 0, 100),
-    "start": _optional(_number), "duration": _optional(lambda v: _number(v, 0)), "paused": _flag,
+    "start": _optional(_number), "duration": _optional(lambda v: _number(v, 0) and v > 0), "paused": _flag,
     "admitted": _flag, "turn_at": _optional(_number),
 }, required=("target", "bucket", "start_percent", "start", "duration", "percent", "paused"))
 STATE_SCHEMA: Final[dict[str, tuple[Callable[[Any], bool], str]]] = {
@@ -570,7 +570,8 @@ STATE_SCHEMA: Final[dict[str, tuple[Callable[[Any], bool], str]]] = {
     "intent": (_optional(_record({key: (lambda types: lambda v: json_matches(v, types))(types)
                                   for key, types in INTENT_FIELDS.items()})),
                "an object of typed intent fields or null"),
-    "last_error": (_optional(_map_of(_text)), "an object of strings or null"),
+    "last_error": (_optional(lambda v: _map_of(_text)(v) and "kind" in v and "message" in v),
+                   "an object of strings with kind and message, or null"),
     "boot_failure": (_optional(_record({"path": _opt_text, "booted": _opt_text, "choice": _opt_text,
                                         "reason": _opt_text, "time": _opt_moment})),
                      "an object of typed boot-failure fields or null"),
