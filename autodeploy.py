@@ -3594,12 +3594,7 @@ def refuse_what_hosts_refuse(text: str, hosts: list[str]) -> None:
     try:
         pointer = parse_pointer(text.encode())
         parse_rollout(pointer.metadata)
-        if "not-after" in pointer.metadata:
-            try:
-                parse_rfc3339(pointer.metadata["not-after"])
-            except ValueError:
-                raise PointerError(f"pointer not-after is not an RFC 3339 time: "
-                                   f"{shorten(pointer.metadata['not-after'])}") from None
+        check_expiry(pointer)  # a not-after hosts cannot read, or already past
     except PointerError as exc:
         raise UsageError(f"sign: hosts would refuse this pointer: {str(exc).replace('pointer ', '', 1)}") from None
     if pointer.metadata.get("hosts", "").replace(",", " ").split() != hosts:
