@@ -3592,6 +3592,9 @@ def refuse_what_hosts_refuse(text: str, hosts: list[str]) -> None:
     parsers (lines, keys, revision, rollout fields, times, host list), so CI
     cannot publish a pointer every host refuses."""
     try:
+        if len(text.encode()) > MAX_POINTER_BYTES:  # what a host reads of a pointer at most
+            raise PointerError(f"pointer size {len(text.encode())} bytes is above the {MAX_POINTER_BYTES} bytes "
+                               "a host reads (a shorter --hosts list, or --all-hosts)")
         pointer = parse_pointer(text.encode())
         parse_rollout(pointer.metadata)
         check_expiry(pointer)  # a not-after hosts cannot read, or already past
