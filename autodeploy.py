@@ -2158,7 +2158,8 @@ def with_margin(needed: int) -> int:
 def write_boot_check(state_dir: str, system: str | None, error: AutodeployError | None) -> None:
     StateStore(state_dir).ensure_dir()
     record = {"boot_id": current_boot_id(), "system": system, "ok": error is None,
-              "error": outside_text(str(error))[:500] if error else None, "time": time.time()}
+              # The agent's message: what came from outside was masked where it entered.
+              "error": printable(str(error))[:500] if error else None, "time": time.time()}
     atomic_write(os.path.join(state_dir, BOOT_CHECK_FILE), json.dumps(record, sort_keys=True) + "\n", 0o600)
 
 
