@@ -289,7 +289,7 @@ class ProcessError(AutodeployError):
 
     def __init__(self, argv: list[str], returncode: int, output: str = "") -> None:
         self.argv, self.returncode, self.output = argv, returncode, output
-        detail = f": {output.strip()[-500:]}" if output.strip() else ""
+        detail = f": {outside_text(output.strip())[-500:]}" if output.strip() else ""
         super().__init__(f"{os.path.basename(argv[0])} exited with {returncode}{detail}")
 
 
@@ -396,6 +396,11 @@ class Pointer:
     metadata: dict[str, str]
     revision: int | None = None
     signed: bool = False
+    foreign: bool = False  # served by a redirect target on another origin: its text is never shown
+
+    def show(self, text: str) -> str:
+        """Its text in an error: escaped and shortened, or withheld (see withheld())."""
+        return withheld(text) if self.foreign else shorten(text)
 
 
 @dataclass
@@ -451,8 +456,10 @@ class State:
 
     @classmethod
     def from_json(cls, data: Any, where: str) -> State:
-        """Every known field must have its declared type (unknown fields, from
-        another version, are dropped); anything else is a corrupt file."""
+        """Every known field must pass its validator in STATE_SCHEMA (inner
+        types and ranges; a field without one: its declared type); unknown
+        fields, from another version, are dropped.  Anything else is a
+        corrupt file: the run fails closed (exit 9) and `status` names the field."""
         if not isinstance(data, dict):
             raise StateError(f"{where} is corrupt (not a JSON object). {RECOVERY_HINT}")
         values = {}
@@ -460,25 +467,120 @@ class State:
             if name not in data:
                 continue
             value = data[name]
-            if not json_matches(value, types):
-                raise StateError(f"{where} is corrupt ({name} is not of its type). {RECOVERY_HINT}")
+            check = STATE_SCHEMA.get(name)
+            ok = check[0](value) if check is not None else json_matches(value, types)
+            if not ok:
+                what = check[1] if check is not None else "of its declared type"
+                raise StateError(f"{where} is corrupt ({name} is not {what}). {RECOVERY_HINT}")
             values[name] = value
-        if "highest_revision" in values and values["highest_revision"] is not None \
-                and not valid_revision(values["highest_revision"]):
-            raise StateError(f"{where} is corrupt (highest_revision out of range). {RECOVERY_HINT}")
-        inner = {"interrupted": {key: (int,) for key in values.get("interrupted") or {}},
-                 "last_error": {key: (str,) for key in values.get("last_error") or {}},
-                 "intent": {key: INTENT_FIELDS.get(key, (object,)) for key in values.get("intent") or {}}}
-        for name, types in inner.items():
-            if any(not json_matches(values[name][key], kinds) for key, kinds in types.items()):
-                raise StateError(f"{where} is corrupt ({name} holds a value of the wrong type). {RECOVERY_HINT}")
         return cls(**values)
+
+
+# -- The state's schema: one validator per field (predicate, what it must be).
+# Counters fit Prometheus' and every consumer's 64 bits; times are finite.
+
+MAX_COUNT: Final = 2**64 - 1
+MAX_SECONDS: Final = 2.0**40  # Unix times and durations (about the year 36800)
+
+
+def valid_revision(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_REVISION
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any, low: float = -MAX_SECONDS, high: float = MAX_SECONDS) -> bool:
+    """A finite JSON number in [low, high] (a huge integer is compared, never converted)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return low <= value <= high  # False for NaN; inf is out of range
+
+
+def _count(value: Any) -> bool:
+    return _integer(value) and 0 <= value <= MAX_COUNT
+
+
+def _moment(value: Any) -> bool:
+    return _number(value, 0)
+
+
+def _text(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _flag(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: value is None or check(value)
+
+
+def _map_of(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, dict) and all(isinstance(k, str) and check(v) for k, v in value.items())
+
+
+def _record(fields: dict[str, Callable[[Any], bool]], required: tuple[str, ...] = ()) -> Callable[[Any], bool]:
+    """A JSON object whose known keys pass their checks (others, from another
+    version, are kept) and that has every required key."""
+    def check(value: Any) -> bool:
+        return (isinstance(value, dict) and all(key in value for key in required)
+                and all(fields[key](v) for key, v in value.items() if key in fields))
+    return check
+
+
+def _list_of(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, list) and all(check(item) for item in value)
 
 
 # What a deploy's intent may hold (state.json's `intent`).
 INTENT_FIELDS: Final = {
     "phase": (str,), "upstream": (str,), "action": (str,), "previous_profile": (str, type(None)),
     "previous_current": (str, type(None)), "started": (float,), "activated": (bool,), "reason": (str,),
+}
+_opt_text, _opt_moment, _opt_count = _optional(_text), _optional(_moment), _optional(_count)
+HISTORY_ENTRY: Final = _record({
+    "time": _moment, "path": _opt_text, "revision": _optional(valid_revision), "action": _opt_text,
+    "outcome": _opt_text, "duration": _optional(lambda v: _number(v, 0)), "error_kind": _opt_text})
+ROLLOUT_VIEW: Final = _record({
+    "target": _text, "hostname": _text, "bucket": lambda v: _integer(v) and 0 <= v < ROLLOUT_BUCKETS,
+    "start_percent": lambda v: _number(v, 0, 100), "percent": lambda v: _number(v, 0, 100),
+    "start": _optional(_number), "duration": _optional(lambda v: _number(v, 0) and v > 0), "paused": _flag,
+    "admitted": _flag, "turn_at": _optional(_number),
+}, required=("target", "bucket", "start_percent", "start", "duration", "percent", "paused"))
+STATE_SCHEMA: Final[dict[str, tuple[Callable[[Any], bool], str]]] = {
+    **{name: (_opt_text, "a string or null") for name in (
+        "deployed", "staged_from", "activation", "previous", "upstream", "revision_path", "quarantined",
+        "quarantine_reason", "last_state", "last_reason", "reboot_reason", "staged_boot_id")},
+    **{name: (_flag, "true or false") for name in ("verified", "dirty", "reboot_required", "reboot_window_wait")},
+    **{name: (_opt_moment, "a Unix time or null") for name in (
+        "deployed_at", "last_run", "last_success", "behind_since")},
+    **{name: (_count, f"a whole number from 0 to {MAX_COUNT}") for name in (
+        "rollbacks_total", "deploys_total", "boot_failures_total")},
+    **{name: (_opt_count, f"a whole number from 0 to {MAX_COUNT} or null") for name in (
+        "boot_free_bytes", "boot_needed_bytes")},
+    **{name: (_optional(valid_revision), f"a revision from 0 to {MAX_REVISION} or null") for name in (
+        "upstream_revision", "highest_revision")},
+    "last_run_success": (_optional(_flag), "true, false or null"),
+    "last_run_duration": (_optional(lambda v: _number(v, 0)), "a duration in seconds or null"),
+    "pointer": (_optional(_map_of(lambda v: True)), "an object or null"),
+    "interrupted": (_map_of(_count), "an object of counts"),
+    "intent": (_optional(_record({key: (lambda types: lambda v: json_matches(v, types))(types)
+                                  for key, types in INTENT_FIELDS.items()})),
+               "an object of typed intent fields or null"),
+    "last_error": (_optional(lambda v: _map_of(_text)(v) and "kind" in v and "message" in v),
+                   "an object of strings with kind and message, or null"),
+    "boot_failure": (_optional(_record({"path": _opt_text, "booted": _opt_text, "choice": _opt_text,
+                                        "reason": _opt_text, "time": _opt_moment})),
+                     "an object of typed boot-failure fields or null"),
+    "history": (_list_of(HISTORY_ENTRY), "a list of deploy attempts (objects with typed fields)"),
+    "rollout": (_optional(ROLLOUT_VIEW), "a rollout view (an object with typed fields) or null"),
+    "reboot_slot": (_optional(_record({"group": _text, "id": _text, "granted": _flag, "since": _moment})),
+                    "a reboot slot (an object with typed fields) or null"),
+    "fleetlock_failures": (_map_of(_count), "an object of counts"),
+    "fleetlock_error": (_optional(_map_of(_text)), "an object of strings or null"),
 }
 _FIELD_TYPES: dict[type, dict[str, tuple[type, ...]]] = {}
 
@@ -503,10 +605,6 @@ def json_matches(value: Any, types: tuple[type, ...]) -> bool:
     if isinstance(value, int) and float in types:
         return True
     return isinstance(value, types)
-
-
-def valid_revision(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_REVISION
 
 
 @dataclass(frozen=True)
@@ -574,9 +672,12 @@ _verbose = False
 
 
 def log(message: str) -> None:
-    # outside_text() is the last safety net: whatever a message carries, it
-    # cannot move the cursor, forge a line, ring a bell or show a credential.
-    print(f"{PROG}: {outside_text(message)}", file=sys.stderr, flush=True)
+    # printable() is the last safety net: whatever a message carries, it
+    # cannot move the cursor, forge a line or ring a bell.  Credentials are
+    # masked where outside text enters a message (outside_text(), shorten(),
+    # redact_url()), never here: a password such as `deploy` must not turn
+    # the agent's own words ("deployed") into "***ed".
+    print(f"{PROG}: {printable(message)}", file=sys.stderr, flush=True)
 
 
 def debug(message: str) -> None:
@@ -616,9 +717,11 @@ def redact(text: str) -> str:
 
 
 def outside_text(text: str) -> str:
-    """Text that came from outside, made safe to show or store: printable
+    """Text that came from outside (a server, an exception, a process) or
+    may carry a credential (a URL), made safe to show or store: printable
     and with every credential masked (also when a server echoes one back,
-    in any letter case)."""
+    in any letter case).  Applied to that text where it enters a message,
+    never to a whole message: the agent's own words are not masked."""
     if _secrets_pattern is None and text.isprintable():
         return text
     return redact(printable(redact(text)))
@@ -632,6 +735,12 @@ def shorten(data: bytes | str, limit: int = 120) -> str:
     size = len(data)
     data = redact(data)
     return outside_text(repr(data[:limit])) + (f" ... ({size} characters)" if size > limit else "")
+
+
+def withheld(_data: bytes | str) -> str:
+    """Text a redirect target on another origin served, as we show it: not
+    at all (the agent must not become a way to read internal endpoints)."""
+    return "(not shown: served by a redirect target on another host)"
 
 
 def redact_url(url: str) -> str:
@@ -896,6 +1005,7 @@ class Response:
     etag: str | None = None
     last_modified: str | None = None
     foreign: bool = False            # served by a redirect target on another origin
+    body_error: str | None = None    # request(answers=True) only: why the body could not be read
 
 
 def origin_of(url: str) -> tuple[str, str, int | None]:
@@ -922,7 +1032,8 @@ class Fetcher:
         register_secrets(token)
 
     def _error(self, message: str, transient: bool = False) -> FetchError:
-        return FetchError(outside_text(message)[:MAX_MESSAGE], transient)
+        # Every outside piece of the message was masked where it was put in.
+        return FetchError(printable(message)[:MAX_MESSAGE], transient)
 
     # -- the opener ----------------------------------------------------------
 
@@ -991,7 +1102,7 @@ class Fetcher:
                 target = urljoin(req.full_url, newurl)
                 scheme = urlsplit(target).scheme
                 if scheme not in ("http", "https"):
-                    raise fetcher._error(f"redirected to an unsupported scheme {scheme!r}: only http:// and "
+                    raise fetcher._error(f"redirected to an unsupported scheme {shorten(scheme, 40)}: only http:// and "
                                          "https:// are fetched")
                 if urlsplit(req.full_url).scheme == "https" and scheme == "http":
                     raise fetcher._error("refused a redirect from https:// to plain http://")
@@ -1033,18 +1144,23 @@ class Fetcher:
 
     def request(self, url: str, headers: dict[str, str] | None = None, *, timeout: float,
                 limit: int = MAX_POINTER_BYTES, interruptible: bool = True, method: str = "GET",
-                data: bytes | None = None, follow: bool = True, answers: bool = False) -> Response:
+                data: bytes | None = None, follow: bool = True, answers: bool = False,
+                body_of: Callable[[int], bool] | None = None) -> Response:
         """One request within one deadline.  `follow=False` treats a redirect
-        as an answer; `answers=True` returns every final status (its body
-        read like any other) instead of raising FetchError."""
+        as an answer; `answers=True` returns every final status instead of
+        raising FetchError: the status decides, so its body is read only
+        where `body_of(status)` says it matters (default: always), at most
+        `limit` bytes, and a body that cannot be read (too large, malformed,
+        stalled, reset) leaves the answer with `body_error` set."""
         import contextlib
         deadline = Deadline(timeout)
-        shown = f"{method} {redact_url(url)}"
+        shown = f"{method} {outside_text(redact_url(url))}"
         tries = FETCH_TRIES
         for attempt in range(1, tries + 1):
             try:
                 with deadline.guard(), Stopping.interruptible() if interruptible else contextlib.nullcontext():
-                    return self._once(url, headers or {}, deadline, limit, shown, method, data, follow, answers)
+                    return self._once(url, headers or {}, deadline, limit, shown, method, data, follow, answers,
+                                      body_of)
             except _TimeUp:
                 raise self._error(f"{shown}: timed out after {timeout:g}s", transient=True) from None
             except FetchError as exc:
@@ -1057,8 +1173,8 @@ class Fetcher:
         raise AssertionError("unreachable")
 
     def _once(self, url: str, headers: dict[str, str], deadline: Deadline, limit: int, shown: str,
-              method: str, data: bytes | None, follow: bool, answers: bool) -> Response:
-        import http.client
+              method: str, data: bytes | None, follow: bool, answers: bool,
+              body_of: Callable[[int], bool] | None) -> Response:
         import urllib.error
         import urllib.request
         from urllib.parse import urlsplit, urlunsplit
@@ -1085,13 +1201,18 @@ class Fetcher:
         # silently dropped connection still leaves time for a retry; the
         # alarm bounds the whole.
         per_read = max(0.5, deadline.remaining() / 2)
+        # The network edge: every exception below (OSError, http.client's,
+        # a host name the IDNA codec refuses, anything a library raises)
+        # leaves as a FetchError; nothing from here reaches the cycle unmapped.
         try:
             response = self._opener.open(request, timeout=per_read)
+        except FetchError:
+            raise  # ours, from the redirect handler
         except urllib.error.HTTPError as exc:
             status = exc.code
             if answers and status != 304:
                 with exc:
-                    return Response(status, self._read_body(exc, limit, shown), *self._validators(exc.headers))
+                    return self._answer(status, exc, limit, body_of)
             exc.close()  # its body is never read: it may echo secrets or hold anything
             if status == 304:
                 return Response(304, b"", *self._validators(exc.headers))
@@ -1104,9 +1225,11 @@ class Fetcher:
         except urllib.error.URLError as exc:
             raise self._error(f"{shown}: {describe_network_error(exc.reason)}",
                               transient=_transient(exc.reason)) from None
-        except (OSError, http.client.HTTPException, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - see above
             raise self._error(f"{shown}: {describe_network_error(exc)}", transient=_transient(exc)) from None
         with response:
+            if answers:
+                return self._answer(response.status, response, limit, body_of)
             try:
                 foreign = origin_of(response.geturl()) != request.first_origin
                 encoding = (response.headers.get("Content-Encoding") or "identity").strip()
@@ -1115,9 +1238,27 @@ class Fetcher:
                                       f"{shorten(encoding, 40)}; only identity is accepted (configure the "
                                       "server not to compress the pointer)")
                 body = self._read_body(response, limit, shown)
-            except (OSError, http.client.HTTPException, ValueError) as exc:
+            except FetchError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the network edge, as above
                 raise self._error(f"{shown}: {describe_network_error(exc)}", transient=_transient(exc)) from None
             return Response(response.status, body, *self._validators(response.headers), foreign=foreign)
+
+    def _answer(self, status: int, response: Any, limit: int, body_of: Callable[[int], bool] | None) -> Response:
+        """A final answer whose status decides (answers=True): the body only
+        where it matters, and one that cannot be read is a note, not a failure."""
+        validators = self._validators(response.headers)
+        if body_of is not None and not body_of(status):
+            return Response(status, b"", *validators)
+        try:
+            return Response(status, self._read_body(response, limit, "the body"), *validators)
+        except FetchError as exc:
+            why = str(exc)
+        except _TimeUp:
+            why = "the body: timed out"
+        except Exception as exc:  # noqa: BLE001 - the network edge
+            why = f"the body: {describe_network_error(exc)}"
+        return Response(status, b"", *validators, body_error=why)
 
     def _read_body(self, response: Any, limit: int, shown: str) -> bytes:
         """At most `limit` bytes, in bounded pieces, whatever the framing claims."""
@@ -1157,7 +1298,7 @@ def connect_interruptibly(address: tuple[str, int], timeout: Any = None, source_
     def resolve() -> None:
         try:
             found["infos"] = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 - UnicodeError for `a..b`: raised in the caller, mapped there
             found["error"] = exc
     literal = False
     for family in (socket.AF_INET, socket.AF_INET6):
@@ -1217,7 +1358,7 @@ def describe_network_error(exc: BaseException | str) -> str:
     import http.client
     import socket
     if isinstance(exc, str):
-        return exc
+        return outside_text(exc)
     if isinstance(exc, (socket.timeout, TimeoutError)):
         return "timed out"
     if isinstance(exc, ConnectionRefusedError):
@@ -1230,10 +1371,13 @@ def describe_network_error(exc: BaseException | str) -> str:
     if isinstance(exc, ConnectionResetError):
         return "connection reset by the server"
     if _is_tls_error(exc):
-        return f"TLS error: {exc}"
+        return f"TLS error: {outside_text(str(exc))}"
     if isinstance(exc, socket.gaierror):
-        return f"cannot resolve host: {exc.strerror}"
-    return f"{type(exc).__name__}: {exc}"
+        return f"cannot resolve host: {outside_text(str(exc.strerror))}"
+    if isinstance(exc, UnicodeError):
+        # The IDNA codec refused the host name (getaddrinfo, http.client).
+        return "bad host name (an empty or over-63-character label, or not encodable)"
+    return outside_text(f"{type(exc).__name__}: {exc}")
 
 
 # ---------------------------------------------------------------------------
@@ -1263,11 +1407,13 @@ def validate_store_path(path: str, received: bytes | str, show: Excerpt = None) 
     return path
 
 
-def parse_pointer(body: bytes, json_field: str | None = None, show: Excerpt = None) -> Pointer:
+def parse_pointer(body: bytes, json_field: str | None = None, show: Excerpt = None, foreign: bool = False) -> Pointer:
     """The first non-empty line is the store path; later lines are `key: value`
     with keys from POINTER_KEYS (or `x-` annotations), each at most once.
-    `show` renders the refused input for the error (escaped, redacted)."""
-    show = show or shorten
+    `show` renders the refused input for the error (escaped, redacted);
+    `foreign` (another origin served it) withholds it here and in every
+    later check of the pointer's text (Pointer.show: rollout fields, expiry)."""
+    show = show or (withheld if foreign else shorten)
     if b"\0" in body:
         raise PointerError(f"pointer contains NUL bytes: got {show(body)}")
     try:
@@ -1285,7 +1431,7 @@ def parse_pointer(body: bytes, json_field: str | None = None, show: Excerpt = No
             value = value[key]
         if not isinstance(value, str):
             raise PointerError(f"JSON field {json_field!r} is not a string: got {show(repr(value))}")
-        return Pointer(validate_store_path(value, value, show), {})
+        return Pointer(validate_store_path(value, value, show), {}, foreign=foreign)
     # Lines end at \n only (not at U+2028 or \x1c, which str.splitlines()
     # would split at and a checker in CI might not), and only ASCII blanks
     # are trimmed: what the agent reads is what a plain text tool shows.
@@ -1315,7 +1461,7 @@ def parse_pointer(body: bytes, json_field: str | None = None, show: Excerpt = No
             raise PointerError(f"pointer revision is not a whole number from 0 to {MAX_REVISION}: "
                                f"got {show(text)}", "revision")
         revision = int(text)
-    return Pointer(path, metadata, revision)
+    return Pointer(path, metadata, revision, foreign=foreign)
 
 
 # ---------------------------------------------------------------------------
@@ -1360,24 +1506,45 @@ def allowed_signers(trusted_keys_file: str) -> str:
 
 
 def verify_signature(body: bytes, signature: bytes, signers: str, workdir: str) -> str:
-    """Verify with `ssh-keygen -Y verify`; return the signer's principal."""
+    """Verify with `ssh-keygen -Y verify`; return the signer's principal.
+    ssh-keygen reads the signers and the signature from files, written into
+    a private temporary directory (0700, unpredictable name) in `workdir`
+    (the state directory, root's), or, when that does not exist yet (a dry
+    run before the first run), in the system's temporary directory.  When
+    they cannot be written (a full disk) the state is what failed: StateError."""
+    import shutil
     import tempfile
-    with tempfile.TemporaryDirectory(dir=workdir, prefix=".verify-") as tmp:
-        signers_file = os.path.join(tmp, "allowed_signers")
-        sig_file = os.path.join(tmp, "pointer.sig")
-        atomic_write(signers_file, signers, 0o600)
-        atomic_write(sig_file, signature, 0o600)
-        found = ssh_keygen(["-Y", "find-principals", "-s", sig_file, "-f", signers_file])
-        principals = found.stdout.split() if found.returncode == 0 else []
-        if not principals:
-            raise PointerError("pointer signature is not made by a trusted key", "signature")
-        principal = principals[0]
-        checked = ssh_keygen(["-Y", "verify", "-f", signers_file, "-I", principal,
-                              "-n", SIGNATURE_NAMESPACE, "-s", sig_file], stdin=body)
-        if checked.returncode != 0:
-            why = checked.stdout.strip().splitlines()[-1:] or ["verification failed"]
-            raise PointerError(f"pointer signature does not verify: {why[0]}", "signature")
-        return principal
+    where = workdir if os.path.isdir(workdir) else tempfile.gettempdir()
+    tmp = None
+    try:
+        try:
+            tmp = tempfile.mkdtemp(dir=where, prefix=".verify-")
+            signers_file = os.path.join(tmp, "allowed_signers")
+            sig_file = os.path.join(tmp, "pointer.sig")
+            atomic_write(signers_file, signers, 0o600)
+            atomic_write(sig_file, signature, 0o600)
+        except OSError as exc:
+            raise StateError(f"cannot write the files to verify the pointer signature in {where}: "
+                             f"{exc.strerror}") from None
+        return _verify_files(body, signers_file, sig_file)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _verify_files(body: bytes, signers_file: str, sig_file: str) -> str:
+    """ssh-keygen: who signed it (find-principals), then verify as that principal."""
+    found = ssh_keygen(["-Y", "find-principals", "-s", sig_file, "-f", signers_file])
+    principals = found.stdout.split() if found.returncode == 0 else []
+    if not principals:
+        raise PointerError("pointer signature is not made by a trusted key", "signature")
+    principal = principals[0]
+    checked = ssh_keygen(["-Y", "verify", "-f", signers_file, "-I", principal,
+                          "-n", SIGNATURE_NAMESPACE, "-s", sig_file], stdin=body)
+    if checked.returncode != 0:
+        why = checked.stdout.strip().splitlines()[-1:] or ["verification failed"]
+        raise PointerError(f"pointer signature does not verify: {why[0]}", "signature")
+    return principal
 
 
 def check_trust(pointer: Pointer, floor: RevisionFloor, cfg: Config) -> None:
@@ -1401,15 +1568,27 @@ def check_trust(pointer: Pointer, floor: RevisionFloor, cfg: Config) -> None:
     me = cfg.hostname or local_hostname()
     if hosts != ["*"] and me not in hosts:
         listed = " ".join(hosts)
-        raise PointerError(f"pointer is for hosts {listed[:200]}{'...' if len(listed) > 200 else ''}, "
-                           f"not for {me}", "host")
+        shown = (pointer.show(listed) if pointer.foreign
+                 else f"{outside_text(listed)[:200]}{'...' if len(listed) > 200 else ''}")
+        raise PointerError(f"pointer is for hosts {shown}, not for {me}", "host")
     check_expiry(pointer)
 
 
+# RFC 3339 date-time: `T`, `t` or one space between date and time (never any
+# other character, as datetime.fromisoformat() would take); the offset may be
+# left out (UTC), and so may the time (midnight).
+RFC3339_PATTERN: Final = (r"[0-9]{4}-[0-9]{2}-[0-9]{2}(?:[Tt ][0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:\.[0-9]{1,6})?)?"
+                          r"(?:[Zz]|[+-][0-9]{2}:[0-9]{2})?)?")
+
+
 def parse_rfc3339(text: str) -> Any:
-    """An aware datetime (UTC when no offset is given); ValueError otherwise."""
+    """An aware datetime (UTC when no offset is given); ValueError otherwise.
+    The one parser of times for hosts (`not-after:`, `rollout-start:`) and `sign`."""
+    import re
     from datetime import datetime, timezone
-    moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if not re.fullmatch(RFC3339_PATTERN, text):
+        raise ValueError(f"not an RFC 3339 time: {text!r}")
+    moment = datetime.fromisoformat(text.replace("Z", "+00:00").replace("z", "+00:00"))
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
 
 
@@ -1422,9 +1601,9 @@ def check_expiry(pointer: Pointer) -> None:
     try:
         expiry = parse_rfc3339(text)
     except ValueError:
-        raise PointerError(f"pointer not-after is not an RFC 3339 time: {shorten(text)}", "expired") from None
+        raise PointerError(f"pointer not-after is not an RFC 3339 time: {pointer.show(text)}", "expired") from None
     if datetime.now(timezone.utc) > expiry:
-        raise PointerError(f"pointer expired at {text}", "expired")
+        raise PointerError(f"pointer expired at {pointer.show(text) if pointer.foreign else text}", "expired")
 
 
 def local_hostname() -> str:
@@ -1464,6 +1643,11 @@ class StateStore:
                 return f.read(MAX_STATE_BYTES + 1)
         except FileNotFoundError:
             return None
+        except PermissionError:
+            # Not corrupt, only root's (state.json is 0600 in a 0700 directory):
+            # nothing to reset, the reader lacks the right.
+            raise StateError(f"cannot read {path}: permission denied (the state is readable by root only); "
+                             f"run it as root, e.g. `sudo autodeploy.py status`") from None
         except OSError as exc:
             raise StateError(f"cannot read {path}: {exc.strerror}. {RECOVERY_HINT}") from None
 
@@ -1537,14 +1721,18 @@ class StateStore:
         return state
 
     def suspension(self) -> dict[str, Any] | None:
+        """{"reason": str, "since": Unix time or None} while suspended; a
+        suspend file that cannot be read or has other values still suspends."""
         try:
-            with open(self.suspend_path) as f:
-                data = json.load(f)
-            return data if isinstance(data, dict) else {"reason": "unreadable suspend file", "since": None}
+            with open(self.suspend_path, "rb") as f:
+                data = json.loads(f.read(MAX_STATE_BYTES), parse_constant=_no_json_constant)
         except FileNotFoundError:
             return None
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return {"reason": "unreadable suspend file (treated as suspended)", "since": None}
+        if not isinstance(data, dict) or not _text(data.get("reason", "")) or not _opt_moment(data.get("since")):
+            return {"reason": "malformed suspend file (treated as suspended)", "since": None}
+        return {"reason": data.get("reason", ""), "since": data.get("since")}
 
     def suspend(self, reason: str) -> None:
         self.ensure_dir()
@@ -1595,7 +1783,8 @@ def render_metrics(state: State, host: HostView, suspended: bool) -> str:
         lines.append(f"# HELP {full} {help_text}")
         lines.append(f"# TYPE {full} {kind}")
         for labels, value in samples:
-            rendered = ",".join(f'{k}="{escape_label(outside_text(v))}"' for k, v in labels.items())
+            # Label values are printable; what came from outside was masked where it entered.
+            rendered = ",".join(f'{k}="{escape_label(printable(v))}"' for k, v in labels.items())
             number = str(int(value)) if float(value).is_integer() else repr(round(float(value), 3))
             lines.append(f"{full}{{{rendered}}} {number}" if labels else f"{full} {number}")
 
@@ -1969,7 +2158,8 @@ def with_margin(needed: int) -> int:
 def write_boot_check(state_dir: str, system: str | None, error: AutodeployError | None) -> None:
     StateStore(state_dir).ensure_dir()
     record = {"boot_id": current_boot_id(), "system": system, "ok": error is None,
-              "error": outside_text(str(error))[:500] if error else None, "time": time.time()}
+              # The agent's message: what came from outside was masked where it entered.
+              "error": printable(str(error))[:500] if error else None, "time": time.time()}
     atomic_write(os.path.join(state_dir, BOOT_CHECK_FILE), json.dumps(record, sort_keys=True) + "\n", 0o600)
 
 
@@ -2118,7 +2308,7 @@ class Agent:
             if _verbose:
                 import traceback
                 traceback.print_exc()
-            err = AutodeployError(f"internal error: {type(exc).__name__}: {exc}")
+            err = AutodeployError(f"internal error: {type(exc).__name__}: {outside_text(str(exc))}")
             outcome = Outcome("failed", str(err), error=err)
         self._finish(outcome, started)
         return outcome
@@ -2187,7 +2377,7 @@ class Agent:
     def rollout_step(self, pointer: Pointer) -> Rollout:
         """Validate the pointer's rollout fields (exit 4 when malformed) and
         record where this host stands in the wave."""
-        rollout = parse_rollout(pointer.metadata)
+        rollout = parse_rollout(pointer.metadata, pointer.show)
         if any(key in pointer.metadata for key in ("rollout", "rollout-start", "rollout-duration", "pause")):
             hostname = self.cfg.hostname or local_hostname()
             self.state.rollout = rollout_view(rollout, hostname, pointer.path, now_epoch())
@@ -2351,24 +2541,17 @@ class Agent:
                 pointer = dataclasses.replace(pointer, signed=True)
             state.upstream, state.upstream_revision = pointer.path, pointer.revision
             return pointer
-        pointer = parse_pointer(resp.body, cfg.json_field, self.excerpt(resp))
+        pointer = parse_pointer(resp.body, cfg.json_field, foreign=resp.foreign)
         verified: tuple[str | None, float | None] = (None, None)
         if self.signers is not None:
             pointer, verified = self.verify(pointer, resp.body, record)
         state.upstream, state.upstream_revision = pointer.path, pointer.revision
-        keep = len(resp.body) <= MAX_PERSISTED_POINTER
+        # What another origin served is not kept either (it may be an internal endpoint's text).
+        keep = len(resp.body) <= MAX_PERSISTED_POINTER and not resp.foreign
         state.pointer = dataclasses.asdict(PointerRecord(
             **identity, body=resp.body.decode(), etag=resp.etag, last_modified=resp.last_modified,
             verified=verified[0], verified_at=verified[1], fetched_at=time.time())) if keep else None
         return pointer
-
-    def excerpt(self, resp: Response) -> Callable[[bytes | str], str]:
-        """How the refused pointer is shown: escaped and redacted, and not at
-        all when a redirect target on another host served it (the agent must
-        not become a way to read internal endpoints)."""
-        if resp.foreign:
-            return lambda _data: "(not shown: served by a redirect target on another host)"
-        return shorten
 
     def verify(self, pointer: Pointer, body: bytes,
                record: PointerRecord | None) -> tuple[Pointer, tuple[str, float]]:
@@ -2841,9 +3024,9 @@ class Agent:
     def _record_outcome(self, outcome: Outcome, ended: float) -> None:
         state = self.state
         state.last_run_success = outcome.error is None
-        state.last_state, state.last_reason = outcome.state, outside_text(outcome.reason)[:MAX_MESSAGE]
+        state.last_state, state.last_reason = outcome.state, printable(outcome.reason)[:MAX_MESSAGE]
         if outcome.error is not None:
-            state.last_error = {"kind": outcome.error.kind, "message": outside_text(str(outcome.error))[:MAX_MESSAGE]}
+            state.last_error = {"kind": outcome.error.kind, "message": printable(str(outcome.error))[:MAX_MESSAGE]}
         else:
             state.last_success, state.last_error = ended, None
 
@@ -2863,7 +3046,7 @@ class Agent:
             "NIXOS_AUTODEPLOY_EXIT_CODE": str(outcome.error.exit_code if outcome.error else 0),
             "NIXOS_AUTODEPLOY_URL": redact_url(cfg.url),
         }
-        env.update({name: outside_text(value)[:MAX_MESSAGE] for name, value in hook_vars.items()})
+        env.update({name: printable(value)[:MAX_MESSAGE] for name, value in hook_vars.items()})
         which = "on-failure" if outcome.error else "on-success"
         try:
             result = shell(command, timeout=cfg.hook_timeout, env=env)
@@ -2973,9 +3156,12 @@ def parse_duration(text: str) -> float:
     return float(sum(int(n) * DURATION_UNITS[u] for n, u in re.findall(r"([0-9]+)([smhdw])", text)))
 
 
-def parse_rollout(metadata: dict[str, str]) -> Rollout:
-    """The rollout fields of a pointer, validated; PointerError (exit 4) otherwise."""
+def parse_rollout(metadata: dict[str, str], show: Excerpt = None) -> Rollout:
+    """The rollout fields of a pointer, validated; PointerError (exit 4)
+    otherwise, showing the refused value through `show` (the pointer's own
+    rule: withheld when another origin served it)."""
     import re
+    show = show or shorten
     # Without `rollout:` a pointer goes to every host at once, but a ramp
     # (rollout-start + rollout-duration) without one starts at 0%.
     percent = 0.0 if "rollout-start" in metadata else 100.0
@@ -2984,7 +3170,7 @@ def parse_rollout(metadata: dict[str, str]) -> Rollout:
         text = metadata["rollout"]
         if not re.fullmatch(r"[0-9]{1,3}(?:\.[0-9]{1,2})?%", text) or float(text.rstrip("%")) > 100:
             raise PointerError(f"pointer rollout is not a percentage between 0% and 100% "
-                               f"(e.g. `rollout: 10%`): got {shorten(text)}")
+                               f"(e.g. `rollout: 10%`): got {show(text)}")
         percent = float(text.rstrip("%"))
     if ("rollout-start" in metadata) != ("rollout-duration" in metadata):
         raise PointerError("pointer has only one of rollout-start and rollout-duration: a ramp needs both")
@@ -2993,19 +3179,19 @@ def parse_rollout(metadata: dict[str, str]) -> Rollout:
         try:
             start = parse_rfc3339(text).timestamp()
         except ValueError:
-            raise PointerError(f"pointer rollout-start is not an RFC 3339 time: got {shorten(text)}") from None
+            raise PointerError(f"pointer rollout-start is not an RFC 3339 time: got {show(text)}") from None
         text = metadata["rollout-duration"]
         try:
             duration = parse_duration(text)
         except ValueError:
             raise PointerError(f"pointer rollout-duration is not a duration such as 24h or 90m: "
-                               f"got {shorten(text)}") from None
+                               f"got {show(text)}") from None
         if not 0 < duration <= 366 * 86400:
-            raise PointerError(f"pointer rollout-duration must be above 0 and at most 366d: got {shorten(text)}")
+            raise PointerError(f"pointer rollout-duration must be above 0 and at most 366d: got {show(text)}")
     if "pause" in metadata:
         text = metadata["pause"].lower()
         if text not in ("true", "hold", "false"):
-            raise PointerError(f"pointer pause is not true, hold or false: got {shorten(metadata['pause'])}")
+            raise PointerError(f"pointer pause is not true, hold or false: got {show(metadata['pause'])}")
         paused = text != "false"
     return Rollout(percent, start, duration, paused)
 
@@ -3116,20 +3302,25 @@ def machine_id_path() -> str:
 def fleetlock_request(fetcher: Fetcher, base_url: str, operation: str, client_id: str, group: str,
                       timeout: float) -> None:
     """One FleetLock operation (`pre-reboot` or `steady-state`) through the
-    agent's fetcher (proxies, one deadline, bounded reply; no credentials,
-    no redirects followed); returns on HTTP 200, raises FleetLockError with
-    the server's error kind otherwise."""
+    agent's fetcher (proxies, one deadline; no credentials, no redirects
+    followed); returns on HTTP 200, raises FleetLockError with the server's
+    error kind otherwise.  The status decides: a 200's body is never read;
+    an error's body (at most MAX_FLEETLOCK_REPLY_BYTES) only names the kind,
+    and one that cannot be read leaves the kind to the status."""
     url = base_url.rstrip("/") + "/v1/" + operation
     body = json.dumps({"client_params": {"id": client_id, "group": group}}).encode()
     try:
         response = fetcher.request(url, {"fleet-lock-protocol": "true", "Content-Type": "application/json"},
                                    method="POST", data=body, timeout=timeout, limit=MAX_FLEETLOCK_REPLY_BYTES,
-                                   interruptible=False, follow=False, answers=True)
+                                   interruptible=False, follow=False, answers=True,
+                                   body_of=lambda status: status != 200)
     except FetchError as exc:
         raise FleetLockError(f"FleetLock {operation}: {exc}", "unreachable") from None
     if response.status == 200:
         return
     kind, value = f"http_{response.status}", ""
+    if response.body_error is not None:
+        value = f"(reply not read: {response.body_error})"
     try:
         error = json.loads(response.body.decode("utf-8"))
         if isinstance(error, dict) and isinstance(error.get("kind"), str) and isinstance(error.get("value"), str):
@@ -3277,15 +3468,16 @@ def command_status(state_dir: str, as_json: bool) -> int:
         rows.append(("fleetlock error", fields["fleetlock_error"].get("message")))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
-        print(f"{key:<{width}}  {outside_text(value) if value is not None else '-'}")
-    print_history(fields["history"])
+        print(f"{key:<{width}}  {printable(value) if value is not None else '-'}")
+    print_history(fields["history"], width)
     return 0
 
 
-def print_history(history: list[dict[str, Any]]) -> None:
-    """The deploy attempts as a short table, newest first."""
+def print_history(history: list[dict[str, Any]], width: int) -> None:
+    """The deploy attempts as a short table, newest first (`width`: the
+    other rows' key column, so an empty history lines up with them)."""
     if not history:
-        print("history   none")
+        print(f"{'history':<{width}}  none")
         return
     print(f"history (last {len(history)} deploy attempts, newest first):")
     header = ("time", "action", "outcome", "duration", "revision", "path", "error")
@@ -3299,7 +3491,7 @@ def print_history(history: list[dict[str, Any]]) -> None:
             str(entry["revision"]) if entry.get("revision") is not None else "-",
             basename_or_empty(entry.get("path")) or "-", str(entry.get("error_kind") or "-"),
         ))
-    table = [tuple(outside_text(cell) for cell in row) for row in table]
+    table = [tuple(printable(cell) for cell in row) for row in table]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
@@ -3350,7 +3542,7 @@ def command_sign(key: str, revision: int, hosts: list[str], all_hosts: bool, not
     if bool(hosts) == all_hosts:
         raise UsageError("name the hosts that may deploy this pointer with --hosts H [H ...], or sign it for "
                          "every host with --all-hosts (a pointer without a host list could be replayed on any host)")
-    bad = [h for h in hosts if not h.isprintable() or h == "*" or any(c.isspace() or c == "," for c in h)]
+    bad = [h for h in hosts if not h or not h.isprintable() or h == "*" or any(c.isspace() or c == "," for c in h)]
     if bad:
         raise UsageError(f"--hosts: not a host name: {shorten(bad[0], 60)}")
     if not_after is not None and no_expiry:
@@ -3369,6 +3561,7 @@ def command_sign(key: str, revision: int, hosts: list[str], all_hosts: bool, not
     if rollout:
         # The first step's bake time for `promote`, signed with the rest.
         lines.append(f"{STEP_STARTED_KEY}: {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}")
+    refuse_what_hosts_refuse("\n".join(lines) + "\n", hosts or ["*"])
     write_signed_pointer(key, output, lines)
     log(f"wrote {output} and {output}.sig (revision {revision}"
         + (f", valid until {not_after})" if not_after else ", never expires)"))
@@ -3393,6 +3586,23 @@ def write_signed_pointer(key: str, output: str, lines: list[str]) -> None:
     result = ssh_keygen(["-Y", "sign", "-f", key, "-n", SIGNATURE_NAMESPACE, output])
     if result.returncode != 0:
         raise AutodeployError(f"ssh-keygen -Y sign failed: {result.stdout.strip()}")
+
+
+def refuse_what_hosts_refuse(text: str, hosts: list[str]) -> None:
+    """`sign` reads the pointer it is about to sign with the hosts' own
+    parsers (lines, keys, revision, rollout fields, times, host list), so CI
+    cannot publish a pointer every host refuses."""
+    try:
+        if len(text.encode()) > MAX_POINTER_BYTES:  # what a host reads of a pointer at most
+            raise PointerError(f"pointer size {len(text.encode())} bytes is above the {MAX_POINTER_BYTES} bytes "
+                               "a host reads (a shorter --hosts list, or --all-hosts)")
+        pointer = parse_pointer(text.encode())
+        parse_rollout(pointer.metadata)
+        check_expiry(pointer)  # a not-after hosts cannot read, or already past
+    except PointerError as exc:
+        raise UsageError(f"sign: hosts would refuse this pointer: {str(exc).replace('pointer ', '', 1)}") from None
+    if pointer.metadata.get("hosts", "").replace(",", " ").split() != hosts:
+        raise UsageError(f"sign: hosts would read another host list than --hosts: {shorten(' '.join(hosts), 80)}")
 
 
 def command_trust_reset(state_dir: str, min_revision: int) -> int:
@@ -3813,14 +4023,31 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
-def positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return value
+# Every SECONDS option: a finite number up to this (366 days); larger ones
+# overflow timers and sleeps, nan and inf are not a time at all.
+MAX_OPTION_SECONDS: Final = 366 * 86400
+
+
+def seconds_option(*, zero: bool) -> Callable[[str], float]:
+    """The type of a SECONDS option: a finite number above 0 (or from 0 with
+    `zero`) and at most MAX_OPTION_SECONDS; anything else is a usage error."""
+    allowed = (f"from 0 to {MAX_OPTION_SECONDS}" if zero else f"above 0 and at most {MAX_OPTION_SECONDS}") \
+        + " (366 days)"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {shorten(text, 40)}") from None
+        # NaN fails every comparison, so it is refused here too.
+        if not ((value >= 0 if zero else value > 0) and value <= MAX_OPTION_SECONDS):
+            raise argparse.ArgumentTypeError(f"must be a number of seconds {allowed}: {shorten(text, 40)}")
+        return value
+    parse.__name__ = "seconds"
+    return parse
+
+
+positive: Final = seconds_option(zero=False)
 
 
 def http_url(text: str) -> str:
@@ -3878,9 +4105,12 @@ def parse_steps(text: str) -> tuple[float, ...]:
 
 def duration_option(text: str) -> float:
     try:
-        return parse_duration(text)
+        value = parse_duration(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a duration such as 30m, 2h or 1d: {text!r}") from None
+    if value > MAX_OPTION_SECONDS:  # a plain number of 400 digits is inf
+        raise argparse.ArgumentTypeError(f"at most 366d: {shorten(text, 40)}")
+    return value
 
 
 def count_option(text: str) -> int:
@@ -3932,6 +4162,7 @@ other commands (see `autodeploy.py COMMAND --help`):
   resume        deploy again after `suspend`
   trust-reset   set the revision floor by hand (recovery; logged)
   sign          write a signed pointer (for CI)
+  check-boot    boot assessment: health checks for the booted system
   promote       the rollout's next step from the fleet's metrics (for CI)"""
 
 
@@ -4081,7 +4312,7 @@ def build_parser() -> argparse.ArgumentParser:
     check_p.add_argument("--url", required=True, type=http_url,
                          help="pointer URL, fetched as the connectivity check")
     add_check_options(check_p, "run CMD via /bin/sh -c; non-zero fails the boot check (repeatable)")
-    check_p.add_argument("--wait", type=float, default=300.0, metavar="SECONDS",
+    check_p.add_argument("--wait", type=seconds_option(zero=True), default=300.0, metavar="SECONDS",
                          help="retry failing checks for up to SECONDS (network coming up; default: 300)")
     check_p.add_argument("--timeout", type=positive, default=30.0, metavar="SECONDS", help="HTTP timeout")
     check_p.add_argument("--token-file", metavar="FILE", help="send `Authorization: Bearer <token>` read from FILE")
@@ -4157,7 +4388,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001
         if _verbose:
             raise
-        log(f"internal error: {type(exc).__name__}: {exc} (run with --verbose for a traceback)")
+        log(f"internal error: {type(exc).__name__}: {outside_text(str(exc))} (run with --verbose for a traceback)")
         return 1
 
 

@@ -495,3 +495,47 @@ def test_url_credentials_are_masked_in_every_form(raw_server):
     message = str(exc.value)
     assert "ZGVwbG95OnBAc3Mh" not in message and "p@ss!" not in message and "p%40ss%21" not in message
     assert "***" in message
+
+
+# ---------------------------------------------------------------------------
+# Bad host names from a server (issue #18, item 3): the real agent
+# ---------------------------------------------------------------------------
+
+BAD_HOSTS = ["a..b", "x" * 64 + ".example"]
+
+
+def redirect_to(target: str) -> bytes:
+    return (f"HTTP/1.1 302 Found\r\nLocation: {target}\r\nContent-Length: 0\r\n\r\n").encode()
+
+
+@pytest.mark.parametrize("bad", BAD_HOSTS)
+def test_redirect_to_a_bad_host_name_is_a_fetch_error(host, raw_server, bad):
+    srv = raw_server(lambda conn, n: conn.sendall(redirect_to(f"http://{bad}/pointer")))
+    r = host.once(srv.url)
+    assert r.returncode == 3, r.stderr
+    lines = r.stderr.strip().splitlines()
+    errors = [line for line in lines if "error" in line]
+    assert len(errors) == 1 and "bad host name" in errors[0], r.stderr
+    assert "Traceback" not in r.stderr and "KeyError" not in r.stderr and "internal" not in r.stderr
+    assert host.state()["last_error"]["kind"] == "fetch"
+
+
+@pytest.mark.parametrize("bad", BAD_HOSTS)
+def test_bad_host_name_in_the_connectivity_check_rolls_back(host, world, raw_server, bad):
+    a, b = world.path("a"), world.path("b")
+    pointer = f"{b}\n".encode()
+
+    def answer(conn, n):
+        if n == 0:  # the pointer; every later request (the connectivity check) is redirected
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(pointer), pointer))
+        else:
+            conn.sendall(redirect_to(f"http://{bad}/pointer"))
+    srv = raw_server(answer)
+    assert host.once(host.url).returncode == 0  # tracking a
+    r = host.once(srv.url)
+    assert r.returncode == 5, r.stderr
+    assert "connectivity check failed" in r.stderr and "bad host name" in r.stderr
+    assert "Traceback" not in r.stderr and "internal" not in r.stderr
+    state = host.state()
+    assert host.current == a and host.profile == a
+    assert state["intent"] is None and state["quarantined"] == b and state["last_state"] == "rolled_back"

@@ -428,3 +428,110 @@ def test_every_servers_all_slots_taken_is_one_kind(status, body):
         srv.close()
     assert exc.value.kind == "slot_busy"
     assert b"fleet-lock-protocol: true" in srv.requests[0].lower()  # header names are case-insensitive
+
+
+# ---------------------------------------------------------------------------
+# Hostile lock replies (issue #18, items 1 and 2): the status decides
+# ---------------------------------------------------------------------------
+
+LARGE = b'{"kind": "x", "value": "' + b"y" * 10000 + b'"}'
+HOSTILE_REPLIES = {
+    # A non-200 whose body cannot be read: malformed chunk size, stalled, reset.
+    "chunk": b"HTTP/1.1 500 X\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    "stall": b'HTTP/1.1 500 X\r\nContent-Length: 100\r\n\r\n{"kind"',
+    "reset": b'HTTP/1.1 503 X\r\nContent-Length: 100\r\n\r\n{"ki',
+    # Larger than the reply limit: the status still decides.
+    "big200": b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(LARGE), LARGE),
+    "big409": b"HTTP/1.1 409 X\r\nContent-Length: %d\r\n\r\n%s" % (len(LARGE), LARGE),
+    "ok": b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+}
+
+
+class HostileLockServer:
+    """A raw socket lock server answering every request as `mode` says."""
+
+    def __init__(self) -> None:
+        import servers
+        self.mode = "ok"
+        self.srv = servers.RawServer(self.answer)
+
+    def answer(self, conn, n) -> None:
+        mode = self.mode
+        conn.sendall(HOSTILE_REPLIES[mode])
+        if mode == "stall":
+            self.srv.sleep(30)
+        elif mode == "reset":
+            import struct
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.srv.port}"
+
+    def operations(self) -> list[str]:
+        return [r.split(b" ", 2)[1].decode() for r in self.srv.requests]
+
+
+@pytest.fixture
+def hostile_lock():
+    srv = HostileLockServer()
+    yield srv
+    srv.srv.close()
+
+
+@pytest.mark.parametrize("mode,kind", [("chunk", "http_500"), ("stall", "http_500"), ("reset", "http_503")])
+def test_unreadable_error_reply_to_pre_reboot_is_a_counted_lock_error(host, world, server, hostile_lock, mode, kind):
+    assert fl_once(host, None, url=hostile_lock.url).returncode == 0
+    server.pointer(world.path("b"))
+    hostile_lock.mode = mode
+    started = time.monotonic()
+    r = fl_once(host, None, "--timeout", "2", url=hostile_lock.url)
+    assert r.returncode == 0, r.stderr
+    assert time.monotonic() - started < 30
+    assert "internal error" not in r.stderr and "Traceback" not in r.stderr
+    assert reboots(host) == 0 and state_gauge(host) == "waiting_reboot_slot"
+    assert host.state()["deployed"] == world.path("b")
+    text = host.metrics_text()
+    assert f'nixos_autodeploy_fleetlock_failures_total{{operation="pre-reboot",kind="{kind}"}} 1' in text
+    assert "reply not read" in host.state()["fleetlock_error"]["message"]
+    promtool_ok(host)
+
+
+@pytest.mark.parametrize("mode", ["chunk", "stall", "reset"])
+def test_unreadable_reply_to_release_after_a_healthy_reboot_keeps_the_deploy(host, world, server, hostile_lock,
+                                                                            tmp_path, mode):
+    b = world.path("b")
+    hooks = ("--on-success", f"echo ok >> {tmp_path}/hooks", "--on-failure", f"echo failed >> {tmp_path}/hooks")
+    assert fl_once(host, None, url=hostile_lock.url).returncode == 0
+    server.pointer(b)
+    assert fl_once(host, None, *hooks, url=hostile_lock.url).returncode == 0 and reboots(host) == 1
+    host.reboot()
+    hostile_lock.mode = mode
+    r = fl_once(host, None, "--timeout", "2", *hooks, url=hostile_lock.url)
+    assert r.returncode == 0, r.stderr
+    assert "internal error" not in r.stderr
+    assert host.current == b and state_gauge(host) == "deployed"
+    state = host.state()
+    assert state["verified"] is True and state["last_error"] is None and state["reboot_slot"] is not None
+    assert state["history"][-1]["outcome"] == "deployed"
+    hooks_run = (tmp_path / "hooks").read_text().split() if (tmp_path / "hooks").exists() else []
+    assert "failed" not in hooks_run  # not the on-failure hook
+    assert 'fleetlock_failures_total{operation="steady-state",kind="http_50' in host.metrics_text()
+    hostile_lock.mode = "ok"
+    assert fl_once(host, None, url=hostile_lock.url).returncode == 0  # retried next run
+    assert host.state()["reboot_slot"] is None and hostile_lock.operations()[-1] == "/v1/steady-state"
+
+
+def test_the_status_decides_before_the_reply_size(host, world, server, hostile_lock):
+    assert fl_once(host, None, url=hostile_lock.url).returncode == 0
+    server.pointer(world.path("b"))
+    hostile_lock.mode = "big409"
+    r = fl_once(host, None, url=hostile_lock.url)
+    assert r.returncode == 0, r.stderr
+    assert reboots(host) == 0 and state_gauge(host) == "waiting_reboot_slot"
+    assert 'fleetlock_failures_total{operation="pre-reboot",kind="slot_busy"} 1' in host.metrics_text()
+    hostile_lock.mode = "big200"  # granted: the server holds the slot for us, so we reboot
+    r = fl_once(host, None, url=hostile_lock.url)
+    assert r.returncode == 0, r.stderr
+    assert reboots(host) == 1 and state_gauge(host) == "pending_reboot"
+    assert host.state()["reboot_slot"]["granted"] is True

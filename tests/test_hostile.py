@@ -723,3 +723,96 @@ def test_a_key_past_valid_before_is_refused_within_the_hour(host, world, server,
     state_file.write_text(json.dumps(data))
     r = host.once(host.url, "--trusted-keys", str(trusted))
     assert r.returncode == 4 and error_kind(host) == "signature", r.stderr
+
+
+# ---------------------------------------------------------------------------
+# The state's schema (issue #18, item 5): right outer types, wrong inside
+
+
+@pytest.mark.parametrize("field,raw", [
+    ("fleetlock_error", '{"operation": "pre-reboot", "kind": 1, "message": "x", "time": "1"}'),
+    ("deploys_total", "1" + "0" * 400),
+    ("history", "[1]"),
+    ("history", '[{"time": "yesterday", "action": "switch"}]'),
+    ("last_error", '{"kind": 5}'),
+    ("rollout", '{"target": 1}'),
+    ("interrupted", '{"/nix/store/x": 1e400}'),
+    ("last_run", "1e400"),
+    # Review of #18: inner values `status` and the agent divide by or index.
+    ("last_error", '{"kind": "fetch"}'),
+    ("rollout", '{"target": "/nix/store/x", "bucket": 5, "start_percent": 0, "percent": 0, "start": 0, '
+                '"duration": 0, "paused": false}'),
+], ids=["lock-kind-int", "count-10e400", "history-int", "history-time-str", "last-error-kind-int",
+        "rollout-target-int", "interrupted-inf", "last-run-inf", "last-error-no-message", "rollout-duration-0"])
+def test_state_with_bad_inner_values_fails_closed(host, world, server, field, raw):
+    a, b = world.path("a"), world.path("b")
+    assert host.once(host.url).returncode == 0  # tracking a
+    state_file = host.var_lib / "nixos-autodeploy" / "state.json"
+    state = json.loads(state_file.read_text())
+    state.pop(field, None)
+    text = json.dumps(state)[:-1] + f', "{field}": {raw}}}\n'
+    state_file.write_text(text)
+    server.pointer(b)
+    r = host.once(host.url, "--on-failure", "echo $NIXOS_AUTODEPLOY_ERROR_KIND > /run/hook")
+    assert r.returncode == 9, r.stderr
+    assert f"({field} is not" in r.stderr and "trust-reset" in r.stderr
+    assert "internal error" not in r.stderr and "Traceback" not in r.stderr
+    assert host.current == a and host.profile == a  # nothing deployed
+    assert state_file.read_text() == text  # left as it is
+    assert state_gauge(host) == "failed" and error_kind(host) == "state"
+    assert (host.run_dir / "hook").read_text().strip() == "state"
+    status = host.agent("status")
+    assert status.returncode == 9 and f"({field} is not" in status.stderr, status.stderr
+    assert "internal error" not in status.stderr and "Traceback" not in status.stderr
+
+
+@pytest.mark.parametrize("line", ["rollout: INTERNAL-SECRET", "rollout-start: INTERNAL-SECRET\nrollout-duration: 1h",
+                                  "rollout-start: 2026-01-01T00:00:00Z\nrollout-duration: INTERNAL-SECRET",
+                                  "pause: INTERNAL-SECRET"])
+def test_rollout_text_from_another_origin_is_shown_nowhere(host, world, server, tmp_path, line):
+    """Issue #18, item 7: the rule for pointer excerpts also holds for rollout fields."""
+    internal = type(server)(world.cache)
+    try:
+        internal.set("/admin", f"{world.path('b')}\n{line}\n")
+        server.set("/pointer", "", status=302, headers={"Location": internal.base + "/admin"})
+        hook, dump = hook_dump(host, tmp_path)
+        r = host.once(host.url, "--on-failure", hook, "--prometheus-path", METRICS)
+        assert r.returncode == 4, r.stderr
+        assert "redirect target on another host" in r.stderr
+        seen = [r.stderr, everything_persisted(host), dump.read_text(), host.agent("status").stdout,
+                host.agent("status", "--json").stdout]
+        assert not [s for s in seen if "INTERNAL-SECRET" in s]
+        # The same pointer from the pointer's own origin is shown (escaped): the rule is about origins.
+        server.set("/pointer", f"{world.path('b')}\n{line}\n")
+        r = host.once(host.url)
+        assert r.returncode == 4 and "INTERNAL-SECRET" in r.stderr, r.stderr
+    finally:
+        internal.close()
+
+
+# ---------------------------------------------------------------------------
+# Masking only what came from outside (issue #18, item 9)
+
+
+def test_a_password_never_masks_the_agents_own_words(host, world, server, tmp_path):
+    b = world.path("b")
+    url = host.url.replace("http://", "http://ops:deploy@")
+    assert host.once(url).returncode == 0  # tracking a
+    server.pointer(b)
+    hook, dump = hook_dump(host, tmp_path)
+    r = host.once(url, "--on-success", hook, "--prometheus-path", METRICS)
+    assert r.returncode == 0, r.stderr
+    assert host.current == b
+    text = host.metrics_text()
+    assert 'nixos_autodeploy_state{state="deployed"} 1' in text and "***ed" not in text
+    assert "deployed" in r.stderr and "***ed" not in r.stderr
+    assert "NIXOS_AUTODEPLOY_OUTCOME=deployed" in dump.read_text().splitlines()
+    status = host.agent("status")
+    assert "deployed" in status.stdout and "***" not in status.stdout
+    assert host.state()["last_state"] == "deployed" and "***" not in host.state()["last_reason"]
+    # What came from outside is still masked: the pointer echoing the password, in any case.
+    server.set("/pointer", "<html>DePloy</html>\n")
+    r = host.once(url)
+    assert r.returncode == 4, r.stderr
+    assert "***" in r.stderr and "DePloy" not in r.stderr + everything_persisted(host)
+    assert "ops:deploy" not in r.stderr + everything_persisted(host)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from test_cycle import promtool_ok, state_gauge
 from world import REPO
+
+sys.path.insert(0, str(REPO))
 
 STATUS_FIELDS = {
     "version", "current", "booted", "profile", "deployed", "upstream", "upstream_revision", "state", "reason",
@@ -128,3 +131,70 @@ def test_demo_runs_end_to_end():
                    "nixos_autodeploy_state{state=\"pending_reboot\"} 1"):
         assert needle in out, needle
     assert "Done in" in out
+
+
+# ---------------------------------------------------------------------------
+# Bad numeric option values (issue #18, item 10)
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("args", [
+    ["check-boot", "--wait", "nan"], ["check-boot", "--wait", "inf"], ["check-boot", "--wait", "-1"],
+    ["check-boot", "--timeout", "inf"], ["check-boot", "--health-timeout", "nan"],
+    ["run", "--once", "--timeout", "inf"], ["run", "--once", "--timeout", "nan"], ["run", "--once", "--timeout", "0"],
+    ["run", "--once", "--timeout", "1e300"], ["run", "--once", "--interval", "inf"],
+    ["run", "--once", "--health-timeout=-inf"], ["run", "--once", "--hook-timeout", "NaN"],
+], ids=lambda a: " ".join(a))
+def test_numeric_options_refuse_nan_inf_and_out_of_range(host, args):
+    r = host.agent(args[0], "--url", host.url, *args[1:], timeout=60)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "must be a number of seconds" in lines[0], r.stderr
+    assert not (host.var_lib / "nixos-autodeploy").exists()  # refused before anything ran
+
+
+def test_the_largest_seconds_values_work(host):
+    r = host.agent("check-boot", "--url", host.url, "--wait", "0", "--timeout", "31622400")
+    assert r.returncode == 0, r.stderr
+    r = host.agent("run", "--once", "--url", host.url, "--timeout", "31622400", "--hook-timeout", "31622400")
+    assert r.returncode == 0, r.stderr
+
+
+# ---------------------------------------------------------------------------
+# `status` for a non-root user, --help, alignment (issue #18, item 11 and "also")
+
+
+def as_nobody(host, *args: str):
+    import shlex
+    import world
+    python = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
+    argv = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", python, str(world.AGENT), *args]
+    return host.sh(shlex.join(argv), check=False)
+
+
+def test_status_as_non_root_says_it_cannot_read_and_how_to_run_it(host):
+    assert host.once(host.url).returncode == 0
+    r = as_nobody(host, "status")
+    assert r.returncode == 9, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert "permission denied" in lines[0] and "as root" in lines[0] and "sudo" in lines[0]
+    assert "corrupt" not in lines[0] and "trust-reset" not in lines[0]
+    assert host.agent("status").returncode == 0  # root still reads it
+
+
+def test_help_lists_every_command_and_status_rows_align(host):
+    import autodeploy
+    import world
+    r = subprocess.run([sys.executable, str(world.AGENT), "--help"], capture_output=True, text=True)
+    assert r.returncode == 0
+    listed = r.stdout.split("other commands", 1)[1]
+    for command in autodeploy.COMMANDS:
+        if command != "run":
+            assert f"\n  {command} " in listed, command
+    text = host.agent("status").stdout  # never run: an empty history
+    rows = [line for line in text.splitlines() if line and not line.startswith(" ")]
+    columns = {len(line) - len(line.split("  ", 1)[1].lstrip()) for line in rows}
+    assert len(columns) == 1, text
+    assert any(line.startswith("history ") and line.endswith("none") for line in rows)

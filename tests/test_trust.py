@@ -341,8 +341,10 @@ def test_pointer_for_other_hosts_is_refused(signed, host, world):
     assert host.state()["highest_revision"] == 1  # a refused revision is not accepted
 
 
-def test_expired_pointer_is_refused(signed, host, world):
-    signed.publish("ci1", 2, world.path("b"), not_after="2001-01-01T00:00:00Z")
+def test_expired_pointer_is_refused(signed, host, world, keys, server, tmp_path):
+    # `sign` refuses to write it (test_sign_refuses_what_hosts_refuse): signed by hand.
+    body = f"{world.path('b')}\nrevision: 2\nhosts: *\nnot-after: 2001-01-01T00:00:00Z\n".encode()
+    serve(server, *keygen_sign(keys["ci1"], body, tmp_path / "expired"))
     before = snapshot(host)
     assert_refused(host, signed.once(), "expired", before, "expired")
     assert host.state()["highest_revision"] == 1
@@ -705,3 +707,87 @@ def test_url_credentials_and_token_file_together_are_a_usage_error(host, server,
     url = host.url.replace("http://", "http://user:pw@")
     r = host.once(url, "--token-file", str(token_file))
     assert r.returncode == 2 and "not both" in r.stderr and "pw" not in r.stderr
+
+
+# ---------------------------------------------------------------------------
+# The signature's work directory (issue #18, item 6)
+# ---------------------------------------------------------------------------
+
+
+def test_dry_run_with_keys_before_the_state_directory_exists(host, world, server, keys, tmp_path):
+    body, sig = sign(keys["ci1"], 1, world.path("b"), tmp_path / "pointer")
+    serve(server, body, sig)
+    trusted = trust_file(tmp_path / "trusted.pub", keys["ci1"].public)
+    state_dir = host.var_lib / "nixos-autodeploy"
+    assert not state_dir.exists()
+    r = host.once(host.url, "--dry-run", "--trusted-keys", str(trusted))
+    assert r.returncode == 0, r.stderr
+    assert "internal error" not in r.stderr
+    assert "would" in r.stdout
+    assert not state_dir.exists()  # a dry run creates nothing
+    assert host.current == world.path("a")
+
+
+def test_full_state_disk_while_verifying_is_a_state_error(host, world, server, keys, tmp_path):
+    from test_hostile import fill_leaving
+    state_dir = host.small_disk("/var/lib/nixos-autodeploy", "64k")
+    state_dir.chmod(0o700)
+    trusted = trust_file(tmp_path / "trusted.pub", keys["ci1"].public)
+    serve(server, *sign(keys["ci1"], 1, world.path("a"), tmp_path / "p1"))
+    assert host.once(host.url, "--trusted-keys", str(trusted)).returncode == 0
+    old = (state_dir / "state.json").read_text()
+    filler = fill_leaving(state_dir, 0)
+    serve(server, *sign(keys["ci1"], 2, world.path("b"), tmp_path / "p2"))
+    r = host.once(host.url, "--trusted-keys", str(trusted))
+    assert r.returncode == 9, r.stderr
+    assert "internal error" not in r.stderr
+    assert error_kind(host) == "state" and state_gauge(host) == "failed"
+    assert host.current == world.path("a") and (state_dir / "state.json").read_text() == old
+    assert not [p for p in state_dir.iterdir() if p.name.startswith(".verify-")]  # nothing left behind
+    filler.unlink()
+    r = host.once(host.url, "--trusted-keys", str(trusted))
+    assert r.returncode == 0 and host.current == world.path("b"), r.stderr
+
+
+# ---------------------------------------------------------------------------
+# `sign` refuses what hosts refuse (issue #18, item 8)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [
+    ["--all-hosts", "--not-after", "2030-01-01\n00:00:00Z"],
+    ["--all-hosts", "--not-after", "2030-01-01\x0b00:00:00Z"],
+    ["--all-hosts", "--rollout-start", "2030-01-01\n00:00:00Z", "--rollout-duration", "1h"],
+    ["--all-hosts", "--rollout-start", "2030-01-01\x0b00:00:00Z", "--rollout-duration", "1h"],
+    ["--hosts", ""],
+    ["--hosts", "web1", ""],
+    # Review of #18: already expired (hosts: exit 4, "expired"), larger than a host reads (MAX_POINTER_BYTES).
+    ["--all-hosts", "--not-after", "2020-01-01T00:00:00Z"],
+    ["--hosts", *(f"host{i:05d}.example.org" for i in range(4000))],
+], ids=["not-after-newline", "not-after-vtab", "rollout-start-newline", "rollout-start-vtab", "hosts-empty",
+        "hosts-one-empty", "not-after-past", "larger-than-hosts-read"])
+def test_sign_refuses_what_hosts_refuse(keys, tmp_path, args):
+    out = tmp_path / "pointer"
+    path = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-nixos-system-a"
+    r = subprocess.run([sys.executable, str(AGENT), "sign", "--key", str(keys["ci1"].private), "--revision", "1",
+                        *args, "-o", str(out), path], capture_output=True, text=True)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not out.exists() and not (tmp_path / "pointer.sig").exists()
+
+
+def test_hosts_and_sign_read_times_with_one_parser(keys, tmp_path):
+    """What `sign` accepts, a host accepts: the same parse_rfc3339."""
+    import importlib
+    sys.path.insert(0, str(AGENT.parent))
+    ad = importlib.import_module("autodeploy")
+    for text in ("2030-01-01T00:00:00Z", "2030-01-01t00:00:00+02:00", "2030-01-01 00:00:00", "2030-01-01"):
+        ad.parse_rfc3339(text)
+        out = tmp_path / "p"
+        r = subprocess.run([sys.executable, str(AGENT), "sign", "--key", str(keys["ci1"].private), "--revision", "1",
+                            "--all-hosts", "--not-after", text, "-o", str(out),
+                            "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-nixos-system-a"], capture_output=True,
+                           text=True)
+        assert r.returncode == 0, r.stderr
+        pointer = ad.parse_pointer(out.read_bytes())
+        ad.check_expiry(pointer)
