@@ -627,7 +627,6 @@ substituters = http://{host}/cache
 trusted-public-keys = {key}
 connect-timeout = 5
 stalled-download-timeout = 20
-fsync-metadata = false
 """
 
 

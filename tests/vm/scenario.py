@@ -40,6 +40,9 @@ class Guest:
 
     def install_agent(self) -> None:
         self.m.put(GUEST_AGENT_PATH, AGENT.read_bytes(), 0o755)
+        # nix's defaults (fsync-metadata on): with it off, a power loss left
+        # nix's SQLite database malformed, and every later realise failed.
+        self.m.put("/etc/nix/nix.conf", harness.NIX_CONF.format(host=CACHE_HOST, key=self.systems.public_key))
 
     def point(self, name: str) -> str:
         path = self.systems[name]
