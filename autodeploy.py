@@ -605,7 +605,7 @@ HISTORY_ENTRY: Final = _record({
 ROLLOUT_VIEW: Final = _record({
     "target": _text, "hostname": _text, "bucket": lambda v: _integer(v) and 0 <= v < ROLLOUT_BUCKETS,
     "start_percent": lambda v: _number(v, 0, 100), "percent": lambda v: _number(v, 0, 100),
-    "start": _optional(_number), "duration": _optional(lambda v: _number(v, 0)), "paused": _flag,
+    "start": _optional(_number), "duration": _optional(lambda v: _number(v, 0) and v > 0), "paused": _flag,
     "admitted": _flag, "turn_at": _optional(_number),
 }, required=("target", "bucket", "start_percent", "start", "duration", "percent", "paused"))
 STATE_SCHEMA: Final[dict[str, tuple[Callable[[Any], bool], str]]] = {
@@ -628,7 +628,8 @@ STATE_SCHEMA: Final[dict[str, tuple[Callable[[Any], bool], str]]] = {
     "intent": (_optional(_record({key: (lambda types: lambda v: json_matches(v, types))(types)
                                   for key, types in INTENT_FIELDS.items()})),
                "an object of typed intent fields or null"),
-    "last_error": (_optional(_map_of(_text)), "an object of strings or null"),
+    "last_error": (_optional(lambda v: _map_of(_text)(v) and "kind" in v and "message" in v),
+                   "an object of strings with kind and message, or null"),
     "boot_failure": (_optional(_record({"path": _opt_text, "booted": _opt_text, "choice": _opt_text,
                                         "reason": _opt_text, "time": _opt_moment})),
                      "an object of typed boot-failure fields or null"),
@@ -2259,7 +2260,8 @@ def with_margin(needed: int) -> int:
 def write_boot_check(state_dir: str, system: str | None, error: AutodeployError | None) -> None:
     StateStore(state_dir).ensure_dir()
     record = {"boot_id": current_boot_id(), "system": system, "ok": error is None,
-              "error": outside_text(str(error))[:500] if error else None, "time": time.time()}
+              # The agent's message: what came from outside was masked where it entered.
+              "error": printable(str(error))[:500] if error else None, "time": time.time()}
     atomic_write(os.path.join(state_dir, BOOT_CHECK_FILE), json.dumps(record, sort_keys=True) + "\n", 0o600)
 
 
@@ -4122,14 +4124,12 @@ def refuse_what_hosts_refuse(text: str, hosts: list[str]) -> None:
     parsers (lines, keys, revision, rollout fields, times, host list), so CI
     cannot publish a pointer every host refuses."""
     try:
+        if len(text.encode()) > MAX_POINTER_BYTES:  # what a host reads of a pointer at most
+            raise PointerError(f"pointer size {len(text.encode())} bytes is above the {MAX_POINTER_BYTES} bytes "
+                               "a host reads (a shorter --hosts list, or --all-hosts)")
         pointer = parse_pointer(text.encode())
         parse_rollout(pointer.metadata)
-        if "not-after" in pointer.metadata:
-            try:
-                parse_rfc3339(pointer.metadata["not-after"])
-            except ValueError:
-                raise PointerError(f"pointer not-after is not an RFC 3339 time: "
-                                   f"{shorten(pointer.metadata['not-after'])}") from None
+        check_expiry(pointer)  # a not-after hosts cannot read, or already past
     except PointerError as exc:
         raise UsageError(f"sign: hosts would refuse this pointer: {str(exc).replace('pointer ', '', 1)}") from None
     if pointer.metadata.get("hosts", "").replace(",", " ").split() != hosts:

@@ -181,6 +181,17 @@ def check_boot(host, *args: str, timeout: float = 120):
     return host.agent("check-boot", "--url", host.url, *args, timeout=timeout)
 
 
+def test_a_password_never_masks_the_boot_checks_own_words(host, world, server):
+    """Review of #18 (item 9): boot-check.json keeps the agent's own words; only the URL's password is masked."""
+    url = host.url.replace("http://", "http://ops:check@").replace("/pointer", "/missing")
+    r = host.agent("check-boot", "--url", url, "--wait", "0", timeout=120)
+    assert r.returncode == 5, r.stderr
+    record = json.loads((host.var_lib / "nixos-autodeploy" / "boot-check.json").read_text())
+    assert record["ok"] is False
+    assert record["error"].startswith("connectivity check failed: GET http://***@127.0.0.1:"), record
+    assert "ops:check" not in record["error"] and "answered HTTP 404" in record["error"]
+
+
 def test_failed_boot_check_rolls_the_staged_system_back(host, world, server):
     a, b = world.path("a"), world.path("b")
     check = "test ! -e /var/lib/standin/unhealthy"

@@ -738,8 +738,12 @@ def test_a_key_past_valid_before_is_refused_within_the_hour(host, world, server,
     ("rollout", '{"target": 1}'),
     ("interrupted", '{"/nix/store/x": 1e400}'),
     ("last_run", "1e400"),
+    # Review of #18: inner values `status` and the agent divide by or index.
+    ("last_error", '{"kind": "fetch"}'),
+    ("rollout", '{"target": "/nix/store/x", "bucket": 5, "start_percent": 0, "percent": 0, "start": 0, '
+                '"duration": 0, "paused": false}'),
 ], ids=["lock-kind-int", "count-10e400", "history-int", "history-time-str", "last-error-kind-int",
-        "rollout-target-int", "interrupted-inf", "last-run-inf"])
+        "rollout-target-int", "interrupted-inf", "last-run-inf", "last-error-no-message", "rollout-duration-0"])
 def test_state_with_bad_inner_values_fails_closed(host, world, server, field, raw):
     a, b = world.path("a"), world.path("b")
     assert host.once(host.url).returncode == 0  # tracking a

@@ -341,8 +341,10 @@ def test_pointer_for_other_hosts_is_refused(signed, host, world):
     assert host.state()["highest_revision"] == 1  # a refused revision is not accepted
 
 
-def test_expired_pointer_is_refused(signed, host, world):
-    signed.publish("ci1", 2, world.path("b"), not_after="2001-01-01T00:00:00Z")
+def test_expired_pointer_is_refused(signed, host, world, keys, server, tmp_path):
+    # `sign` refuses to write it (test_sign_refuses_what_hosts_refuse): signed by hand.
+    body = f"{world.path('b')}\nrevision: 2\nhosts: *\nnot-after: 2001-01-01T00:00:00Z\n".encode()
+    serve(server, *keygen_sign(keys["ci1"], body, tmp_path / "expired"))
     before = snapshot(host)
     assert_refused(host, signed.once(), "expired", before, "expired")
     assert host.state()["highest_revision"] == 1
@@ -759,8 +761,11 @@ def test_full_state_disk_while_verifying_is_a_state_error(host, world, server, k
     ["--all-hosts", "--rollout-start", "2030-01-01\x0b00:00:00Z", "--rollout-duration", "1h"],
     ["--hosts", ""],
     ["--hosts", "web1", ""],
+    # Review of #18: already expired (hosts: exit 4, "expired"), larger than a host reads (MAX_POINTER_BYTES).
+    ["--all-hosts", "--not-after", "2020-01-01T00:00:00Z"],
+    ["--hosts", *(f"host{i:05d}.example.org" for i in range(4000))],
 ], ids=["not-after-newline", "not-after-vtab", "rollout-start-newline", "rollout-start-vtab", "hosts-empty",
-        "hosts-one-empty"])
+        "hosts-one-empty", "not-after-past", "larger-than-hosts-read"])
 def test_sign_refuses_what_hosts_refuse(keys, tmp_path, args):
     out = tmp_path / "pointer"
     path = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-nixos-system-a"
