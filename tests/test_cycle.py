@@ -57,7 +57,7 @@ def test_row2_ours_up_to_date_runs_nothing(host, world):
     assert host.once(host.url).returncode == 0
     r = host.once(host.url)
     assert r.returncode == 0
-    assert "decision: nothing: up to date" in r.stderr
+    assert "plan: phase: settled; upstream: deployed: up to date" in r.stderr
     assert state_gauge(host) == "up_to_date"
     assert host.activations() == [] and host.calls() == []
     assert not host.link("/run/upstream-system")  # no nix command ran, not even a realise
@@ -144,7 +144,7 @@ def test_dry_run_changes_nothing(host, world, server):
     server.pointer(b)
     r = host.once(host.url, "--dry-run")
     assert r.returncode == 0, r.stderr
-    assert "decision: deploy" in r.stdout and f"would deploy {b}" in r.stdout
+    assert "phase: settled; upstream: new: upstream changed" in r.stdout and f"1. deploy {b} (switch)" in r.stdout
     assert host.current == world.path("a") and host.profile == world.path("a")
     assert host.state() == state_before and host.metrics_text() == metrics_before
     assert not host.store_has(b) and host.activations() == []

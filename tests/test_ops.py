@@ -18,6 +18,7 @@ STATUS_FIELDS = {
     "last_run_success", "last_success", "last_error", "reboot_required", "reboot_reason", "rollbacks_total",
     "deploys_total", "interrupted_deploy", "boot_failure", "boot_free_bytes", "history", "revision_floor",
     "rollout", "reboot_slot", "fleetlock_error",  # fleet rollouts (issue #14)
+    "phase",  # the lifecycle state machine (issue #17)
 }
 
 
@@ -126,7 +127,7 @@ def test_demo_runs_end_to_end():
                        timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout
-    for needle in ("decision: track", "state: deployed: switched to", "staging for the next boot",
+    for needle in ("start tracking", "state: deployed: switched to", "staging for the next boot",
                    "healthy after the reboot", 'nixos_autodeploy_dirty 1', "resume tracking",
                    "nixos_autodeploy_state{state=\"pending_reboot\"} 1"):
         assert needle in out, needle

@@ -132,7 +132,7 @@ def test_real_agent_decides_like_the_rule_for_many_names(host, world, server):
         outs = [host.once(host.url, "--dry-run", "--hostname", name).stdout for _ in range(2)]
         assert outs[0] == outs[1]  # the same answer on every poll
         assert f"bucket {bucket(name, b)} of 10000, rollout at 30.00%" in outs[0], outs[0]
-        answers[name] = "would wait: waiting_rollout" not in outs[0]
+        answers[name] = "waits: wave:" not in outs[0]
         assert answers[name] == (bucket(name, b) < 3000), (name, outs[0])
     assert any(answers.values()) and not all(answers.values())
     assert host.current == a and not host.store_has(b)

@@ -501,7 +501,7 @@ def test_second_noop_cycle_spawns_no_ssh_keygen(signed, host, world, tmp_path):
     calls.write_text("")
     r = signed.once("-v")
     assert r.returncode == 0, r.stderr
-    assert "decision: nothing: up to date" in r.stderr
+    assert "plan: phase: settled; upstream: deployed: up to date" in r.stderr
     assert calls.read_text() == ""
     assert "running: ssh-keygen" not in r.stderr
     assert host.state()["highest_revision"] == 2
@@ -723,7 +723,7 @@ def test_dry_run_with_keys_before_the_state_directory_exists(host, world, server
     r = host.once(host.url, "--dry-run", "--trusted-keys", str(trusted))
     assert r.returncode == 0, r.stderr
     assert "internal error" not in r.stderr
-    assert "would" in r.stdout
+    assert "phase: untracked; upstream: new" in r.stdout  # the plan was printed
     assert not state_dir.exists()  # a dry run creates nothing
     assert host.current == world.path("a")
 

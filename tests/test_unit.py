@@ -3,6 +3,8 @@ No root, no nix, no network: these run anywhere (also in the flake's check phase
 
 from __future__ import annotations
 
+import json
+
 import os
 import subprocess
 import sys
@@ -71,24 +73,50 @@ def rec(deployed=None, staged_from=None, activation="switch"):
     return ad.State(deployed=deployed, staged_from=staged_from, activation=activation)
 
 
-@pytest.mark.parametrize("host,upstream,state,force,action,dirty", [
-    (view(A, A), A, rec(), False, ad.Action.TRACK, False),                  # row 1
-    (view(A, A), A, rec(A), False, ad.Action.NOTHING, False),               # row 2
-    (view(A, B), B, rec(B, A, "boot"), False, ad.Action.NOTHING, False),    # row 2, reboot pending
-    (view(A, A), B, rec(A), False, ad.Action.DEPLOY, False),                # row 3
-    (view(A, B), C, rec(B, A, "boot"), False, ad.Action.DEPLOY, False),     # row 3 while a boot is staged
-    (view(B, B), B, rec(A), False, ad.Action.RESUME, False),                # row 4
-    (view(A, A), B, rec(), False, ad.Action.DIRTY, True),                   # row 5: no record
-    (view(C, C), B, rec(A), False, ad.Action.DIRTY, True),                  # row 5: nixos-rebuild switch
-    (view(C, A), B, rec(A), False, ad.Action.DIRTY, True),                  # row 5: nixos-rebuild test
-    (view(A, C), B, rec(A), False, ad.Action.DIRTY, True),                  # row 5: nixos-rebuild boot
-    (view(A, B), C, rec(B, A, "switch"), False, ad.Action.DIRTY, True),     # switch deploy, current moved back
-    (view(A, A), A, rec(), True, ad.Action.TRACK, False),
-    (view(C, C), B, rec(A), True, ad.Action.DEPLOY, False),                 # --force
+def phase_and_plan(host, upstream, state, force, holds=None):
+    facts = ad.Facts(host, "boot-1", False, None, False, True)
+    phase = ad.host_phase(state, facts)
+    relation = ad.upstream_relation(state, host, upstream)
+    return ad.plan(phase, relation, state, host, upstream, force=force, fleetlock=False, mode="switch",
+                   holds=holds or {})
+
+
+@pytest.mark.parametrize("host,upstream,state,force,phase,steps,dirty", [
+    (view(A, A), A, rec(), False, "untracked", ["track"], False),                        # start tracking
+    (view(A, A), A, rec(A), False, "settled", [], False),                                # up to date
+    (view(A, B), B, rec(B, A, "boot"), False, "staged", ["reboot_release"], False),      # reboot pending
+    (view(A, A), B, rec(A), False, "settled", ["deploy", "reboot_release"], False),      # new upstream
+    (view(A, B), C, rec(B, A, "boot"), False, "staged", ["deploy", "reboot_release"], False),
+    (view(B, B), B, rec(A), False, "dirty", ["resume"], False),                          # resume tracking
+    (view(A, A), B, rec(), False, "untracked", [], True),                                # no record
+    (view(C, C), B, rec(A), False, "dirty", [], True),                                   # nixos-rebuild switch
+    (view(C, A), B, rec(A), False, "dirty", [], True),                                   # nixos-rebuild test
+    (view(A, C), B, rec(A), False, "dirty", [], True),                                   # nixos-rebuild boot
+    (view(A, B), C, rec(B, A, "switch"), False, "dirty", [], True),   # switch deploy, current moved back
+    (view(A, A), A, rec(), True, "untracked", ["track"], False),
+    (view(C, C), B, rec(A), True, "dirty", ["deploy", "reboot_release"], False),         # --force
 ])
-def test_decision_table(host, upstream, state, force, action, dirty):
-    d = ad.decide(host, upstream, state, force)
-    assert (d.action, d.dirty) == (action, dirty), d.reason
+def test_phase_and_plan_table(host, upstream, state, force, phase, steps, dirty):
+    decided = phase_and_plan(host, upstream, state, force)
+    assert decided.phase.value == phase
+    assert [s.kind.value for s in decided.steps] == steps and decided.dirty == dirty, decided.reason
+
+
+def test_the_table_covers_every_possible_pair_and_holds_apply_in_one_place():
+    for phase in ad.Phase:
+        assert any(key[0] == phase for key in ad.DECISION_TABLE), phase
+    # Follow-through first: verification, fallback and a rollback reboot come before a new deploy.
+    for (phase, _), kinds in ad.DECISION_TABLE.items():
+        if ad.StepKind.DEPLOY in kinds:
+            first = kinds.index(ad.StepKind.DEPLOY)
+            assert not {ad.StepKind.VERIFY, ad.StepKind.REBOOT_ROLLBACK} & set(kinds[first:]), phase
+    holds = {ad.Hold.SUSPEND: "suspended", ad.Hold.WAVE: "not yet"}
+    decided = phase_and_plan(view(A, A), B, rec(A), False, holds)
+    deploy = decided.steps[0]
+    assert deploy.kind == ad.StepKind.DEPLOY and [h for h, _ in deploy.held] == [ad.Hold.SUSPEND, ad.Hold.WAVE]
+    assert ad.apply_holds(ad.Step(ad.StepKind.VERIFY), {ad.Hold.SUSPEND: "x"}).held == ()
+    assert ad.apply_holds(ad.Step(ad.StepKind.REBOOT_ROLLBACK), {ad.Hold.PAUSE: "x"}).held == ()
+    assert ad.apply_holds(ad.Step(ad.StepKind.REBOOT_RELEASE), {ad.Hold.PAUSE: "x"}).held == ((ad.Hold.PAUSE, "x"),)
 
 
 # -- reboot windows --------------------------------------------------------------
@@ -237,6 +265,7 @@ def test_state_with_wrong_types_is_corrupt():
             ad.State.from_json(bad, "state.json")
     state = ad.State.from_json({"highest_revision": 5, "unknown_future_field": 1}, "state.json")
     assert state.highest_revision == 5
+    assert json.loads(state.to_json())["unknown_future_field"] == 1  # kept on save
 
 
 def test_atomic_write_never_follows_a_planted_temp_name(tmp_path):
@@ -284,3 +313,34 @@ def test_deeply_nested_json_pointer_is_refused():
         ad.parse_pointer(b"[" * 100000 + b"]" * 100000, "a.b")
     with pytest.raises(ad.PointerError):
         ad.parse_pointer(b'{"a": NaN}', "a")
+
+
+# -- the decision and hold tables in the docstring and README are the code's ----
+
+def markdown_table(header, rows):
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(row):
+        return "| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |"
+    return [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)]
+
+
+def code_tables():
+    nothing = (ad.Phase.DIRTY, ad.Phase.UNTRACKED)
+    decision = markdown_table(("phase", "upstream", "steps, in order"), [
+        (phase.value, upstream.value,
+         ", ".join(k.value for k in kinds) if kinds or phase not in nothing else "nothing (dirty)")
+        for (phase, upstream), kinds in ad.DECISION_TABLE.items()])
+    holds = markdown_table(("hold", "blocks"), [
+        (hold.value, "every step" if kinds == frozenset(ad.StepKind) else
+         ", ".join(k.value for k in ad.StepKind if k in kinds)) for hold, kinds in ad.HOLD_TABLE.items()])
+    return decision, holds
+
+
+def test_docstring_and_readme_show_the_codes_tables():
+    readme = (Path(ad.__file__).parent / "README.md").read_text()
+    doc = [line[4:] for line in ad.__doc__.splitlines()]
+    for table in code_tables():
+        text = "\n".join(table)
+        assert text in "\n".join(doc), "the docstring's table differs from the code's:\n" + text
+        assert text in readme, "README's table differs from the code's:\n" + text

@@ -34,7 +34,8 @@ from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-AGENT = REPO / "autodeploy.py"
+# AUTODEPLOY_AGENT runs the tests against another agent (e.g. an older version, to show a test fails there).
+AGENT = Path(os.environ.get("AUTODEPLOY_AGENT") or REPO / "autodeploy.py")
 STANDIN = HERE / "standin"
 STANDIN_BIN = STANDIN / "bin"
 METRICS = "/var/lib/prometheus-node-exporter-text/nixos-autodeploy.prom"
@@ -383,9 +384,17 @@ class Host:
         self._bg = getattr(self, "_bg", 0) + 1
         log = self.root / f"agent-background-{self._bg}.log"
         with open(log, "w") as out:
-            proc = subprocess.Popen(cmd, env={**self.env, **(env or {})}, stdout=out, stderr=subprocess.STDOUT)
+            # Its own process group, like a service's cgroup: stop_unit() signals all of it.
+            proc = subprocess.Popen(cmd, env={**self.env, **(env or {})}, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
         proc.log_path = log  # type: ignore[attr-defined]
         return proc
+
+    def stop_unit(self, proc: subprocess.Popen) -> None:
+        """`systemctl stop` of the agent's service: SIGTERM to every process of
+        the unit (KillMode=control-group), nix-store included; a transient
+        activation unit (its own session here) is another unit and runs on."""
+        os.killpg(proc.pid, signal.SIGTERM)
 
     def once(self, url: str, *args: str, env: dict[str, str] | None = None) -> RunResult:
         return self.agent("--once", "--url", url, "--prometheus-path", METRICS, *args, env=env)
