@@ -694,6 +694,9 @@ class PointerRecord:
     verified: str | None             # sha256 of body + signature that verified
     verified_at: float | None        # when ssh-keygen last verified them
     fetched_at: float                # last unconditional (200) fetch
+    # Served by a redirect target on another origin: replayed with its text
+    # withheld, as it was first read (a CDN behind a redirect keeps its 304s).
+    foreign: bool = False
 
     @classmethod
     def from_json(cls, data: Any) -> PointerRecord | None:
@@ -3233,7 +3236,7 @@ class PointerSource:
             if not conditional or record is None:
                 raise FetchError(f"GET {redact_url(cfg.url)} answered 304 Not Modified to an unconditional request")
             debug("pointer not modified (304): checking the recorded pointer again")
-            pointer = parse_pointer(record.body.encode(), cfg.json_field)
+            pointer = parse_pointer(record.body.encode(), cfg.json_field, foreign=record.foreign)
             if self.signers is not None:
                 # Expiry, the host list against today's --hostname and the
                 # floor can change without the body changing.
@@ -3246,11 +3249,13 @@ class PointerSource:
         if self.signers is not None:
             pointer, verified = self.verify(pointer, resp.body, record)
         state.upstream, state.upstream_revision = pointer.path, pointer.revision
-        # What another origin served is not kept either (it may be an internal endpoint's text).
-        keep = len(resp.body) <= MAX_PERSISTED_POINTER and not resp.foreign
+        # Only a pointer accepted whole is kept (its rollout fields too): a
+        # refused one, from another origin, must reach state.json nowhere.
+        parse_rollout(pointer.metadata, pointer.show)
+        keep = len(resp.body) <= MAX_PERSISTED_POINTER
         state.pointer = dataclasses.asdict(PointerRecord(
             **identity, body=resp.body.decode(), etag=resp.etag, last_modified=resp.last_modified,
-            verified=verified[0], verified_at=verified[1], fetched_at=time.time())) if keep else None
+            verified=verified[0], verified_at=verified[1], fetched_at=time.time(), foreign=resp.foreign)) if keep else None
         return pointer
 
     def verify(self, pointer: Pointer, body: bytes,
