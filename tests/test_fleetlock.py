@@ -462,6 +462,10 @@ class HostileLockServer:
             self.srv.sleep(30)
         elif mode == "reset":
             import struct
+            # The reset comes once the client has the status line: an RST
+            # that arrives first discards the unread reply (then the server
+            # never answered at all, which is another test's case).
+            self.srv.sleep(1.0)
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
 
     @property

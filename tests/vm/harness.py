@@ -51,6 +51,7 @@ REPO = TESTS.parent
 AGENT = REPO / "autodeploy.py"
 STANDIN = HERE / "standin"
 WORKDIR = Path(os.environ.get("VM_WORKDIR", "/var/tmp/autodeploy-vmtier"))
+SOCKET_DIR = Path("/run/autodeploy-vmtier")
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
 OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 # The guest reaches the test's servers at these addresses (guestfwd).
@@ -205,8 +206,13 @@ class Qemu:
         self.cond = threading.Condition()
         self.next_id = 1
         self.qmp_replies: list[dict] = []
+        # Sockets in a short directory of their own: a unix socket's path
+        # has at most 107 bytes, and a scenario's directory under WORKDIR
+        # can be longer (qemu and connect() then both fail on it).
+        self.socks = SOCKET_DIR / hashlib.sha256(str(self.dir).encode()).hexdigest()[:16]
+        self.socks.mkdir(parents=True, exist_ok=True, mode=0o700)
         for s in ("serial.sock", "ctl.sock", "qmp.sock"):
-            (self.dir / s).unlink(missing_ok=True)
+            (self.socks / s).unlink(missing_ok=True)
         argv = [
             "qemu-system-x86_64", "-machine", "q35", *accel_args(), "-m", str(MEMORY_MB), "-smp", "1",
             "-nodefaults", "-display", "none", "-no-reboot", "-name", machine.name,
@@ -214,12 +220,12 @@ class Qemu:
             "-drive", f"if=pflash,format=raw,unit=1,file={machine.vars}",
             "-drive", f"if=none,id=disk0,format=qcow2,file={machine.disk}",
             "-device", "virtio-blk-pci,drive=disk0,bootindex=1",
-            "-chardev", f"socket,id=ser0,path={self.dir / 'serial.sock'},server=on,wait=on",
+            "-chardev", f"socket,id=ser0,path={self.socks / 'serial.sock'},server=on,wait=on",
             "-serial", "chardev:ser0",
-            "-chardev", f"socket,id=qmp,path={self.dir / 'qmp.sock'},server=on,wait=off",
+            "-chardev", f"socket,id=qmp,path={self.socks / 'qmp.sock'},server=on,wait=off",
             "-mon", "chardev=qmp,mode=control",
             "-device", "virtio-serial-pci,id=vser0",
-            "-chardev", f"socket,id=ctl,path={self.dir / 'ctl.sock'},server=on,wait=off",
+            "-chardev", f"socket,id=ctl,path={self.socks / 'ctl.sock'},server=on,wait=off",
             "-device", "virtserialport,bus=vser0.0,chardev=ctl,name=vmtest",
             "-device", "virtio-rng-pci",
             "-netdev", "user,id=net0,restrict=on," + ",".join(
@@ -252,7 +258,7 @@ class Qemu:
                                  f"see {self.dir / 'qemu.log'}:\n{(self.dir / 'qemu.log').read_text()[-2000:]}")
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
-                s.connect(str(self.dir / name))
+                s.connect(str(self.socks / name))
                 return s
             except OSError:
                 s.close()
