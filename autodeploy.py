@@ -2866,6 +2866,10 @@ class Deployer:
                 nix_set_profile(to.profile)
             if to.activation == "switch" and to.current:
                 switch_to_configuration(to.current, "switch")
+                if to.profile and to.profile != to.current:
+                    # A reboot was due (a staged release, a rollback): the
+                    # switch made what runs the boot default; give it back.
+                    switch_to_configuration(to.profile, "boot")
             elif to.activation == "boot" and to.profile:
                 switch_to_configuration(to.profile, "boot")
         except ProcessError as exc:

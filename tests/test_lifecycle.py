@@ -413,3 +413,45 @@ def test_suspended_settled_host_with_nothing_to_release_reports_no_waiting_relea
     assert r.returncode == 0, r.stderr
     assert "release the FleetLock slot (once settled): waits" not in r.stderr
     assert state_gauge(host) == "up_to_date"
+
+
+# ---------------------------------------------------------------------------
+# Adversarial review: a failed switch deploy on a host with a reboot due
+# ---------------------------------------------------------------------------
+
+
+def test_failed_switch_deploy_on_a_staged_host_keeps_the_staged_boot_default(host, world, server):
+    """Staged b (profile b, boot default b, a runs); c comes and its switch
+    activation fails: the rollback switches back to a, which must not make a
+    the boot default (the staged b would then read as a boot failure)."""
+    a, b, c = world.path("a"), world.path("b"), world.path("c")
+    stage(host, b)
+    host.ctl("fail").write_text(c + "\n")
+    server.pointer(c)
+    r = host.once(host.url, "--switch-mode", "switch")
+    assert r.returncode == 5, r.stderr
+    assert host.current == a and host.profile == b and boot_default(host) == b, r.stderr
+    host.reboot()
+    r = host.once(host.url, "--switch-mode", "switch")
+    assert "BOOT FAILED" not in r.stderr and host.state()["boot_failure"] is None, r.stderr
+    assert host.current == b and host.state()["deployed"] == b and host.state()["verified"] is True
+
+
+def test_failed_switch_deploy_while_a_rollback_reboot_is_due_keeps_the_rollback_boot_default(host, world, server):
+    """Rolled back from b (profile a, boot default a, b runs), reboot deferred
+    by the window; c comes and its switch activation fails: the rollback
+    switches back to b, which must not make the failed b the boot default."""
+    a, b, c = world.path("a"), world.path("b"), world.path("c")
+    args = ("--switch-mode", "boot", "--reboot-mode", "reboot", *WINDOW, *CHECK)
+    stage(host, b)
+    host.reboot()
+    host.ctl("unhealthy").write_text("")
+    r = host.once(host.url, *args, env=OUTSIDE)
+    assert r.returncode == 5 and host.profile == a and boot_default(host) == a and host.current == b, r.stderr
+    host.ctl("unhealthy").unlink()
+    host.ctl("fail").write_text(c + "\n")
+    server.pointer(c)
+    r = host.once(host.url, "--switch-mode", "switch", "--reboot-mode", "reboot", *WINDOW, *CHECK, env=OUTSIDE)
+    assert r.returncode == 5, r.stderr
+    assert host.current == b and host.profile == a and boot_default(host) == a, r.stderr
+    assert json.loads(host.agent("status", "--json").stdout)["phase"] == "rolled_back_awaiting_reboot"
