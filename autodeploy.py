@@ -2881,6 +2881,11 @@ class Deployer:
             raise RollbackError(f"ROLLBACK INCOMPLETE: profile={host.profile} current={host.current}, "
                                 f"expected profile={to.profile} current={to.current}")
         state.intent = None
+        if to.activation == "boot" and state.activation == "boot" and state.deployed == to.profile != host.current:
+            # The boot default changed in this boot: the next reboot is the one
+            # the record waits for (an interrupted rollback may be finished
+            # in a later boot than it started in).
+            state.staged_boot_id = current_boot_id()
         state.rollbacks_total += int(to.count)
         self.ledger.save_best_effort("rollback")
         log(f"rolled back: current={host.current} profile={host.profile}")

@@ -455,3 +455,31 @@ def test_failed_switch_deploy_while_a_rollback_reboot_is_due_keeps_the_rollback_
     assert r.returncode == 5, r.stderr
     assert host.current == b and host.profile == a and boot_default(host) == a, r.stderr
     assert json.loads(host.agent("status", "--json").stdout)["phase"] == "rolled_back_awaiting_reboot"
+
+
+def test_power_loss_during_the_rollback_of_a_failed_booted_release_keeps_the_rollback_reboot(host, world, server):
+    """b booted and failed its check; power is lost while the rollback's
+    `switch-to-configuration boot` of a runs (the boot default is still b),
+    so b boots again.  The next run finishes the rollback; the reboot into a
+    is still due (this boot is not the one the rollback was waiting for)."""
+    a, b = world.path("a"), world.path("b")
+    args = ("--switch-mode", "boot", "--reboot-mode", "reboot", *CHECK)
+    stage(host, b)
+    host.reboot()
+    host.ctl("unhealthy").write_text("")
+    host.ctl("hang").write_text(a + "\n")
+    proc = host.agent_background("--once", "--url", host.url, *args)
+    wait_for(lambda: any(line.startswith(f"{a} boot") for line in host.activations()), what="the rollback")
+    os.killpg(proc.pid, signal.SIGKILL)  # power loss
+    proc.wait(30)
+    host.kill_orphans()
+    host.ctl("hang").unlink()
+    host.reboot()
+    assert host.current == b and host.state()["intent"]["phase"] == "rollback"
+    r = host.once(host.url, *args)
+    assert r.returncode == 0, r.stderr
+    assert "needs a human" not in r.stderr and host.profile == a and boot_default(host) == a
+    assert reboot_calls(host) == 1, r.stderr  # the rollback reboot
+    host.reboot()
+    assert host.once(host.url, *args).returncode == 0
+    assert_host(host, current=a, profile=a, deployed=a)
