@@ -3392,6 +3392,11 @@ class Agent:
         steps = list(decided.steps)
         while steps:
             step = steps.pop(0)
+            if Stopping.requested and outcome is not None:
+                # What the earlier steps did is reported (state, history,
+                # metrics); the rest waits for the next run.
+                log("stop requested: the remaining steps wait for the next run")
+                break
             Stopping.check()
             if not self.applies(step):
                 continue

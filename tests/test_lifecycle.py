@@ -483,3 +483,30 @@ def test_power_loss_during_the_rollback_of_a_failed_booted_release_keeps_the_rol
     host.reboot()
     assert host.once(host.url, *args).returncode == 0
     assert_host(host, current=a, profile=a, deployed=a)
+
+
+def test_stop_during_an_activation_records_the_finished_deploy_and_never_reboots(host, world, server):
+    """SIGTERM to the agent alone while its boot activation runs: the
+    activation finishes and the deploy is recorded; the stop ends the run
+    before the reboot, but what was done is reported (history, last state,
+    metrics), not left for a run that may come an hour later."""
+    a, b = world.path("a"), world.path("b")
+    track(host)
+    host.ctl("hang").write_text(b + "\n")
+    server.pointer(b)
+    proc = host.agent_background("--once", "--url", host.url, "--switch-mode", "boot", "--reboot-mode", "reboot",
+                                 "--prometheus-path", "/var/lib/prometheus-node-exporter-text/nixos-autodeploy.prom")
+    wait_for(lambda: host.activations(), what="the boot activation")
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    host.ctl("hang").unlink()
+    proc.wait(60)
+    log = proc.log_path.read_text()
+    assert proc.returncode == 0, log
+    assert reboot_calls(host) == 0 and host.profile == b and boot_default(host) == b, log
+    state = host.state()
+    assert state["deployed"] == b and state["intent"] is None, log
+    assert state["last_state"] == "pending_reboot", log
+    assert [(e["path"], e["outcome"]) for e in state["history"]][-1] == (b, "pending_reboot"), log
+    assert state_gauge(host) == "pending_reboot" and host.metrics()["nixos_autodeploy_reboot_required"] == 1
