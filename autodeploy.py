@@ -2671,6 +2671,10 @@ def run_health_checks(cfg: Config, fetcher: Fetcher) -> None:
             result = shell(command, timeout=remaining)
         except ProcessError as exc:
             raise DeployError(f"health check {command!r} {exc}", "health") from None
+        if result.returncode < 0:
+            # `systemctl stop` signals the whole cgroup, the check too: a
+            # check killed by the stop is a stop, not a failed check.
+            Stopping.check(ProcessError(["/bin/sh", "-c", command], result.returncode))
         if result.returncode != 0:
             raise DeployError(f"health check {command!r} exited with {result.returncode}", "health")
 

@@ -510,3 +510,36 @@ def test_stop_during_an_activation_records_the_finished_deploy_and_never_reboots
     assert state["last_state"] == "pending_reboot", log
     assert [(e["path"], e["outcome"]) for e in state["history"]][-1] == (b, "pending_reboot"), log
     assert state_gauge(host) == "pending_reboot" and host.metrics()["nixos_autodeploy_reboot_required"] == 1
+
+
+@pytest.mark.parametrize("when", ["switch", "verify"])
+def test_systemctl_stop_during_a_health_check_is_a_stop_not_a_failed_check(host, world, server, when):
+    """`systemctl stop` signals every process of the agent's cgroup, the
+    health check command too (its own session does not take it out of the
+    cgroup): a check killed by the stop is no failed check, and a healthy
+    release is not rolled back and quarantined for it."""
+    a, b = world.path("a"), world.path("b")
+    pid = host.ctl("check.pid")
+    check = ("--health-check", "echo $$ > /var/lib/standin/check.pid; sleep 20")
+    if when == "switch":
+        track(host)
+        server.pointer(b)
+        args = ("--switch-mode", "switch")
+    else:
+        stage(host, b)
+        host.reboot()
+        args = ("--switch-mode", "boot")
+    proc = host.agent_background("--once", "--url", host.url, *args, *check)
+    wait_for(lambda: pid.exists() and pid.read_text().strip(), what="the health check")
+    proc.send_signal(signal.SIGTERM)          # systemctl stop: the agent ...
+    time.sleep(0.2)
+    os.killpg(int(pid.read_text()), signal.SIGTERM)  # ... and the rest of its cgroup
+    proc.wait(30)
+    log = proc.log_path.read_text()
+    assert "ROLLING BACK" not in log and host.state()["quarantined"] is None, log
+    assert host.current == b and host.profile == b, log
+    pid.unlink()
+    r = host.once(host.url, *args, "--health-check", "true")
+    assert r.returncode == 0, r.stderr
+    assert_host(host, current=b, profile=b, deployed=b)
+    assert host.state()["verified"] is True
