@@ -3119,14 +3119,18 @@ class Rebooter:
         if mode == RebootMode.KEXEC:
             try:
                 kexec_load(system)
+                Stopping.check()  # the stop came while kexec loaded
                 self.ledger.save()
                 log(f"kexec into {system}")
                 systemctl("kexec")
                 return
             except (ProcessError, OSError) as exc:
+                # A kexec killed by the stop (the whole cgroup) is a stop.
+                Stopping.check(exc if isinstance(exc, ProcessError) else None)
                 log(f"kexec load failed ({exc}): falling back to a normal reboot")
                 self.state.reboot_request["mode"] = RebootMode.REBOOT.value
         self.ledger.save()
+        Stopping.check()
         log(f"rebooting into {system}")
         try:
             systemctl("reboot")
@@ -3409,6 +3413,14 @@ class Agent:
                 continue
             try:
                 result = self.run_step(step, facts, decided)
+            except Interrupted:
+                if outcome is None:
+                    raise
+                # Stopped inside this step (nothing of it recorded as done):
+                # what the earlier steps did is reported.
+                self.ledger.attempt = None
+                log("stop requested: the remaining steps wait for the next run")
+                break
             except VerifyFailed as failed:
                 rollback = apply_holds(Step(StepKind.ROLL_BACK, state.deployed), self.holds(facts, state.deployed))
                 if rollback.held:

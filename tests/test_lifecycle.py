@@ -273,7 +273,11 @@ def test_sigterm_while_waiting_for_the_lock_server_ends_the_wait_and_never_reboo
     assert proc.returncode == 0
     fleetlock.fail = None
     time.sleep(0.5)
-    assert reboot_calls(host) == 0 and host.state() == before, proc.log_path.read_text()
+    after = host.state()
+    assert reboot_calls(host) == 0, proc.log_path.read_text()
+    # The deploy this run did is reported; the slot request and the record stay as they were.
+    assert after["reboot_slot"] == before["reboot_slot"] and after["deployed"] == before["deployed"] == b
+    assert after["intent"] is None and after["last_state"] == "pending_reboot"
 
 
 @pytest.mark.parametrize("how", ["sigterm", "systemctl_stop"])
@@ -543,3 +547,30 @@ def test_systemctl_stop_during_a_health_check_is_a_stop_not_a_failed_check(host,
     assert r.returncode == 0, r.stderr
     assert_host(host, current=b, profile=b, deployed=b)
     assert host.state()["verified"] is True
+
+
+@pytest.mark.parametrize("how", ["sigterm", "systemctl_stop"])
+def test_stop_while_kexec_loads_never_reboots(host, world, server, how):
+    """A stop request that arrives while `kexec --load` runs (after the
+    reboot gate said yes) ends the run: no kexec, and no "kexec failed:
+    falling back to a normal reboot" when the stop killed kexec too."""
+    b = world.path("b")
+    track(host)
+    host.ctl("kexec-hang").write_text("")
+    server.pointer(b)
+    proc = host.agent_background("--once", "--url", host.url, "--switch-mode", "boot", "--reboot-mode", "kexec")
+    wait_for(lambda: any(c.startswith("kexec --load") for c in host.calls()), what="kexec --load")
+    if how == "sigterm":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        host.stop_unit(proc)
+    time.sleep(0.3)
+    host.ctl("kexec-hang").unlink()
+    proc.wait(30)
+    log = proc.log_path.read_text()
+    assert reboot_calls(host) == 0, log
+    assert host.profile == b and boot_default(host) == b and host.state()["deployed"] == b, log
+    state = host.state()  # the deploy done before the stop is reported
+    assert state["history"][-1]["path"] == b and state["history"][-1]["outcome"] == "pending_reboot"
+    r = host.once(host.url, "--switch-mode", "boot", "--reboot-mode", "kexec")
+    assert r.returncode == 0 and reboot_calls(host) == 1, r.stderr  # the next run reboots
