@@ -993,8 +993,10 @@ def switch_to_configuration(system: str, action: str) -> None:
         # systemd-run's report.
         with tempfile.TemporaryFile() as report:
             result = run(argv, check=False, stderr=report)
-            report.seek(0)
-            text = report.read(1024 * 1024).decode("utf-8", "replace")
+            # systemd-run's report comes last: keep the tail of a long output.
+            size = report.seek(0, os.SEEK_END)
+            report.seek(max(0, size - 1024 * 1024))
+            text = report.read().decode("utf-8", "replace")
         sys.stderr.write(text)
         sys.stderr.flush()
     finally:

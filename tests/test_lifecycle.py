@@ -574,3 +574,27 @@ def test_stop_while_kexec_loads_never_reboots(host, world, server, how):
     assert state["history"][-1]["path"] == b and state["history"][-1]["outcome"] == "pending_reboot"
     r = host.once(host.url, "--switch-mode", "boot", "--reboot-mode", "kexec")
     assert r.returncode == 0 and reboot_calls(host) == 1, r.stderr  # the next run reboots
+
+
+def test_an_activation_killed_by_sigterm_after_much_output_is_a_failed_activation(host, world, server):
+    """systemd-run's report comes last, after the unit's own output: an
+    activation that wrote more than the agent reads of it is still judged by
+    that report."""
+    a, b = world.path("a"), world.path("b")
+    track(host)
+    hook = host.ctl("activate-hook")
+    hook.write_text("#!/bin/sh\nhead -c 1200000 /dev/zero | tr '\\0' x >&2\necho >&2\n")
+    hook.chmod(0o755)
+    host.ctl("hang").write_text(b + "\n")
+    server.pointer(b)
+    proc = host.agent_background("--once", "--url", host.url)
+    pidfile = host.run_dir / "standin-units" / "nixos-autodeploy-activation.pid"
+    wait_for(lambda: host.activations() and pidfile.exists(), what="the activation")
+    time.sleep(0.5)
+    os.killpg(int(pidfile.read_text()), signal.SIGTERM)
+    proc.wait(60)
+    host.ctl("hang").unlink()
+    hook.unlink()
+    assert proc.returncode == 5
+    assert_host(host, current=a, profile=a, deployed=a)
+    assert host.state()["quarantined"] == b and host.state()["last_error"]["kind"] == "activation"
