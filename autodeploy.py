@@ -993,8 +993,10 @@ def switch_to_configuration(system: str, action: str) -> None:
         # systemd-run's report.
         with tempfile.TemporaryFile() as report:
             result = run(argv, check=False, stderr=report)
-            report.seek(0)
-            text = report.read(1024 * 1024).decode("utf-8", "replace")
+            # systemd-run's report comes last: keep the tail of a long output.
+            size = report.seek(0, os.SEEK_END)
+            report.seek(max(0, size - 1024 * 1024))
+            text = report.read().decode("utf-8", "replace")
         sys.stderr.write(text)
         sys.stderr.flush()
     finally:
@@ -2671,6 +2673,10 @@ def run_health_checks(cfg: Config, fetcher: Fetcher) -> None:
             result = shell(command, timeout=remaining)
         except ProcessError as exc:
             raise DeployError(f"health check {command!r} {exc}", "health") from None
+        if result.returncode < 0:
+            # `systemctl stop` signals the whole cgroup, the check too: a
+            # check killed by the stop is a stop, not a failed check.
+            Stopping.check(ProcessError(["/bin/sh", "-c", command], result.returncode))
         if result.returncode != 0:
             raise DeployError(f"health check {command!r} exited with {result.returncode}", "health")
 
@@ -2866,6 +2872,10 @@ class Deployer:
                 nix_set_profile(to.profile)
             if to.activation == "switch" and to.current:
                 switch_to_configuration(to.current, "switch")
+                if to.profile and to.profile != to.current:
+                    # A reboot was due (a staged release, a rollback): the
+                    # switch made what runs the boot default; give it back.
+                    switch_to_configuration(to.profile, "boot")
             elif to.activation == "boot" and to.profile:
                 switch_to_configuration(to.profile, "boot")
         except ProcessError as exc:
@@ -2877,6 +2887,11 @@ class Deployer:
             raise RollbackError(f"ROLLBACK INCOMPLETE: profile={host.profile} current={host.current}, "
                                 f"expected profile={to.profile} current={to.current}")
         state.intent = None
+        if to.activation == "boot" and state.activation == "boot" and state.deployed == to.profile != host.current:
+            # The boot default changed in this boot: the next reboot is the one
+            # the record waits for (an interrupted rollback may be finished
+            # in a later boot than it started in).
+            state.staged_boot_id = current_boot_id()
         state.rollbacks_total += int(to.count)
         self.ledger.save_best_effort("rollback")
         log(f"rolled back: current={host.current} profile={host.profile}")
@@ -3106,14 +3121,18 @@ class Rebooter:
         if mode == RebootMode.KEXEC:
             try:
                 kexec_load(system)
+                Stopping.check()  # the stop came while kexec loaded
                 self.ledger.save()
                 log(f"kexec into {system}")
                 systemctl("kexec")
                 return
             except (ProcessError, OSError) as exc:
+                # A kexec killed by the stop (the whole cgroup) is a stop.
+                Stopping.check(exc if isinstance(exc, ProcessError) else None)
                 log(f"kexec load failed ({exc}): falling back to a normal reboot")
                 self.state.reboot_request["mode"] = RebootMode.REBOOT.value
         self.ledger.save()
+        Stopping.check()
         log(f"rebooting into {system}")
         try:
             systemctl("reboot")
@@ -3383,6 +3402,11 @@ class Agent:
         steps = list(decided.steps)
         while steps:
             step = steps.pop(0)
+            if Stopping.requested and outcome is not None:
+                # What the earlier steps did is reported (state, history,
+                # metrics); the rest waits for the next run.
+                log("stop requested: the remaining steps wait for the next run")
+                break
             Stopping.check()
             if not self.applies(step):
                 continue
@@ -3391,6 +3415,14 @@ class Agent:
                 continue
             try:
                 result = self.run_step(step, facts, decided)
+            except Interrupted:
+                if outcome is None:
+                    raise
+                # Stopped inside this step (nothing of it recorded as done):
+                # what the earlier steps did is reported.
+                self.ledger.attempt = None
+                log("stop requested: the remaining steps wait for the next run")
+                break
             except VerifyFailed as failed:
                 rollback = apply_holds(Step(StepKind.ROLL_BACK, state.deployed), self.holds(facts, state.deployed))
                 if rollback.held:

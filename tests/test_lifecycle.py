@@ -273,7 +273,11 @@ def test_sigterm_while_waiting_for_the_lock_server_ends_the_wait_and_never_reboo
     assert proc.returncode == 0
     fleetlock.fail = None
     time.sleep(0.5)
-    assert reboot_calls(host) == 0 and host.state() == before, proc.log_path.read_text()
+    after = host.state()
+    assert reboot_calls(host) == 0, proc.log_path.read_text()
+    # The deploy this run did is reported; the slot request and the record stay as they were.
+    assert after["reboot_slot"] == before["reboot_slot"] and after["deployed"] == before["deployed"] == b
+    assert after["intent"] is None and after["last_state"] == "pending_reboot"
 
 
 @pytest.mark.parametrize("how", ["sigterm", "systemctl_stop"])
@@ -413,3 +417,184 @@ def test_suspended_settled_host_with_nothing_to_release_reports_no_waiting_relea
     assert r.returncode == 0, r.stderr
     assert "release the FleetLock slot (once settled): waits" not in r.stderr
     assert state_gauge(host) == "up_to_date"
+
+
+# ---------------------------------------------------------------------------
+# Adversarial review: a failed switch deploy on a host with a reboot due
+# ---------------------------------------------------------------------------
+
+
+def test_failed_switch_deploy_on_a_staged_host_keeps_the_staged_boot_default(host, world, server):
+    """Staged b (profile b, boot default b, a runs); c comes and its switch
+    activation fails: the rollback switches back to a, which must not make a
+    the boot default (the staged b would then read as a boot failure)."""
+    a, b, c = world.path("a"), world.path("b"), world.path("c")
+    stage(host, b)
+    host.ctl("fail").write_text(c + "\n")
+    server.pointer(c)
+    r = host.once(host.url, "--switch-mode", "switch")
+    assert r.returncode == 5, r.stderr
+    assert host.current == a and host.profile == b and boot_default(host) == b, r.stderr
+    host.reboot()
+    r = host.once(host.url, "--switch-mode", "switch")
+    assert "BOOT FAILED" not in r.stderr and host.state()["boot_failure"] is None, r.stderr
+    assert host.current == b and host.state()["deployed"] == b and host.state()["verified"] is True
+
+
+def test_failed_switch_deploy_while_a_rollback_reboot_is_due_keeps_the_rollback_boot_default(host, world, server):
+    """Rolled back from b (profile a, boot default a, b runs), reboot deferred
+    by the window; c comes and its switch activation fails: the rollback
+    switches back to b, which must not make the failed b the boot default."""
+    a, b, c = world.path("a"), world.path("b"), world.path("c")
+    args = ("--switch-mode", "boot", "--reboot-mode", "reboot", *WINDOW, *CHECK)
+    stage(host, b)
+    host.reboot()
+    host.ctl("unhealthy").write_text("")
+    r = host.once(host.url, *args, env=OUTSIDE)
+    assert r.returncode == 5 and host.profile == a and boot_default(host) == a and host.current == b, r.stderr
+    host.ctl("unhealthy").unlink()
+    host.ctl("fail").write_text(c + "\n")
+    server.pointer(c)
+    r = host.once(host.url, "--switch-mode", "switch", "--reboot-mode", "reboot", *WINDOW, *CHECK, env=OUTSIDE)
+    assert r.returncode == 5, r.stderr
+    assert host.current == b and host.profile == a and boot_default(host) == a, r.stderr
+    assert json.loads(host.agent("status", "--json").stdout)["phase"] == "rolled_back_awaiting_reboot"
+
+
+def test_power_loss_during_the_rollback_of_a_failed_booted_release_keeps_the_rollback_reboot(host, world, server):
+    """b booted and failed its check; power is lost while the rollback's
+    `switch-to-configuration boot` of a runs (the boot default is still b),
+    so b boots again.  The next run finishes the rollback; the reboot into a
+    is still due (this boot is not the one the rollback was waiting for)."""
+    a, b = world.path("a"), world.path("b")
+    args = ("--switch-mode", "boot", "--reboot-mode", "reboot", *CHECK)
+    stage(host, b)
+    host.reboot()
+    host.ctl("unhealthy").write_text("")
+    host.ctl("hang").write_text(a + "\n")
+    proc = host.agent_background("--once", "--url", host.url, *args)
+    wait_for(lambda: any(line.startswith(f"{a} boot") for line in host.activations()), what="the rollback")
+    os.killpg(proc.pid, signal.SIGKILL)  # power loss
+    proc.wait(30)
+    host.kill_orphans()
+    host.ctl("hang").unlink()
+    host.reboot()
+    assert host.current == b and host.state()["intent"]["phase"] == "rollback"
+    r = host.once(host.url, *args)
+    assert r.returncode == 0, r.stderr
+    assert "needs a human" not in r.stderr and host.profile == a and boot_default(host) == a
+    assert reboot_calls(host) == 1, r.stderr  # the rollback reboot
+    host.reboot()
+    assert host.once(host.url, *args).returncode == 0
+    assert_host(host, current=a, profile=a, deployed=a)
+
+
+def test_stop_during_an_activation_records_the_finished_deploy_and_never_reboots(host, world, server):
+    """SIGTERM to the agent alone while its boot activation runs: the
+    activation finishes and the deploy is recorded; the stop ends the run
+    before the reboot, but what was done is reported (history, last state,
+    metrics), not left for a run that may come an hour later."""
+    a, b = world.path("a"), world.path("b")
+    track(host)
+    host.ctl("hang").write_text(b + "\n")
+    server.pointer(b)
+    proc = host.agent_background("--once", "--url", host.url, "--switch-mode", "boot", "--reboot-mode", "reboot",
+                                 "--prometheus-path", "/var/lib/prometheus-node-exporter-text/nixos-autodeploy.prom")
+    wait_for(lambda: host.activations(), what="the boot activation")
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    host.ctl("hang").unlink()
+    proc.wait(60)
+    log = proc.log_path.read_text()
+    assert proc.returncode == 0, log
+    assert reboot_calls(host) == 0 and host.profile == b and boot_default(host) == b, log
+    state = host.state()
+    assert state["deployed"] == b and state["intent"] is None, log
+    assert state["last_state"] == "pending_reboot", log
+    assert [(e["path"], e["outcome"]) for e in state["history"]][-1] == (b, "pending_reboot"), log
+    assert state_gauge(host) == "pending_reboot" and host.metrics()["nixos_autodeploy_reboot_required"] == 1
+
+
+@pytest.mark.parametrize("when", ["switch", "verify"])
+def test_systemctl_stop_during_a_health_check_is_a_stop_not_a_failed_check(host, world, server, when):
+    """`systemctl stop` signals every process of the agent's cgroup, the
+    health check command too (its own session does not take it out of the
+    cgroup): a check killed by the stop is no failed check, and a healthy
+    release is not rolled back and quarantined for it."""
+    a, b = world.path("a"), world.path("b")
+    pid = host.ctl("check.pid")
+    check = ("--health-check", "echo $$ > /var/lib/standin/check.pid; sleep 20")
+    if when == "switch":
+        track(host)
+        server.pointer(b)
+        args = ("--switch-mode", "switch")
+    else:
+        stage(host, b)
+        host.reboot()
+        args = ("--switch-mode", "boot")
+    proc = host.agent_background("--once", "--url", host.url, *args, *check)
+    wait_for(lambda: pid.exists() and pid.read_text().strip(), what="the health check")
+    proc.send_signal(signal.SIGTERM)          # systemctl stop: the agent ...
+    time.sleep(0.2)
+    os.killpg(int(pid.read_text()), signal.SIGTERM)  # ... and the rest of its cgroup
+    proc.wait(30)
+    log = proc.log_path.read_text()
+    assert "ROLLING BACK" not in log and host.state()["quarantined"] is None, log
+    assert host.current == b and host.profile == b, log
+    pid.unlink()
+    r = host.once(host.url, *args, "--health-check", "true")
+    assert r.returncode == 0, r.stderr
+    assert_host(host, current=b, profile=b, deployed=b)
+    assert host.state()["verified"] is True
+
+
+@pytest.mark.parametrize("how", ["sigterm", "systemctl_stop"])
+def test_stop_while_kexec_loads_never_reboots(host, world, server, how):
+    """A stop request that arrives while `kexec --load` runs (after the
+    reboot gate said yes) ends the run: no kexec, and no "kexec failed:
+    falling back to a normal reboot" when the stop killed kexec too."""
+    b = world.path("b")
+    track(host)
+    host.ctl("kexec-hang").write_text("")
+    server.pointer(b)
+    proc = host.agent_background("--once", "--url", host.url, "--switch-mode", "boot", "--reboot-mode", "kexec")
+    wait_for(lambda: any(c.startswith("kexec --load") for c in host.calls()), what="kexec --load")
+    if how == "sigterm":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        host.stop_unit(proc)
+    time.sleep(0.3)
+    host.ctl("kexec-hang").unlink()
+    proc.wait(30)
+    log = proc.log_path.read_text()
+    assert reboot_calls(host) == 0, log
+    assert host.profile == b and boot_default(host) == b and host.state()["deployed"] == b, log
+    state = host.state()  # the deploy done before the stop is reported
+    assert state["history"][-1]["path"] == b and state["history"][-1]["outcome"] == "pending_reboot"
+    r = host.once(host.url, "--switch-mode", "boot", "--reboot-mode", "kexec")
+    assert r.returncode == 0 and reboot_calls(host) == 1, r.stderr  # the next run reboots
+
+
+def test_an_activation_killed_by_sigterm_after_much_output_is_a_failed_activation(host, world, server):
+    """systemd-run's report comes last, after the unit's own output: an
+    activation that wrote more than the agent reads of it is still judged by
+    that report."""
+    a, b = world.path("a"), world.path("b")
+    track(host)
+    hook = host.ctl("activate-hook")
+    hook.write_text("#!/bin/sh\nhead -c 1200000 /dev/zero | tr '\\0' x >&2\necho >&2\n")
+    hook.chmod(0o755)
+    host.ctl("hang").write_text(b + "\n")
+    server.pointer(b)
+    proc = host.agent_background("--once", "--url", host.url)
+    pidfile = host.run_dir / "standin-units" / "nixos-autodeploy-activation.pid"
+    wait_for(lambda: host.activations() and pidfile.exists(), what="the activation")
+    time.sleep(0.5)
+    os.killpg(int(pidfile.read_text()), signal.SIGTERM)
+    proc.wait(60)
+    host.ctl("hang").unlink()
+    hook.unlink()
+    assert proc.returncode == 5
+    assert_host(host, current=a, profile=a, deployed=a)
+    assert host.state()["quarantined"] == b and host.state()["last_error"]["kind"] == "activation"
