@@ -139,14 +139,11 @@ def test_unhealthy_after_reboot_rolls_back_and_reboots(vm: Guest) -> None:
 
 # ---------------------------------------------------------------------------
 # Facts of real systemd that the stand-ins of the other tiers do not model.
-# Each scenario asserts the correct behaviour; where the agent on this
-# branch does not handle the fact yet, it is marked xfail with the issue
-# that fixes it.
+# Each scenario asserts the correct behaviour; where the agent does not
+# handle the fact yet, it is marked xfail with what is missing.
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(reason="needs #17 fix: `systemctl stop` during nix-store --realise is a stop, not a failed "
-                          "deploy (SIGTERM reaches nix too)", strict=False)
 def test_stop_during_realise_is_a_stop(vm: Guest) -> None:
     """`systemctl stop nixos-autodeploy` while nix downloads: systemd sends
     SIGTERM to every process of the unit (nix included).  A stop is not a
@@ -171,8 +168,6 @@ def test_stop_during_realise_is_a_stop(vm: Guest) -> None:
     assert vm.current() == b
 
 
-@pytest.mark.xfail(reason="needs #17 fix: an activation killed by SIGTERM reads as rc 0 through "
-                          "systemd-run --wait", strict=False)
 def test_activation_killed_by_sigterm_is_not_a_success(vm: Guest) -> None:
     """The activation unit's main process killed by SIGTERM (as a shutdown
     does): `systemd-run --wait` exits 0 (systemd counts SIGTERM as a clean
@@ -195,8 +190,8 @@ def test_activation_killed_by_sigterm_is_not_a_success(vm: Guest) -> None:
     assert vm.profile() == vm.systems["a"], state
 
 
-@pytest.mark.xfail(reason="needs #17 fix: after a kexec the Loader* variables describe the firmware boot "
-                          "before it", strict=False)
+@pytest.mark.xfail(reason="the agent recognises only its own kexec (reboot_request): after an operator's "
+                          "kexec the Loader* variables still describe the firmware boot before it", strict=False)
 def test_loader_variables_after_kexec_are_not_evidence(vm: Guest) -> None:
     """b is staged; the operator kexecs into the running system a.  Every
     Loader* variable still describes the firmware boot before the kexec (the
