@@ -4228,6 +4228,9 @@ def sign_rollout_metadata(args: argparse.Namespace) -> dict[str, str]:
 #   |   --max-failure-percent): rolled back, did not boot          |          |      |
 #   | the rollout is at 100% (also a ramp that reached it)        | complete | 12   |
 #   | a ramp (rollout-start) moves the rollout by itself          | hold     | 10   |
+#   | more than --max-silent hosts that deployed the build within  | hold     | 10   |
+#   |   --max-report-age have no series at all now (silent: a host |          |      |
+#   |   that does not come back may not have booted it)            |          |      |
 #   | no host reports the build (an empty answer)                 | hold     | 10   |
 #   | fewer than --min-healthy admitted hosts run it healthy      | hold     | 10   |
 #   |   (healthy: also ran within --max-report-age)                |          |      |
@@ -4264,6 +4267,7 @@ class PromotePolicy:
     max_failure_percent: float | None = None
     on_halt: str = "pause"               # or "revert" (to revert_to)
     revert_to: str | None = None
+    max_silent: int = 0
 
 
 @dataclass
@@ -4277,8 +4281,10 @@ class FleetCount:
     boot_failed: int = 0
     stuck: int = 0
     on_the_way: int = 0
+    silent: int = 0
     rolled_back_hosts: list[str] = field(default_factory=list)
     boot_failed_hosts: list[str] = field(default_factory=list)
+    silent_hosts: list[str] = field(default_factory=list)
 
     @property
     def failures(self) -> int:
@@ -4332,6 +4338,46 @@ def prometheus_vector(fetcher: Fetcher, base: str, expr: str, timeout: float) ->
     return out
 
 
+def series_labels(metric: dict[str, str]) -> dict[str, str]:
+    """A sample's labels, the agent's own read first (exported_<name>)."""
+    return {**metric, **{name: metric[f"exported_{name}"] for name in AGENT_SERIES_LABELS
+                         if f"exported_{name}" in metric}}
+
+
+def host_key(labels: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    """The labels that name the host (its target's), not the series."""
+    return tuple(sorted((k, v) for k, v in labels.items() if k not in PROMOTE_SERIES_LABELS))
+
+
+def host_name(key: tuple[tuple[str, str], ...]) -> str:
+    return outside_text(dict(key).get("instance") or ",".join(f"{k}={v}" for k, v in key) or "?")[:80]
+
+
+def silent_query(build: str, selector: str, max_age: float) -> str:
+    """The hosts whose info series said they deployed `build` at some
+    point within `max_age` (the last such sample of each); the agent's
+    label may be kept as exported_deployed_generation (AGENT_SERIES_LABELS)."""
+    window = f"[{max(1, int(max_age))}s]"
+    return " or ".join(
+        f'last_over_time(nixos_autodeploy_info{{{label}="{os.path.basename(build)}"'
+        + (f",{selector}" if selector else "") + f"}}{window})"
+        for label in ("deployed_generation", "exported_deployed_generation"))
+
+
+def count_silent(count: FleetCount, build: str, recent: list[dict[str, Any]], samples: list[dict[str, Any]]) -> None:
+    """Hosts in `recent` (silent_query's answer) with no series at all in
+    `samples` now: their exporter, or the host, went away after it deployed
+    the build.  A host that did not come back from the reboot into it looks
+    exactly like this, so promote never counts it as fine."""
+    name = os.path.basename(build)
+    present = {host_key(series_labels(sample["metric"])) for sample in samples}
+    deployed = {host_key(labels) for labels in (series_labels(sample["metric"]) for sample in recent)
+                if labels.get("deployed_generation") == name}
+    gone = deployed - present
+    count.silent = len(gone)
+    count.silent_hosts = sorted(host_name(key) for key in gone)
+
+
 def count_fleet(samples: list[dict[str, Any]], build: str, percent: float, now: float | None = None,
                 max_age: float | None = None) -> FleetCount:
     """Where each host stands with `build`, from the agent's own metrics
@@ -4345,9 +4391,8 @@ def count_fleet(samples: list[dict[str, Any]], build: str, percent: float, now: 
     hosts: dict[tuple[tuple[str, str], ...], dict[str, Any]] = {}
     name = os.path.basename(build)
     for sample in samples:
-        labels = {**sample["metric"], **{name: sample["metric"][f"exported_{name}"] for name in AGENT_SERIES_LABELS
-                                         if f"exported_{name}" in sample["metric"]}}
-        key = tuple(sorted((k, v) for k, v in labels.items() if k not in PROMOTE_SERIES_LABELS))
+        labels = series_labels(sample["metric"])
+        key = host_key(labels)
         host = hosts.setdefault(key, {})
         metric = labels.get("__name__", "")[len("nixos_autodeploy_"):]
         if metric == "info":
@@ -4372,7 +4417,7 @@ def count_fleet(samples: list[dict[str, Any]], build: str, percent: float, now: 
         if host.get("state") == "waiting_rollout" or (bucket is not None and bucket >= percent * ROLLOUT_BUCKETS / 100):
             continue
         count.admitted += 1
-        shown = outside_text(dict(key).get("instance") or ",".join(f"{k}={v}" for k, v in key) or "?")[:80]
+        shown = host_name(key)
         state = host.get("state")
         if state == "boot_failed":
             count.boot_failed += 1
@@ -4410,6 +4455,11 @@ def promote_verdict(count: FleetCount, policy: PromotePolicy, rollout: Rollout, 
         return "complete", None, "the rollout is at 100%"
     if rollout.start is not None:
         return "hold", None, "the pointer ramps by itself (rollout-start/rollout-duration); promote only halts it"
+    if count.silent > policy.max_silent:
+        return "hold", None, (f"{count.silent} host(s) that deployed it within --max-report-age report nothing now"
+                              f"{named_hosts(count.silent_hosts)}: one that did not come back from the reboot "
+                              "into it looks the same (more than --max-silent "
+                              f"{policy.max_silent}; a human decides)")
     if count.reporting == 0:
         # An empty answer (a selector that matches nothing, a Prometheus that
         # lost its data) is no evidence, whatever --min-healthy allows.
@@ -4532,7 +4582,7 @@ def next_pointer_lines(pointer: Pointer, verdict: str, percent: float | None, po
 def command_promote(args: argparse.Namespace) -> int:
     policy = PromotePolicy(steps=args.steps, bake=args.bake, min_healthy=args.min_healthy,
                            max_failures=args.max_failures, max_failure_percent=args.max_failure_percent,
-                           on_halt=args.on_halt, revert_to=args.revert_to)
+                           on_halt=args.on_halt, revert_to=args.revert_to, max_silent=args.max_silent)
     if policy.on_halt == "revert" and policy.revert_to is None:
         raise UsageError("--on-halt revert needs --revert-to STOREPATH (the build to publish instead)")
     if policy.on_halt != "revert" and policy.revert_to is not None:
@@ -4559,6 +4609,9 @@ def command_promote(args: argparse.Namespace) -> int:
     samples = prometheus_vector(fetcher, args.prometheus, "{" + matchers + "}", args.timeout)
     now = time.time()
     count = count_fleet(samples, pointer.path, rollout.percent_at(now), now, args.max_report_age)
+    count_silent(count, pointer.path, prometheus_vector(fetcher, args.prometheus,
+                                          silent_query(pointer.path, args.selector, args.max_report_age),
+                                          args.timeout), samples)
     step_age = now - started if started is not None else None
     verdict, percent, why = promote_verdict(count, policy, rollout, step_age, now)
     written = ""
@@ -4573,11 +4626,12 @@ def command_promote(args: argparse.Namespace) -> int:
           f"{rollout.percent_at(now):g}%: {count.reporting} host(s) report it, {count.admitted} admitted: "
           f"{count.healthy} healthy, {count.rolled_back} rolled back{named_hosts(count.rolled_back_hosts)}, "
           f"{count.boot_failed} did not boot{named_hosts(count.boot_failed_hosts)}, "
-          f"{count.stuck} stuck, {count.on_the_way} on their way. Policy: steps "
+          f"{count.stuck} stuck, {count.on_the_way} on their way; {count.silent} silent"
+          f"{named_hosts(count.silent_hosts)}. Policy: steps "
           f"{'/'.join(f'{s:g}%' for s in policy.steps)}, bake {format_duration(policy.bake)}, at least "
           f"{policy.min_healthy} healthy, at most {policy.max_failures} failure(s)"
           + (f" and {policy.max_failure_percent:g}%" if policy.max_failure_percent is not None else "")
-          + f", on halt {policy.on_halt}.{written}")
+          + f", at most {policy.max_silent} silent, on halt {policy.on_halt}.{written}")
     return PROMOTE_EXIT[verdict]
 
 
@@ -4856,6 +4910,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(default: 0)")
     promote_p.add_argument("--max-failure-percent", type=percent_option, default=None, metavar="P",
                            help="halt also when failures exceed P%% of the admitted hosts (default: no such limit)")
+    promote_p.add_argument("--max-silent", type=count_option, default=0, metavar="N",
+                           help="hold while more hosts than this deployed the build within --max-report-age and "
+                                "report nothing now (default: 0)")
     promote_p.add_argument("--selector", type=label_matchers, default="", metavar="MATCHERS",
                            help='PromQL label matchers that select the fleet, e.g. job="node",env="prod"')
     promote_p.add_argument("--on-halt", choices=("pause", "revert"), default="pause",

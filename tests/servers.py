@@ -344,6 +344,7 @@ class FleetMonitor:
                  labels: dict[str, str] | None = None) -> None:
         import json
         self.procs: list[subprocess.Popen] = []
+        self.exporters: dict[str, subprocess.Popen] = {}  # by host name: stop one to make its host go silent
         self.logs = root
         targets = []
         try:
@@ -352,6 +353,7 @@ class FleetMonitor:
                 self._start(f"node-exporter-{name}", [
                     NODE_EXPORTER, f"--web.listen-address=127.0.0.1:{port}", "--collector.disable-defaults",
                     "--collector.textfile", f"--collector.textfile.directory={directory}"])
+                self.exporters[name] = self.procs[-1]
                 targets.append({"targets": [f"127.0.0.1:{port}"], "labels": {**(labels or {}), "instance": name}})
             port = free_port()
             self.base = f"http://127.0.0.1:{port}"

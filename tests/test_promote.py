@@ -673,3 +673,75 @@ def test_sign_writes_the_first_steps_start(world, tmp_path):
     started = ad.parse_rfc3339(pointer["x-step-started"]).timestamp()
     assert before - 1 <= started <= time.time() + 1
     assert "x-step-started" not in fields(sign(key, tmp_path / "q", world.path("b"), 2))
+
+
+def test_a_host_that_went_silent_after_deploying_is_counted():
+    """A host whose series all went away after it deployed the build (its
+    exporter, or the host, is gone) is silent; one that still reports, or
+    that deployed another build, is not."""
+    nb = os.path.basename(B)
+    now = api_samples(host_samples("h0", B, current=nb, state="deployed", bucket=1))
+    recent = [{"metric": {"instance": i, "deployed_generation": g}, "value": [0, "1"]}
+              for i, g in (("h0", nb), ("h1", nb), ("h2", "other"))]
+    # The agent's label kept as exported_ beside a target label of that name.
+    recent.append({"metric": {"instance": "h3", "deployed_generation": "t", "exported_deployed_generation": nb},
+                   "value": [0, "1"]})
+    count = ad.FleetCount()
+    ad.count_silent(count, B, [{"metric": s["metric"], "value": 1.0} for s in recent],
+                    [{"metric": s["metric"], "value": 1.0} for s in now])
+    assert (count.silent, count.silent_hosts) == (2, ["h1", "h3"])
+    rollout = ad.parse_rollout({"rollout": "50%"})
+    count.healthy = count.admitted = count.reporting = 1
+    verdict, _, why = ad.promote_verdict(count, ad.PromotePolicy(bake=0), rollout, 10.0)
+    assert verdict == "hold" and "2 host(s) that deployed it" in why and "(h1, h3)" in why, why
+    assert ad.promote_verdict(count, ad.PromotePolicy(bake=0, max_silent=2), rollout, 10.0)[0] == "advance"
+    # A failure still halts, silent hosts or not.
+    count.rolled_back = 1
+    assert ad.promote_verdict(count, ad.PromotePolicy(bake=0), rollout, 10.0)[0] == "halt"
+
+
+@needs_prometheus
+def test_a_canary_that_goes_silent_holds_the_rollout(world, server, tmp_path):
+    """Issue #21: a canary that deployed the build and then reports nothing
+    (what a host that never came back from the reboot into it looks like)
+    is not ignored: the rollout holds until --max-silent allows it, with
+    the real Prometheus' staleness handling and last_over_time."""
+    a, b = world.path("a"), world.path("b")
+    key = make_key(tmp_path, "ci")
+    candidates = [f"web-{i}" for i in range(2000)]
+    canaries = [n for n in candidates if bucket(n, b) < 5000][:2]
+    fleet = Fleet(world, server, tmp_path, key, {"canary1": canaries[0], "canary2": canaries[1]}, "/fleet")
+    fleet.publish(sign(key, tmp_path / "p0", a, 1))
+    for role in fleet.hosts:
+        fleet.run(role)  # tracking a
+    p1 = sign(key, tmp_path / "p1", b, 2, "--rollout", "50%")
+    fleet.publish(p1)
+    for role in fleet.hosts:
+        fleet.run(role)
+    assert all(h.current == b for h in fleet.hosts.values())
+    monitor = FleetMonitor(tmp_path, fleet.textfile_dirs())
+    try:
+        monitor.wait_for("both deployed", lambda: states(monitor) == {"canary1": "deployed", "canary2": "deployed"},
+                         timeout=60)
+        out = tmp_path / "next"
+        gone = monitor.exporters["canary2"]
+        gone.terminate()
+        gone.wait(30)
+        monitor.procs.remove(gone)
+        monitor.wait_for("canary2's series gone", lambda: set(states(monitor)) == {"canary1"})
+        r = promote(p1, monitor.base, key, out, "--steps", "50,100", "--bake", "0s")
+        assert r.returncode == EXIT["hold"] and not out.exists(), (r.stdout, r.stderr)
+        assert r.stdout.startswith("HOLD: 1 host(s) that deployed it within --max-report-age report nothing now "
+                                   "(canary2)"), r.stdout
+        assert "1 silent (canary2)" in r.stdout
+        # Outside the look-back window it is forgotten: a decommissioned host
+        # does not hold rollouts for ever.
+        time.sleep(2)
+        r = promote(p1, monitor.base, key, out, "--steps", "50,100", "--bake", "0s", "--max-report-age", "1s")
+        assert "0 silent" in r.stdout, r.stdout
+        r = promote(p1, monitor.base, key, out, "--steps", "50,100", "--bake", "0s", "--max-silent", "1")
+        assert r.returncode == EXIT["advance"], (r.stdout, r.stderr)
+    finally:
+        monitor.close()
+        for h in fleet.hosts.values():
+            h.kill_orphans()
