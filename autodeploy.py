@@ -43,26 +43,29 @@ the ordered steps of the cycle; this is ``DECISION_TABLE`` (a test checks
 that this text is the code's table).  Follow-through of the previous deploy
 comes first:
 
-    | phase                       | upstream | steps, in order                              |
-    |-----------------------------|----------|----------------------------------------------|
-    | interrupted                 | deployed | recover                                      |
-    | interrupted                 | running  | recover                                      |
-    | interrupted                 | new      | recover                                      |
-    | untracked                   | running  | track, release_slot                          |
-    | untracked                   | new      | nothing (dirty)                              |
-    | settled                     | deployed | release_slot                                 |
-    | settled                     | new      | release_slot, deploy, reboot_release         |
-    | staged                      | deployed | reboot_release                               |
-    | staged                      | new      | deploy, reboot_release                       |
-    | booted_unverified           | deployed | verify, release_slot                         |
-    | booted_unverified           | new      | verify, release_slot, deploy, reboot_release |
-    | fell_back                   | deployed | report_fallback                              |
-    | fell_back                   | new      | report_fallback                              |
-    | rolled_back_awaiting_reboot | deployed | reboot_rollback                              |
-    | rolled_back_awaiting_reboot | new      | reboot_rollback, deploy, reboot_release      |
-    | dirty                       | deployed | nothing (dirty)                              |
-    | dirty                       | running  | resume, release_slot                         |
-    | dirty                       | new      | nothing (dirty)                              |
+    | phase                       | upstream | steps, in order                                        |
+    |-----------------------------|----------|--------------------------------------------------------|
+    | interrupted                 | deployed | recover                                                |
+    | interrupted                 | running  | recover                                                |
+    | interrupted                 | new      | recover                                                |
+    | untracked                   | running  | track, release_slot                                    |
+    | untracked                   | new      | nothing (dirty)                                        |
+    | settled                     | deployed | release_slot                                           |
+    | settled                     | new      | release_slot, prefetch, deploy, reboot_release         |
+    | staged                      | deployed | reboot_release                                         |
+    | staged                      | new      | prefetch, deploy, reboot_release                       |
+    | booted_unverified           | deployed | verify, release_slot                                   |
+    | booted_unverified           | new      | verify, release_slot, prefetch, deploy, reboot_release |
+    | fell_back                   | deployed | report_fallback                                        |
+    | fell_back                   | new      | report_fallback                                        |
+    | rolled_back_awaiting_reboot | deployed | reboot_rollback                                        |
+    | rolled_back_awaiting_reboot | new      | reboot_rollback, prefetch, deploy, reboot_release      |
+    | rolled_back_by_hand         | deployed | accept_rollback                                        |
+    | rolled_back_by_hand         | running  | accept_rollback                                        |
+    | rolled_back_by_hand         | new      | accept_rollback                                        |
+    | dirty                       | deployed | nothing (dirty)                                        |
+    | dirty                       | running  | resume, release_slot                                   |
+    | dirty                       | new      | nothing (dirty)                                        |
 
 ``--force`` turns "nothing (dirty)" into deploy, reboot_release.  A cycle
 that recovered an interrupted deploy plans again from the new facts.  A
@@ -75,16 +78,16 @@ function (``apply_holds()``) applies it to every step.  A held step is
 planned again on every cycle until it runs, so a deferred reboot is never
 lost.  The FleetLock slot is asked at the reboot gate, after the other holds:
 
-    | hold        | blocks                                                                                     |
-    |-------------|--------------------------------------------------------------------------------------------|
-    | stop        | every step                                                                                 |
-    | suspend     | recover, report_fallback, roll_back, release_slot, deploy, reboot_release, reboot_rollback |
-    | quarantine  | deploy                                                                                     |
-    | wave        | deploy                                                                                     |
-    | pause       | deploy, reboot_release                                                                     |
-    | reboot_mode | reboot_release, reboot_rollback                                                            |
-    | window      | reboot_release, reboot_rollback                                                            |
-    | slot        | reboot_release, reboot_rollback                                                            |
+    | hold        | blocks                                                                                                                |
+    |-------------|-----------------------------------------------------------------------------------------------------------------------|
+    | stop        | every step                                                                                                            |
+    | suspend     | recover, report_fallback, roll_back, accept_rollback, release_slot, prefetch, deploy, reboot_release, reboot_rollback |
+    | quarantine  | prefetch, deploy                                                                                                      |
+    | wave        | deploy                                                                                                                |
+    | pause       | prefetch, deploy, reboot_release                                                                                      |
+    | reboot_mode | reboot_release, reboot_rollback                                                                                       |
+    | window      | reboot_release, reboot_rollback                                                                                       |
+    | slot        | reboot_release, reboot_rollback                                                                                       |
 
 ``suspend`` still observes, verifies (a failing check is reported, exit 5,
 while the rollback waits), reports and writes metrics.  A stop request
@@ -156,6 +159,8 @@ CURRENT_SYSTEM: Final = "/run/current-system"
 BOOTED_SYSTEM: Final = "/run/booted-system"
 SYSTEM_PROFILE: Final = "/nix/var/nix/profiles/system"
 UPSTREAM_GCROOT: Final = "/run/upstream-system"
+# The GC root of a closure realised ahead of its turn (one build at a time).
+PREFETCH_GCROOT: Final = "/run/nixos-autodeploy-prefetch"
 # /run is a tmpfs on NixOS: files here vanish on reboot, which is how the agent
 # tells "not rebooted yet" from "rebooted, but into the previous system".
 RUNTIME_DIR: Final = "/run/nixos-autodeploy"
@@ -414,6 +419,9 @@ class Config:
     hook_timeout: float = 60.0
     fleetlock_url: str | None = None
     fleetlock_group: str = FLEETLOCK_DEFAULT_GROUP
+    # A hand switch back to a system this agent deployed earlier is a verdict
+    # on the build it replaced (quarantined), not a manual deploy.
+    accept_manual_rollback: bool = False
 
 
 @dataclass(frozen=True)
@@ -484,6 +492,13 @@ class State:
     fleetlock_error: dict[str, str] | None = None  # the last lock operation's error, while unresolved
     rollback_of: str | None = None       # `deployed` is a rollback away from this failed release (reboot due)
     reboot_request: dict[str, Any] | None = None  # the last reboot/kexec asked for: {mode, boot_id, system, time}
+    # Ready before its turn: the closure realised while the deploy waits.
+    prefetched: dict[str, Any] | None = None      # {path, time}: rooted at PREFETCH_GCROOT
+    prefetch_failures_total: int = 0
+    prefetch_error: dict[str, Any] | None = None  # the last failed prefetch {path, message, time}, until one succeeds
+    # A hand switch back to a system this agent deployed (--accept-manual-rollback).
+    manual_rollback: dict[str, Any] | None = None  # the last one: {path (rolled back), to, time}
+    manual_rollbacks_total: int = 0
     # Keys of state.json this version does not know (a newer or older agent's): kept on save.
     unknown: dict[str, Any] = field(default_factory=dict, repr=False, compare=False, metadata={"stored": False})
 
@@ -616,7 +631,8 @@ STATE_SCHEMA: Final[dict[str, tuple[Callable[[Any], bool], str]]] = {
     **{name: (_opt_moment, "a Unix time or null") for name in (
         "deployed_at", "last_run", "last_success", "behind_since")},
     **{name: (_count, f"a whole number from 0 to {MAX_COUNT}") for name in (
-        "rollbacks_total", "deploys_total", "boot_failures_total")},
+        "rollbacks_total", "deploys_total", "boot_failures_total", "prefetch_failures_total",
+        "manual_rollbacks_total")},
     **{name: (_opt_count, f"a whole number from 0 to {MAX_COUNT} or null") for name in (
         "boot_free_bytes", "boot_needed_bytes")},
     **{name: (_optional(valid_revision), f"a revision from 0 to {MAX_REVISION} or null") for name in (
@@ -643,6 +659,13 @@ STATE_SCHEMA: Final[dict[str, tuple[Callable[[Any], bool], str]]] = {
     "reboot_request": (_optional(_record({"mode": _text, "boot_id": _opt_text, "system": _opt_text,
                                           "time": _opt_moment})),
                        "a reboot request (an object with typed fields) or null"),
+    "prefetched": (_optional(_record({"path": _text, "time": _moment}, required=("path",))),
+                   "a prefetched closure (an object with typed fields) or null"),
+    "prefetch_error": (_optional(_record({"path": _text, "message": _text, "time": _moment},
+                                         required=("message",))),
+                       "a prefetch error (an object with typed fields) or null"),
+    "manual_rollback": (_optional(_record({"path": _opt_text, "to": _opt_text, "time": _moment})),
+                        "a manual rollback (an object with typed fields) or null"),
 }
 _FIELD_TYPES: dict[type, dict[str, tuple[type, ...]]] = {}
 
@@ -964,9 +987,9 @@ def run(argv: list[str], *, capture: bool = False, check: bool = True,
     return result
 
 
-def nix_realise(path: str) -> None:
+def nix_realise(path: str, root: str = UPSTREAM_GCROOT) -> None:
     # Output on stdout is the realised path; nix's progress goes to stderr.
-    run(["nix-store", "--realise", path, "--add-root", UPSTREAM_GCROOT], capture=False)
+    run(["nix-store", "--realise", path, "--add-root", root], capture=False)
 
 
 def nix_set_profile(path: str) -> None:
@@ -1962,6 +1985,18 @@ def render_metrics(state: State, host: HostView, suspended: bool) -> str:
         if view.get("turn_at") is not None:
             metric("rollout_turn_timestamp_seconds", "gauge", "Unix time from which the ramp admits this host.",
                    [({}, view["turn_at"])])
+    # Ready before its turn; manual rollbacks (README: "Ready before its turn", "Manual rollbacks").
+    prefetched = state.prefetched.get("path") if isinstance(state.prefetched, dict) else None
+    metric("prefetched", "gauge", "1 while the closure of a build waiting for its turn is realised and GC-rooted "
+           "(the path label names it).", [({"path": prefetched or ""}, int(prefetched is not None))])
+    metric("prefetch_failures_total", "counter", "Failed prefetches (realising a waiting build's closure ahead of "
+           "its turn; not deploy failures); kept across runs.", [({}, state.prefetch_failures_total)])
+    failed_at = state.prefetch_error.get("time") if isinstance(state.prefetch_error, dict) else None
+    metric("prefetch_last_failure_timestamp_seconds", "gauge",
+           "Unix time of the last failed prefetch while it is unresolved; 0 otherwise.", [({}, failed_at or 0)])
+    metric("manual_rollbacks_total", "counter", "Hand switches back to a system this agent deployed earlier, "
+           "accepted as a verdict on the build they replaced (--accept-manual-rollback); kept across runs.",
+           [({}, state.manual_rollbacks_total)])
     metric("reboot_slot_held", "gauge", "1 while this host holds a FleetLock reboot slot.",
            [({}, int(bool(state.reboot_slot and state.reboot_slot.get("granted"))))])
     if state.fleetlock_failures:
@@ -2301,6 +2336,9 @@ class Phase(enum.Enum):
     BOOTED_UNVERIFIED = "booted_unverified"  # rebooted into the staged release, not yet checked
     FELL_BACK = "fell_back"          # rebooted, but the staged release is not what runs
     ROLLED_BACK_AWAITING_REBOOT = "rolled_back_awaiting_reboot"  # the booted release failed; back on reboot
+    # Profile and current system switched back by hand to a system this agent
+    # deployed earlier (`nixos-rebuild switch --rollback`).
+    ROLLED_BACK_BY_HAND = "rolled_back_by_hand"
     DIRTY = "dirty"                  # profile or current system changed by someone else
 
 
@@ -2340,7 +2378,7 @@ def host_phase(state: State, facts: Facts) -> Phase:
     if state.deployed is None:
         return Phase.UNTRACKED
     if host.profile != state.deployed:
-        return Phase.DIRTY
+        return Phase.ROLLED_BACK_BY_HAND if switched_back_by_hand(state, host) else Phase.DIRTY
     if host.current == state.deployed:
         return Phase.SETTLED if state.verified else Phase.BOOTED_UNVERIFIED
     if state.activation != "boot" or host.current != state.staged_from:
@@ -2348,6 +2386,21 @@ def host_phase(state: State, facts: Facts) -> Phase:
     if facts.rebooted:
         return Phase.FELL_BACK
     return Phase.ROLLED_BACK_AWAITING_REBOOT if state.rollback_of else Phase.STAGED
+
+
+def deployed_before(state: State) -> set[str]:
+    """The systems this agent deployed and ran (its history: a switch, or a
+    boot deploy verified after the reboot)."""
+    history = state.history if isinstance(state.history, list) else []
+    return {entry["path"] for entry in history
+            if entry.get("outcome") == "deployed" and isinstance(entry.get("path"), str)}
+
+
+def switched_back_by_hand(state: State, host: HostView) -> bool:
+    """What `nixos-rebuild switch --rollback` leaves: profile and current
+    system on an earlier system this agent deployed, not the record's."""
+    return (host.current is not None and host.current == host.profile != state.deployed
+            and host.current in deployed_before(state))
 
 
 def upstream_relation(state: State, host: HostView, upstream: str) -> Upstream:
@@ -2370,7 +2423,9 @@ class StepKind(enum.Enum):
     ROLL_BACK = "roll_back"              # a booted release failed its checks: profile back, reboot due
     TRACK = "track"                      # record what runs (no record yet)
     RESUME = "resume"                    # record what runs (the host runs upstream again)
+    ACCEPT_ROLLBACK = "accept_rollback"  # a hand rollback: quarantine the build it replaced, record what runs
     RELEASE_SLOT = "release_slot"        # give back the FleetLock slot once settled
+    PREFETCH = "prefetch"                # realise upstream's closure while its deploy waits (GC-rooted)
     DEPLOY = "deploy"                    # realise, activate (switch or boot), check, record upstream
     REBOOT_RELEASE = "reboot_release"    # reboot or kexec into a staged release
     REBOOT_ROLLBACK = "reboot_rollback"  # reboot or kexec into the system a failed release was rolled back to
@@ -2386,17 +2441,21 @@ DECISION_TABLE: Final[dict[tuple[Phase, Upstream], tuple[StepKind, ...]]] = {
     (Phase.UNTRACKED, Upstream.RUNNING): (StepKind.TRACK, StepKind.RELEASE_SLOT),
     (Phase.UNTRACKED, Upstream.NEW): (),
     (Phase.SETTLED, Upstream.DEPLOYED): (StepKind.RELEASE_SLOT,),
-    (Phase.SETTLED, Upstream.NEW): (StepKind.RELEASE_SLOT, StepKind.DEPLOY, StepKind.REBOOT_RELEASE),
+    (Phase.SETTLED, Upstream.NEW): (StepKind.RELEASE_SLOT, StepKind.PREFETCH, StepKind.DEPLOY,
+                                    StepKind.REBOOT_RELEASE),
     (Phase.STAGED, Upstream.DEPLOYED): (StepKind.REBOOT_RELEASE,),
-    (Phase.STAGED, Upstream.NEW): (StepKind.DEPLOY, StepKind.REBOOT_RELEASE),
+    (Phase.STAGED, Upstream.NEW): (StepKind.PREFETCH, StepKind.DEPLOY, StepKind.REBOOT_RELEASE),
     (Phase.BOOTED_UNVERIFIED, Upstream.DEPLOYED): (StepKind.VERIFY, StepKind.RELEASE_SLOT),
-    (Phase.BOOTED_UNVERIFIED, Upstream.NEW): (StepKind.VERIFY, StepKind.RELEASE_SLOT, StepKind.DEPLOY,
-                                              StepKind.REBOOT_RELEASE),
+    (Phase.BOOTED_UNVERIFIED, Upstream.NEW): (StepKind.VERIFY, StepKind.RELEASE_SLOT, StepKind.PREFETCH,
+                                              StepKind.DEPLOY, StepKind.REBOOT_RELEASE),
     (Phase.FELL_BACK, Upstream.DEPLOYED): (StepKind.REPORT_FALLBACK,),
     (Phase.FELL_BACK, Upstream.NEW): (StepKind.REPORT_FALLBACK,),
     (Phase.ROLLED_BACK_AWAITING_REBOOT, Upstream.DEPLOYED): (StepKind.REBOOT_ROLLBACK,),
-    (Phase.ROLLED_BACK_AWAITING_REBOOT, Upstream.NEW): (StepKind.REBOOT_ROLLBACK, StepKind.DEPLOY,
-                                                        StepKind.REBOOT_RELEASE),
+    (Phase.ROLLED_BACK_AWAITING_REBOOT, Upstream.NEW): (StepKind.REBOOT_ROLLBACK, StepKind.PREFETCH,
+                                                        StepKind.DEPLOY, StepKind.REBOOT_RELEASE),
+    (Phase.ROLLED_BACK_BY_HAND, Upstream.DEPLOYED): (StepKind.ACCEPT_ROLLBACK,),
+    (Phase.ROLLED_BACK_BY_HAND, Upstream.RUNNING): (StepKind.ACCEPT_ROLLBACK,),
+    (Phase.ROLLED_BACK_BY_HAND, Upstream.NEW): (StepKind.ACCEPT_ROLLBACK,),
     (Phase.DIRTY, Upstream.DEPLOYED): (),
     (Phase.DIRTY, Upstream.RUNNING): (StepKind.RESUME, StepKind.RELEASE_SLOT),
     (Phase.DIRTY, Upstream.NEW): (),
@@ -2420,11 +2479,13 @@ _REBOOTS: Final = frozenset((StepKind.REBOOT_RELEASE, StepKind.REBOOT_ROLLBACK))
 # Which hold blocks which step.  apply_holds() is the only place that reads it.
 HOLD_TABLE: Final[dict[Hold, frozenset[StepKind]]] = {
     Hold.STOP: frozenset(StepKind),
-    Hold.SUSPEND: frozenset((StepKind.RECOVER, StepKind.REPORT_FALLBACK, StepKind.ROLL_BACK, StepKind.DEPLOY,
-                             StepKind.RELEASE_SLOT)) | _REBOOTS,
-    Hold.QUARANTINE: frozenset((StepKind.DEPLOY,)),
+    Hold.SUSPEND: frozenset((StepKind.RECOVER, StepKind.REPORT_FALLBACK, StepKind.ROLL_BACK,
+                             StepKind.ACCEPT_ROLLBACK, StepKind.RELEASE_SLOT, StepKind.PREFETCH,
+                             StepKind.DEPLOY)) | _REBOOTS,
+    Hold.QUARANTINE: frozenset((StepKind.PREFETCH, StepKind.DEPLOY)),
+    # Not the prefetch: a host waiting for its wave is ready when its turn comes.
     Hold.WAVE: frozenset((StepKind.DEPLOY,)),
-    Hold.PAUSE: frozenset((StepKind.DEPLOY, StepKind.REBOOT_RELEASE)),
+    Hold.PAUSE: frozenset((StepKind.PREFETCH, StepKind.DEPLOY, StepKind.REBOOT_RELEASE)),
     Hold.REBOOT_MODE: _REBOOTS,
     Hold.WINDOW: _REBOOTS,
     Hold.SLOT: _REBOOTS,
@@ -2453,7 +2514,11 @@ class Step:
             StepKind.ROLL_BACK: f"roll back from {name}: profile and boot default to the previous system",
             StepKind.TRACK: f"record {name} as deployed (start tracking)",
             StepKind.RESUME: f"record {name} as deployed (resume tracking)",
+            StepKind.ACCEPT_ROLLBACK: f"accept the manual rollback to {name}: quarantine {self.detail or '-'}, "
+                                      f"record {name} as deployed (then plan again)",
             StepKind.RELEASE_SLOT: "release the FleetLock slot (once settled)",
+            StepKind.PREFETCH: f"prefetch {self.target}: realise its closure before its turn (GC root "
+                               f"{PREFETCH_GCROOT})",
             StepKind.DEPLOY: f"deploy {self.target} ({self.detail or 'switch'})",
             StepKind.REBOOT_RELEASE: "reboot into the staged release (when one is staged)",
             StepKind.REBOOT_ROLLBACK: f"reboot into {name} (rollback)",
@@ -2510,27 +2575,41 @@ def apply_holds(step: Step, holds: dict[Hold, str]) -> Step:
 
 
 def plan(phase: Phase, relation: Upstream, state: State, host: HostView, upstream: str, *, force: bool,
-         fleetlock: bool, mode: str, holds: dict[Hold, str]) -> Plan:
+         fleetlock: bool, mode: str, holds: dict[Hold, str], accept_manual_rollback: bool = False) -> Plan:
     """Phase x upstream -> the ordered steps of this cycle, holds applied (pure)."""
-    kinds = DECISION_TABLE[(phase, relation)]
-    dirty = phase in (Phase.DIRTY, Phase.UNTRACKED) and not kinds
+    by_hand = phase == Phase.ROLLED_BACK_BY_HAND
+    # Without --accept-manual-rollback a hand rollback is a manual deploy like any other.
+    kinds = DECISION_TABLE[(Phase.DIRTY if by_hand and not accept_manual_rollback else phase, relation)]
+    dirty = phase in (Phase.DIRTY, Phase.UNTRACKED, Phase.ROLLED_BACK_BY_HAND) and not kinds
     if dirty and force:
         kinds, dirty = FORCED_STEPS, False
     if not fleetlock:
         kinds = tuple(kind for kind in kinds if kind != StepKind.RELEASE_SLOT)
     targets = {StepKind.RECOVER: (state.intent or {}).get("upstream"), StepKind.VERIFY: state.deployed,
                StepKind.REPORT_FALLBACK: state.deployed, StepKind.TRACK: host.current,
-               StepKind.RESUME: host.current, StepKind.DEPLOY: upstream, StepKind.REBOOT_ROLLBACK: state.deployed}
-    steps = [apply_holds(Step(kind, targets.get(kind), mode if kind == StepKind.DEPLOY else ""), holds)
-             for kind in kinds]
-    if phase == Phase.STAGED and relation == Upstream.NEW and steps[0].held:
+               StepKind.RESUME: host.current, StepKind.ACCEPT_ROLLBACK: host.current, StepKind.PREFETCH: upstream,
+               StepKind.DEPLOY: upstream, StepKind.REBOOT_ROLLBACK: state.deployed}
+    details = {StepKind.DEPLOY: mode, StepKind.ACCEPT_ROLLBACK: basename_or_empty(state.deployed)}
+    steps = [apply_holds(Step(kind, targets.get(kind), details.get(kind, "")), holds) for kind in kinds]
+    deploy = next((step for step in steps if step.kind == StepKind.DEPLOY), None)
+    if deploy is None or not deploy.held:
+        # A deploy that runs realises the closure itself: prefetching is for one that waits.
+        steps = [step for step in steps if step.kind != StepKind.PREFETCH]
+    elif phase == Phase.STAGED and relation == Upstream.NEW:
         # The new release waits: the reboot into the staged one is still due.
-        steps = [steps[1], steps[0]]
-    return Plan(phase, relation, tuple(steps), plan_reason(phase, relation, state, force and bool(kinds)), dirty)
+        steps = [step for step in steps if step.kind in _REBOOTS] + [step for step in steps if step.kind not in _REBOOTS]
+    return Plan(phase, relation, tuple(steps), plan_reason(phase, relation, state, force and bool(kinds),
+                                                           accept_manual_rollback), dirty)
 
 
-def plan_reason(phase: Phase, relation: Upstream, state: State, forced: bool) -> str:
-    if phase in (Phase.DIRTY, Phase.UNTRACKED) and relation != Upstream.RUNNING:
+def plan_reason(phase: Phase, relation: Upstream, state: State, forced: bool, accept_manual_rollback: bool = False) -> str:
+    if phase == Phase.ROLLED_BACK_BY_HAND and (accept_manual_rollback or relation != Upstream.RUNNING) and not forced:
+        back = (f"switched back by hand from {basename_or_empty(state.deployed)} to a system this agent deployed "
+                "earlier (nixos-rebuild switch --rollback?)")
+        if accept_manual_rollback:
+            return f"{back}: a verdict on {basename_or_empty(state.deployed)}; plan again once it is recorded"
+        return f"{back}; without --accept-manual-rollback: change nothing"
+    if phase in (Phase.DIRTY, Phase.UNTRACKED, Phase.ROLLED_BACK_BY_HAND) and relation != Upstream.RUNNING:
         if forced:
             return "not ours, but --force: deploy upstream"
         if phase == Phase.UNTRACKED:
@@ -2738,6 +2817,7 @@ class Deployer:
         except ProcessError as exc:
             Stopping.check(exc)
             raise DeployError(f"cannot realise {upstream}: {exc}", "realise") from None
+        self.drop_prefetch()  # the deploy's own root holds the closure now
         try:
             check_nixos_system(upstream, host.current)
         except DeployError as exc:
@@ -2799,6 +2879,67 @@ class Deployer:
 
     def track(self, host: HostView) -> None:
         self.record(host.current, staged_from=host.current, activation="switch", previous=host.profile)
+
+    # -- ready before its turn ---------------------------------------------
+
+    def prefetch(self, upstream: str) -> None:
+        """Realise upstream's closure while its deploy waits (substitution
+        only; GC-rooted at PREFETCH_GCROOT, which holds one build: the newest
+        replaces the one before), so that its turn costs only the activation.
+        A failure is no failed deploy: counted, reported, tried again."""
+        state = self.state
+        done = state.prefetched if isinstance(state.prefetched, dict) else {}
+        if done.get("path") == upstream and store_path_of(PREFETCH_GCROOT) == upstream and os.path.isdir(upstream):
+            return  # realised and rooted by an earlier cycle: no process, no request
+        log(f"prefetching {upstream} from the binary cache: its deploy waits, its closure need not")
+        try:
+            with Stopping.interruptible():  # a download is a wait: a stop ends it (nix too)
+                nix_realise(upstream, PREFETCH_GCROOT)
+        except ProcessError as exc:
+            Stopping.check(exc)
+            state.prefetch_failures_total += 1
+            state.prefetch_error = {"path": upstream, "message": printable(str(exc))[:MAX_MESSAGE],
+                                    "time": time.time()}
+            self.ledger.save()
+            log(f"prefetch of {upstream} failed (tried again next cycle; not a failed deploy): {exc}")
+            return
+        state.prefetched, state.prefetch_error = {"path": upstream, "time": time.time()}, None
+        self.ledger.save()
+        log(f"prefetched {upstream}: when its turn comes only the activation remains")
+
+    def drop_prefetch(self) -> None:
+        """The prefetch root is given up once a deploy realised its own."""
+        if self.state.prefetched is None and not os.path.islink(PREFETCH_GCROOT):
+            return
+        try:
+            os.unlink(PREFETCH_GCROOT)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log(f"warning: cannot remove {PREFETCH_GCROOT}: {exc.strerror}")
+        self.state.prefetched = None
+
+    # -- a manual rollback ---------------------------------------------------
+
+    def accept_manual_rollback(self, host: HostView) -> Outcome:
+        """Someone switched the host back by hand to a system this agent
+        deployed earlier (`nixos-rebuild switch --rollback`): a verdict on the
+        build it replaced.  Quarantine that build, record what runs (the host
+        stays tracked) and let the next build CI publishes deploy."""
+        state = self.state
+        bad, running = state.deployed, host.current
+        assert bad is not None and running is not None
+        self.ledger.begin_attempt(bad, "manual_rollback")
+        why = f"switched back by hand from {basename_or_empty(bad)} to {basename_or_empty(running)}"
+        log(f"MANUAL ROLLBACK: {why}: {bad} is quarantined; tracking {running}")
+        state.quarantined, state.quarantine_reason = bad, f"rolled back by hand to {running}"
+        state.manual_rollbacks_total += 1
+        state.manual_rollback = {"path": bad, "to": running, "time": time.time()}
+        state.staged_boot_id = None
+        self.record(running, staged_from=running, activation="switch", previous=running)
+        self.mark_staged(None)  # a release staged for the next boot was rolled back too
+        return Outcome("rolled_back", f"{why} (a manual rollback): {basename_or_empty(bad)} is quarantined until "
+                                      "upstream changes", old_system=bad, new_system=running)
 
     def record(self, system: str | None, *, staged_from: str | None, activation: str,
                previous: str | None, verified: bool = True, rollback_of: str | None = None) -> None:
@@ -3376,7 +3517,17 @@ class Agent:
             f"deployed={state.deployed} upstream={pointer.path}")
         if not host.current:
             raise NotNixOS(f"{CURRENT_SYSTEM} does not point into {STORE_DIR}: not a NixOS system; nothing done")
-        return self.execute(self.plan(facts, pointer.path), facts)
+        decided = self.plan(facts, pointer.path)
+        if cfg.dry_run or not decided.steps or decided.steps[0].kind != StepKind.ACCEPT_ROLLBACK \
+                or decided.steps[0].held:
+            return self.execute(decided, facts)
+        # The hand rollback is recorded (the build it replaced quarantined):
+        # plan again from the new record.
+        accepted = self.execute(decided, facts)
+        if accepted.error is not None or Stopping.requested:
+            return accepted
+        facts = gather_facts(state, self.store)
+        return merge_outcomes(accepted, self.execute(self.plan(facts, pointer.path), facts))
 
     def plan(self, facts: Facts, upstream: str) -> Plan:
         cfg, state = self.cfg, self.state
@@ -3384,7 +3535,8 @@ class Agent:
         holds = active_holds(cfg, state, facts, upstream, state.rollout)
         relation = upstream_relation(state, facts.host, upstream)
         decided = plan(phase, relation, state, facts.host, upstream, force=cfg.force,
-                       fleetlock=cfg.fleetlock_url is not None, mode=cfg.switch_mode.value, holds=holds)
+                       fleetlock=cfg.fleetlock_url is not None, mode=cfg.switch_mode.value, holds=holds,
+                       accept_manual_rollback=cfg.accept_manual_rollback)
         for line in decided.render():
             log(f"plan: {line}")
         return decided
@@ -3477,6 +3629,12 @@ class Agent:
             case StepKind.TRACK | StepKind.RESUME:
                 deployer.track(host)
                 return Outcome("tracking", decided.reason)
+            case StepKind.ACCEPT_ROLLBACK:
+                return deployer.accept_manual_rollback(host)
+            case StepKind.PREFETCH:
+                assert step.target is not None
+                deployer.prefetch(step.target)
+                return None
             case StepKind.RELEASE_SLOT:
                 self.rebooter.release_slot(facts)
                 return None
@@ -3986,6 +4144,9 @@ def status_fields(state_dir: str) -> dict[str, Any]:
         "history": list(state.history) if isinstance(state.history, list) else [],
         "rollout": state.rollout,
         "reboot_slot": state.reboot_slot, "fleetlock_error": state.fleetlock_error,
+        "prefetched": state.prefetched, "prefetch_failures_total": state.prefetch_failures_total,
+        "prefetch_error": state.prefetch_error,
+        "manual_rollback": state.manual_rollback, "manual_rollbacks_total": state.manual_rollbacks_total,
     }
 
 
@@ -4034,6 +4195,18 @@ def command_status(state_dir: str, as_json: bool) -> int:
                      + f" in FleetLock group {slot.get('group')} since {when(slot.get('since'))}"))
     if fields["fleetlock_error"]:
         rows.append(("fleetlock error", fields["fleetlock_error"].get("message")))
+    prefetched = fields["prefetched"]
+    if prefetched:
+        rows.append(("prefetched", f"{prefetched.get('path')} (realised and rooted {when(prefetched.get('time'))}; "
+                                   "its turn costs only the activation)"))
+    if fields["prefetch_error"]:
+        error = fields["prefetch_error"]
+        rows.append(("prefetch error", f"{when(error.get('time'))}: {error.get('message')} "
+                                       f"({fields['prefetch_failures_total']} failed prefetches in all)"))
+    if fields["manual_rollback"]:
+        back = fields["manual_rollback"]
+        rows.append(("manual rollback", f"{when(back.get('time'))}: switched back by hand from {back.get('path')} "
+                                        f"to {back.get('to')} ({fields['manual_rollbacks_total']} in all)"))
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {printable(value) if value is not None else '-'}")
@@ -4821,6 +4994,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"where the agent keeps its record (default: {DEFAULT_STATE_DIR})")
     run_p.add_argument("-f", "--force", action="store_true",
                        help="deploy upstream even when the host was deployed by hand or upstream is quarantined")
+    run_p.add_argument("--accept-manual-rollback", action="store_true",
+                       help="a hand switch back to a system this agent deployed earlier (nixos-rebuild switch "
+                            "--rollback) quarantines the build it replaced and keeps the host tracked "
+                            "(default: the host is dirty until someone intervenes)")
     run_p.add_argument("--dry-run", action="store_true", help="print the plan the real run would execute (holds included); change nothing")
     run_p.add_argument("--timeout", type=positive, default=30.0, metavar="SECONDS",
                        help="time allowed for the whole fetch of the pointer, retries included (and again for "
@@ -4961,7 +5138,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         token_file=args.token_file, json_field=args.json_field, on_success=args.on_success,
         on_failure=args.on_failure, hook_timeout=args.hook_timeout,
         fleetlock_url=args.fleetlock_url, fleetlock_group=args.fleetlock_group,
-        boot_dir=args.boot_dir,
+        boot_dir=args.boot_dir, accept_manual_rollback=args.accept_manual_rollback,
     )
 
 

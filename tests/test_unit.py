@@ -21,6 +21,7 @@ H = "0123456789abcdfghijklmnpqrsvwxyz"
 A = f"/nix/store/{H}-nixos-system-a"
 B = f"/nix/store/{'1' * 32}-nixos-system-b"
 C = f"/nix/store/{'2' * 32}-nixos-system-c"
+D = f"/nix/store/{'3' * 32}-nixos-system-d"
 AGENT = Path(__file__).resolve().parent.parent / "autodeploy.py"
 
 
@@ -102,6 +103,45 @@ def test_phase_and_plan_table(host, upstream, state, force, phase, steps, dirty)
     assert [s.kind.value for s in decided.steps] == steps and decided.dirty == dirty, decided.reason
 
 
+def deployed_then(deployed, *earlier):
+    """A record of `deployed` whose history shows `earlier` systems deployed (and run) before it."""
+    state = rec(deployed)
+    state.history = [{"time": 1.0, "path": p, "action": "switch", "outcome": "deployed"} for p in (*earlier, deployed)]
+    return state
+
+
+@pytest.mark.parametrize("hold, steps", [
+    ({}, ["deploy", "reboot_release"]),                                   # it runs: it realises by itself
+    ({ad.Hold.WAVE: "not yet"}, ["prefetch", "deploy", "reboot_release"]),  # it waits: ready before its turn
+])
+def test_prefetch_only_where_the_deploy_waits_for_its_wave(hold, steps):
+    decided = phase_and_plan(view(A, A), B, rec(A), False, hold)
+    assert [s.kind.value for s in decided.steps] == steps
+    assert all(not s.held for s in decided.steps if s.kind == ad.StepKind.PREFETCH)
+    for other in (ad.Hold.SUSPEND, ad.Hold.PAUSE, ad.Hold.QUARANTINE, ad.Hold.STOP):
+        decided_prefetch = phase_and_plan(view(A, A), B, rec(A), False, {ad.Hold.WAVE: "x", other: "y"})
+        (prefetch,) = [s for s in decided_prefetch.steps if s.kind == ad.StepKind.PREFETCH]
+        assert other in [h for h, _ in prefetch.held], other
+    # A staged release whose successor waits: the reboot first, then the prefetch.
+    staged = phase_and_plan(view(A, B), C, rec(B, A, "boot"), False, {ad.Hold.WAVE: "x"})
+    assert [s.kind.value for s in staged.steps] == ["reboot_release", "prefetch", "deploy"]
+
+
+@pytest.mark.parametrize("host, state, accept, phase, steps, dirty", [
+    (view(A, A), deployed_then(B, A), True, "rolled_back_by_hand", ["accept_rollback"], False),
+    (view(A, A), deployed_then(B, A), False, "rolled_back_by_hand", [], True),   # option off: dirty as before
+    (view(C, C), deployed_then(B, A), True, "dirty", [], True),                  # never deployed here
+    (view(A, B), deployed_then(B, A), True, "dirty", [], True),                  # nixos-rebuild test: profile stays
+    (view(B, A), deployed_then(B, A), True, "dirty", [], True),                  # nixos-rebuild boot --rollback
+])
+def test_a_hand_rollback_to_a_system_deployed_here_is_its_own_phase(host, state, accept, phase, steps, dirty):
+    facts = ad.Facts(host, "boot-1", False, None, False, True)
+    decided = ad.plan(ad.host_phase(state, facts), ad.upstream_relation(state, host, D), state, host, D, force=False,
+                      fleetlock=False, mode="switch", holds={}, accept_manual_rollback=accept)
+    assert decided.phase.value == phase
+    assert [s.kind.value for s in decided.steps] == steps and decided.dirty == dirty, decided.reason
+
+
 def test_the_table_covers_every_possible_pair_and_holds_apply_in_one_place():
     for phase in ad.Phase:
         assert any(key[0] == phase for key in ad.DECISION_TABLE), phase
@@ -112,8 +152,10 @@ def test_the_table_covers_every_possible_pair_and_holds_apply_in_one_place():
             assert not {ad.StepKind.VERIFY, ad.StepKind.REBOOT_ROLLBACK} & set(kinds[first:]), phase
     holds = {ad.Hold.SUSPEND: "suspended", ad.Hold.WAVE: "not yet"}
     decided = phase_and_plan(view(A, A), B, rec(A), False, holds)
-    deploy = decided.steps[0]
+    prefetch, deploy = decided.steps[:2]
     assert deploy.kind == ad.StepKind.DEPLOY and [h for h, _ in deploy.held] == [ad.Hold.SUSPEND, ad.Hold.WAVE]
+    # The prefetch waits for a suspend, never for the wave (that is its point).
+    assert prefetch.kind == ad.StepKind.PREFETCH and [h for h, _ in prefetch.held] == [ad.Hold.SUSPEND]
     assert ad.apply_holds(ad.Step(ad.StepKind.VERIFY), {ad.Hold.SUSPEND: "x"}).held == ()
     assert ad.apply_holds(ad.Step(ad.StepKind.REBOOT_ROLLBACK), {ad.Hold.PAUSE: "x"}).held == ()
     assert ad.apply_holds(ad.Step(ad.StepKind.REBOOT_RELEASE), {ad.Hold.PAUSE: "x"}).held == ((ad.Hold.PAUSE, "x"),)
