@@ -1,0 +1,155 @@
+"""Ready before its turn (issue #21, part 2), against real nix.
+
+A host that sees a build it may not deploy yet (waiting for its rollout
+wave) realises the closure from the binary cache at once, GC-rooted at
+/run/nixos-autodeploy-prefetch; when its turn comes, only the activation
+remains: no request reaches the cache any more.  Nothing is fetched while
+the host is suspended, the rollout paused or the build quarantined; a failed
+prefetch is counted and retried, never a failed deploy; a newer build
+replaces the older one's root.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from test_cycle import promtool_ok, state_gauge
+from test_safety import track
+
+ROOT = "/run/nixos-autodeploy-prefetch"
+
+
+def cache_requests(server) -> list[str]:
+    return [str(r["path"]) for r in server.requests if str(r["path"]).startswith("/cache/")]
+
+
+def waiting(server, path: str, *extra: str) -> None:
+    """Publish `path` with a rollout that admits no host yet."""
+    server.set("/pointer", "\n".join([path, "rollout: 0%", *extra]) + "\n")
+
+
+def gc(host) -> None:
+    """Collect garbage in the host's store: what no root holds goes."""
+    host.sh("nix-store --gc >/dev/null 2>&1")
+
+
+def roots_of(host, path: str) -> list[str]:
+    """The GC roots in the host that keep `path` (its links; not the runtime
+    roots nix finds in /proc, which other processes on this machine can add)."""
+    out = host.sh(f"nix-store --query --roots {path}").stdout.splitlines()
+    return sorted(line.split(" -> ")[0] for line in out if line.startswith("/") and not line.startswith("/proc/"))
+
+
+def prefetched_series(host) -> dict[str, float]:
+    return {k: v for k, v in host.metrics().items() if k.startswith("nixos_autodeploy_prefetched{")}
+
+
+def test_waiting_for_its_wave_the_closure_is_realised_and_rooted_not_activated(host, world, server):
+    a, b = world.path("a"), world.path("b")
+    track(host)
+    waiting(server, b)
+    r = host.once(host.url)
+    assert r.returncode == 0, r.stderr
+    assert state_gauge(host) == "waiting_rollout"
+    assert host.current == a and host.profile == a and host.activations() == []  # not activated
+    assert host.store_has(b) and host.link(ROOT) == b  # realised and rooted
+    assert cache_requests(server), "the closure came from the cache"
+    assert roots_of(host, b) == [ROOT]
+    gc(host)
+    assert host.store_has(b), "the prefetch root keeps the closure through a garbage collection"
+    state = host.state()
+    assert state["prefetched"]["path"] == b and state["deploys_total"] == 0 and state["deployed"] == a
+    assert prefetched_series(host) == {f'nixos_autodeploy_prefetched{{path="{b}"}}': 1}
+    promtool_ok(host)
+    status = host.agent("status").stdout
+    assert f"prefetched       {b} (realised and rooted" in status, status
+    assert json.loads(host.agent("status", "--json").stdout)["prefetched"]["path"] == b
+    # The next cycles find it realised: no process, no request.
+    server.requests.clear()
+    r = host.once(host.url)
+    assert r.returncode == 0 and state_gauge(host) == "waiting_rollout", r.stderr
+    assert cache_requests(server) == [] and "prefetching" not in r.stderr
+
+
+def test_when_its_turn_comes_only_the_activation_remains(host, world, server):
+    a, b = world.path("a"), world.path("b")
+    track(host)
+    waiting(server, b)
+    assert host.once(host.url).returncode == 0 and host.store_has(b)
+    server.requests.clear()
+    server.set("/pointer", f"{b}\nrollout: 100%\n")  # admitted
+    r = host.once(host.url)
+    assert r.returncode == 0, r.stderr
+    assert host.current == b and host.profile == b and state_gauge(host) == "deployed"
+    assert cache_requests(server) == [], "the turn fetched from the cache again"
+    assert [line.split()[:2] for line in host.activations()] == [[b, "switch"]]
+    # The deploy's own root holds it now; the prefetch root is given up.
+    assert host.link(ROOT) is None and host.state()["prefetched"] is None
+    assert prefetched_series(host) == {'nixos_autodeploy_prefetched{path=""}': 0}
+
+
+@pytest.mark.parametrize("hold", ["suspend", "pause", "quarantine"])
+def test_nothing_is_fetched_while_suspended_paused_or_for_a_quarantined_build(host, world, server, hold):
+    a, b = world.path("a"), world.path("b")
+    track(host)
+    if hold == "quarantine":
+        b = world.path("notsystem")  # realised, then refused and quarantined by its deploy
+        server.pointer(b)
+        assert host.once(host.url).returncode == 5 and host.state()["quarantined"] == b
+        host.sh(f"rm -f /run/upstream-system; nix-store --delete {b} >/dev/null 2>&1")
+        assert not host.store_has(b)
+    if hold == "suspend":
+        assert host.agent("suspend", "--reason", "maintenance").returncode == 0
+    waiting(server, b, *(["pause: true"] if hold == "pause" else []))
+    server.requests.clear()
+    for _ in range(2):
+        r = host.once(host.url)
+        assert r.returncode == 0, r.stderr
+        assert not host.store_has(b) and host.link(ROOT) is None and cache_requests(server) == []
+        assert "prefetching" not in r.stderr
+        assert f"waits: {hold}:" in r.stderr
+    assert host.current == a and host.state().get("prefetched") is None
+    assert state_gauge(host) == {"suspend": "suspended", "pause": "rollout_paused", "quarantine": "quarantined"}[hold]
+    dry = host.once(host.url, "--dry-run").stdout
+    (line,) = [line for line in dry.splitlines() if f"prefetch {b}" in line]
+    assert f"waits: {hold}:" in line, dry
+
+
+def test_a_failed_prefetch_is_counted_and_retried_not_a_failed_deploy(host, world, server):
+    a, b, missing = world.path("a"), world.path("b"), world.path("missing")  # missing: not in the cache
+    track(host)
+    before = host.state()
+    waiting(server, missing)
+    for attempt in (1, 2):
+        r = host.once(host.url)
+        assert r.returncode == 0, r.stderr  # the cycle succeeded: the host waits for its wave
+        assert "prefetch of" in r.stderr and "not a failed deploy" in r.stderr
+        state = host.state()
+        assert state["last_state"] == "waiting_rollout" and state["last_run_success"] is True
+        assert state["prefetch_failures_total"] == attempt and state["prefetch_error"]["path"] == missing
+        assert state["quarantined"] is None and state["deploys_total"] == before["deploys_total"]
+        assert state["history"] == before["history"] and state["deployed"] == a and host.current == a
+        m = host.metrics()
+        assert m["nixos_autodeploy_prefetch_failures_total"] == attempt
+        assert m["nixos_autodeploy_prefetch_last_failure_timestamp_seconds"] > 0
+        assert m["nixos_autodeploy_last_run_success"] == 1 and 'nixos_autodeploy_last_error_info' not in host.metrics_text()
+    assert "prefetch error" in host.agent("status").stdout
+    waiting(server, b)  # a build the cache has: the prefetch succeeds, the error is resolved
+    assert host.once(host.url).returncode == 0 and host.store_has(b)
+    m = host.metrics()
+    assert m["nixos_autodeploy_prefetch_last_failure_timestamp_seconds"] == 0
+    assert m["nixos_autodeploy_prefetch_failures_total"] == 2 and host.state()["prefetch_error"] is None
+
+
+def test_a_newer_build_replaces_the_older_ones_root(host, world, server):
+    b, c = world.path("b"), world.path("c")
+    track(host)
+    waiting(server, b)
+    assert host.once(host.url).returncode == 0 and host.link(ROOT) == b
+    waiting(server, c)
+    assert host.once(host.url).returncode == 0
+    assert host.link(ROOT) == c and host.state()["prefetched"]["path"] == c
+    assert roots_of(host, c) == [ROOT] and roots_of(host, b) == [], "one build at a time: b is no longer rooted"
+    assert prefetched_series(host) == {f'nixos_autodeploy_prefetched{{path="{c}"}}': 1}
