@@ -112,7 +112,9 @@ def test_booted_release_is_verified_while_the_next_one_is_held(host, world, serv
     r = host.once(host.url, "--switch-mode", "boot")
     assert r.returncode == 0, r.stderr
     assert "healthy after the reboot" in r.stderr, r.stderr[-3000:]
-    assert host.state()["verified"] is True and not host.store_has(c)
+    assert host.state()["verified"] is True and host.current == b
+    # Only the wave lets the next release be prefetched; pause and suspend fetch nothing.
+    assert host.store_has(c) == (hold == "wave") and not [a for a in host.activations() if a.startswith(c)]
     assert [(e["action"], e["outcome"]) for e in host.state()["history"]][-1] == ("verify", "deployed")
     assert state_gauge(host) == {"wave": "waiting_rollout", "pause": "rollout_paused", "suspend": "suspended"}[hold]
 

@@ -149,7 +149,9 @@ def test_host_waits_for_its_wave_then_deploys_when_the_ramp_reaches_it(host, wor
     for _ in range(2):
         r = host.once(host.url, "--hostname", name, env=before)
         assert r.returncode == 0, r.stderr
-        assert host.current == a and not host.store_has(b)  # nothing realised while waiting
+        # Not deployed while waiting, but ready for its turn (issue #21: prefetch).
+        assert host.current == a and host.profile == a and host.activations() == []
+        assert host.store_has(b) and host.state()["prefetched"]["path"] == b
         assert state_gauge(host) == "waiting_rollout"
         m = host.metrics()
         assert m["nixos_autodeploy_rollout_bucket_number"] == my_bucket
@@ -163,9 +165,11 @@ def test_host_waits_for_its_wave_then_deploys_when_the_ramp_reaches_it(host, wor
     fields = json.loads(host.agent("status", "--json").stdout)
     assert fields["rollout"]["bucket"] == my_bucket and fields["rollout"]["admitted"] is False
 
+    server.requests.clear()
     r = host.once(host.url, "--hostname", name, env={"NIXOS_AUTODEPLOY_NOW": iso(turn + timedelta(minutes=5))})
     assert r.returncode == 0, r.stderr
     assert host.current == b and state_gauge(host) == "deployed"
+    assert not [q for q in server.requests if str(q["path"]).startswith("/cache/")]  # only the activation was left
     assert "deployed on this host" in host.agent("status").stdout
 
 
@@ -200,7 +204,8 @@ def test_force_deploys_outside_the_wave(host, world, server):
     assert host.once(host.url).returncode == 0
     server.set("/pointer", f"{b}\nrollout: 0%\n")
     r = host.once(host.url)
-    assert r.returncode == 0 and state_gauge(host) == "waiting_rollout" and not host.store_has(b)
+    assert r.returncode == 0 and state_gauge(host) == "waiting_rollout" and host.current != b
+    assert host.store_has(b) and host.activations() == []  # prefetched while it waits, not deployed
     assert "waits until the pointer's rollout exceeds" in r.stderr
     r = host.once(host.url, "--force")
     assert r.returncode == 0, r.stderr
