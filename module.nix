@@ -291,6 +291,7 @@ let
   ++ opt "--json-field" cfg.jsonField
   ++ opt "--on-success" cfg.onSuccess
   ++ opt "--on-failure" cfg.onFailure
+  ++ optional cfg.acceptManualRollback "--accept-manual-rollback"
   ++ fleetlockArgs
   ++ cfg.extraArgs;
 
@@ -636,6 +637,20 @@ in
         Whether the agent checks, after an activation, that it can still fetch
         the pointer (and rolls back otherwise). `false` passes
         `--no-connectivity-check`.
+      '';
+    };
+
+    acceptManualRollback = mkOption {
+      type = types.bool;
+      default = false;
+      example = true;
+      description = ''
+        Whether a switch back by hand to a system the agent deployed earlier
+        (what `nixos-rebuild switch --rollback` does) is a verdict on the
+        build it replaced: the agent quarantines that build, keeps the host
+        tracked and deploys the next build CI publishes. `false` (the
+        default) leaves such a host dirty until someone intervenes. `true`
+        passes `--accept-manual-rollback`.
       '';
     };
 

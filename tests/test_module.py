@@ -242,6 +242,7 @@ CASES = {
         path = [ pkgs.curl pkgs.jq ];
         environment = {{ https_proxy = "http://proxy:3128"; no_proxy = "localhost"; }};
         connectivityCheck = false;
+        acceptManualRollback = true;
         trustedKeys = [ "{KEY1}" "{KEY2}" ];
         signatureUrl = "{URL}.signature";
         hostname = "web-1";
@@ -467,7 +468,7 @@ def test_defaults(matrix):
     for flag in ("--reboot-mode", "--reboot-window", "--prometheus-path", "--state-dir",
                  "--health-check", "--no-connectivity-check", "--trusted-keys",
                  "--signature-url", "--hostname", "--token-file", "--json-field",
-                 "--on-success", "--on-failure", "--boot-dir"):
+                 "--on-success", "--on-failure", "--boot-dir", "--accept-manual-rollback"):
         assert flag not in argv, flag
     assert "null" not in argv
     assert r["systemPackages"] == [PACKAGE]
@@ -499,6 +500,7 @@ def test_every_option_reaches_the_agent(matrix):
     for flag, vals in expect.items():
         assert flag_values(argv, flag) == vals, flag
     assert "--no-connectivity-check" in argv
+    assert argv.count("--accept-manual-rollback") == 1
     # extraArgs come last, only followed by the credential path
     assert argv[-5:] == ["--verbose", "--hook-timeout", "5", "--token-file", "%d/token"]
     text = svc(r)
@@ -861,6 +863,7 @@ BAD_VALUES = [
     ("path", '[ "curl" ]'),
     ("environment", "{ A = 1; }"),
     ("connectivityCheck", '"no"'),
+    ("acceptManualRollback", '"yes"'),
     ("trustedKeys", f'"{KEY1}"'),
     ("trustedKeysFile", "5"),
     ("signatureUrl", "5"),
