@@ -45,6 +45,8 @@ EXPECTED_ALERTS = {
     "NixosAutodeployWaitingRebootSlot",
     "NixosAutodeployFleetLockFailing",
     "NixosAutodeployRolloutPaused",
+    # A manual rollback is a verdict (issue #21)
+    "NixosAutodeployManualRollback",
 }
 
 
@@ -95,6 +97,9 @@ def test_promtool_unit_tests_pass():
         ("NixosAutodeployBehindUpstream", "and (nixos_autodeploy_reboot_window_wait == 0)\n", "\n"),
         # waiting for a free slot is not a lock server failure
         ("NixosAutodeployFleetLockFailing", 'kind!="slot_busy"', 'kind=~".+"'),
+        # an old manual rollback must not fire for ever
+        ("NixosAutodeployManualRollback", "increase(nixos_autodeploy_manual_rollbacks_total[1h]) > 0",
+         "nixos_autodeploy_manual_rollbacks_total > 0"),
     ],
 )
 def test_unit_tests_catch_a_broken_rule(tmp_path, alert, old, new):

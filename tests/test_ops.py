@@ -19,6 +19,8 @@ STATUS_FIELDS = {
     "deploys_total", "interrupted_deploy", "boot_failure", "boot_free_bytes", "history", "revision_floor",
     "rollout", "reboot_slot", "fleetlock_error",  # fleet rollouts (issue #14)
     "phase",  # the lifecycle state machine (issue #17)
+    "prefetched", "prefetch_failures_total", "prefetch_error",  # ready before its turn (issue #21)
+    "manual_rollback", "manual_rollbacks_total",  # a manual rollback is a verdict (issue #21)
 }
 
 
