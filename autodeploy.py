@@ -16,7 +16,9 @@ time:
  3. decides, from /run/current-system, /run/booted-system, the system profile,
     the upstream path and its own persisted record, what to do (table below),
  4. realises the closure from the binary cache (``nix-store --realise``; the
-    device never builds) and checks that it is a NixOS system for this machine,
+    device never builds; a build waiting for its rollout wave is realised at
+    once, its *prefetch*, so that its turn costs only the activation) and
+    checks that it is a NixOS system for this machine,
  5. sets the system profile and activates it through ``systemd-run``
     (``switch``, ``boot``, or ``smart`` = boot only when kernel, initrd or
     modules change),
@@ -36,6 +38,8 @@ record, the boot check, whether this boot came from our kexec) and computes
 the host's *phase* (``host_phase()``): interrupted (an intent on disk),
 untracked (no record), settled, staged (not rebooted yet), booted_unverified,
 fell_back (rebooted, but not into the staged release), rolled_back_awaiting_reboot,
+rolled_back_by_hand (profile and current system switched back by hand to a
+system this agent deployed earlier: ``nixos-rebuild switch --rollback``),
 dirty (profile or current system changed by someone else).  Upstream is
 ``deployed`` (what the record says), ``running`` (current == profile ==
 upstream, not the record) or ``new``.  ``plan()`` turns phase x upstream into
@@ -69,6 +73,10 @@ comes first:
 
 ``--force`` turns "nothing (dirty)" into deploy, reboot_release.  A cycle
 that recovered an interrupted deploy plans again from the new facts.  A
+prefetch step stays only where the deploy after it waits (a deploy that
+runs realises by itself).  Without ``--accept-manual-rollback``,
+rolled_back_by_hand plans like dirty; with it, accept_rollback quarantines
+the build that was rolled back, records what runs, and the cycle plans again.  A
 reboot step runs only while something is staged; release_slot only once the
 host runs its deployed system, verified (and not while the system that did
 not boot is quarantined).
