@@ -2,7 +2,7 @@
 # Run the benchmark on a Debian machine as root: installs what is missing
 # (nix-bin, curl, python3, util-linux's unshare) with apt-get, then runs
 # bench/bench.py with Debian's /usr/bin/python3.  Arguments are passed on
-# (see `bench/run.sh --help`).
+# (see `bench/run.sh --help`); `bench/run.sh admission` runs bench/admission.py.
 set -eu
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" != 0 ]; then
@@ -21,4 +21,10 @@ if [ -n "$missing" ]; then
 fi
 # The hosts bind-mount their own store over /nix: the mount point must exist.
 [ -d /nix ] || mkdir /nix
+# `bench/run.sh admission [--reps N]`: admission to running, with and without
+# the prefetch (bench/admission.py).
+if [ "${1:-}" = admission ]; then
+    shift
+    exec /usr/bin/python3 bench/admission.py "$@"
+fi
 exec /usr/bin/python3 bench/bench.py "$@"
