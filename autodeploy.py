@@ -2605,12 +2605,14 @@ def plan(phase: Phase, relation: Upstream, state: State, host: HostView, upstrea
         steps = [step for step in steps if step.kind != StepKind.PREFETCH]
     elif phase == Phase.STAGED and relation == Upstream.NEW:
         # The new release waits: the reboot into the staged one is still due.
-        steps = [step for step in steps if step.kind in _REBOOTS] + [step for step in steps if step.kind not in _REBOOTS]
+        steps = ([step for step in steps if step.kind in _REBOOTS]
+                 + [step for step in steps if step.kind not in _REBOOTS])
     return Plan(phase, relation, tuple(steps), plan_reason(phase, relation, state, force and bool(kinds),
                                                            accept_manual_rollback), dirty)
 
 
-def plan_reason(phase: Phase, relation: Upstream, state: State, forced: bool, accept_manual_rollback: bool = False) -> str:
+def plan_reason(phase: Phase, relation: Upstream, state: State, forced: bool,
+                accept_manual_rollback: bool = False) -> str:
     if phase == Phase.ROLLED_BACK_BY_HAND and (accept_manual_rollback or relation != Upstream.RUNNING) and not forced:
         back = (f"switched back by hand from {basename_or_empty(state.deployed)} to a system this agent deployed "
                 "earlier (nixos-rebuild switch --rollback?)")
