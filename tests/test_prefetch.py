@@ -153,3 +153,34 @@ def test_a_newer_build_replaces_the_older_ones_root(host, world, server):
     assert host.link(ROOT) == c and host.state()["prefetched"]["path"] == c
     assert roots_of(host, c) == [ROOT] and roots_of(host, b) == [], "one build at a time: b is no longer rooted"
     assert prefetched_series(host) == {f'nixos_autodeploy_prefetched{{path="{c}"}}': 1}
+
+
+@pytest.mark.parametrize("how", ["sigterm", "systemctl_stop"])
+def test_a_stop_during_the_prefetch_ends_it_and_is_no_failure(host, world, server, how):
+    import os
+    import signal
+
+    from test_safety import wait_for
+    a, b = world.path("a"), world.path("b")
+    track(host)
+    before = host.state()
+    server.cache_delay = 3
+    waiting(server, b)
+    proc = host.agent_background("--once", "--url", host.url, "--prometheus-path",
+                                 "/var/lib/prometheus-node-exporter-text/nixos-autodeploy.prom")
+    digest = os.path.basename(b)[:32]
+    wait_for(lambda: any(str(q["path"]).startswith(f"/cache/{digest}") for q in server.requests),
+             what="the prefetch's download")
+    if how == "sigterm":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        host.stop_unit(proc)
+    proc.wait(30)
+    server.cache_delay = 0
+    log = proc.log_path.read_text()
+    assert proc.returncode == 0 and "prefetching" in log, log
+    assert "prefetch of" not in log  # not a failed prefetch: a stop
+    after = host.state()
+    assert after == before and host.link(ROOT) is None  # nothing recorded, nothing rooted
+    r = host.once(host.url)  # the next cycle prefetches
+    assert r.returncode == 0 and host.link(ROOT) == b and host.state()["prefetch_failures_total"] == 0, r.stderr
