@@ -129,6 +129,9 @@ unit, a download) ends the run at once, writing nothing (exit 0); otherwise
 the current step is finished first and the run ends before the next one.
 
 Logs go to stderr, results (``status``, ``--dry-run``) to stdout.
+
+The documentation is in docs/: docs/design/lifecycle.md (these tables),
+docs/reference/ (command line, metrics, status, state files, exit codes).
 """
 
 from __future__ import annotations
@@ -228,7 +231,7 @@ AUTHORIZED_KEYS_FLAGS: Final = frozenset((
     "verify-required"))
 ACTIVATION_WAIT_SECONDS: Final = 600
 
-# Boot assessment, /boot space and history (see "Booting safely" in README.md).
+# Boot assessment, /boot space and history (see docs/how-to/boot-safety.md).
 BOOT_DIR: Final = "/boot"
 # Where the boot loader's entries and the kernels it copies live ($BOOT), when
 # --boot-dir does not say: the first of these that looks like one.  NixOS puts
@@ -485,7 +488,7 @@ class State:
     dirty: bool = False
     reboot_required: bool = False
     reboot_reason: str | None = None
-    # Boot safety (README: "Booting safely").
+    # Boot safety (docs/how-to/boot-safety.md).
     staged_boot_id: str | None = None    # boot ID when `deployed` was staged for boot
     boot_failures_total: int = 0
     boot_failure: dict[str, Any] | None = None  # the last staged system that did not boot
@@ -1959,7 +1962,7 @@ def render_metrics(state: State, host: HostView, suspended: bool) -> str:
         metric("last_error_info", "gauge", "The last run's error (present only when it failed).",
                [({"kind": state.last_error.get("kind", ""),
                   "message": state.last_error.get("message", "")[:300]}, 1)])
-    # Boot safety, refused pointers by reason, lag behind upstream (README: "Booting safely").
+    # Boot safety, refused pointers by reason, lag behind upstream (docs/how-to/boot-safety.md).
     metric("boot_failures_total", "counter",
            "Staged systems the host did not boot into (boot loader fallback, e.g. after failed boot assessments); "
            "kept across runs.", [({}, state.boot_failures_total)])
@@ -1993,7 +1996,7 @@ def render_metrics(state: State, host: HostView, suspended: bool) -> str:
         if view.get("turn_at") is not None:
             metric("rollout_turn_timestamp_seconds", "gauge", "Unix time from which the ramp admits this host.",
                    [({}, view["turn_at"])])
-    # Ready before its turn; manual rollbacks (README: "Ready before its turn", "Manual rollbacks").
+    # Ready before its turn; manual rollbacks (docs/how-to/rollout.md, docs/how-to/recover.md).
     prefetched = state.prefetched.get("path") if isinstance(state.prefetched, dict) else None
     metric("prefetched", "gauge", "1 while the closure of a build waiting for its turn is realised and GC-rooted "
            "(the path label names it).", [({"path": prefetched or ""}, int(prefetched is not None))])
@@ -2439,7 +2442,7 @@ class StepKind(enum.Enum):
     REBOOT_ROLLBACK = "reboot_rollback"  # reboot or kexec into the system a failed release was rolled back to
 
 
-# The decision table (the module docstring and README show it; a test checks
+# The decision table (the module docstring, README and docs/design/lifecycle.md show it; a test checks
 # they match).  Follow-through of the previous deploy comes before the next
 # release's steps.  Pairs that cannot happen are absent.
 DECISION_TABLE: Final[dict[tuple[Phase, Upstream], tuple[StepKind, ...]]] = {
@@ -4564,7 +4567,7 @@ def count_silent(count: FleetCount, build: str, recent: list[dict[str, Any]], sa
 def count_fleet(samples: list[dict[str, Any]], build: str, percent: float, now: float | None = None,
                 max_age: float | None = None) -> FleetCount:
     """Where each host stands with `build`, from the agent's own metrics
-    (README: Metrics): admitted (its bucket is below the rollout), healthy
+    (docs/reference/metrics.md): admitted (its bucket is below the rollout), healthy
     (runs it, deployed it, last run succeeded, up to date, and that run is
     at most `max_age` old at `now`: a textfile left behind by an agent that
     stopped running proves nothing), rolled back

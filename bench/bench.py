@@ -16,8 +16,8 @@ children it waited for) and peak RSS.  The agent's *own* CPU and RSS (without
 its children) come from a wrapper that runs autodeploy.py in-process with
 runpy and reports getrusage(RUSAGE_SELF) at exit.
 
-It prints numbers (medians of several repetitions) and a Markdown table for the
-README; it is not a pass/fail test, but it says which targets are missed.
+It prints numbers (medians of several repetitions) and a Markdown table for
+docs/development/bench.md; it is not a pass/fail test, but it says which targets are missed.
 """
 
 from __future__ import annotations

@@ -357,7 +357,7 @@ def test_deeply_nested_json_pointer_is_refused():
         ad.parse_pointer(b'{"a": NaN}', "a")
 
 
-# -- the decision and hold tables in the docstring and README are the code's ----
+# -- the decision and hold tables in the docstring and docs are the code's -----
 
 def markdown_table(header, rows):
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
@@ -379,10 +379,13 @@ def code_tables():
     return decision, holds
 
 
-def test_docstring_and_readme_show_the_codes_tables():
-    readme = (Path(ad.__file__).parent / "README.md").read_text()
+def test_docstring_and_docs_show_the_codes_tables():
+    repo = Path(ad.__file__).parent
+    readme = (repo / "README.md").read_text()
+    lifecycle = (repo / "docs" / "design" / "lifecycle.md").read_text()
     doc = [line[4:] for line in ad.__doc__.splitlines()]
-    for table in code_tables():
-        text = "\n".join(table)
+    decision, holds = ("\n".join(table) for table in code_tables())
+    for text in (decision, holds):
         assert text in "\n".join(doc), "the docstring's table differs from the code's:\n" + text
-        assert text in readme, "README's table differs from the code's:\n" + text
+        assert text in lifecycle, "docs/design/lifecycle.md's table differs from the code's:\n" + text
+    assert decision in readme, "README's decision table differs from the code's:\n" + decision

@@ -16,7 +16,7 @@ the shell is gone, `wait_for_shutdown()` then `start()` boots it again; with
 allow_reboot=True QEMU stays and the driver must reconnect), and, behind
 `execute`, a small model of the test's two guests: the cache's pointers and
 store, and the machine's systems, units, agent runs (the decision table of the
-README, boot staging, reboots, refused unsigned pointers, the manual-activation
+README and docs/design/lifecycle.md, boot staging, reboots, refused unsigned pointers, the manual-activation
 trigger) and metrics file. Every command the script sends must be one the
 model knows; anything else fails loudly, so a typo in the script fails here.
 Shell pipelines ending in `grep` are evaluated by running the left side in

@@ -6,8 +6,8 @@ system `a` (booted through the firmware, its boot entry blessed).  Systems
 `b`, `c` boot and pass the health check; `broken` never comes up (its init
 exits: kernel panic); `unhealthy` boots and fails the scenarios' health check.
 
-Run with AUTODEPLOY_VM_TESTS=1 (tests/vm/run.sh [-k NAME]); see README.md,
-"Development".
+Run with AUTODEPLOY_VM_TESTS=1 (tests/vm/run.sh [-k NAME]); see
+docs/development/tests.md.
 """
 
 from __future__ import annotations
