@@ -9,7 +9,12 @@ nothing stale).
 - the module options (docs/reference/module-options.md) against a fresh
   regeneration from module.nix, and the option-to-flag table of
   docs/how-to/nixos-module.md against that list,
-- the alerts (docs/reference/alerts.md) against contrib/alerts.yml,
+- the alerts (docs/reference/alerts.md) against contrib/alerts.yml: their
+  names, `for:` and severity,
+- the dry-run example of docs/design/lifecycle.md against the plan the agent
+  renders for it,
+- every path of this repository that README.md and docs/ name (tests/,
+  examples/, contrib/, bench/, docs/) against the files there,
 - every relative link of README.md and docs/ against the files and headings
   it points to.
 
@@ -333,6 +338,109 @@ def test_alerts_drift_fails_when_either_side_changes():
     doc = "\n".join(line for line in read("docs/reference/alerts.md").splitlines()
                     if not line.startswith("| `NixosAutodeployDirty`"))
     assert alerts_in_rules(read("contrib/alerts.yml")) - documented_alerts(doc) == {"NixosAutodeployDirty"}
+
+
+def alert_settings_in_rules(text: str) -> dict[str, tuple[str, str]]:
+    """Alert -> (its `for:`, or "–" without one; its severity label)."""
+    out: dict[str, tuple[str, str]] = {}
+    for block in re.split(r"^\s*- alert:", text, flags=re.M)[1:]:
+        name = block.split()[0]
+        wait = re.search(r"^\s*for:\s*(\S+)\s*$", block, re.M)
+        severity = re.search(r"^\s*severity:\s*(\S+)\s*$", block, re.M)
+        out[name] = (wait.group(1) if wait else "–", severity.group(1) if severity else "")
+    return out
+
+
+def documented_alert_settings(text: str) -> dict[str, tuple[str, str]]:
+    """Alert -> (the `for` column, the Severity column) of the alerts table."""
+    out = {}
+    for line in text.splitlines():
+        cells = [cell.strip() for cell in re.split(r"(?<!\\)\|", line)[1:-1]]
+        if len(cells) == 4 and cells[0].startswith("`NixosAutodeploy"):
+            out[cells[0].strip("`")] = (cells[2], cells[3])
+    return out
+
+
+def test_alerts_reference_has_each_alerts_for_and_severity():
+    rules = alert_settings_in_rules(read("contrib/alerts.yml"))
+    assert len(rules) >= 10 and all(severity for _, severity in rules.values())
+    assert documented_alert_settings(read("docs/reference/alerts.md")) == rules
+
+
+def test_alert_settings_drift_fails_when_either_side_changes():
+    rules, doc = read("contrib/alerts.yml"), read("docs/reference/alerts.md")
+    changed = re.sub(r"(- alert: NixosAutodeployDirty\n(?:.*\n)*?\s*for: )6h", r"\g<1>2h", rules, count=1)
+    assert changed != rules
+    assert alert_settings_in_rules(changed)["NixosAutodeployDirty"] == ("2h", "warning")
+    assert alert_settings_in_rules(changed) != documented_alert_settings(doc)
+    changed_doc = doc.replace("| 24h | info |", "| 24h | warning |", 1)
+    assert changed_doc != doc and alert_settings_in_rules(rules) != documented_alert_settings(changed_doc)
+
+
+# ---------------------------------------------------------------------------
+# Examples of output
+
+
+def rendered_dry_run_example() -> list[str]:
+    """The plan the Lifecycle page's dry-run example shows: a settled host, a
+    new upstream whose wave has not come (bucket 4040, rollout 10 %), no
+    --reboot-mode, no FleetLock; rendered by the agent's own plan()."""
+    upstream = "/nix/store/" + "a" * 32 + "-nixos-system-web-26.05"
+    rollout = {"start_percent": 10.0, "start": None, "duration": None, "paused": False, "bucket": 4040}
+    where = ad.describe_rollout(rollout, 0.0)
+    holds = {ad.Hold.WAVE: f"not deploying {ad.basename_or_empty(upstream)} yet: {where}",
+             ad.Hold.REBOOT_MODE: "no --reboot-mode: the reboot is left to an operator"}
+    host = ad.HostView(*[None] * len(dataclasses.fields(ad.HostView)))
+    plan = ad.plan(ad.Phase.SETTLED, ad.Upstream.NEW, ad.State(), host, upstream, force=False,
+                   fleetlock=False, mode="switch", holds=holds)
+    lines = plan.render() + [f"rollout: {where}"]
+    return [line.replace("/nix/store/" + "a" * 32, "/nix/store/...").replace("a" * 32, "...")
+            for line in lines]
+
+
+def documented_dry_run_example(text: str) -> list[str]:
+    section = section_tables(text, "Dry run")
+    return [line[4:] for line in section.splitlines() if line.startswith("    ")]
+
+
+def test_lifecycle_dry_run_example_is_what_the_agent_prints():
+    assert documented_dry_run_example(read("docs/design/lifecycle.md")) == rendered_dry_run_example()
+
+
+def test_dry_run_example_drift_fails_when_the_page_changes():
+    doc = read("docs/design/lifecycle.md")
+    without_prefetch = re.sub(r"^    1\. prefetch .*\n", "", doc, flags=re.M)
+    assert without_prefetch != doc
+    assert documented_dry_run_example(without_prefetch) != rendered_dry_run_example()
+
+
+# ---------------------------------------------------------------------------
+# Files named in the docs
+
+# Paths of this repository as the pages name them (in text, code spans and
+# code blocks); a placeholder such as tests/test_X.py is not a file.
+REPO_PATH = re.compile(r"(?<![\w/.-])((?:tests|examples|contrib|bench|docs)/[\w./-]*\w)")
+PLACEHOLDERS = {"tests/test_X.py"}
+
+
+def missing_repo_paths(pages: dict[Path, str]) -> list[str]:
+    missing = []
+    for page, text in pages.items():
+        for path in sorted(set(REPO_PATH.findall(text)) - PLACEHOLDERS):
+            if not (REPO / path).exists():
+                missing.append(f"{page.relative_to(REPO)}: {path}")
+    return missing
+
+
+def test_files_named_in_the_docs_exist():
+    assert missing_repo_paths(doc_pages()) == []
+
+
+def test_named_files_fail_when_a_file_is_renamed():
+    pages = doc_pages()
+    readme = REPO / "README.md"
+    pages[readme] = pages[readme] + "\nSee `tests/test_renamed_away.py`.\n"
+    assert missing_repo_paths(pages) == ["README.md: tests/test_renamed_away.py"]
 
 
 # ---------------------------------------------------------------------------
