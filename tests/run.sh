@@ -4,7 +4,23 @@
 # prometheus-node-exporter, openssh-client, curl, nginx, tinyproxy, openssl,
 # pytest, PyYAML, actionlint) and runs the whole suite.  Extra arguments go to pytest.
 set -eu
-cd "$(dirname "$0")/.."
+here=$(cd "$(dirname "$0")" && pwd)
+# Root installs the packages and runs the real-nix tests: another user re-runs
+# this script with sudo (keeping what picks nixpkgs' lib/ and CI); a root
+# shell (a minimal Debian machine has no sudo) needs none.
+if [ "$(id -u)" != 0 ]; then
+  if command -v sudo >/dev/null 2>&1; then
+    echo "tests/run.sh: needs root (packages, real nix): re-running with sudo" >&2
+    set -- sh "$here/run.sh" "$@"
+    [ -z "${CI+x}" ] || set -- "CI=$CI" "$@"
+    [ -z "${NIX_PATH+x}" ] || set -- "NIX_PATH=$NIX_PATH" "$@"
+    [ -z "${NIXPKGS_LIB+x}" ] || set -- "NIXPKGS_LIB=$NIXPKGS_LIB" "$@"
+    exec sudo -- env "$@"
+  fi
+  echo "tests/run.sh: needs root (packages, real nix) and sudo is not installed: run it as root (su root -c ./tests/run.sh)" >&2
+  exit 2
+fi
+cd "$here/.."
 
 say() { echo "tests/run.sh: $*" >&2; }
 
@@ -24,7 +40,7 @@ need openssl openssl               # a test CA for TLS
 python3 -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null || need_apt="$need_apt python3"
 
 if [ -n "$need_apt" ]; then
-  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1; then
     say "apt-get update (for:$need_apt)"
     apt-get update -qq >&2
     say "apt-get install:$need_apt (about a minute on a fresh machine)"
@@ -35,8 +51,7 @@ if [ -n "$need_apt" ]; then
     rm -f /usr/sbin/policy-rc.d
     say "apt-get install: done"
   else
-    say "missing:$need_apt; the real-nix tests need root and Debian's packages."
-    say "run as root on Debian to install them, or the affected tests are skipped."
+    say "missing:$need_apt; no apt-get here: install them, or the affected tests are skipped."
   fi
 fi
 
