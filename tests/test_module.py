@@ -12,11 +12,11 @@
 * The VM test's testScript is rendered and run against a stand-in of the
   NixOS test driver (tests/nixos_harness/driver_standin.py).
 
-nixpkgs' lib/ is taken from $NIXPKGS_LIB, else from ../shared/nixpkgs-lib/lib
-next to the repository. Without it (or without nix-instantiate) the
-evaluation tests are skipped with one line saying where to get it; in CI
-(CI=true, or NIXOS_AUTODEPLOY_REQUIRE_EVAL=1 as the flake check sets) they
-fail instead.
+nixpkgs' lib/ is found by tests/nixpkgs_lib.py ($NIXPKGS_LIB, then
+../shared/nixpkgs-lib/lib next to the repository, then <nixpkgs/lib> as nix
+resolves it). Without it (or without nix-instantiate) the evaluation tests are
+skipped with one line saying how to get it; in CI (CI=true, or
+NIXOS_AUTODEPLOY_REQUIRE_EVAL=1 as the flake check sets) they fail instead.
 """
 
 from __future__ import annotations
@@ -35,13 +35,13 @@ from pathlib import Path
 
 import pytest
 
+from nixpkgs_lib import find_nixpkgs_lib, skip_or_fail
+
 REPO = Path(__file__).resolve().parent.parent
 MODULE = REPO / "module.nix"
 HARNESS = REPO / "tests" / "nixos_harness"
 NIX_INSTANTIATE = shutil.which("nix-instantiate")
-NIXPKGS_LIB = Path(os.environ.get("NIXPKGS_LIB") or REPO.parent / "shared" / "nixpkgs-lib" / "lib")
-REQUIRED = (os.environ.get("CI", "").lower() == "true"
-            or os.environ.get("NIXOS_AUTODEPLOY_REQUIRE_EVAL") == "1")
+NIXPKGS_LIB, _LIB_SOURCE = find_nixpkgs_lib()
 
 
 
@@ -56,9 +56,8 @@ def _nix_env():
 def _eval_reason():
     if NIX_INSTANTIATE is None:
         return "nix-instantiate not found (Debian: apt-get install nix-bin)"
-    if not (NIXPKGS_LIB / "default.nix").is_file():
-        return (f"no nixpkgs lib/ at {NIXPKGS_LIB}: set NIXPKGS_LIB to a nixpkgs lib/ directory "
-                "(a nixpkgs checkout's lib/, or github.com/nix-community/nixpkgs.lib)")
+    if NIXPKGS_LIB is None:
+        return _LIB_SOURCE
     return None
 
 
@@ -68,9 +67,7 @@ _REASON = _eval_reason()
 @pytest.fixture(scope="session")
 def can_eval():
     if _REASON:
-        if REQUIRED:
-            pytest.fail(f"module evaluation is required in CI but impossible: {_REASON}")
-        pytest.skip(_REASON)
+        skip_or_fail(_REASON)
 
 
 def nix_eval(expr_file: Path, *args: str, check=True):
@@ -105,7 +102,7 @@ def _nix_files():
 @pytest.mark.parametrize("path", _nix_files(), ids=lambda p: str(p.relative_to(REPO)))
 def test_nix_files_parse(path):
     if NIX_INSTANTIATE is None:
-        (pytest.fail if REQUIRED else pytest.skip)("nix-instantiate not found (Debian: apt-get install nix-bin)")
+        skip_or_fail("nix-instantiate not found (Debian: apt-get install nix-bin)")
     res = subprocess.run([NIX_INSTANTIATE, "--parse", str(path)],
                          capture_output=True, text=True, env=_nix_env())
     assert res.returncode == 0, res.stderr

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import shlex
+import sys
 import time
 
 import harness
 from harness import CACHE_HOST, GUEST_AGENT_PATH, AGENT, Machine, PointerServer, Systems
+
+sys.path.append(str(harness.REPO / "tests"))
+from nixpkgs_lib import find_nixpkgs_lib  # noqa: E402  (tests/nixpkgs_lib.py: the one lookup)
 
 POINTER_URL = f"http://{CACHE_HOST}/pointer"
 METRICS = "/var/lib/prometheus-node-exporter-text/nixos-autodeploy.prom"
@@ -139,14 +143,7 @@ class Guest:
 # The units module.nix renders (evaluated like tests/test_module.py does)
 # ---------------------------------------------------------------------------
 
-NIXPKGS_LIB = harness.REPO.parent / "shared" / "nixpkgs-lib" / "lib"
 STORE_REF = r"/nix/store/[0-9a-z]{32}-[^/\s\"]+"
-
-
-def nixpkgs_lib() -> "harness.Path | None":
-    import os
-    path = harness.Path(os.environ.get("NIXPKGS_LIB") or NIXPKGS_LIB)
-    return path if (path / "default.nix").is_file() else None
 
 
 def module_units(settings: str, tmp: "harness.Path") -> dict:
@@ -155,8 +152,8 @@ def module_units(settings: str, tmp: "harness.Path") -> dict:
     (name -> text), wantedBy, requiredBy, scripts, tmpfiles."""
     import os
     import subprocess
-    lib = nixpkgs_lib()
-    assert lib is not None, "no nixpkgs lib/ (set NIXPKGS_LIB)"
+    lib, why = find_nixpkgs_lib()
+    assert lib is not None, why
     host = tmp / "host.nix"
     host.write_text("{ pkgs, lib, ... }: {\n  boot.loader.systemd-boot.enable = true;\n"
                     "  boot.loader.systemd-boot.bootCounting.enable = true;\n"

@@ -251,12 +251,11 @@ MODULE_SETTINGS = """switchMode = "boot"; rebootMode = "reboot";
 
 @pytest.fixture(scope="session")
 def module_rendered(tmp_path_factory):
-    import os
     import scenario
-    if scenario.nixpkgs_lib() is None:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("no nixpkgs lib/ for evaluating module.nix (set NIXPKGS_LIB)")
-        pytest.skip("no nixpkgs lib/ (set NIXPKGS_LIB): module.nix cannot be evaluated")
+    from nixpkgs_lib import find_nixpkgs_lib, skip_or_fail
+    lib, why = find_nixpkgs_lib()
+    if lib is None:
+        skip_or_fail(why)
     return scenario.module_units(MODULE_SETTINGS, tmp_path_factory.mktemp("module"))
 
 
