@@ -9,9 +9,14 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import tiers  # noqa: E402
 import world as world_mod  # noqa: E402
 
 REASON = world_mod.missing_prerequisites()
+
+
+def pytest_configure(config):
+    tiers.register(config)  # the last lines: one per tier with its counts
 
 
 def pytest_collection_modifyitems(config, items):
@@ -34,6 +39,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
 
 @pytest.fixture(scope="session")
+@tiers.declare("real nix")
 def world(tmp_path_factory) -> world_mod.World:
     return world_mod.build_world(tmp_path_factory.mktemp("world"))
 

@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from tiers import declare
+
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 TINYPROXY = shutil.which("tinyproxy") or "/usr/bin/tinyproxy"
 OPENSSL = shutil.which("openssl") or "/usr/bin/openssl"
@@ -97,6 +99,7 @@ class TestCA:
 # ---------------------------------------------------------------------------
 
 
+@declare("real servers")
 class Nginx:
     """nginx in the foreground (no master process, so it needs no other user)
     serving ``root`` on an http and an https port."""
@@ -200,6 +203,7 @@ http {{
 # ---------------------------------------------------------------------------
 
 
+@declare("real servers")
 class Tinyproxy:
     """The forward proxy; it connects out from ``bind`` (a loopback address
     of its own), so a server can tell proxied from direct connections."""
@@ -334,6 +338,7 @@ PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 NODE_EXPORTER = shutil.which("prometheus-node-exporter") or "/usr/bin/prometheus-node-exporter"
 
 
+@declare("real servers")
 class FleetMonitor:
     """One Debian `prometheus-node-exporter` per host (the textfile collector
     on the directory the host's agent writes its metrics into) and a Debian

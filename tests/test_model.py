@@ -37,6 +37,8 @@ from hypothesis.stateful import RuleBasedStateMachine, get_state_machine_test, i
 
 import world as world_mod  # noqa: E402
 
+pytestmark = pytest.mark.tier("model-based")
+
 BUDGET = float(os.environ.get("MODEL_BUDGET_SECONDS", "300"))
 BUILDS = ("b", "c", "d")
 KINDS = ("good", "unhealthy", "noboot")

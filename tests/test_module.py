@@ -37,6 +37,8 @@ import pytest
 
 from nixpkgs_lib import find_nixpkgs_lib, skip_or_fail
 
+pytestmark = pytest.mark.tier("module evaluation")
+
 REPO = Path(__file__).resolve().parent.parent
 MODULE = REPO / "module.nix"
 HARNESS = REPO / "tests" / "nixos_harness"

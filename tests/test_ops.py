@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from test_cycle import promtool_ok, state_gauge
 from world import REPO
 
@@ -125,6 +127,7 @@ def test_status_json_has_every_documented_field(host, world, server):
         assert f"`{name}`" in reference, f"status field {name} is not documented in docs/reference/state.md"
 
 
+@pytest.mark.tier("real nix")
 def test_demo_runs_end_to_end(tmp_path):
     """The README's ./demo.sh, as root, with a `sudo` on PATH that fails if called
     (a minimal Debian root shell has none)."""
@@ -144,9 +147,6 @@ def test_demo_runs_end_to_end(tmp_path):
 
 # ---------------------------------------------------------------------------
 # Bad numeric option values (issue #18, item 10)
-
-import pytest  # noqa: E402
-
 
 @pytest.mark.parametrize("args", [
     ["check-boot", "--wait", "nan"], ["check-boot", "--wait", "inf"], ["check-boot", "--wait", "-1"],
