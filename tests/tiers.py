@@ -18,6 +18,7 @@ No pytest import: servers.py (stdlib only) declares its servers with it.
 
 from __future__ import annotations
 
+import functools
 import types
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -89,6 +90,11 @@ def used_tiers(func, scope: Path, seen: set[int]) -> set[str]:
     return found
 
 
+@functools.lru_cache(maxsize=None)  # a test's parameters, and tests, share functions and fixtures
+def tiers_used_by(func, scope: Path) -> frozenset[str]:
+    return frozenset(used_tiers(func, scope, set()))
+
+
 def tier_of(item: pytest.Item) -> str:
     marker = item.get_closest_marker("tier")
     if marker is not None and marker.args:
@@ -97,15 +103,14 @@ def tier_of(item: pytest.Item) -> str:
     if item.get_closest_marker("vm") is not None:
         return "VM"
     found: set[str] = set()
-    seen: set[int] = set()
     scope = Path(item.path).resolve().parent
     obj = getattr(item, "obj", None)
     if obj is not None:
-        found |= used_tiers(obj, scope, seen)
+        found |= tiers_used_by(obj, scope)
     fixtureinfo = getattr(item, "_fixtureinfo", None)
     for defs in getattr(fixtureinfo, "name2fixturedefs", {}).values():
         if defs:
-            found |= used_tiers(defs[-1].func, scope, seen)
+            found |= tiers_used_by(defs[-1].func, scope)
     return max(found, key=TIERS.index, default="unit")
 
 
