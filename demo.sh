@@ -3,7 +3,7 @@
 # when missing, then runs a full pull deploy in private mount namespaces
 # (tests/demo.py, built on the test world). Nothing on the machine changes.
 set -eu
-here=$(cd "$(dirname "$0")" && pwd)
+here=$(CDPATH= cd -- "$(dirname -- "$0")" && pwd)
 # Root is needed for the mount namespaces: another user re-runs the demo with
 # sudo; a root shell (a minimal Debian machine has no sudo) needs none.
 if [ "$(id -u)" != 0 ]; then

@@ -4,7 +4,7 @@
 # prometheus-node-exporter, openssh-client, curl, nginx, tinyproxy, openssl,
 # pytest, PyYAML, actionlint) and runs the whole suite.  Extra arguments go to pytest.
 set -eu
-here=$(cd "$(dirname "$0")" && pwd)
+here=$(CDPATH= cd -- "$(dirname -- "$0")" && pwd)
 # Root installs the packages and runs the real-nix tests: another user re-runs
 # this script with sudo (keeping what picks nixpkgs' lib/ and CI); a root
 # shell (a minimal Debian machine has no sudo) needs none.
