@@ -369,6 +369,38 @@ def test_loop_mode_writes_state_changes_at_once_and_timestamps_within_the_bound(
     assert on_disk()["last_run"] == 50.0
 
 
+@pytest.mark.parametrize("argv", [
+    ["run", "--url", "http://x/p", "--once", "--prometheus-path", "/m.prom", "-s", "boot", "--health-check", "true"],
+    ["status", "--json"], ["suspend", "--reason", "r"], ["resume"], ["trust-reset", "--min-revision", "3"],
+    ["sign", "--key", "k", "--revision", "1", "--all-hosts", "-o", "out", "/nix/store/x"],
+    ["check-boot", "--url", "http://x/p", "--wait", "0"],
+    ["promote", "--pointer", "p", "--prometheus", "http://x", "--key", "k", "-o", "o", "--steps", "10,100"],
+])
+def test_the_sub_command_parser_alone_parses_as_the_whole_one(argv):
+    """main() builds only the parser of the sub-command given (start-up)."""
+    assert vars(ad.build_parser(argv[0]).parse_args(argv)) == vars(ad.build_parser().parse_args(argv))
+    other = "status" if argv[0] != "status" else "run"
+    with pytest.raises(ad.UsageError, match="invalid choice"):
+        ad.build_parser(argv[0]).parse_args([other])
+
+
+@pytest.mark.parametrize("name", ["example.org", "example.org.", "127.0.0.1", "::1", "a" * 63 + ".b", "a..b",
+                                  ".a", "a" * 64, "a" * 64 + ".b", "b." + "a" * 64, "", "xn--bcher-kva.de",
+                                  "b\u00fccher.de", "\u00e4" * 70])
+def test_resolver_name_is_what_the_idna_codec_makes_of_the_name(name):
+    """ASCII names skip the codec (start-up) with the same checks."""
+    try:
+        expected = name.encode("idna")
+    except UnicodeError:
+        expected = UnicodeError
+    try:
+        got = ad.resolver_name(name)
+        got = got.encode("idna") if isinstance(got, str) else got  # what getaddrinfo() does with a str
+    except UnicodeError:
+        got = UnicodeError
+    assert got == expected
+
+
 def test_atomic_write_never_follows_a_planted_temp_name(tmp_path):
     victim = tmp_path / "victim"
     victim.write_text("precious")
