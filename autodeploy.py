@@ -4961,7 +4961,8 @@ def http_url(text: str) -> str:
         if "%" in host:
             raise argparse.ArgumentTypeError(f"invalid URL {redact_url(text)!r}: percent-escapes in the host")
         try:
-            ascii_host = host.encode("idna").decode("ascii")
+            name = resolver_name(host)
+            ascii_host = (name if isinstance(name, bytes) else name.encode("idna")).decode("ascii")
         except UnicodeError:
             raise argparse.ArgumentTypeError(f"invalid URL {redact_url(text)!r}: bad host name "
                                              "(an empty or over-long label?)") from None
