@@ -185,6 +185,11 @@ STATE_FILE: Final = "state.json"
 FLOOR_FILE: Final = "revision-floor"
 SUSPEND_FILE: Final = "suspend.json"
 MAX_STATE_BYTES: Final = 4 * 1024 * 1024
+# Loop mode: a state.json that differs from the one on disk only in these run
+# timestamps (and the pointer's fetched_at) is written at most this often;
+# every other change is written at once, and a stop writes what is held.
+TIMESTAMP_FIELDS: Final = ("last_run", "last_run_duration", "last_success")
+TIMESTAMPS_WRITTEN_EVERY_SECONDS: Final = 10.0
 MAX_MESSAGE: Final = 1000  # an error message as stored, exported and passed to hooks
 RECOVERY_HINT: Final = ("Nothing is deployed until an operator checks the host and runs "
                         "`autodeploy.py trust-reset --min-revision N` (N: the newest revision "
@@ -517,7 +522,7 @@ class State:
         # A shallow dict and no indent: json's C encoder, several times
         # faster than asdict()'s deep copy and the indenting Python encoder
         # (this runs more than once per poll in loop mode).
-        known = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("stored", True)}
+        known = {name: getattr(self, name) for name in field_types(State)}
         return json.dumps({**self.unknown, **known}, sort_keys=True) + "\n"
 
     @classmethod
@@ -852,13 +857,16 @@ def redact_url(url: str) -> str:
 # ---------------------------------------------------------------------------
 
 
-def atomic_write(path: str, data: bytes | str, mode: int = 0o644) -> None:
+def atomic_write(path: str, data: bytes | str, mode: int = 0o644, *, durable: bool = True) -> None:
     """Write a file so that readers see the old or the new content, never
     half.  The temporary file gets an unpredictable name and is created
     with O_EXCL|O_NOFOLLOW, so a symlink planted in a directory others can
     write (a shared textfile-collector directory) is never followed.  Short
     writes are continued; any failure (ENOSPC) removes the temporary file,
-    keeps the old one and raises OSError."""
+    keeps the old one and raises OSError.  `durable=False` skips the fsyncs
+    (file and directory): for what the next run writes anew anyway (the
+    metrics), where a power loss may cost the last version, never half of
+    one."""
     if isinstance(data, str):
         data = data.encode()
     directory = os.path.dirname(path) or "."
@@ -871,7 +879,8 @@ def atomic_write(path: str, data: bytes | str, mode: int = 0o644) -> None:
             while view:
                 written = os.write(fd, view)
                 view = view[written:]
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.rename(tmp, path)
@@ -881,6 +890,8 @@ def atomic_write(path: str, data: bytes | str, mode: int = 0o644) -> None:
         except OSError:
             pass
         raise
+    if not durable:
+        return
     dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dfd)
@@ -1428,13 +1439,12 @@ def connect_interruptibly(address: tuple[str, int], timeout: Any = None, source_
     that the main thread waits for in short steps: getaddrinfo() blocks in C,
     where neither the deadline's alarm nor a SIGTERM could end it."""
     import socket
-    import threading
     host, port = address
     found: dict[str, Any] = {}
 
     def resolve() -> None:
         try:
-            found["infos"] = socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM)
+            found["infos"] = socket.getaddrinfo(resolver_name(host), port, 0, socket.SOCK_STREAM)
         except Exception as exc:  # noqa: BLE001 - UnicodeError for `a..b`: raised in the caller, mapped there
             found["error"] = exc
     literal = False
@@ -1447,6 +1457,7 @@ def connect_interruptibly(address: tuple[str, int], timeout: Any = None, source_
     if literal:
         resolve()  # an address: nothing to look up, nothing that can hang
     else:
+        import threading
         resolver = threading.Thread(target=resolve, name="resolve", daemon=True)
         resolver.start()
         while resolver.is_alive():
@@ -1467,6 +1478,20 @@ def connect_interruptibly(address: tuple[str, int], timeout: Any = None, source_
             last = exc
             sock.close()
     raise last
+
+
+def resolver_name(host: str) -> str | bytes:
+    """The host name as getaddrinfo() is given it.  An ASCII name is checked
+    as Python's IDNA codec checks one (UnicodeError for an empty label but
+    a last one, or a label over 63 characters) and passed as bytes, which
+    is what the codec would make of it, without loading the codec and the
+    Unicode tables behind it; any other name goes through the codec."""
+    if not host.isascii():
+        return host
+    labels = host.split(".")
+    if any(not 0 < len(label) < 64 for label in labels[:-1]) or len(labels[-1]) >= 64:
+        raise UnicodeError("label empty or too long")
+    return host.encode("ascii")
 
 
 def credential_forms(user: str, password: str) -> tuple[str, ...]:
@@ -1766,6 +1791,12 @@ class StateStore:
         self._dir_checked = False
         self._floor_on_disk: Any = None  # what revision-floor holds, as last read or written
         self._written: bytes | None = None  # state.json as this process last wrote it (loop mode)
+        # Loop mode (hold_timestamps): a newer state.json that differs from
+        # _written only in TIMESTAMP_FIELDS, not yet on disk; when _written was.
+        self.hold_timestamps = False
+        self._held: bytes | None = None
+        self._written_at = 0.0
+        self._written_view: dict[str, Any] | None = None  # without_timestamps(_written), once needed
 
     def ensure_dir(self) -> None:
         """Checked once per run (loop mode: once per process); only root can
@@ -1808,11 +1839,14 @@ class StateStore:
         """The state, or a fresh one when there is none.  A corrupt or
         unreadable file fails closed: it may have held the revision floor."""
         raw = self._read_raw(self.path)
+        if raw is None or raw != self._written:
+            self._held = None  # the file is not ours (any more): what it says wins
         if raw is None:
             state = State()
         elif raw == self._written:
-            # What this process wrote (loop mode): checked when it was made.
-            data = json.loads(raw)
+            # What this process wrote (loop mode), or its newer timestamps
+            # held in memory: checked when it was made.
+            data = json.loads(self._held or raw)
             types_of = field_types(State)
             state = State(**{k: v for k, v in data.items() if k in types_of},
                           unknown={k: v for k, v in data.items() if k not in types_of})
@@ -1830,13 +1864,32 @@ class StateStore:
     def save(self, state: State) -> None:
         self.ensure_dir()
         text = state.to_json().encode()
-        self._written = None
-        atomic_write(self.path, text, 0o600)
-        self._written = text
+        if self.hold_timestamps and self._written is not None \
+                and time.monotonic() - self._written_at < TIMESTAMPS_WRITTEN_EVERY_SECONDS \
+                and without_timestamps(text) == self._written_without_timestamps():
+            self._held = text if text != self._written else None
+        else:
+            self._write_state(text)
         floor = {"revision": state.highest_revision, "path": state.revision_path}
         if state.highest_revision is not None and self._floor_on_disk != floor:
             atomic_write(self.floor_path, json.dumps(floor) + "\n", 0o600)
             self._floor_on_disk = floor
+
+    def _write_state(self, text: bytes) -> None:
+        self._written = self._held = self._written_view = None
+        atomic_write(self.path, text, 0o600)
+        self._written, self._written_at = text, time.monotonic()
+
+    def _written_without_timestamps(self) -> dict[str, Any]:
+        if self._written_view is None:
+            assert self._written is not None
+            self._written_view = without_timestamps(self._written)
+        return self._written_view
+
+    def flush(self) -> None:
+        """Write the timestamps held back (loop mode), if any."""
+        if self._held is not None:
+            self._write_state(self._held)
 
     def reset_trust(self, min_revision: int) -> State:
         """The operator's recovery: a floor set by hand; a corrupt state file
@@ -1887,6 +1940,16 @@ class StateStore:
             return False
 
 
+def without_timestamps(text: bytes) -> dict[str, Any]:
+    """A state.json as parsed, less what only says when the last run was."""
+    data = json.loads(text)
+    for name in TIMESTAMP_FIELDS:
+        data.pop(name, None)
+    if isinstance(data.get("pointer"), dict):
+        data["pointer"].pop("fetched_at", None)
+    return data
+
+
 def host_lock() -> int:
     """The host-wide lock (whatever the state directory): an exclusive,
     non-blocking flock on a file in the root-only runtime directory, never
@@ -1924,10 +1987,13 @@ def render_metrics(state: State, host: HostView, suspended: bool) -> str:
         lines.append(f"# HELP {full} {help_text}")
         lines.append(f"# TYPE {full} {kind}")
         for labels, value in samples:
+            number = str(int(value)) if float(value).is_integer() else repr(round(float(value), 3))
+            if not labels:
+                lines.append(f"{full} {number}")
+                continue
             # Label values are printable; what came from outside was masked where it entered.
             rendered = ",".join(f'{k}="{escape_label(printable(v))}"' for k, v in labels.items())
-            number = str(int(value)) if float(value).is_integer() else repr(round(float(value), 3))
-            lines.append(f"{full}{{{rendered}}} {number}" if labels else f"{full} {number}")
+            lines.append(f"{full}{{{rendered}}} {number}")
 
     metric("dirty", "gauge", "1 when the host runs something this agent did not deploy (manual deploy).",
            [({}, int(state.dirty))])
@@ -2035,7 +2101,8 @@ def pointer_refusal_reason(state: State) -> str | None:
 
 def write_metrics(path: str, state: State, host: HostView, suspended: bool) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    atomic_write(path, render_metrics(state, host, suspended))
+    # Rewritten by every run: not worth an fsync (state.json is the record).
+    atomic_write(path, render_metrics(state, host, suspended), durable=False)
 
 
 # ---------------------------------------------------------------------------
@@ -3355,19 +3422,21 @@ class PointerSource:
     def __init__(self, cfg: Config, ledger: Ledger, fetcher: Fetcher) -> None:
         self.cfg, self.ledger, self.fetcher = cfg, ledger, fetcher
         self.signers = allowed_signers(cfg.trusted_keys) if cfg.trusted_keys else None
+        self._digests: dict[str, str | None] | None = None  # of what does not change while we run
 
     def pointer_identity(self) -> dict[str, str | None]:
         """What a recorded pointer was checked against; a 304 replays it only
         while all of it is unchanged."""
-        import hashlib
-
-        def digest(text: str) -> str:
-            return hashlib.sha256(text.encode()).hexdigest()
         cfg, keyed = self.cfg, self.signers is not None
-        return {"url": digest(cfg.url),
-                "signature_url": digest(self.signature_url()) if keyed else None,
-                "keys": digest(self.signers) if self.signers is not None else None,
-                "hostname": (cfg.hostname or local_hostname()) if keyed else None}
+        if self._digests is None:
+            import hashlib
+
+            def digest(text: str) -> str:
+                return hashlib.sha256(text.encode()).hexdigest()
+            self._digests = {"url": digest(cfg.url),
+                             "signature_url": digest(self.signature_url()) if keyed else None,
+                             "keys": digest(self.signers) if self.signers is not None else None}
+        return {**self._digests, "hostname": (cfg.hostname or local_hostname()) if keyed else None}
 
     def signature_url(self) -> str:
         return self.cfg.signature_url or self.cfg.url + ".sig"
@@ -4117,12 +4186,19 @@ def command_run(cfg: Config) -> int:
             outcome = agent.cycle()
             return outcome.error.exit_code if outcome.error else 0
         import random
-        while not Stopping.requested:
-            agent.cycle()
-            delay = cfg.interval * random.uniform(0.9, 1.1)
-            end = time.monotonic() + delay
-            while not Stopping.requested and time.monotonic() < end:
-                time.sleep(min(1.0, end - time.monotonic()))
+        agent.store.hold_timestamps = True
+        try:
+            while not Stopping.requested:
+                agent.cycle()
+                delay = cfg.interval * random.uniform(0.9, 1.1)
+                end = time.monotonic() + delay
+                while not Stopping.requested and time.monotonic() < end:
+                    time.sleep(min(1.0, end - time.monotonic()))
+        finally:
+            try:
+                agent.store.flush()
+            except OSError as exc:
+                log(f"cannot write the last run's timestamps to {agent.store.path}: {exc.strerror}")
         log("stopped")
         return 0
     finally:
@@ -4888,7 +4964,8 @@ def http_url(text: str) -> str:
         if "%" in host:
             raise argparse.ArgumentTypeError(f"invalid URL {redact_url(text)!r}: percent-escapes in the host")
         try:
-            ascii_host = host.encode("idna").decode("ascii")
+            name = resolver_name(host)
+            ascii_host = (name if isinstance(name, bytes) else name.encode("idna")).decode("ascii")
         except UnicodeError:
             raise argparse.ArgumentTypeError(f"invalid URL {redact_url(text)!r}: bad host name "
                                              "(an empty or over-long label?)") from None
@@ -4983,12 +5060,7 @@ def add_check_options(parser: argparse.ArgumentParser, what: str) -> None:
                         help="do not require that the pointer URL is reachable (after activation, at boot)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="autodeploy.py", description=RUN_DESCRIPTION,
-                    formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"{PROG} {VERSION}")
-    sub = parser.add_subparsers(dest="command", parser_class=Parser)
-
+def add_run_parser(sub: Any) -> None:
     run_p = sub.add_parser("run", help="deploy what the pointer URL names (the default command)",
                            prog="autodeploy.py [run]", description=RUN_DESCRIPTION,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -5046,17 +5118,25 @@ def build_parser() -> argparse.ArgumentParser:
     run_p.add_argument("--fleetlock-group", type=validate_fleetlock_group, default=FLEETLOCK_DEFAULT_GROUP,
                        metavar="NAME", help=f"FleetLock reboot group (default: {FLEETLOCK_DEFAULT_GROUP})")
 
+
+def add_status_parser(sub: Any) -> None:
     status_p = sub.add_parser("status", help="what the host runs and what the agent knows (no network)")
     status_p.add_argument("--json", action="store_true", help="machine-readable output")
     status_p.add_argument("--state-dir", metavar="DIR", default=DEFAULT_STATE_DIR)
 
+
+def add_suspend_parser(sub: Any) -> None:
     suspend_p = sub.add_parser("suspend", help="stop deploying on this host until `resume`")
     suspend_p.add_argument("--reason", default="", help="shown by status and in the logs")
     suspend_p.add_argument("--state-dir", metavar="DIR", default=DEFAULT_STATE_DIR)
 
+
+def add_resume_parser(sub: Any) -> None:
     resume_p = sub.add_parser("resume", help="deploy again after `suspend`")
     resume_p.add_argument("--state-dir", metavar="DIR", default=DEFAULT_STATE_DIR)
 
+
+def add_sign_parser(sub: Any) -> None:
     sign_p = sub.add_parser("sign", help="write a signed pointer (for CI)")
     sign_p.add_argument("--key", required=True, help="OpenSSH private key")
     sign_p.add_argument("--revision", required=True, type=int, help="monotonic revision number")
@@ -5075,6 +5155,8 @@ def build_parser() -> argparse.ArgumentParser:
     sign_p.add_argument("--pause", action="store_true", help="write `pause: true`: no host starts this deploy")
     sign_p.add_argument("store_path", metavar="STOREPATH", nargs="?")
 
+
+def add_promote_parser(sub: Any) -> None:
     promote_p = sub.add_parser("promote", help="CI: the rollout's next step (advance, hold, halt), decided by "
                                                "the fleet's metrics in Prometheus")
     promote_p.add_argument("--pointer", required=True, metavar="FILE|URL", type=pointer_source,
@@ -5116,12 +5198,16 @@ def build_parser() -> argparse.ArgumentParser:
     promote_p.add_argument("--timeout", type=positive, default=30.0, metavar="SECONDS",
                            help="time allowed for each request (default: 30)")
 
+
+def add_trust_reset_parser(sub: Any) -> None:
     reset_p = sub.add_parser("trust-reset", help="set the revision floor by hand (recovery from a corrupt or "
                                                  "lost state; logged)")
     reset_p.add_argument("--min-revision", required=True, type=int, metavar="N",
                          help="refuse signed pointers below revision N from now on (0 without signed pointers)")
     reset_p.add_argument("--state-dir", metavar="DIR", default=DEFAULT_STATE_DIR)
 
+
+def add_check_boot_parser(sub: Any) -> None:
     check_p = sub.add_parser("check-boot", help="boot assessment: health checks for the booted system "
                                                 "(run before boot-complete.target)")
     check_p.add_argument("--url", required=True, type=http_url,
@@ -5134,10 +5220,28 @@ def build_parser() -> argparse.ArgumentParser:
     check_p.add_argument("--state-dir", metavar="DIR", default=DEFAULT_STATE_DIR,
                          help="where the result is recorded for the agent's next cycle")
     check_p.add_argument("-v", "--verbose", action="store_true", help="log every command")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line; with `command`, only that sub-command's parser
+    (main() knows it from argv: building them all costs a no-op run a few
+    milliseconds of start-up)."""
+    parser = Parser(prog="autodeploy.py", description=RUN_DESCRIPTION,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"{PROG} {VERSION}")
+    sub = parser.add_subparsers(dest="command", parser_class=Parser)
+
+    for name, add in SUB_PARSERS.items():
+        if command in (None, name):
+            add(sub)
     return parser
 
 
-COMMANDS: Final = ("run", "status", "suspend", "resume", "sign", "promote", "trust-reset", "check-boot")
+# The sub-commands, each with the function that adds its parser; "run" is the default.
+SUB_PARSERS: Final = {"run": add_run_parser, "status": add_status_parser, "suspend": add_suspend_parser,
+                      "resume": add_resume_parser, "sign": add_sign_parser, "promote": add_promote_parser,
+                      "trust-reset": add_trust_reset_parser, "check-boot": add_check_boot_parser}
+COMMANDS: Final = tuple(SUB_PARSERS)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -5164,7 +5268,8 @@ def main(argv: list[str] | None = None) -> int:
         argv.insert(0, "run")
     _verbose = "-v" in argv or "--verbose" in argv
     try:
-        args = build_parser().parse_args(argv)
+        only = argv[0] if argv and argv[0] in COMMANDS and "-h" not in argv and "--help" not in argv else None
+        args = build_parser(only).parse_args(argv)
         if args.command in (None, "run") and not hasattr(args, "url"):
             raise UsageError("autodeploy.py: the following arguments are required: --url")
         if args.command == "status":

@@ -57,10 +57,15 @@ sys.exit(autodeploy.main())
 """
 
 
-def package_agent(root: Path) -> str:
+def package_agent(root: Path, source: str | None = None) -> str:
+    """autodeploy.py (or `source`, its text at another commit) as package.nix
+    installs it; returns the launcher's path."""
     libexec = root / "libexec"
     libexec.mkdir(parents=True, exist_ok=True)
-    shutil.copy(AGENT, libexec / "autodeploy.py")
+    if source is None:
+        shutil.copy(AGENT, libexec / "autodeploy.py")
+    else:
+        (libexec / "autodeploy.py").write_text(source)
     launcher = libexec / "launcher.py"
     launcher.write_text(LAUNCHER_CODE.format(libexec=str(libexec)))
     subprocess.run([PY, "-m", "compileall", "-q", "--invalidation-mode", "unchecked-hash",
@@ -69,10 +74,17 @@ def package_agent(root: Path) -> str:
 
 
 LAUNCHER = ""  # set by main()
+BEFORE = ""    # --before REF: the launcher of autodeploy.py at REF, measured side by side
+PARTS = ("once", "loop", "deploy", "imports")
+
+# What the agent is written with, imported by a bare interpreter: the floor
+# a no-op `--once` is compared with (issue 21: at most 1.25x of it).
+IMPORTS_FLOOR = "import urllib.request, argparse, json, dataclasses"
 
 # Targets from the issue.
 TARGET_ONCE_RATIO = 1.0        # no-op --once CPU <= 1.0x the original tool's per-poll work
-TARGET_POLL_CPU = 0.002        # loop-mode no-op poll <= 2 ms CPU
+TARGET_ONCE_IMPORTS = 1.25     # no-op --once CPU <= 1.25x the interpreter importing IMPORTS_FLOOR
+TARGET_POLL_CPU = 0.001        # loop-mode no-op poll <= 1 ms CPU
 TARGET_DEPLOY_SHARE = 0.02     # agent's own CPU <= 2% of a 1,000-path deploy
 TARGET_RSS_KIB = 25 * 1024     # peak RSS <= 25 MiB
 
@@ -309,8 +321,11 @@ def bench_once(root: Path, world: W.World, server: W.PointerServer, reps: int) -
             ["readlink", "-f", "/run/current-system", "/run/booted-system", "/nix/var/nix/profiles/system",
              "/run/upstream-system"]]},
         "python3 -c pass": {"steps": [[PY, "-c", "pass"]]},
+        "imports floor": {"steps": [[PY, "-c", IMPORTS_FLOOR]]},
         "/bin/true": {"steps": [["/bin/true"]]},
     }
+    if BEFORE:
+        variants["agent (before)"] = {"steps": [[PY, BEFORE, *agent_args]]}
     grouped = measure(host, variants, reps, warmup=2, logfile=root / "once.log")
     state = host.state().get("last_state")
     out = {}
@@ -331,34 +346,48 @@ def bench_loop(root: Path, world: W.World, server: W.PointerServer, wire: list, 
     conditional requests; bytes received per poll."""
     a = world.path("a")
     results: dict[str, dict] = {}
+    agents = {"": LAUNCHER, **({" (before)": BEFORE} if BEFORE else {})}
     for etag in (False, True):
-        label = "304 (ETag, If-None-Match)" if etag else "200 (no ETag)"
-        runs = []
+        runs_of: dict[str, list[dict]] = {name: [] for name in agents}
         for rep in range(reps):
-            host = W.Host(root / f"loop-{int(etag)}-{rep}", world, server, python=PY)
-            host.install(a)
-            path = f"/loop-{int(etag)}-{rep}"
-            url = server.pointer(a, path=path, etag=etag)
-            first = host.once(url)  # tracking; the loop then only polls
-            if first.returncode != 0:
-                raise SystemExit(f"agent failed ({first.returncode}):\n{first.stderr}")
-            runs.append(loop_once(host, server, wire, path, url, polls))
-        results[label] = {
-            "cpu_per_poll": med([r["cpu_per_poll"] for r in runs]),
-            "cpu_range": (min(r["cpu_per_poll"] for r in runs), max(r["cpu_per_poll"] for r in runs)),
-            "sys_per_poll": med([r["sys_per_poll"] for r in runs]),
-            "children_cpu": max(r["children_cpu"] for r in runs),
-            "hwm_kib": med([r["hwm_kib"] for r in runs]),
-            "statuses": sorted({s for r in runs for s in r["statuses"]}),
-            "head_bytes": med([r["head_bytes"] for r in runs]),
-            "body_bytes": med([r["body_bytes"] for r in runs]),
-            "polls_per_s": med([r["polls_per_s"] for r in runs]),
-            "runs": runs,
-        }
+            # Alternating, one run of each agent per repetition (their order
+            # rotates): both see the same machine load.
+            names = list(agents)
+            names = names[rep % len(names):] + names[:rep % len(names)]
+            for name in names:
+                tag = f"{int(etag)}-{rep}-{list(agents).index(name)}"
+                host = W.Host(root / f"loop-{tag}", world, server, python=PY)
+                host.install(a)
+                path = f"/loop-{tag}"
+                url = server.pointer(a, path=path, etag=etag)
+                first = host.once(url)  # tracking; the loop then only polls
+                if first.returncode != 0:
+                    raise SystemExit(f"agent failed ({first.returncode}):\n{first.stderr}")
+                runs_of[name].append(loop_once(host, server, wire, path, url, polls, agents[name]))
+                shutil.rmtree(host.root, ignore_errors=True)
+        for name, runs in runs_of.items():
+            label = ("304 (ETag, If-None-Match)" if etag else "200 (no ETag)") + name
+            results[label] = summarize_loop(runs)
     return results
 
 
-def loop_once(host: W.Host, server: W.PointerServer, wire: list, path: str, url: str, polls: int) -> dict:
+def summarize_loop(runs: list[dict]) -> dict:
+    return {
+        "cpu_per_poll": med([r["cpu_per_poll"] for r in runs]),
+        "cpu_range": (min(r["cpu_per_poll"] for r in runs), max(r["cpu_per_poll"] for r in runs)),
+        "sys_per_poll": med([r["sys_per_poll"] for r in runs]),
+        "children_cpu": max(r["children_cpu"] for r in runs),
+        "hwm_kib": med([r["hwm_kib"] for r in runs]),
+        "statuses": sorted({s for r in runs for s in r["statuses"]}),
+        "head_bytes": med([r["head_bytes"] for r in runs]),
+        "body_bytes": med([r["body_bytes"] for r in runs]),
+        "polls_per_s": med([r["polls_per_s"] for r in runs]),
+        "runs": runs,
+    }
+
+
+def loop_once(host: W.Host, server: W.PointerServer, wire: list, path: str, url: str, polls: int,
+              launcher: str) -> dict:
     warm = 10
 
     def count() -> int:
@@ -370,7 +399,7 @@ def loop_once(host: W.Host, server: W.PointerServer, wire: list, path: str, url:
     # and would fill up (the agent logs every cycle); a file does not.
     proc = subprocess.Popen(
         ["unshare", "-m", "--propagation", "private", "/bin/sh", "-c", script + ' && exec "$@"', "sh",
-         PY, LAUNCHER, "--url", url, "--interval", "0.01", "--prometheus-path", METRICS],
+         PY, launcher, "--url", url, "--interval", "0.01", "--prometheus-path", METRICS],
         env=host.env, stdout=log, stderr=log)
     try:
         def wait_for(n: int) -> None:
@@ -518,126 +547,167 @@ def verdict(ok: bool, miss: str) -> str:
     return "met" if ok else f"**missed**: {miss}"
 
 
-def report(facts: dict, once: dict, loop: dict, deploy: dict, imports: dict, args: argparse.Namespace) -> None:
-    ag, fl, orig, wr, py = (once[k] for k in ("agent", "floor", "original", "agent (runpy wrapper)",
-                                              "python3 -c pass"))
+def report(facts: dict, once: dict | None, loop: dict | None, deploy: dict | None, imports: dict | None,
+           args: argparse.Namespace) -> None:
     say("\n## Machine")
     for k, v in facts.items():
-        say(f"- {k}: {v}")
+        if k != "before":
+            say(f"- {k}: {v}")
+    if args.before:
+        say(f"- before: autodeploy.py at `{args.before}` ({facts.get('before', '?')}), measured side by side")
+    targets: list[str] = []
 
-    say(f"\n## 1. One no-op `--once` cycle as a whole process (median of {args.reps}, interleaved; "
-        f"agent state after the runs: {once['_state']})\n")
-    say("| | wall | CPU (user+sys) | peak RSS |")
-    say("|---|---:|---:|---:|")
-    for name, label in (("agent", "agent `--once` (no-op), as packaged (launcher + precompiled module)"),
-                        ("agent (as a script)", "agent `--once` (no-op), `python3 autodeploy.py`"),
-                        ("floor", "floor: `curl` pointer + `readlink /run/current-system`"),
-                        ("original", "original per poll: `curl` + `nix-store --realise --add-root` + `readlink -f` links"),
-                        ("python3 -c pass", "`/usr/bin/python3 -c pass` (interpreter start-up)")):
-        x = once[name]
-        say(f"| {label} | {ms(x['wall'])} | {ms(x['cpu'])} | {mib(x['maxrss_kib'])} |")
-    say("| **agent / original** | "
-        f"**{ag['wall'] / orig['wall']:.2f}x** | **{ag['cpu'] / orig['cpu']:.2f}x** | "
-        f"**{ag['maxrss_kib'] / orig['maxrss_kib']:.2f}x** |")
-    say(f"| agent / floor | {ag['wall'] / fl['wall']:.2f}x | {ag['cpu'] / fl['cpu']:.2f}x | "
-        f"{ag['maxrss_kib'] / fl['maxrss_kib']:.2f}x |")
-    say(f"\nPeak RSS is ru_maxrss from wait4; a child started with posix_spawn inherits the measurer's "
-        f"high-water mark, so values at or below {mib(once['/bin/true']['maxrss_kib'])} (what `/bin/true` "
-        f"shows) are that floor, not the command's own.")
-    say(f"\nAgent's own peak RSS (packaged, runpy wrapper, RUSAGE_SELF): {mib(wr['self_maxrss_kib'])}; "
-        f"its own CPU there: {ms(wr['self_cpu'])}; children CPU: {ms(wr['children_cpu'])} "
-        f"(a no-op cycle spawns {'nothing' if wr['children_cpu'] == 0 else 'something'}); "
-        f"ssl imported: {'yes' if wr['ssl'] else 'no'}; modules loaded: {wr['modules']:.0f}.")
+    if once is not None:
+        ag, fl, orig, wr, py, imp_floor = (once[k] for k in ("agent", "floor", "original", "agent (runpy wrapper)",
+                                                             "python3 -c pass", "imports floor"))
+        say(f"\n## 1. One no-op `--once` cycle as a whole process (median of {args.reps}, interleaved; "
+            f"agent state after the runs: {once['_state']})\n")
+        say("| | wall | CPU (user+sys) | peak RSS |")
+        say("|---|---:|---:|---:|")
+        rows = [("agent", "agent `--once` (no-op), as packaged (launcher + precompiled module)")]
+        if "agent (before)" in once:
+            rows.append(("agent (before)", f"agent `--once` (no-op), as packaged, at `{args.before}`"))
+        rows += [("agent (as a script)", "agent `--once` (no-op), `python3 autodeploy.py`"),
+                 ("floor", "floor: `curl` pointer + `readlink /run/current-system`"),
+                 ("original", "original per poll: `curl` + `nix-store --realise --add-root` + `readlink -f` links"),
+                 ("python3 -c pass", "`/usr/bin/python3 -c pass` (interpreter start-up)"),
+                 ("imports floor", f"`/usr/bin/python3 -c '{IMPORTS_FLOOR}'`")]
+        for name, label in rows:
+            x = once[name]
+            say(f"| {label} | {ms(x['wall'])} | {ms(x['cpu'])} | {mib(x['maxrss_kib'])} |")
+        say("| **agent / original** | "
+            f"**{ag['wall'] / orig['wall']:.2f}x** | **{ag['cpu'] / orig['cpu']:.2f}x** | "
+            f"**{ag['maxrss_kib'] / orig['maxrss_kib']:.2f}x** |")
+        say(f"| **agent / imports floor** | **{ag['wall'] / imp_floor['wall']:.2f}x** | "
+            f"**{ag['cpu'] / imp_floor['cpu']:.2f}x** | **{ag['maxrss_kib'] / imp_floor['maxrss_kib']:.2f}x** |")
+        if "agent (before)" in once:
+            bf = once["agent (before)"]
+            say(f"| agent at `{args.before}` / imports floor | {bf['wall'] / imp_floor['wall']:.2f}x | "
+                f"{bf['cpu'] / imp_floor['cpu']:.2f}x | {bf['maxrss_kib'] / imp_floor['maxrss_kib']:.2f}x |")
+        say(f"| agent / floor | {ag['wall'] / fl['wall']:.2f}x | {ag['cpu'] / fl['cpu']:.2f}x | "
+            f"{ag['maxrss_kib'] / fl['maxrss_kib']:.2f}x |")
+        say(f"\nPeak RSS is ru_maxrss from wait4; a child started with posix_spawn inherits the measurer's "
+            f"high-water mark, so values at or below {mib(once['/bin/true']['maxrss_kib'])} (what `/bin/true` "
+            f"shows) are that floor, not the command's own.")
+        say(f"\nAgent's own peak RSS (packaged, runpy wrapper, RUSAGE_SELF): {mib(wr['self_maxrss_kib'])}; "
+            f"its own CPU there: {ms(wr['self_cpu'])}; children CPU: {ms(wr['children_cpu'])} "
+            f"(a no-op cycle spawns {'nothing' if wr['children_cpu'] == 0 else 'something'}); "
+            f"ssl imported: {'yes' if wr['ssl'] else 'no'}; modules loaded: {wr['modules']:.0f}.")
+        ratio = ag["cpu"] / orig["cpu"]
+        targets.append(
+            f"| no-op `--once` CPU <= {TARGET_ONCE_RATIO:.1f}x the original tool's per-poll work | {ratio:.2f}x "
+            f"({ms(ag['cpu'])} vs {ms(orig['cpu'])}) | "
+            + verdict(ratio <= TARGET_ONCE_RATIO, f"by {ratio - TARGET_ONCE_RATIO:.2f}x "
+                      f"({ms(ag['cpu'] - orig['cpu'] * TARGET_ONCE_RATIO)} over)") + " |")
+        ratio = ag["cpu"] / imp_floor["cpu"]
+        before = (f"; at `{args.before}`: {once['agent (before)']['cpu'] / imp_floor['cpu']:.2f}x "
+                  f"({ms(once['agent (before)']['cpu'])})" if "agent (before)" in once else "")
+        targets.append(
+            f"| no-op `--once` CPU, as packaged, <= {TARGET_ONCE_IMPORTS:.2f}x the interpreter importing what the "
+            f"agent is written with | {ratio:.2f}x ({ms(ag['cpu'])} vs {ms(imp_floor['cpu'])}){before} | "
+            + verdict(ratio <= TARGET_ONCE_IMPORTS, f"by {ratio - TARGET_ONCE_IMPORTS:.2f}x "
+                      f"({ms(ag['cpu'] - imp_floor['cpu'] * TARGET_ONCE_IMPORTS)} over)") + " |")
 
-    say(f"\n## 2. Loop mode (`--interval 0.01`), CPU per no-op poll over {args.polls} polls "
-        f"(median of {args.loop_reps} runs)\n")
-    say("| responses | CPU per poll (min-max of runs) | of which sys | header bytes / poll | body bytes / poll "
-        "| polls/s | peak RSS (VmHWM) |")
-    say("|---|---:|---:|---:|---:|---:|---:|")
-    for label, x in loop.items():
-        lo, hi = x["cpu_range"]
-        say(f"| {label} (statuses seen: {', '.join(map(str, x['statuses']))}) | {x['cpu_per_poll'] * 1000:.2f} ms "
-            f"({lo * 1000:.2f}-{hi * 1000:.2f}) | {x['sys_per_poll'] * 1000:.2f} ms | "
-            f"{x['head_bytes']:.0f} | {x['body_bytes']:.0f} | {x['polls_per_s']:.0f} | {mib(x['hwm_kib'])} |")
-    children = max(x["children_cpu"] for x in loop.values())
-    say(f"\nCPU from /proc/<pid>/stat (utime+stime, {os.sysconf('SC_CLK_TCK')} Hz ticks) between poll 10 and "
-        f"poll {10 + args.polls}; children's CPU in loop mode: {ms(children)}.")
+    if loop is not None:
+        say(f"\n## 2. Loop mode (`--interval 0.01`), CPU per no-op poll over {args.polls} polls "
+            f"(median of {args.loop_reps} runs{', alternating with the agent at ' + repr(args.before) if args.before else ''})\n")
+        say("| responses | CPU per poll (min-max of runs) | of which sys | header bytes / poll | body bytes / poll "
+            "| polls/s | peak RSS (VmHWM) |")
+        say("|---|---:|---:|---:|---:|---:|---:|")
+        for label, x in loop.items():
+            lo, hi = x["cpu_range"]
+            say(f"| {label} (statuses seen: {', '.join(map(str, x['statuses']))}) | {x['cpu_per_poll'] * 1000:.2f} ms "
+                f"({lo * 1000:.2f}-{hi * 1000:.2f}) | {x['sys_per_poll'] * 1000:.2f} ms | "
+                f"{x['head_bytes']:.0f} | {x['body_bytes']:.0f} | {x['polls_per_s']:.0f} | {mib(x['hwm_kib'])} |")
+        children = max(x["children_cpu"] for x in loop.values())
+        say(f"\nCPU from /proc/<pid>/stat (utime+stime, {os.sysconf('SC_CLK_TCK')} Hz ticks) between poll 10 and "
+            f"poll {10 + args.polls}; children's CPU in loop mode: {ms(children)}.")
+        polls = {label: x["cpu_per_poll"] for label, x in loop.items() if "(before)" not in label}
+        worst_poll = max(polls.values())
+        before = [f"{label}: {x['cpu_per_poll'] * 1000:.2f} ms" for label, x in loop.items() if "(before)" in label]
+        targets.append(
+            f"| loop-mode no-op poll <= {ms(TARGET_POLL_CPU)} CPU | "
+            + ", ".join(f"{label}: {v * 1000:.2f} ms" for label, v in polls.items())
+            + (f" ({', '.join(before)})" if before else "") + " | "
+            + verdict(worst_poll <= TARGET_POLL_CPU, f"by {(worst_poll - TARGET_POLL_CPU) * 1000:.2f} ms") + " |")
+        etag_row = loop["304 (ETag, If-None-Match)"]
+        no_body = etag_row["statuses"] == [304] and all(r["max_body_bytes"] == 0 for r in etag_row["runs"])
+        targets.append(
+            f"| 304 polls receive no body | statuses {etag_row['statuses']}, body bytes per poll "
+            f"{etag_row['body_bytes']:.0f} (max {max(r['max_body_bytes'] for r in etag_row['runs'])}) | "
+            + verdict(no_body, "bodies or non-304 answers seen") + " |")
 
-    say(f"\n## 3./4. Deploy of a system with a {deploy['closure']}-path closure from the loopback cache "
-        f"(median of {args.deploy_reps}, each on a fresh host)\n")
-    say("| | value |")
-    say("|---|---:|")
-    say(f"| total wall (agent `--once`: fetch, realise, activate, health check) | {deploy['wall']:.2f} s |")
-    say(f"| whole CPU (agent + children) | {deploy['whole_cpu'] * 1000:.0f} ms |")
-    say(f"| agent's own CPU (RUSAGE_SELF) | {ms(deploy['self_cpu'])} |")
-    say(f"| **agent's share of the deploy's CPU** | **{deploy['share'] * 100:.2f} %** |")
-    say(f"| agent's own peak RSS | {mib(deploy['self_maxrss_kib'])} |")
-    say(f"| largest child's peak RSS (nix-store) | {mib(deploy['children_maxrss_kib'])} |")
-    say(f"| reference: bare `nix-store --realise` of the same closure, fresh host: wall / CPU | "
-        f"{deploy['bare_wall']:.2f} s / {deploy['bare_cpu'] * 1000:.0f} ms |")
+    if deploy is not None:
+        say(f"\n## 3./4. Deploy of a system with a {deploy['closure']}-path closure from the loopback cache "
+            f"(median of {args.deploy_reps}, each on a fresh host)\n")
+        say("| | value |")
+        say("|---|---:|")
+        say(f"| total wall (agent `--once`: fetch, realise, activate, health check) | {deploy['wall']:.2f} s |")
+        say(f"| whole CPU (agent + children) | {deploy['whole_cpu'] * 1000:.0f} ms |")
+        say(f"| agent's own CPU (RUSAGE_SELF) | {ms(deploy['self_cpu'])} |")
+        say(f"| **agent's share of the deploy's CPU** | **{deploy['share'] * 100:.2f} %** |")
+        say(f"| agent's own peak RSS | {mib(deploy['self_maxrss_kib'])} |")
+        say(f"| largest child's peak RSS (nix-store) | {mib(deploy['children_maxrss_kib'])} |")
+        say(f"| reference: bare `nix-store --realise` of the same closure, fresh host: wall / CPU | "
+            f"{deploy['bare_wall']:.2f} s / {deploy['bare_cpu'] * 1000:.0f} ms |")
+        targets.append(
+            f"| agent's own CPU <= {TARGET_DEPLOY_SHARE * 100:.0f}% of a 1,000-path deploy | "
+            f"{deploy['share'] * 100:.2f} % | "
+            + verdict(deploy["share"] <= TARGET_DEPLOY_SHARE,
+                      f"by {(deploy['share'] - TARGET_DEPLOY_SHARE) * 100:.2f} points") + " |")
 
-    say(f"\n## Start-up imports (`/usr/bin/python3 -X importtime autodeploy.py ...`, median of {args.import_reps})\n")
-    compile_s = imports.pop("_compile_s")
-    startup_imports = imports.pop("_startup_imports_us") / 1e6
-    say("| command | import time (sum of top-level cumulative) | modules | ssl | http.client | top-level modules by cumulative time |")
-    say("|---|---:|---:|---|---|---|")
-    for label, x in imports.items():
-        top = ", ".join(f"{name} {us / 1000:.1f}" for us, name in x["top"])
-        say(f"| `{label}` | {x['total_us'] / 1000:.1f} ms | {x['count']} | {'yes' if x['ssl'] else 'no'} | "
-            f"{'yes' if x['http.client'] else 'no'} | {top} (ms) |")
+    if imports is not None:
+        say(f"\n## Start-up imports (`/usr/bin/python3 -X importtime autodeploy.py ...`, median of "
+            f"{args.import_reps})\n")
+        compile_s = imports.pop("_compile_s")
+        startup_imports = imports.pop("_startup_imports_us") / 1e6
+        say("| command | import time (sum of top-level cumulative) | modules | ssl | http.client "
+            "| top-level modules by cumulative time |")
+        say("|---|---:|---:|---|---|---|")
+        for label, x in imports.items():
+            top = ", ".join(f"{name} {us / 1000:.1f}" for us, name in x["top"])
+            say(f"| `{label}` | {x['total_us'] / 1000:.1f} ms | {x['count']} | {'yes' if x['ssl'] else 'no'} | "
+                f"{'yes' if x['http.client'] else 'no'} | {top} (ms) |")
+        if once is not None:
+            # Why: where a no-op cycle's CPU goes (import times are wall, measured with -X importtime).
+            noop = imports["no-op --once (http://)"]
+            top = dict((name, us / 1e6) for us, name in noop["top"])
+            imp = noop["total_us"] / 1e6 - startup_imports
+            say("\n## Where the no-op `--once` CPU goes (estimates)\n")
+            say(f"- interpreter start-up (`python3 -c pass`): {ms(py['cpu'])}")
+            say(f"- compiling autodeploy.py ({Path(AGENT).stat().st_size // 1024} KiB): {ms(compile_s)} on every "
+                f"start when run as a script (`python3 autodeploy.py` gets no cached bytecode); 0 as packaged "
+                f"(as script: {ms(once['agent (as a script)']['cpu'])} CPU in all)")
+            say(f"- the agent's imports (`-X importtime`, wall, less the {ms(startup_imports)} that "
+                f"`python3 -c pass` imports too): {ms(imp)}"
+                + (f"; http.client alone {ms(top['http.client'])} (it imports ssl and the email package "
+                   f"at module level, so ssl is loaded even for http://)" if "http.client" in top else ""))
+            rest = ag["cpu"] - py["cpu"] - imp
+            say(f"- the rest (module body: classes, enums, dataclasses; argument parsing; the cycle itself: "
+                f"HTTP, readlinks, state and metrics written): {ms(max(rest, 0.0))}")
+            if deploy is not None:
+                say(f"- a {deploy['closure']}-path deploy costs the agent {ms(deploy['self_cpu'])} of its own CPU, "
+                    f"{ms(deploy['self_cpu'] - wr['self_cpu'])} more than a no-op cycle: the share is mostly the "
+                    f"fixed start-up cost; 2% of this deploy would be "
+                    f"{ms(deploy['whole_cpu'] * TARGET_DEPLOY_SHARE)}")
 
-    # Why: where a no-op cycle's CPU goes (import times are wall, measured with -X importtime).
-    noop = imports["no-op --once (http://)"]
-    top = dict((name, us / 1e6) for us, name in noop["top"])
-    imp = noop["total_us"] / 1e6 - startup_imports
-    say("\n## Where the no-op `--once` CPU goes (estimates)\n")
-    say(f"- interpreter start-up (`python3 -c pass`): {ms(py['cpu'])}")
-    say(f"- compiling autodeploy.py ({Path(AGENT).stat().st_size // 1024} KiB): {ms(compile_s)} on every start "
-        f"when run as a script (`python3 autodeploy.py` gets no cached bytecode); 0 as packaged "
-        f"(as script: {ms(once['agent (as a script)']['cpu'])} CPU in all)")
-    say(f"- the agent's imports (`-X importtime`, wall, less the {ms(startup_imports)} that "
-        f"`python3 -c pass` imports too): {ms(imp)}"
-        + (f"; http.client alone {ms(top['http.client'])} (it imports ssl and the email package "
-           f"at module level, so ssl is loaded even for http://)" if "http.client" in top else ""))
-    rest = ag["cpu"] - py["cpu"] - imp
-    say(f"- the rest (module body: classes, enums, dataclasses; argument parsing; the cycle itself: "
-        f"HTTP, readlinks, state and metrics written with fsync): {ms(max(rest, 0.0))}")
-    say(f"- a {deploy['closure']}-path deploy costs the agent {ms(deploy['self_cpu'])} of its own CPU, "
-        f"{ms(deploy['self_cpu'] - wr['self_cpu'])} more than a no-op cycle: the share is mostly the "
-        f"fixed start-up cost; 2% of this deploy would be {ms(deploy['whole_cpu'] * TARGET_DEPLOY_SHARE)}")
+    if once is not None and loop is not None and deploy is not None:
+        rss = {"no-op --once (packaged)": once["agent"]["maxrss_kib"],
+               "no-op --once (as a script)": once["agent (as a script)"]["maxrss_kib"],
+               **{f"loop {k.split()[0]}": v["hwm_kib"] for k, v in loop.items() if "(before)" not in k},
+               "deploy, own (packaged, runpy)": deploy["self_maxrss_kib"]}
+        worst_rss_name = max(rss, key=rss.get)
+        targets.append(
+            f"| peak RSS <= {mib(TARGET_RSS_KIB)} | "
+            + ", ".join(f"{k}: {mib(v)}" for k, v in rss.items()) + " | "
+            + verdict(rss[worst_rss_name] <= TARGET_RSS_KIB,
+                      f"{worst_rss_name} by {mib(rss[worst_rss_name] - TARGET_RSS_KIB)}") + " |")
 
-    # Targets.
-    ratio = ag["cpu"] / orig["cpu"]
-    polls = {label: x["cpu_per_poll"] for label, x in loop.items()}
-    worst_poll = max(polls.values())
-    etag_row = next(x for label, x in loop.items() if label.startswith("304"))
-    no_body = etag_row["statuses"] == [304] and all(r["max_body_bytes"] == 0 for r in etag_row["runs"])
-    rss = {"no-op --once (packaged)": ag["maxrss_kib"],
-           "no-op --once (as a script)": once["agent (as a script)"]["maxrss_kib"],
-           **{f"loop {k.split()[0]}": v["hwm_kib"] for k, v in loop.items()},
-           "deploy, own (packaged, runpy)": deploy["self_maxrss_kib"]}
-    worst_rss_name = max(rss, key=rss.get)
     say("\n## Targets\n")
     say("| target | result | verdict |")
     say("|---|---|---|")
-    say(f"| no-op `--once` CPU <= {TARGET_ONCE_RATIO:.1f}x the original tool's per-poll work | {ratio:.2f}x "
-        f"({ms(ag['cpu'])} vs {ms(orig['cpu'])}) | "
-        + verdict(ratio <= TARGET_ONCE_RATIO, f"by {ratio - TARGET_ONCE_RATIO:.2f}x "
-                  f"({ms(ag['cpu'] - orig['cpu'] * TARGET_ONCE_RATIO)} over)") + " |")
-    say(f"| loop-mode no-op poll <= {ms(TARGET_POLL_CPU)} CPU | "
-        + ", ".join(f"{label}: {v * 1000:.2f} ms" for label, v in polls.items()) + " | "
-        + verdict(worst_poll <= TARGET_POLL_CPU, f"by {(worst_poll - TARGET_POLL_CPU) * 1000:.2f} ms") + " |")
-    say(f"| 304 polls receive no body | statuses {etag_row['statuses']}, body bytes per poll "
-        f"{etag_row['body_bytes']:.0f} (max {max(r['max_body_bytes'] for r in etag_row['runs'])}) | "
-        + verdict(no_body, "bodies or non-304 answers seen") + " |")
-    say(f"| agent's own CPU <= {TARGET_DEPLOY_SHARE * 100:.0f}% of a 1,000-path deploy | "
-        f"{deploy['share'] * 100:.2f} % | "
-        + verdict(deploy["share"] <= TARGET_DEPLOY_SHARE,
-                  f"by {(deploy['share'] - TARGET_DEPLOY_SHARE) * 100:.2f} points") + " |")
-    say(f"| peak RSS <= {mib(TARGET_RSS_KIB)} | "
-        + ", ".join(f"{k}: {mib(v)}" for k, v in rss.items()) + " | "
-        + verdict(rss[worst_rss_name] <= TARGET_RSS_KIB,
-                  f"{worst_rss_name} by {mib(rss[worst_rss_name] - TARGET_RSS_KIB)}") + " |")
+    for row in targets:
+        say(row)
 
 
 def main() -> int:
@@ -650,7 +720,22 @@ def main() -> int:
     p.add_argument("--deps", type=int, default=998,
                    help="extra closure paths of the big system (default 998: closure of 1,000 paths)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    p.add_argument("--parts", default=",".join(PARTS),
+                   help=f"comma-separated parts to run, of {','.join(PARTS)} (default: all)")
+    p.add_argument("--before", metavar="REF",
+                   help="also measure autodeploy.py as it is at git REF (e.g. main), side by side: "
+                        "interleaved with the working tree's in the --once comparison, alternating in loop mode")
     args = p.parse_args()
+    parts = [x for x in args.parts.split(",") if x]
+    if not parts or any(x not in PARTS for x in parts):
+        p.error(f"--parts: a comma-separated list of {', '.join(PARTS)}")
+    before_source = None
+    if args.before:
+        r = subprocess.run(["git", "-C", str(REPO), "show", f"{args.before}:autodeploy.py"],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            p.error(f"--before: {r.stderr.strip()}")
+        before_source = r.stdout
 
     why = W.missing_prerequisites()
     if why:
@@ -665,23 +750,36 @@ def main() -> int:
     server = None
     try:
         facts = machine_facts()
-        say(f"building the test world in {root} (stand-in systems, {args.deps} extra paths, signed cache) ...")
+        say(f"building the test world in {root} (stand-in systems"
+            + (f", {args.deps} extra paths" if "deploy" in parts else "") + ", signed cache) ...")
         t = time.monotonic()
-        world = W.build_world(root / "world", {"a": {}, "big": {"deps": args.deps}})
+        systems: dict[str, dict] = {"a": {}, **({"big": {"deps": args.deps}} if "deploy" in parts else {})}
+        world = W.build_world(root / "world", systems)
         say(f"  built in {time.monotonic() - t:.1f} s")
-        global LAUNCHER
+        global LAUNCHER, BEFORE
         LAUNCHER = package_agent(root / "package")
+        if before_source is not None:
+            BEFORE = package_agent(root / "package-before", before_source)
+            facts["before"] = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", args.before],
+                                             capture_output=True, text=True).stdout.strip()
+        facts["agent"] = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"],
+                                        capture_output=True, text=True).stdout.strip()
         server = W.PointerServer(world.cache)
         wire = instrument(server)
 
-        say(f"1. no-op --once vs floor vs original tool, {args.reps} interleaved repetitions ...")
-        once = bench_once(root, world, server, args.reps)
-        say(f"2. loop mode, {args.polls} polls x {args.loop_reps} runs, with and without ETag ...")
-        loop = bench_loop(root, world, server, wire, args.polls, args.loop_reps)
-        say(f"3. deploys of the {args.deps + 2}-path closure, {args.deploy_reps} fresh hosts ...")
-        deploy = bench_deploy(root, world, server, args.deploy_reps)
-        say("start-up imports ...")
-        imports = bench_imports(root, world, server, args.import_reps)
+        once = loop = deploy = imports = None
+        if "once" in parts:
+            say(f"1. no-op --once vs floor vs original tool, {args.reps} interleaved repetitions ...")
+            once = bench_once(root, world, server, args.reps)
+        if "loop" in parts:
+            say(f"2. loop mode, {args.polls} polls x {args.loop_reps} runs, with and without ETag ...")
+            loop = bench_loop(root, world, server, wire, args.polls, args.loop_reps)
+        if "deploy" in parts:
+            say(f"3. deploys of the {args.deps + 2}-path closure, {args.deploy_reps} fresh hosts ...")
+            deploy = bench_deploy(root, world, server, args.deploy_reps)
+        if "imports" in parts:
+            say("start-up imports ...")
+            imports = bench_imports(root, world, server, args.import_reps)
         report(facts, once, loop, deploy, imports, args)
     finally:
         if server is not None:

@@ -93,6 +93,36 @@ def test_loop_mode_leaks_no_descriptor_and_stops_on_sigterm(host, world, server)
         last.close()
 
 
+def test_loop_mode_writes_what_matters_at_once_and_held_timestamps_on_sigterm(host, world, server):
+    """Loop mode holds a state.json that differs only in the run timestamps
+    (up to TIMESTAMPS_WRITTEN_EVERY_SECONDS, see test_unit), but a deploy is
+    on disk before the metrics that report it, and SIGTERM writes what is
+    held: after the stop, state.json says what the last metrics say."""
+    b = world.path("b")
+    assert host.once(host.url).returncode == 0  # tracking a
+    proc = host.agent_background("--url", host.url, "--interval", "0.05", "--prometheus-path", world_mod.METRICS)
+    last_run = lambda: host.metrics()["nixos_autodeploy_last_run_timestamp_seconds"]  # noqa: E731
+    try:
+        wait_for(lambda: "autodeploy.py" in Path(f"/proc/{proc.pid}/cmdline").read_text(), what="exec")
+        start = host.state()["last_run"]
+        wait_for(lambda: last_run() > start + 0.01, what="a poll of the loop")
+        server.pointer(b)  # within the bound of the loop's first write: only "at once" puts it on disk
+        wait_for(lambda: host.metrics()["nixos_autodeploy_deploys_total"] == 1, what="the deploy", timeout=60)
+        state = host.state()
+        assert state["deployed"] == b and state["deploys_total"] == 1, "the deploy was not written at once"
+        # The next poll is a no-op; its new last_state is written, and then only timestamps change.
+        wait_for(lambda: host.state()["last_state"] == "up_to_date", what="the no-op poll after the deploy")
+        written = host.state()["last_run"]
+        wait_for(lambda: last_run() > written + 0.01, what="no-op polls after the deploy")
+        assert host.state()["last_run"] == written, "a timestamp-only change was written at once"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert proc.returncode == 0, proc.log_path.read_text()
+    assert abs(host.state()["last_run"] - last_run()) < 0.002, "the held timestamps were not written on SIGTERM"
+    assert host.state()["deployed"] == b
+
+
 def test_sigterm_during_activation_waits_for_it(host, world, server):
     b = world.path("b")
     assert host.once(host.url).returncode == 0

@@ -310,6 +310,97 @@ def test_state_with_wrong_types_is_corrupt():
     assert json.loads(state.to_json())["unknown_future_field"] == 1  # kept on save
 
 
+def test_loop_mode_writes_state_changes_at_once_and_timestamps_within_the_bound(tmp_path, monkeypatch):
+    """Loop mode (hold_timestamps): a change that matters reaches state.json
+    at once; one of only the run timestamps (and the pointer's fetched_at)
+    waits at most TIMESTAMPS_WRITTEN_EVERY_SECONDS, or until flush() (the
+    loop's end, a SIGTERM included); the next cycle reads it from memory."""
+    clock = [1000.0]
+    monkeypatch.setattr(ad.time, "monotonic", lambda: clock[0])
+    state_dir = tmp_path / "state"
+    store = ad.StateStore(str(state_dir))
+    store.hold_timestamps = True
+    on_disk = lambda: json.loads((state_dir / "state.json").read_text())  # noqa: E731
+
+    def cycle(seconds: float, **changes) -> ad.State:
+        clock[0] += seconds
+        state = store.load()
+        for name, value in changes.items():
+            setattr(state, name, value)
+        store.save(state)
+        return state
+
+    pointer = {"url": "u", "body": "/nix/store/x\n", "fetched_at": 1.0}
+    cycle(0, last_run=1.0, last_state="up_to_date", pointer=pointer)
+    assert on_disk()["last_run"] == 1.0  # the first save is written
+
+    cycle(1, last_run=2.0, last_success=2.0, last_run_duration=0.1, pointer={**pointer, "fetched_at": 2.0})
+    assert on_disk()["last_run"] == 1.0 and on_disk()["pointer"]["fetched_at"] == 1.0  # held
+    assert store.load().last_run == 2.0 and store.load().pointer["fetched_at"] == 2.0  # ... and read back
+
+    cycle(1, last_run=3.0, last_state="failed")  # matters: written at once, timestamps with it
+    assert on_disk()["last_state"] == "failed" and on_disk()["last_run"] == 3.0
+    cycle(1, last_run=4.0, pointer=None)
+    assert on_disk()["pointer"] is None  # so does any other field
+    cycle(1, last_run=5.0, history=[{"path": "/nix/store/x"}])
+    assert on_disk()["history"] == [{"path": "/nix/store/x"}]
+
+    cycle(ad.TIMESTAMPS_WRITTEN_EVERY_SECONDS - 0.5, last_run=6.0)
+    assert on_disk()["last_run"] == 5.0
+    cycle(1, last_run=7.0)  # the bound passed since the last write
+    assert on_disk()["last_run"] == 7.0
+
+    cycle(1, last_run=8.0)
+    assert on_disk()["last_run"] == 7.0
+    store.flush()  # the loop's end (SIGTERM, SIGINT)
+    assert on_disk()["last_run"] == 8.0
+
+    # Someone else's state.json (an older agent, a restore) wins over what is held.
+    cycle(1, last_run=9.0)
+    (state_dir / "state.json").write_text(json.dumps({"last_run": 42.0, "deployed": "/nix/store/y"}))
+    assert store.load().last_run == 42.0 and store.load().deployed == "/nix/store/y"
+    store.flush()
+    assert on_disk()["last_run"] == 42.0
+
+    once = ad.StateStore(str(state_dir))  # --once: every save is written
+    cycle_state = once.load()
+    cycle_state.last_run = 50.0
+    once.save(cycle_state)
+    assert on_disk()["last_run"] == 50.0
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "--url", "http://x/p", "--once", "--prometheus-path", "/m.prom", "-s", "boot", "--health-check", "true"],
+    ["status", "--json"], ["suspend", "--reason", "r"], ["resume"], ["trust-reset", "--min-revision", "3"],
+    ["sign", "--key", "k", "--revision", "1", "--all-hosts", "-o", "out", "/nix/store/x"],
+    ["check-boot", "--url", "http://x/p", "--wait", "0"],
+    ["promote", "--pointer", "p", "--prometheus", "http://x", "--key", "k", "-o", "o", "--steps", "10,100"],
+])
+def test_the_sub_command_parser_alone_parses_as_the_whole_one(argv):
+    """main() builds only the parser of the sub-command given (start-up)."""
+    assert vars(ad.build_parser(argv[0]).parse_args(argv)) == vars(ad.build_parser().parse_args(argv))
+    other = "status" if argv[0] != "status" else "run"
+    with pytest.raises(ad.UsageError, match="invalid choice"):
+        ad.build_parser(argv[0]).parse_args([other])
+
+
+@pytest.mark.parametrize("name", ["example.org", "example.org.", "127.0.0.1", "::1", "a" * 63 + ".b", "a..b",
+                                  ".a", "a" * 64, "a" * 64 + ".b", "b." + "a" * 64, "", "xn--bcher-kva.de",
+                                  "b\u00fccher.de", "\u00e4" * 70])
+def test_resolver_name_is_what_the_idna_codec_makes_of_the_name(name):
+    """ASCII names skip the codec (start-up) with the same checks."""
+    try:
+        expected = name.encode("idna")
+    except UnicodeError:
+        expected = UnicodeError
+    try:
+        got = ad.resolver_name(name)
+        got = got.encode("idna") if isinstance(got, str) else got  # what getaddrinfo() does with a str
+    except UnicodeError:
+        got = UnicodeError
+    assert got == expected
+
+
 def test_atomic_write_never_follows_a_planted_temp_name(tmp_path):
     victim = tmp_path / "victim"
     victim.write_text("precious")
