@@ -3272,7 +3272,9 @@ class Deployer:
                 time.sleep(1)
                 waited += 1
         if waited >= ACTIVATION_WAIT_SECONDS:
-            raise DeployError(f"{ACTIVATION_UNIT}.service still running after {waited:.0f}s", "activation")
+            # Nothing was rolled back: the intent stays and the next run recovers once the unit ends.
+            raise DeployError(f"{ACTIVATION_UNIT}.service still running after {waited:.0f}s: the interrupted "
+                              "deploy is recovered when it has ended", "deploy")
 
 
 # ---------------------------------------------------------------------------

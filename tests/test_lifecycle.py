@@ -600,3 +600,38 @@ def test_an_activation_killed_by_sigterm_after_much_output_is_a_failed_activatio
     assert proc.returncode == 5
     assert_host(host, current=a, profile=a, deployed=a)
     assert host.state()["quarantined"] == b and host.state()["last_error"]["kind"] == "activation"
+
+
+def test_an_activation_unit_that_outlasts_the_recovery_wait_is_a_failure_not_a_rollback(host, world, server,
+                                                                                         tmp_path, monkeypatch):
+    """The agent died during an activation whose unit keeps running; the next
+    run waits for the unit (here 3 s instead of 600 s) and gives up: nothing
+    was rolled back, so the run is `failed` (not `rolled_back`), the intent
+    stays, and the run after the unit has ended recovers."""
+    import world as world_mod
+    text = world_mod.AGENT.read_text()
+    assert "ACTIVATION_WAIT_SECONDS: Final = 600" in text
+    short = tmp_path / "autodeploy.py"
+    short.write_text(text.replace("ACTIVATION_WAIT_SECONDS: Final = 600", "ACTIVATION_WAIT_SECONDS: Final = 3"))
+    monkeypatch.setattr(world_mod, "AGENT", short)
+    b = world.path("b")
+    track(host)
+    host.ctl("hang").write_text(b + "\n")
+    server.pointer(b)
+    proc = host.agent_background("--once", "--url", host.url)
+    pidfile = host.run_dir / "standin-units" / "nixos-autodeploy-activation.pid"
+    wait_for(lambda: host.activations() and pidfile.exists(), what="the activation")
+    os.kill(proc.pid, signal.SIGKILL)          # the agent dies; its activation unit keeps running
+    proc.wait(30)
+    r = host.once(host.url)
+    state = host.state()
+    assert r.returncode == 5, r.stderr
+    assert "still running" in r.stderr and "recovered when it has ended" in r.stderr
+    assert state["last_state"] == "failed" and state["last_error"]["kind"] == "deploy"
+    assert state["rollbacks_total"] == 0 and state["intent"] is not None
+    assert host.metrics()["nixos_autodeploy_rollbacks_total"] == 0
+    host.kill_orphans()
+    host.ctl("hang").unlink()
+    r = host.once(host.url)
+    assert r.returncode == 0, r.stderr
+    assert host.state()["intent"] is None
