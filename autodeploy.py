@@ -3540,6 +3540,40 @@ class PointerSource:
 # ---------------------------------------------------------------------------
 
 
+def held_outcome(step: Step, rebooter: Rebooter) -> Outcome:
+    """What a held step reports (the hold's state, and why it waits)."""
+    hold, why = step.held[0]
+    if step.kind in (StepKind.REBOOT_RELEASE, StepKind.REBOOT_ROLLBACK):
+        system = basename_or_empty(rebooter.staged(read_host()))
+        if hold == Hold.WINDOW:
+            log(f"reboot into {system} is due but {why}: deferred")
+        if hold == Hold.REBOOT_MODE:
+            return Outcome("pending_reboot", f"{system} is staged for the next boot")
+        return Outcome(HOLD_STATES[hold], f"{system} is staged for the next boot; the reboot waits: {why}")
+    if step.kind == StepKind.REPORT_FALLBACK:
+        # Reported (a failed deploy), though putting the profile back waits.
+        error = DeployError(f"the host rebooted into {basename_or_empty(read_host().current)}, not the staged "
+                            f"{basename_or_empty(step.target)}: it did not boot; putting the profile and boot "
+                            f"default back waits: {why}", "boot_failed")
+        return Outcome(HOLD_STATES[hold], str(error), error=error)
+    return Outcome(HOLD_STATES[hold], why if step.kind == StepKind.DEPLOY else f"{step.describe()}: waits: {why}")
+
+
+def observe_host(cfg: Config, state: State, host: HostView, now: float) -> None:
+    """The fields derived from the host at the end of every run (reported,
+    never decided on): reboot required, /boot space, behind upstream since,
+    waiting for the reboot window."""
+    state.reboot_required, state.reboot_reason = reboot_status(state, host)
+    state.boot_free_bytes = boot_free_bytes(cfg.boot_dir)
+    if state.upstream and host.current != state.upstream:
+        state.behind_since = state.behind_since or now
+    else:
+        state.behind_since = None
+    state.reboot_window_wait = bool(state.reboot_required and cfg.reboot_mode is not None
+                                    and cfg.reboot_window is not None
+                                    and not in_window(cfg.reboot_window, now_local()))
+
+
 class Agent:
     def __init__(self, cfg: Config, fetcher: Fetcher | None = None) -> None:
         self.cfg = cfg
@@ -3647,7 +3681,7 @@ class Agent:
             if not self.applies(step):
                 continue
             if step.held:
-                outcome = merge_outcomes(outcome, self.held_outcome(step))
+                outcome = merge_outcomes(outcome, held_outcome(step, self.rebooter))
                 continue
             try:
                 result = self.run_step(step, facts, decided)
@@ -3739,27 +3773,10 @@ class Agent:
         waits = self.rebooter.take_slot()
         if waits is not None:
             log(f"reboot into {system} is due but no FleetLock slot was granted: retried next cycle")
-            return self.held_outcome(dataclasses.replace(step, held=((Hold.SLOT, waits),)))
+            return held_outcome(dataclasses.replace(step, held=((Hold.SLOT, waits),)), self.rebooter)
         self.rebooter.reboot(system)
         return Outcome("pending_reboot", f"{basename_or_empty(system)} is staged for the next boot; rebooting "
                                          f"into it", rebooting=True)
-
-    def held_outcome(self, step: Step) -> Outcome:
-        hold, why = step.held[0]
-        if step.kind in (StepKind.REBOOT_RELEASE, StepKind.REBOOT_ROLLBACK):
-            system = basename_or_empty(self.rebooter.staged(read_host()))
-            if hold == Hold.WINDOW:
-                log(f"reboot into {system} is due but {why}: deferred")
-            if hold == Hold.REBOOT_MODE:
-                return Outcome("pending_reboot", f"{system} is staged for the next boot")
-            return Outcome(HOLD_STATES[hold], f"{system} is staged for the next boot; the reboot waits: {why}")
-        if step.kind == StepKind.REPORT_FALLBACK:
-            # Reported (a failed deploy), though putting the profile back waits.
-            error = DeployError(f"the host rebooted into {basename_or_empty(read_host().current)}, not the staged "
-                                f"{basename_or_empty(step.target)}: it did not boot; putting the profile and boot "
-                                f"default back waits: {why}", "boot_failed")
-            return Outcome(HOLD_STATES[hold], str(error), error=error)
-        return Outcome(HOLD_STATES[hold], why if step.kind == StepKind.DEPLOY else f"{step.describe()}: waits: {why}")
 
     # -- reporting ---------------------------------------------------------
 
@@ -3772,17 +3789,9 @@ class Agent:
         host = read_host()
         ended = time.time()
         state.last_run, state.last_run_duration = ended, ended - started
-        state.reboot_required, state.reboot_reason = reboot_status(state, host)
         self._record_outcome(outcome, ended)
         self.ledger.end_attempt(outcome)
-        state.boot_free_bytes = boot_free_bytes(cfg.boot_dir)
-        if state.upstream and host.current != state.upstream:
-            state.behind_since = state.behind_since or ended
-        else:
-            state.behind_since = None
-        state.reboot_window_wait = bool(state.reboot_required and cfg.reboot_mode is not None
-                                        and cfg.reboot_window is not None
-                                        and not in_window(cfg.reboot_window, now_local()))
+        observe_host(cfg, state, host, ended)
         if not self.loaded:
             log("the state file is left as it is (it could not be read)")
         else:
