@@ -22,7 +22,7 @@ import pytest
 
 from test_cycle import promtool_ok, state_gauge
 from test_ops import hook_script, read_env
-from test_safety import assert_host, quarantined
+from util import assert_host, quarantined
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 

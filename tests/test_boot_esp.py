@@ -21,8 +21,7 @@ from pathlib import Path
 import pytest
 
 from test_boot import MiB, boot_default, efivars, fall_back, fill, stage
-from test_cycle import state_gauge
-from test_safety import assert_host
+from util import assert_host, state_gauge
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 

@@ -3,38 +3,11 @@ across boots, reboot windows, and SIGKILL at every step of a deploy."""
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 
 import pytest
 
-from test_cycle import promtool_ok, state_gauge
-
-
-def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def assert_host(host, *, current: str, profile: str, deployed: str) -> None:
-    assert host.current == current, "current system"
-    assert host.profile == profile, "profile target"
-    assert host.state()["deployed"] == deployed, "record"
-    assert host.state().get("intent") is None, "no interrupted deploy left behind"
-
-
-def quarantined(host) -> dict[str, float]:
-    return {k: v for k, v in host.metrics().items() if k.startswith("nixos_autodeploy_quarantined{")}
-
-
-def track(host) -> None:
-    r = host.once(host.url)
-    assert r.returncode == 0, r.stderr
+from util import assert_host, kill, promtool_ok, quarantined, state_gauge, track, wait_for
 
 
 # ---------------------------------------------------------------------------
@@ -267,11 +240,6 @@ def test_deferred_reboot_happens_in_a_later_cycle_inside_the_window(host, world,
 # ---------------------------------------------------------------------------
 # SIGKILL at each step of a deploy, then a normal cycle converges
 # ---------------------------------------------------------------------------
-
-
-def kill(proc) -> None:
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
 
 
 def test_sigkill_while_fetching(host, world, server):

@@ -3,23 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import time
 
 import pytest
 
+from util import promtool_ok, state_gauge
 from world import METRICS
-
-
-def promtool_ok(host) -> None:
-    """The metrics file is valid Prometheus text (promtool when installed)."""
-    text = host.metrics_text()
-    assert text.endswith("\n")
-    if shutil.which("promtool"):
-        r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
-        # promtool exits 0 or lists lint problems; either way it must parse.
-        assert r.returncode == 0, r.stdout + r.stderr
 
 
 def manual(host, system: str, action: str) -> None:
@@ -28,13 +17,6 @@ def manual(host, system: str, action: str) -> None:
     host.sh(f"set -e; nix-store --realise {system} >/dev/null; "
             + (f"/usr/bin/nix-env -p /nix/var/nix/profiles/system --set {system}; " if set_profile else "")
             + f"{system}/bin/switch-to-configuration {action}")
-
-
-def state_gauge(host) -> str:
-    m = host.metrics()
-    ones = [k for k, v in m.items() if k.startswith("nixos_autodeploy_state{") and v == 1]
-    assert len(ones) == 1, ones
-    return ones[0].split('"')[1]
 
 
 # ---------------------------------------------------------------------------

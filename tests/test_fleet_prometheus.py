@@ -18,6 +18,7 @@ import time
 import pytest
 
 from servers import NODE_EXPORTER, PROMETHEUS, FleetMonitor
+from util import bucket
 from world import METRICS, REPO, FleetLockServer, Host
 
 DASHBOARD = REPO / "contrib" / "grafana-dashboard.json"
@@ -57,10 +58,6 @@ def test_dashboard_has_the_fleet_table_and_panels():
         assert column in columns
     for expr in dashboard_queries():
         assert "$" not in expr, f"dashboard queries run as they are (no Grafana variables): {expr}"
-
-
-def bucket(hostname: str, path: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"{hostname}\0{path}".encode()).digest(), "big") % 10000
 
 
 def test_fleet_through_node_exporter_and_prometheus(world, server, tmp_path):

@@ -21,7 +21,7 @@ import urllib.request
 
 import pytest
 
-from test_cycle import promtool_ok, state_gauge
+from util import promtool_ok, state_gauge
 from world import REPO, FleetLockServer, Host, app_specific_id
 
 sys.path.insert(0, str(REPO))
@@ -190,9 +190,7 @@ def test_lock_server_errors_never_reboot_and_are_exported(host, world, server, f
     assert fl_once(host, fleetlock).returncode == 0
     url = fleetlock.url
     if failure == "unreachable":
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            url = f"http://127.0.0.1:{s.getsockname()[1]}"
+        url = f"http://127.0.0.1:{servers.free_port()}"
     else:
         fleetlock.fail = failure
         fleetlock.hang_seconds = 4

@@ -19,9 +19,8 @@ import time
 import pytest
 
 from test_boot import boot_default, efivars, fall_back, stage
-from test_cycle import state_gauge
 from test_fleetlock import fl_once, lock_id, machine_id, reboots
-from test_safety import assert_host, quarantined, track, wait_for
+from util import assert_host, quarantined, state_gauge, track, wait_for
 from world import FleetLockServer
 
 CHECK = ("--health-check", "test ! -e /var/lib/standin/unhealthy")

@@ -15,8 +15,7 @@ import json
 
 import pytest
 
-from test_cycle import promtool_ok, state_gauge
-from test_safety import assert_host, quarantined, track
+from util import assert_host, promtool_ok, quarantined, state_gauge, track
 
 ACCEPT = "--accept-manual-rollback"
 

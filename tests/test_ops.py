@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from test_cycle import promtool_ok, state_gauge
+from util import promtool_ok, state_gauge
 from world import REPO
 
 sys.path.insert(0, str(REPO))

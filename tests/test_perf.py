@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import world as world_mod
-from test_safety import wait_for
+from util import wait_for
 
 TOOLS = ("nix", "nix-store", "nix-env", "nix-build", "systemd-run", "systemctl", "kexec", "ssh-keygen", "sh",
          "curl", "hostname", "uname")

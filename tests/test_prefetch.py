@@ -16,7 +16,7 @@ import json
 import pytest
 
 from test_cycle import promtool_ok, state_gauge
-from test_safety import track
+from util import track
 
 ROOT = "/run/nixos-autodeploy-prefetch"
 

@@ -11,7 +11,6 @@ stopped at the end.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import subprocess
 import sys
@@ -20,8 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from servers import NODE_EXPORTER, PROMETHEUS, FleetMonitor, RawServer, free_port
+from servers import NODE_EXPORTER, PROMETHEUS, FleetMonitor, RawServer, free_port, stop
 from test_trust import make_key
+from util import bucket
 from world import AGENT, METRICS, REPO, Host
 
 sys.path.insert(0, str(REPO))
@@ -31,10 +31,6 @@ MISSING = [p for p in (PROMETHEUS, NODE_EXPORTER) if not os.path.exists(p)]
 needs_prometheus = pytest.mark.skipif(bool(MISSING) and os.environ.get("CI") != "true",
                                       reason=f"{MISSING} not installed (tests/run.sh installs them)")
 EXIT = {"advance": 0, "hold": 10, "halt": 11, "complete": 12}
-
-
-def bucket(hostname: str, path: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"{hostname}\0{path}".encode()).digest(), "big") % 10000
 
 
 def promote(pointer: Path, prometheus: str, key, out: Path, *args: str) -> subprocess.CompletedProcess:
@@ -725,8 +721,7 @@ def test_a_canary_that_goes_silent_holds_the_rollout(world, server, tmp_path):
                          timeout=60)
         out = tmp_path / "next"
         gone = monitor.exporters["canary2"]
-        gone.terminate()
-        gone.wait(30)
+        stop(gone)
         monitor.procs.remove(gone)
         monitor.wait_for("canary2's series gone", lambda: set(states(monitor)) == {"canary1"})
         r = promote(p1, monitor.base, key, out, "--steps", "50,100", "--bake", "0s")

@@ -7,7 +7,6 @@ the real agent against real nix.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from test_cycle import promtool_ok, state_gauge
+from util import bucket, promtool_ok, state_gauge
 from world import AGENT, REPO
 
 sys.path.insert(0, str(REPO))
@@ -23,11 +22,6 @@ import autodeploy  # noqa: E402
 
 START = datetime(2026, 11, 23, 6, 0, tzinfo=timezone.utc)
 DAY = timedelta(hours=24)
-
-
-def bucket(hostname: str, path: str) -> int:
-    """The documented rule: sha256(hostname NUL store path) as an integer, mod 10000."""
-    return int.from_bytes(hashlib.sha256(f"{hostname}\0{path}".encode()).digest(), "big") % 10000
 
 
 def expected_percent(start_percent: float, at: datetime) -> float:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 import servers
-from test_safety import wait_for
+from util import fill_leaving, wait_for
 from test_trust import (AGENT, Signed, error_kind, keygen_sign, keys, serve, sign, signed,  # noqa: F401
                         state_gauge, trust_file)
 from world import METRICS
@@ -157,15 +157,6 @@ def test_world_writable_runtime_directory_is_refused(host, world):
 
 # ---------------------------------------------------------------------------
 # 3, 11. A full disk never truncates the state and never strands the host
-
-
-def fill_leaving(directory: Path, keep: int) -> Path:
-    st = os.statvfs(directory)
-    free = st.f_bavail * st.f_frsize
-    filler = directory / "filler"
-    with open(filler, "wb") as f:
-        f.write(b"\0" * max(0, free - keep))
-    return filler
 
 
 def test_full_disk_keeps_the_old_state_and_says_so(host, world, server):

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from util import state_gauge
 from world import AGENT, METRICS
 
 NAMESPACE = "nixos-autodeploy"
@@ -87,13 +88,6 @@ def serve(server, body: bytes, sig: bytes | None) -> None:
 def trust_file(path: Path, *lines: str) -> Path:
     path.write_text("".join(line + "\n" for line in lines))
     return path
-
-
-def state_gauge(host) -> str:
-    m = host.metrics()
-    ones = [k for k, v in m.items() if k.startswith("nixos_autodeploy_state{") and v == 1]
-    assert len(ones) == 1, ones
-    return ones[0].split('"')[1]
 
 
 def error_kind(host) -> str | None:

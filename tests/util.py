@@ -1,0 +1,75 @@
+"""Helpers the test files share, one home for each: what a host's metrics
+say, waiting for a condition, killing the agent, filling a disk, and the
+documented rollout bucket.  Servers are in servers.py, the test world in
+world.py, fixtures in conftest.py."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+
+def promtool_ok(host) -> None:
+    """The metrics file is valid Prometheus text (promtool when installed)."""
+    text = host.metrics_text()
+    assert text.endswith("\n")
+    if shutil.which("promtool"):
+        r = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+        # promtool exits 0 or lists lint problems; either way it must parse.
+        assert r.returncode == 0, r.stdout + r.stderr
+
+
+def state_gauge(host) -> str:
+    m = host.metrics()
+    ones = [k for k, v in m.items() if k.startswith("nixos_autodeploy_state{") and v == 1]
+    assert len(ones) == 1, ones
+    return ones[0].split('"')[1]
+
+
+def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def assert_host(host, *, current: str, profile: str, deployed: str) -> None:
+    assert host.current == current, "current system"
+    assert host.profile == profile, "profile target"
+    assert host.state()["deployed"] == deployed, "record"
+    assert host.state().get("intent") is None, "no interrupted deploy left behind"
+
+
+def quarantined(host) -> dict[str, float]:
+    return {k: v for k, v in host.metrics().items() if k.startswith("nixos_autodeploy_quarantined{")}
+
+
+def track(host) -> None:
+    r = host.once(host.url)
+    assert r.returncode == 0, r.stderr
+
+
+def kill(proc) -> None:
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def fill_leaving(directory: Path, keep: int) -> Path:
+    st = os.statvfs(directory)
+    free = st.f_bavail * st.f_frsize
+    filler = directory / "filler"
+    with open(filler, "wb") as f:
+        f.write(b"\0" * max(0, free - keep))
+    return filler
+
+
+def bucket(hostname: str, path: str) -> int:
+    """The documented rule: sha256(hostname NUL store path) as an integer, mod 10000."""
+    return int.from_bytes(hashlib.sha256(f"{hostname}\0{path}".encode()).digest(), "big") % 10000
