@@ -1,4 +1,5 @@
-"""Fixtures: one real-nix test world per session, a fresh host and server per test."""
+"""Fixtures: one real-nix test world per session, a fresh host and server per
+test, a FleetLock server with one slot."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tiers  # noqa: E402
 import world as world_mod  # noqa: E402
+from servers import FleetLockServer  # noqa: E402
 
 REASON = world_mod.missing_prerequisites()
 
@@ -59,3 +61,11 @@ def host(world, server, tmp_path):
     h.url = server.pointer(world.path("a"))
     yield h
     h.cleanup()
+
+
+@pytest.fixture
+def fleetlock():
+    """A FleetLock server with one slot per group."""
+    srv = FleetLockServer(slots=1)
+    yield srv
+    srv.close()

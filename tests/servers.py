@@ -12,10 +12,17 @@
   function, for what no real server sends on purpose (negative chunk sizes,
   endless headers, trickled bodies, 103 before 200, silence).
 - ``TestCA``: a CA and a server certificate for 127.0.0.1 made with openssl.
+- ``FleetMonitor``: Debian's prometheus-node-exporter per host and prometheus.
+- ``FleetLockServer``: a FleetLock reboot-slot server (Zincati's protocol).
+
+The pointer server and binary cache of the real-nix tests are world.py's
+``PointerServer``.
 """
 
 from __future__ import annotations
 
+import http.server
+import json
 import os
 import shutil
 import socket
@@ -419,3 +426,135 @@ class FleetMonitor:
                 proc.terminate()
         for proc in self.procs:
             stop(proc)
+
+
+# ---------------------------------------------------------------------------
+# FleetLock: a reboot-slot server following Zincati's protocol
+# (coreos/zincati docs/development/fleetlock/protocol.md)
+# ---------------------------------------------------------------------------
+
+
+class FleetLockServer:
+    """A FleetLock server on 127.0.0.1: per group a counting semaphore of
+    ``slots`` owned locks.  POST /v1/pre-reboot locks (recursive: the holder
+    locking again succeeds), POST /v1/steady-state unlocks if held (a client
+    that holds nothing gets 200 too).  Requests need ``fleet-lock-protocol:
+    true`` and {"client_params": {"id": non-empty, "group": [a-zA-Z0-9.-]+}};
+    failures are 4xx/5xx with a JSON {"kind", "value"} body, as the spec says.
+
+    ``fail`` makes every request fail in a chosen way until reset: "500"
+    (JSON error), "garbage" (non-JSON 503), "redirect" (307 to a server that
+    would grant), "close" (connection closed without an answer), "hang"
+    (answer after ``hang_seconds``).  ``events`` records (time, operation, id,
+    group, status)."""
+
+    GROUP_RE = r"[a-zA-Z0-9.-]+"
+
+    def __init__(self, slots: int = 1, group_slots: dict[str, int] | None = None) -> None:
+        import re
+        self.slots = slots
+        self.group_slots = dict(group_slots or {})
+        self.holders: dict[str, list[str]] = {}
+        self.events: list[tuple[float, str, str, str, int]] = []
+        self.max_held: dict[str, int] = {}
+        self.fail: str | None = None
+        self.hang_seconds = 5.0
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def reply(self, status: int, body: bytes, content_type: str = "application/json",
+                      headers: dict[str, str] | None = None) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def error(self, status: int, kind: str, value: str) -> None:
+                self.reply(status, json.dumps({"kind": kind, "value": value}).encode())
+
+            def do_GET(self) -> None:  # noqa: N802
+                self.error(405, "method_not_allowed", "only POST is supported")
+
+            def do_POST(self) -> None:  # noqa: N802
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(min(length, 65536))
+                operation = {"/v1/pre-reboot": "pre-reboot", "/v1/steady-state": "steady-state"}.get(self.path)
+                if operation is None:
+                    return self.error(404, "not_found", f"no endpoint {self.path}")
+                if self.headers.get("fleet-lock-protocol") != "true":
+                    return self.error(400, "missing_fleetlock_header", "fleet-lock-protocol header must be true")
+                try:
+                    params = json.loads(raw)["client_params"]
+                    client_id, group = params["id"], params["group"]
+                    if not (isinstance(client_id, str) and client_id and isinstance(group, str)
+                            and re.fullmatch(server.GROUP_RE, group)):
+                        raise ValueError
+                except (ValueError, KeyError, TypeError):
+                    return self.error(400, "failed_decode_body", "body is not valid client_params")
+                fail = server.fail
+                if fail == "500":
+                    status = 500
+                    self.error(500, "failed_etcd_unavailable", "backend unavailable")
+                elif fail == "garbage":
+                    status = 503
+                    self.reply(503, b"<html>Service Unavailable\x00\xff</html>", "text/html")
+                elif fail == "redirect":
+                    status = 307
+                    self.reply(307, b"", headers={"Location": f"http://127.0.0.1:{server.port}{self.path}"})
+                elif fail == "close":
+                    status = 0
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                elif fail == "hang":
+                    time.sleep(server.hang_seconds)
+                    status = 0
+                    self.close_connection = True
+                else:
+                    status = server.operate(operation, client_id, group)
+                    if status == 200:
+                        self.reply(200, b"")
+                    else:
+                        self.error(status, "failed_lock_semaphore_full",
+                                   "semaphore currently full, all slots are locked already")
+                with server.lock:
+                    server.events.append((time.time(), operation, client_id, group, status))
+
+        from world import serve_in_thread  # the pointer server's helper, one home
+        self.httpd, self.port = serve_in_thread(Handler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def operate(self, operation: str, client_id: str, group: str) -> int:
+        with self.lock:
+            held = self.holders.setdefault(group, [])
+            if operation == "steady-state":
+                if client_id in held:
+                    held.remove(client_id)
+                return 200
+            if client_id in held:
+                return 200  # recursive
+            if len(held) >= self.group_slots.get(group, self.slots):
+                return 409
+            held.append(client_id)
+            self.max_held[group] = max(self.max_held.get(group, 0), len(held))
+            return 200
+
+    def held(self, group: str = "default") -> list[str]:
+        with self.lock:
+            return list(self.holders.get(group, []))
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -17,9 +17,9 @@ import time
 
 import pytest
 
-from servers import NODE_EXPORTER, PROMETHEUS, FleetMonitor
+from servers import NODE_EXPORTER, PROMETHEUS, FleetLockServer, FleetMonitor
 from util import bucket
-from world import METRICS, REPO, FleetLockServer, Host
+from world import METRICS, REPO, Host
 
 DASHBOARD = REPO / "contrib" / "grafana-dashboard.json"
 ALERTS = REPO / "contrib" / "alerts.yml"

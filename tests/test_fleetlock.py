@@ -1,6 +1,6 @@
 """Coordinated reboots with FleetLock (issue #14, part 2).
 
-The lock server is tests/world.py's FleetLockServer, written from Zincati's
+The lock server is tests/servers.py's FleetLockServer, written from Zincati's
 protocol document: a counting semaphore of N owned, recursive locks per group.
 The agent is real and deploys with real nix; the stand-in systemctl records
 the reboot request and the test "reboots" the host itself (host.reboot()).
@@ -22,19 +22,13 @@ import urllib.request
 import pytest
 
 from util import promtool_ok, state_gauge
-from world import REPO, FleetLockServer, Host, app_specific_id
+from servers import FleetLockServer, free_port
+from world import REPO, Host, app_specific_id
 
 sys.path.insert(0, str(REPO))
 import autodeploy  # noqa: E402
 
 APP_ID = autodeploy.FLEETLOCK_APP_ID
-
-
-@pytest.fixture
-def fleetlock():
-    srv = FleetLockServer(slots=1)
-    yield srv
-    srv.close()
 
 
 def machine_id(host) -> str:
@@ -190,7 +184,7 @@ def test_lock_server_errors_never_reboot_and_are_exported(host, world, server, f
     assert fl_once(host, fleetlock).returncode == 0
     url = fleetlock.url
     if failure == "unreachable":
-        url = f"http://127.0.0.1:{servers.free_port()}"
+        url = f"http://127.0.0.1:{free_port()}"
     else:
         fleetlock.fail = failure
         fleetlock.hang_seconds = 4

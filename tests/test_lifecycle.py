@@ -21,19 +21,11 @@ import pytest
 from test_boot import boot_default, efivars, fall_back, stage
 from test_fleetlock import fl_once, lock_id, machine_id, reboots
 from util import assert_host, quarantined, state_gauge, track, wait_for
-from world import FleetLockServer
 
 CHECK = ("--health-check", "test ! -e /var/lib/standin/unhealthy")
 OUTSIDE = {"NIXOS_AUTODEPLOY_NOW": "2026-11-23T12:00:00"}
 INSIDE = {"NIXOS_AUTODEPLOY_NOW": "2026-11-24T03:00:00"}
 WINDOW = ("--reboot-window", "02:00-04:00")
-
-
-@pytest.fixture
-def fleetlock():
-    srv = FleetLockServer(slots=1)
-    yield srv
-    srv.close()
 
 
 def suspend(host, reason: str = "maintenance") -> None:
