@@ -19,7 +19,7 @@ import time
 import pytest
 
 from test_boot import boot_default, efivars, fall_back, stage
-from test_fleetlock import fl_once, lock_id, machine_id, reboots
+from test_rollout import fl_once, lock_id, machine_id, reboots
 from util import assert_host, quarantined, state_gauge, track, wait_for
 
 CHECK = ("--health-check", "test ! -e /var/lib/standin/unhealthy")
