@@ -1,4 +1,7 @@
-"""The deploy cycle against real nix: decision table, modes, reboots, bad pointers."""
+"""The deploy cycle against real nix: the decision table row by row, switch
+modes, boot and reboot, health checks with rollback and quarantine, reboot
+windows, a manual rollback as a verdict (issue #21, part 3), and the joints
+of the lifecycle (issue #17): holds, dry-run = the plan, suspend."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import time
 
 import pytest
 
-from util import promtool_ok, state_gauge
+from util import assert_host, promtool_ok, quarantined, state_gauge, track
 from world import METRICS
 
 
@@ -245,93 +248,6 @@ def test_failed_activation_is_never_recorded(host, world, server):
 
 
 # ---------------------------------------------------------------------------
-# Bad pointers: each refused, nothing changes, metrics stay valid
-# ---------------------------------------------------------------------------
-
-H = "0123456789abcdfghijklmnpqrsvwxyz"  # 32 valid nix-base32 characters
-
-
-def bad_pointer_cases(world):
-    a = world.path("a")
-    return {
-        "html": (b"<!DOCTYPE html><html><body>502 Bad Gateway</body></html>\n", 4, "not a store path"),
-        "empty": (b"", 4, "empty"),
-        "blank": (b"\n \n\t\n", 4, "empty"),
-        "nul": (a.encode() + b"\0\n", 4, "NUL"),
-        "relative": (b"nix/store/" + H.encode() + b"-x\n", 4, "not a store path"),
-        "dotdot": (f"/nix/store/../../etc/{H}-passwd\n".encode(), 4, "store hash"),
-        "subpath": ((a + "/bin/switch-to-configuration\n").encode(), 4, "invalid store path name"),
-        "non_utf8": (b"/nix/store/\xff\xfe" + H.encode() + b"\n", 4, "not UTF-8"),
-        "bad_hash": (f"/nix/store/{'e' * 32}-nixos-system-x\n".encode(), 4, "store hash"),
-        "drv": ((world.drv + "\n").encode(), 4, "derivation"),
-        "junk_line": ((a + "\nthis is not metadata\n").encode(), 4, "key: value"),
-        "missing_from_cache": ((world.path("missing") + "\n").encode(), 5, "cannot realise"),
-        "not_a_system": ((world.path("notsystem") + "\n").encode(), 5, "not a NixOS system"),
-        "foreign_platform": ((world.path("foreign") + "\n").encode(), 5, "aarch64-linux"),
-        "oversized": (b"/nix/store/" + b"x" * (70 * 1024), 3, "limit"),
-    }
-
-
-@pytest.mark.parametrize("case", [
-    "html", "empty", "blank", "nul", "relative", "dotdot", "subpath", "non_utf8", "bad_hash", "drv",
-    "junk_line", "missing_from_cache", "not_a_system", "foreign_platform", "oversized"])
-def test_bad_pointer_changes_nothing(host, world, server, case):
-    a = world.path("a")
-    assert host.once(host.url).returncode == 0
-    state_before = host.state()
-    body, code, needle = bad_pointer_cases(world)[case]
-    server.set("/pointer", body)
-    r = host.once(host.url)
-    assert r.returncode == code, r.stderr
-    assert needle in r.stderr
-    assert "Traceback" not in r.stderr
-    assert host.current == a and host.profile == a and host.state()["deployed"] == state_before["deployed"]
-    assert host.activations() == []
-    m = host.metrics()
-    assert m["nixos_autodeploy_last_run_success"] == 0
-    assert any(k.startswith("nixos_autodeploy_last_error_info{") for k in m)
-    promtool_ok(host)
-
-
-def test_error_shows_what_was_received_escaped_and_truncated(host, server):
-    server.set("/pointer", b"<html>" + b"A" * 500 + b"\x1b[31m")
-    r = host.once(host.url)
-    assert r.returncode == 4
-    line = [ln for ln in r.stderr.splitlines() if "error:" in ln][0]
-    assert "<html>AAAA" in line and "... (" in line and len(line) < 400
-    assert "\x1b" not in r.stderr
-
-
-@pytest.mark.parametrize("kind", ["http_404", "http_500", "refused", "slow"])
-def test_fetch_failures_change_nothing(host, world, server, kind):
-    a = world.path("a")
-    assert host.once(host.url).returncode == 0
-    args: list[str] = []
-    url = host.url
-    if kind == "http_404":
-        url = server.base + "/nothing-here"
-    elif kind == "http_500":
-        server.set("/pointer", "oops", status=500)
-    elif kind == "refused":
-        url = "http://127.0.0.1:9/pointer"
-    elif kind == "slow":
-        server.pointer(world.path("b"), delay=3)
-        args = ["--timeout", "1"]
-    started = time.monotonic()
-    r = host.once(url, *args)
-    assert r.returncode == 3, r.stderr
-    assert time.monotonic() - started < 15
-    msg = [ln for ln in r.stderr.splitlines() if "error:" in ln]
-    assert len(msg) == 1 and "Traceback" not in r.stderr
-    assert {"http_404": "HTTP 404", "http_500": "HTTP 500", "refused": "refused",
-            "slow": "timed out"}[kind] in msg[0]
-    assert host.current == a and host.profile == a and host.state()["deployed"] == a
-    assert state_gauge(host) == "failed"
-    assert host.metrics()["nixos_autodeploy_last_success_timestamp_seconds"] > 0  # kept from the last success
-    promtool_ok(host)
-
-
-# ---------------------------------------------------------------------------
 # Locking, status
 # ---------------------------------------------------------------------------
 
@@ -360,27 +276,372 @@ def test_two_concurrent_runs_second_exits_at_once(host, world, server):
     assert host.current == b and host.state()["deployed"] == b
 
 
-def test_status_human_and_json(host, world, server):
-    b = world.path("b")
-    assert host.once(host.url).returncode == 0
+# ---------------------------------------------------------------------------
+# Rollback after a switch, quarantine
+# ---------------------------------------------------------------------------
+
+
+def test_activation_exit_4_rolls_back_and_quarantines(host, world, server):
+    a, b, c = world.path("a"), world.path("b"), world.path("c")
+    track(host)
+    host.ctl("fail").write_text(b + "\n")
     server.pointer(b)
-    assert host.once(host.url, "--switch-mode", "boot").returncode == 0
-    r = host.agent("status")
-    assert r.returncode == 0
-    assert f"current          {world.path('a')}" in r.stdout
-    assert f"profile          {b}" in r.stdout
-    assert "reboot required  yes" in r.stdout
-    assert "state            pending_reboot" in r.stdout
-    r = host.agent("status", "--json")
-    data = json.loads(r.stdout)
-    assert data["current"] == world.path("a") and data["profile"] == b and data["deployed"] == b
-    assert data["upstream"] == b and data["reboot_required"] is True and data["dirty"] is False
-    assert data["state"] == "pending_reboot" and data["last_run_success"] is True
-    assert r.stderr == ""  # status is quiet: results on stdout only
+    r = host.once(host.url)
+    assert r.returncode == 5, r.stderr
+    assert "ROLLING BACK" in r.stderr and "exited with 4" in r.stderr
+    assert_host(host, current=a, profile=a, deployed=a)
+    assert host.activations() == [f"{b} switch marker=1", f"{a} switch marker=1"]
+    assert host.ctl("boot-default").read_text().strip() == a
+    m = host.metrics()
+    assert m["nixos_autodeploy_rollbacks_total"] == 1
+    assert quarantined(host) == {f'nixos_autodeploy_quarantined{{path="{b}"}}': 1}
+    assert state_gauge(host) == "rolled_back"
+    promtool_ok(host)
+
+    # The next cycle does not try b again.
+    host.ctl("fail").unlink()
+    r = host.once(host.url)
+    assert r.returncode == 0, r.stderr
+    assert "quarantined" in r.stderr
+    assert len(host.activations()) == 2
+    assert state_gauge(host) == "quarantined"
+    assert host.metrics()["nixos_autodeploy_rollbacks_total"] == 1  # kept across runs
+    assert "quarantined" in host.agent("status").stdout
+
+    # A new upstream lifts the quarantine and deploys.
+    server.pointer(c)
+    r = host.once(host.url)
+    assert r.returncode == 0, r.stderr
+    assert_host(host, current=c, profile=c, deployed=c)
+    assert quarantined(host) == {'nixos_autodeploy_quarantined{path=""}': 0}
 
 
-def test_status_before_any_run(host):
-    r = host.agent("status", "--json")
-    assert r.returncode == 0
-    data = json.loads(r.stdout)
-    assert data["deployed"] is None and data["state"] is None and data["current"]
+def test_force_retries_a_quarantined_upstream(host, world, server):
+    b = world.path("b")
+    track(host)
+    host.ctl("fail").write_text(b + "\n")
+    server.pointer(b)
+    assert host.once(host.url).returncode == 5
+    host.ctl("fail").unlink()
+    r = host.once(host.url, "--force")
+    assert r.returncode == 0, r.stderr
+    assert_host(host, current=b, profile=b, deployed=b)
+
+
+def test_failing_health_check_rolls_back(host, world, server):
+    a, b = world.path("a"), world.path("b")
+    track(host)
+    server.pointer(b)
+    r = host.once(host.url, "--health-check", "true", "--health-check", "test -e /run/no-such-thing")
+    assert r.returncode == 5, r.stderr
+    assert "health check 'test -e /run/no-such-thing' exited with 1" in r.stderr
+    assert_host(host, current=a, profile=a, deployed=a)
+    assert host.metrics()["nixos_autodeploy_rollbacks_total"] == 1
+    assert 'kind="health"' in host.metrics_text()
+
+
+def test_health_check_timeout_rolls_back(host, world, server):
+    a, b = world.path("a"), world.path("b")
+    track(host)
+    server.pointer(b)
+    started = time.monotonic()
+    r = host.once(host.url, "--health-check", "sleep 30", "--health-timeout", "1")
+    assert r.returncode == 5, r.stderr
+    assert time.monotonic() - started < 20
+    assert "timed out" in r.stderr
+    assert_host(host, current=a, profile=a, deployed=a)
+
+
+def test_passing_health_checks_see_the_new_system(host, world, server):
+    b = world.path("b")
+    track(host)
+    server.pointer(b)
+    r = host.once(host.url, "--health-check", f"test $(readlink /run/current-system) = {b}")
+    assert r.returncode == 0, r.stderr
+    assert_host(host, current=b, profile=b, deployed=b)
+
+
+def test_connectivity_lost_after_switch_rolls_back(host, world, server):
+    a, b = world.path("a"), world.path("b")
+    track(host)
+    # b's activation "breaks the network": the pointer server stops answering.
+    server.set("/break", "ok", hook=lambda _headers: setattr(server, "unreachable", True))
+    hook = host.ctl("activate-hook")
+    hook.write_text(f'#!/bin/sh\n[ "$1" = "{b}" ] && curl -fsS {server.base}/break >/dev/null || true\n')
+    hook.chmod(0o755)
+    server.pointer(b)
+    r = host.once(host.url)
+    assert r.returncode == 5, r.stderr
+    assert "connectivity check failed" in r.stderr and "HTTP 503" in r.stderr
+    assert_host(host, current=a, profile=a, deployed=a)
+    assert state_gauge(host) == "rolled_back"
+
+    # Connectivity back: b stays quarantined.
+    server.unreachable = False
+    assert host.once(host.url).returncode == 0
+    assert_host(host, current=a, profile=a, deployed=a)
+    assert state_gauge(host) == "quarantined"
+
+
+def test_no_connectivity_check_flag(host, world, server):
+    b = world.path("b")
+    track(host)
+    server.set("/break", "ok", hook=lambda _headers: setattr(server, "unreachable", True))
+    hook = host.ctl("activate-hook")
+    hook.write_text(f'#!/bin/sh\ncurl -fsS {server.base}/break >/dev/null || true\n')
+    hook.chmod(0o755)
+    server.pointer(b)
+    r = host.once(host.url, "--no-connectivity-check")
+    assert r.returncode == 0, r.stderr
+    assert_host(host, current=b, profile=b, deployed=b)
+
+
+# ---------------------------------------------------------------------------
+# Across reboots, reboot windows
+# ---------------------------------------------------------------------------
+
+
+def test_boot_deploy_reboot_failing_check_rolls_profile_back_and_reboots(host, world, server):
+    a, b = world.path("a"), world.path("b")
+    check = "test ! -e /var/lib/standin/unhealthy"
+    track(host)
+    server.pointer(b)
+    r = host.once(host.url, "--switch-mode", "boot", "--reboot-mode", "reboot", "--health-check", check)
+    assert r.returncode == 0, r.stderr
+    assert host.calls().count("systemctl reboot") == 1
+    host.ctl("unhealthy").write_text("")
+    host.reboot()
+    assert host.current == b
+    r = host.once(host.url, "--switch-mode", "boot", "--reboot-mode", "reboot", "--health-check", check)
+    assert r.returncode == 5, r.stderr
+    assert "failed its health checks after the reboot" in r.stderr
+    assert host.profile == a and host.current == b
+    assert host.ctl("boot-default").read_text().strip() == a
+    assert host.calls().count("systemctl reboot") == 2
+    assert host.state()["deployed"] == a
+    m = host.metrics()
+    assert m["nixos_autodeploy_rollbacks_total"] == 1 and m["nixos_autodeploy_reboot_required"] == 1
+    assert quarantined(host) == {f'nixos_autodeploy_quarantined{{path="{b}"}}': 1}
+
+    # Back in a after the reboot: tracking a, b stays quarantined.
+    host.reboot()
+    r = host.once(host.url, "--switch-mode", "boot", "--reboot-mode", "reboot", "--health-check", check)
+    assert r.returncode == 0, r.stderr
+    assert_host(host, current=a, profile=a, deployed=a)
+    assert state_gauge(host) == "quarantined"
+    assert host.metrics()["nixos_autodeploy_dirty"] == 0
+    assert host.calls().count("systemctl reboot") == 2
+
+
+def test_boot_deploy_verified_after_reboot(host, world, server):
+    b = world.path("b")
+    track(host)
+    server.pointer(b)
+    assert host.once(host.url, "--switch-mode", "boot", "--health-check", "true").returncode == 0
+    assert host.state()["verified"] is False
+    host.reboot()
+    r = host.once(host.url, "--switch-mode", "boot", "--health-check", "true")
+    assert r.returncode == 0, r.stderr
+    assert "healthy after the reboot" in r.stderr
+    assert host.state()["verified"] is True
+    assert_host(host, current=b, profile=b, deployed=b)
+
+
+def test_booted_previous_system_is_a_boot_failure_not_dirty(host, world, server):
+    """Issue #13: a boot loader fallback is a failed deploy, reported once
+    (tests/test_boot.py has the details), never dirty, never a reboot loop."""
+    a, b = world.path("a"), world.path("b")
+    track(host)
+    server.pointer(b)
+    assert host.once(host.url, "--switch-mode", "boot", "--reboot-mode", "reboot").returncode == 0
+    host.ctl("boot-default").write_text(a + "\n")  # the boot loader fell back to a
+    host.reboot()
+    r = host.once(host.url, "--switch-mode", "boot", "--reboot-mode", "reboot")
+    assert r.returncode == 5, r.stderr
+    assert state_gauge(host) == "boot_failed"
+    for _ in range(2):
+        assert host.metrics()["nixos_autodeploy_dirty"] == 0
+        assert host.metrics()["nixos_autodeploy_reboot_required"] == 0
+        r = host.once(host.url, "--switch-mode", "boot", "--reboot-mode", "reboot")
+        assert r.returncode == 0, r.stderr
+        assert state_gauge(host) == "quarantined"
+    assert host.calls().count("systemctl reboot") == 1  # no reboot loop
+    assert '"reboot_required": false' in host.agent("status", "--json").stdout
+    assert "boot loader fallback" in host.agent("status").stdout
+
+
+@pytest.mark.parametrize("window,now,reboots", [
+    ("02:00-04:00", "2026-11-22T12:00:00", False),
+    ("02:00-04:00", "2026-11-22T02:00:00", True),   # start inclusive
+    ("02:00-04:00", "2026-11-22T04:00:00", False),  # end exclusive
+    ("23:00-01:00", "2026-11-22T00:30:00", True),   # wraps past midnight
+    ("23:00-01:00", "2026-11-22T22:59:00", False),
+])
+def test_reboot_window(host, world, server, window, now, reboots):
+    track(host)
+    server.pointer(world.path("b"))
+    args = ("--switch-mode", "boot", "--reboot-mode", "reboot", "--reboot-window", window)
+    r = host.once(host.url, *args, env={"NIXOS_AUTODEPLOY_NOW": now})
+    assert r.returncode == 0, r.stderr
+    assert ("systemctl reboot" in host.calls()) == reboots
+    assert host.metrics()["nixos_autodeploy_reboot_required"] == 1
+    if not reboots:
+        assert "outside the reboot window" in r.stderr
+
+
+def test_deferred_reboot_happens_in_a_later_cycle_inside_the_window(host, world, server):
+    track(host)
+    server.pointer(world.path("b"))
+    args = ("--switch-mode", "boot", "--reboot-mode", "reboot", "--reboot-window", "02:00-04:00")
+    assert host.once(host.url, *args, env={"NIXOS_AUTODEPLOY_NOW": "2026-11-22T13:00:00"}).returncode == 0
+    assert host.once(host.url, *args, env={"NIXOS_AUTODEPLOY_NOW": "2026-11-22T20:00:00"}).returncode == 0
+    assert "systemctl reboot" not in host.calls()
+    assert host.metrics()["nixos_autodeploy_reboot_required"] == 1
+    r = host.once(host.url, *args, env={"NIXOS_AUTODEPLOY_NOW": "2026-11-23T03:10:00"})
+    assert r.returncode == 0, r.stderr
+    assert host.calls().count("systemctl reboot") == 1
+    assert len(host.activations()) == 1  # no redeploy, only the reboot
+
+
+# ---------------------------------------------------------------------------
+# A manual rollback is a verdict (issue #21, part 3)
+# ---------------------------------------------------------------------------
+
+
+ACCEPT = "--accept-manual-rollback"
+
+
+def deploy(host, server, system: str, *args: str) -> None:
+    server.pointer(system)
+    r = host.once(host.url, *args)
+    assert r.returncode == 0, r.stderr
+    assert host.current == system
+
+
+def switch_rollback(host) -> None:
+    """What `nixos-rebuild switch --rollback` does: the profile goes back one
+    generation, then that system's switch-to-configuration switch runs."""
+    host.sh("/usr/bin/nix-env -p /nix/var/nix/profiles/system --rollback >/dev/null 2>&1 && "
+            "/nix/var/nix/profiles/system/bin/switch-to-configuration switch >/dev/null")
+
+
+def a_b_c_then_rolled_back(host, world, server, *args: str) -> tuple[str, str, str]:
+    """The agent deployed b, then c; an operator rolls the host back to b by hand."""
+    a, b, c = world.path("a"), world.path("b"), world.path("c")
+    track(host)
+    deploy(host, server, b, *args)
+    deploy(host, server, c, *args)
+    switch_rollback(host)
+    assert host.current == host.profile == b and host.state()["deployed"] == c
+    return a, b, c
+
+
+def test_without_the_option_a_hand_rollback_leaves_the_host_dirty(host, world, server):
+    a, b, c = a_b_c_then_rolled_back(host, world, server)
+    for upstream in (c, world.path("d")):  # the rolled-back build, then the next one
+        server.pointer(upstream)
+        r = host.once(host.url)
+        assert r.returncode == 0, r.stderr
+        assert state_gauge(host) == "dirty" and host.metrics()["nixos_autodeploy_dirty"] == 1
+        assert "without --accept-manual-rollback: change nothing" in r.stderr
+        assert_host(host, current=b, profile=b, deployed=c)
+        state = host.state()
+        assert state["quarantined"] is None and state.get("manual_rollbacks_total", 0) == 0
+        assert host.metrics()["nixos_autodeploy_manual_rollbacks_total"] == 0
+    assert json.loads(host.agent("status", "--json").stdout)["phase"] == "rolled_back_by_hand"
+
+
+def test_with_the_option_the_rolled_back_build_is_quarantined_and_the_next_one_deployed(host, world, server):
+    a, b, c = a_b_c_then_rolled_back(host, world, server, ACCEPT)
+    activations = len(host.activations())
+    server.pointer(c)  # CI still publishes the build that was rolled back
+    r = host.once(host.url, ACCEPT)
+    assert r.returncode == 0, r.stderr
+    assert "MANUAL ROLLBACK" in r.stderr
+    assert_host(host, current=b, profile=b, deployed=b)  # tracked: deployed = current
+    assert len(host.activations()) == activations  # nothing activated: the operator's choice stands
+    state = host.state()
+    assert state["quarantined"] == c and "rolled back by hand" in state["quarantine_reason"]
+    assert state["manual_rollbacks_total"] == 1
+    assert state["manual_rollback"]["path"] == c and state["manual_rollback"]["to"] == b
+    assert state["manual_rollback"]["time"] > 0
+    entry = state["history"][-1]
+    assert (entry["action"], entry["path"], entry["outcome"]) == ("manual_rollback", c, "rolled_back")
+    assert state_gauge(host) == "quarantined"
+    m = host.metrics()
+    assert m["nixos_autodeploy_manual_rollbacks_total"] == 1 and m["nixos_autodeploy_dirty"] == 0
+    assert quarantined(host) == {f'nixos_autodeploy_quarantined{{path="{c}"}}': 1}
+    promtool_ok(host)
+    status = host.agent("status")
+    assert f"switched back by hand from {c} to {b} (1 in all)" in status.stdout, status.stdout
+    fields = json.loads(host.agent("status", "--json").stdout)
+    assert fields["phase"] == "settled" and fields["manual_rollbacks_total"] == 1
+    assert fields["manual_rollback"]["path"] == c
+    # Recorded once: the next cycles are settled and quarantined, never counted again.
+    r = host.once(host.url, ACCEPT)
+    assert r.returncode == 0 and "MANUAL ROLLBACK" not in r.stderr, r.stderr
+    assert host.state()["manual_rollbacks_total"] == 1 and host.current == b
+    # CI publishes the fix: it is deployed, the quarantine is lifted.
+    d = world.path("d")
+    deploy(host, server, d, ACCEPT)
+    assert_host(host, current=d, profile=d, deployed=d)
+    assert host.state()["quarantined"] is None and state_gauge(host) == "deployed"
+
+
+def test_the_next_build_already_published_is_deployed_in_the_same_cycle(host, world, server):
+    a, b, c = a_b_c_then_rolled_back(host, world, server, ACCEPT)
+    d = world.path("d")
+    server.pointer(d)
+    r = host.once(host.url, ACCEPT)
+    assert r.returncode == 0, r.stderr
+    assert "MANUAL ROLLBACK" in r.stderr
+    assert_host(host, current=d, profile=d, deployed=d)
+    state = host.state()
+    assert [e["action"] for e in state["history"][-2:]] == ["manual_rollback", "switch"]
+    assert state["manual_rollbacks_total"] == 1 and state_gauge(host) == "deployed"
+
+
+@pytest.mark.parametrize("to", ["never-deployed", "only-tracked"])
+def test_a_hand_switch_to_a_system_the_agent_never_deployed_stays_dirty(host, world, server, to):
+    a, b, d = world.path("a"), world.path("b"), world.path("d")
+    track(host)
+    deploy(host, server, b, ACCEPT)
+    if to == "never-deployed":  # nixos-rebuild switch to something built elsewhere
+        host.sh(f"nix-store --realise {d} >/dev/null 2>&1 && "
+                f"/usr/bin/nix-env -p /nix/var/nix/profiles/system --set {d} && "
+                f"{d}/bin/switch-to-configuration switch >/dev/null")
+    else:  # back to what the host ran when the agent adopted it: tracked, never deployed by it
+        switch_rollback(host)
+    other = d if to == "never-deployed" else a
+    assert host.current == host.profile == other
+    r = host.once(host.url, ACCEPT)
+    assert r.returncode == 0, r.stderr
+    assert state_gauge(host) == "dirty" and "MANUAL ROLLBACK" not in r.stderr
+    assert_host(host, current=other, profile=other, deployed=b)
+    assert host.state()["quarantined"] is None and host.metrics()["nixos_autodeploy_manual_rollbacks_total"] == 0
+    assert json.loads(host.agent("status", "--json").stdout)["phase"] == "dirty"
+
+
+def test_dry_run_prints_the_plan_and_changes_nothing(host, world, server):
+    a, b, c = a_b_c_then_rolled_back(host, world, server, ACCEPT)
+    before = host.state()
+    r = host.once(host.url, ACCEPT, "--dry-run")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("phase: rolled_back_by_hand; upstream: deployed:"), r.stdout
+    assert lines[1] == (f"1. accept the manual rollback to {b.split('/')[-1]}: quarantine {c.split('/')[-1]}, "
+                        f"record {b.split('/')[-1]} as deployed (then plan again)"), r.stdout
+    assert host.state() == before and host.current == b
+    off = host.once(host.url, "--dry-run")  # without the option: the dirty plan
+    assert "nothing to do" in off.stdout and "without --accept-manual-rollback" in off.stdout, off.stdout
+
+
+def test_suspend_holds_the_verdict(host, world, server):
+    a, b, c = a_b_c_then_rolled_back(host, world, server, ACCEPT)
+    assert host.agent("suspend", "--reason", "maintenance").returncode == 0
+    r = host.once(host.url, ACCEPT)
+    assert r.returncode == 0 and state_gauge(host) == "suspended", r.stderr
+    assert host.state()["deployed"] == c and host.state()["quarantined"] is None
+    assert host.agent("resume").returncode == 0
+    r = host.once(host.url, ACCEPT)
+    assert r.returncode == 0 and host.state()["quarantined"] == c and host.state()["deployed"] == b, r.stderr

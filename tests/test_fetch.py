@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import autodeploy as ad  # noqa: E402
 import servers  # noqa: E402
+from util import promtool_ok, state_gauge  # noqa: E402
 
 A = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-nixos-system-a"
 B = "/nix/store/1123456789abcdfghijklmnpqrsvwxyz-nixos-system-b"
@@ -539,3 +540,37 @@ def test_bad_host_name_in_the_connectivity_check_rolls_back(host, world, raw_ser
     state = host.state()
     assert host.current == a and host.profile == a
     assert state["intent"] is None and state["quarantined"] == b and state["last_state"] == "rolled_back"
+
+
+# ---------------------------------------------------------------------------
+# The agent's fetches (real nix): a failed fetch changes nothing
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["http_404", "http_500", "refused", "slow"])
+def test_fetch_failures_change_nothing(host, world, server, kind):
+    a = world.path("a")
+    assert host.once(host.url).returncode == 0
+    args: list[str] = []
+    url = host.url
+    if kind == "http_404":
+        url = server.base + "/nothing-here"
+    elif kind == "http_500":
+        server.set("/pointer", "oops", status=500)
+    elif kind == "refused":
+        url = "http://127.0.0.1:9/pointer"
+    elif kind == "slow":
+        server.pointer(world.path("b"), delay=3)
+        args = ["--timeout", "1"]
+    started = time.monotonic()
+    r = host.once(url, *args)
+    assert r.returncode == 3, r.stderr
+    assert time.monotonic() - started < 15
+    msg = [ln for ln in r.stderr.splitlines() if "error:" in ln]
+    assert len(msg) == 1 and "Traceback" not in r.stderr
+    assert {"http_404": "HTTP 404", "http_500": "HTTP 500", "refused": "refused",
+            "slow": "timed out"}[kind] in msg[0]
+    assert host.current == a and host.profile == a and host.state()["deployed"] == a
+    assert state_gauge(host) == "failed"
+    assert host.metrics()["nixos_autodeploy_last_success_timestamp_seconds"] > 0  # kept from the last success
+    promtool_ok(host)

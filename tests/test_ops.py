@@ -207,3 +207,34 @@ def test_help_lists_every_command_and_status_rows_align(host):
     columns = {len(line) - len(line.split("  ", 1)[1].lstrip()) for line in rows}
     assert len(columns) == 1, text
     assert any(line.startswith("history ") and line.endswith("none") for line in rows)
+
+
+# ---------------------------------------------------------------------------
+# status
+# ---------------------------------------------------------------------------
+
+
+def test_status_human_and_json(host, world, server):
+    b = world.path("b")
+    assert host.once(host.url).returncode == 0
+    server.pointer(b)
+    assert host.once(host.url, "--switch-mode", "boot").returncode == 0
+    r = host.agent("status")
+    assert r.returncode == 0
+    assert f"current          {world.path('a')}" in r.stdout
+    assert f"profile          {b}" in r.stdout
+    assert "reboot required  yes" in r.stdout
+    assert "state            pending_reboot" in r.stdout
+    r = host.agent("status", "--json")
+    data = json.loads(r.stdout)
+    assert data["current"] == world.path("a") and data["profile"] == b and data["deployed"] == b
+    assert data["upstream"] == b and data["reboot_required"] is True and data["dirty"] is False
+    assert data["state"] == "pending_reboot" and data["last_run_success"] is True
+    assert r.stderr == ""  # status is quiet: results on stdout only
+
+
+def test_status_before_any_run(host):
+    r = host.agent("status", "--json")
+    assert r.returncode == 0
+    data = json.loads(r.stdout)
+    assert data["deployed"] is None and data["state"] is None and data["current"]

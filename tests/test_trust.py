@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from util import state_gauge
+from util import promtool_ok, state_gauge
 from world import AGENT, METRICS
 
 NAMESPACE = "nixos-autodeploy"
@@ -785,3 +785,62 @@ def test_hosts_and_sign_read_times_with_one_parser(keys, tmp_path):
         assert r.returncode == 0, r.stderr
         pointer = ad.parse_pointer(out.read_bytes())
         ad.check_expiry(pointer)
+
+
+# ---------------------------------------------------------------------------
+# Bad pointers: each refused, nothing changes, metrics stay valid
+# ---------------------------------------------------------------------------
+
+
+H = "0123456789abcdfghijklmnpqrsvwxyz"  # 32 valid nix-base32 characters
+
+
+def bad_pointer_cases(world):
+    a = world.path("a")
+    return {
+        "html": (b"<!DOCTYPE html><html><body>502 Bad Gateway</body></html>\n", 4, "not a store path"),
+        "empty": (b"", 4, "empty"),
+        "blank": (b"\n \n\t\n", 4, "empty"),
+        "nul": (a.encode() + b"\0\n", 4, "NUL"),
+        "relative": (b"nix/store/" + H.encode() + b"-x\n", 4, "not a store path"),
+        "dotdot": (f"/nix/store/../../etc/{H}-passwd\n".encode(), 4, "store hash"),
+        "subpath": ((a + "/bin/switch-to-configuration\n").encode(), 4, "invalid store path name"),
+        "non_utf8": (b"/nix/store/\xff\xfe" + H.encode() + b"\n", 4, "not UTF-8"),
+        "bad_hash": (f"/nix/store/{'e' * 32}-nixos-system-x\n".encode(), 4, "store hash"),
+        "drv": ((world.drv + "\n").encode(), 4, "derivation"),
+        "junk_line": ((a + "\nthis is not metadata\n").encode(), 4, "key: value"),
+        "missing_from_cache": ((world.path("missing") + "\n").encode(), 5, "cannot realise"),
+        "not_a_system": ((world.path("notsystem") + "\n").encode(), 5, "not a NixOS system"),
+        "foreign_platform": ((world.path("foreign") + "\n").encode(), 5, "aarch64-linux"),
+        "oversized": (b"/nix/store/" + b"x" * (70 * 1024), 3, "limit"),
+    }
+
+
+@pytest.mark.parametrize("case", [
+    "html", "empty", "blank", "nul", "relative", "dotdot", "subpath", "non_utf8", "bad_hash", "drv",
+    "junk_line", "missing_from_cache", "not_a_system", "foreign_platform", "oversized"])
+def test_bad_pointer_changes_nothing(host, world, server, case):
+    a = world.path("a")
+    assert host.once(host.url).returncode == 0
+    state_before = host.state()
+    body, code, needle = bad_pointer_cases(world)[case]
+    server.set("/pointer", body)
+    r = host.once(host.url)
+    assert r.returncode == code, r.stderr
+    assert needle in r.stderr
+    assert "Traceback" not in r.stderr
+    assert host.current == a and host.profile == a and host.state()["deployed"] == state_before["deployed"]
+    assert host.activations() == []
+    m = host.metrics()
+    assert m["nixos_autodeploy_last_run_success"] == 0
+    assert any(k.startswith("nixos_autodeploy_last_error_info{") for k in m)
+    promtool_ok(host)
+
+
+def test_error_shows_what_was_received_escaped_and_truncated(host, server):
+    server.set("/pointer", b"<html>" + b"A" * 500 + b"\x1b[31m")
+    r = host.once(host.url)
+    assert r.returncode == 4
+    line = [ln for ln in r.stderr.splitlines() if "error:" in ln][0]
+    assert "<html>AAAA" in line and "... (" in line and len(line) < 400
+    assert "\x1b" not in r.stderr
