@@ -20,9 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from test_cycle import promtool_ok, state_gauge
 from test_ops import hook_script, read_env
-from util import assert_host, quarantined
+from util import assert_host, promtool_ok, quarantined, state_gauge
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 

@@ -10,7 +10,10 @@ import time
 
 import pytest
 
-from util import assert_host, promtool_ok, quarantined, state_gauge, track
+from test_boot import boot_default, efivars, fall_back, stage
+from test_rollout import lock_id, machine_id
+from util import (CHECK, INSIDE, OUTSIDE, WINDOW, assert_host, promtool_ok, quarantined, reboot_calls, state_gauge,
+                  suspend, track)
 from world import METRICS
 
 
@@ -645,3 +648,186 @@ def test_suspend_holds_the_verdict(host, world, server):
     assert host.agent("resume").returncode == 0
     r = host.once(host.url, ACCEPT)
     assert r.returncode == 0 and host.state()["quarantined"] == c and host.state()["deployed"] == b, r.stderr
+
+
+# ---------------------------------------------------------------------------
+# The lifecycle's joints (issue #17): a deferred rollback reboot, the previous deploy followed through while the next release is held, dry-run = the plan, suspend, kexec, a failed switch on a host with a reboot due
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("deferred_by", ["window", "slot"])
+def test_deferred_rollback_reboot_is_retried_while_upstream_names_the_failed_build(
+        host, world, server, fleetlock, deferred_by):
+    a, b = world.path("a"), world.path("b")
+    args = ("--switch-mode", "boot", "--reboot-mode", "reboot", *CHECK)
+    if deferred_by == "window":
+        args += WINDOW
+    machine_id(host)
+    env_ok = {"NIXOS_AUTODEPLOY_MACHINE_ID_FILE": str(host.root / "machine-id"), **INSIDE}
+    extra = ("--fleetlock-url", fleetlock.url) if deferred_by == "slot" else ()
+    assert host.once(host.url, *args, *extra, env=env_ok).returncode == 0
+    server.pointer(b)
+    assert host.once(host.url, *args, *extra, env=env_ok).returncode == 0 and reboot_calls(host) == 1
+    host.reboot()
+    host.ctl("unhealthy").write_text("")
+    blocked = dict(env_ok, **OUTSIDE) if deferred_by == "window" else env_ok
+    if deferred_by == "slot":
+        fleetlock.operate("steady-state", lock_id(host), "default")
+        assert fleetlock.operate("pre-reboot", "someone-else", "default") == 200
+    r = host.once(host.url, *args, *extra, env=blocked)
+    assert r.returncode == 5, r.stderr  # b failed its check: profile back on a, reboot due but deferred
+    assert host.profile == a and host.current == b and boot_default(host) == a and reboot_calls(host) == 1
+    for _ in range(2):  # upstream still names the quarantined b: the reboot stays due
+        r = host.once(host.url, *args, *extra, env=blocked)
+        assert r.returncode == 0 and reboot_calls(host) == 1, r.stderr
+    if deferred_by == "slot":
+        fleetlock.operate("steady-state", "someone-else", "default")
+    r = host.once(host.url, *args, *extra, env=env_ok)
+    assert r.returncode == 0, r.stderr
+    assert reboot_calls(host) == 2  # the rollback reboot, at last
+    assert json.loads(host.agent("status", "--json").stdout)["phase"] == "rolled_back_awaiting_reboot"
+    host.reboot()
+    assert host.once(host.url, *args, *extra, env=env_ok).returncode == 0
+    assert_host(host, current=a, profile=a, deployed=a)
+    assert state_gauge(host) == "quarantined"
+
+
+def hold_next_release(host, server, c: str, hold: str) -> None:
+    if hold == "wave":
+        server.set("/pointer", f"{c}\nrollout: 0%\n")
+    elif hold == "pause":
+        server.set("/pointer", f"{c}\npause: true\n")
+    else:
+        server.pointer(c)
+        suspend(host)
+
+
+@pytest.mark.parametrize("hold", ["wave", "pause", "suspend"])
+def test_booted_release_is_verified_while_the_next_one_is_held(host, world, server, hold):
+    b, c = world.path("b"), world.path("c")
+    stage(host, b)
+    host.reboot()
+    hold_next_release(host, server, c, hold)
+    r = host.once(host.url, "--switch-mode", "boot")
+    assert r.returncode == 0, r.stderr
+    assert "healthy after the reboot" in r.stderr, r.stderr[-3000:]
+    assert host.state()["verified"] is True and host.current == b
+    # Only the wave lets the next release be prefetched; pause and suspend fetch nothing.
+    assert host.store_has(c) == (hold == "wave") and not [a for a in host.activations() if a.startswith(c)]
+    assert [(e["action"], e["outcome"]) for e in host.state()["history"]][-1] == ("verify", "deployed")
+    assert state_gauge(host) == {"wave": "waiting_rollout", "pause": "rollout_paused", "suspend": "suspended"}[hold]
+
+
+@pytest.mark.parametrize("hold", ["wave", "pause", "suspend"])
+def test_fallback_is_reported_while_the_next_release_is_held(host, world, server, hold):
+    a, b, c = world.path("a"), world.path("b"), world.path("c")
+    stage(host, b)
+    fall_back(host, a)
+    hold_next_release(host, server, c, hold)
+    r = host.once(host.url, "--switch-mode", "boot")
+    assert r.returncode == 5, r.stderr
+    assert "did not boot" in r.stderr or "BOOT FAILED" in r.stderr
+    assert 'kind="boot_failed"' in host.metrics_text()
+    if hold == "suspend":  # reported; the operator's host is not touched
+        assert host.profile == b and host.state()["deployed"] == b and state_gauge(host) == "suspended"
+        assert host.metrics()["nixos_autodeploy_boot_failures_total"] == 0
+    else:
+        assert host.profile == a and boot_default(host) == a and state_gauge(host) == "boot_failed"
+        assert host.metrics()["nixos_autodeploy_boot_failures_total"] == 1
+
+
+@pytest.mark.parametrize("hold", ["suspend", "wave"])
+def test_dry_run_prints_the_plan_with_the_holds(host, world, server, hold):
+    a, b = world.path("a"), world.path("b")
+    track(host)
+    if hold == "suspend":
+        suspend(host)
+        server.pointer(b)
+    else:
+        server.set("/pointer", f"{b}\nrollout: 0%\n")
+    before = host.state()
+    r = host.once(host.url, "--dry-run")
+    assert r.returncode == 0, r.stderr
+    deploy = [line for line in r.stdout.splitlines() if f"deploy {b}" in line]
+    assert len(deploy) == 1 and f"waits: {hold}:" in deploy[0], r.stdout
+    assert "would deploy" not in r.stdout
+    assert host.state() == before and host.current == a and not host.store_has(b)
+
+
+def test_suspend_holds_back_the_reboot_into_a_staged_release(host, world, server):
+    b = world.path("b")
+    stage(host, b)
+    suspend(host)
+    r = host.once(host.url, "--switch-mode", "boot", "--reboot-mode", "reboot")
+    assert r.returncode == 0, r.stderr
+    assert reboot_calls(host) == 0 and state_gauge(host) == "suspended"
+    assert host.agent("resume").returncode == 0
+    assert host.once(host.url, "--switch-mode", "boot", "--reboot-mode", "reboot").returncode == 0
+    assert reboot_calls(host) == 1
+
+
+def test_suspend_holds_the_rollback_of_a_failing_booted_release_and_reports_it(host, world, server):
+    a, b = world.path("a"), world.path("b")
+    stage(host, b)
+    host.reboot()
+    host.ctl("unhealthy").write_text("")
+    suspend(host)
+    r = host.once(host.url, "--switch-mode", "boot", "--reboot-mode", "reboot", *CHECK)
+    assert r.returncode == 5, r.stderr  # reported ...
+    assert "failed its health checks" in r.stderr and "the rollback waits" in r.stderr
+    assert_host(host, current=b, profile=b, deployed=b)  # ... but nothing changed
+    assert boot_default(host) == b and reboot_calls(host) == 0 and host.metrics()["nixos_autodeploy_rollbacks_total"] == 0
+    assert state_gauge(host) == "suspended" and 'kind="health"' in host.metrics_text()
+    assert host.agent("resume").returncode == 0
+    r = host.once(host.url, "--switch-mode", "boot", "--reboot-mode", "reboot", *CHECK)
+    assert r.returncode == 5 and host.profile == a and reboot_calls(host) == 1, r.stderr
+
+
+def test_a_kexeced_boot_is_not_judged_by_the_loader_variables(host, world, server):
+    a, b = world.path("a"), world.path("b")
+    stage(host, b, "--reboot-mode", "kexec")
+    assert "systemctl kexec" in host.calls()
+    fall_back(host, a)  # the kexec'ed system did not come up; the machine is back on a
+    # Stale variables from the firmware boot before the kexec: they would read as "picked by hand".
+    env = {"NIXOS_AUTODEPLOY_EFIVARS": efivars(host, "nixos-generation-1.conf", "nixos-generation-2.conf")}
+    r = host.once(host.url, "--switch-mode", "boot", "--reboot-mode", "kexec", env=env)
+    assert r.returncode == 5, r.stderr
+    assert state_gauge(host) == "boot_failed" and host.state()["boot_failure"]["choice"] == "kexec"
+    assert host.profile == a and boot_default(host) == a
+
+
+def test_failed_switch_deploy_on_a_staged_host_keeps_the_staged_boot_default(host, world, server):
+    """Staged b (profile b, boot default b, a runs); c comes and its switch
+    activation fails: the rollback switches back to a, which must not make a
+    the boot default (the staged b would then read as a boot failure)."""
+    a, b, c = world.path("a"), world.path("b"), world.path("c")
+    stage(host, b)
+    host.ctl("fail").write_text(c + "\n")
+    server.pointer(c)
+    r = host.once(host.url, "--switch-mode", "switch")
+    assert r.returncode == 5, r.stderr
+    assert host.current == a and host.profile == b and boot_default(host) == b, r.stderr
+    host.reboot()
+    r = host.once(host.url, "--switch-mode", "switch")
+    assert "BOOT FAILED" not in r.stderr and host.state()["boot_failure"] is None, r.stderr
+    assert host.current == b and host.state()["deployed"] == b and host.state()["verified"] is True
+
+
+def test_failed_switch_deploy_while_a_rollback_reboot_is_due_keeps_the_rollback_boot_default(host, world, server):
+    """Rolled back from b (profile a, boot default a, b runs), reboot deferred
+    by the window; c comes and its switch activation fails: the rollback
+    switches back to b, which must not make the failed b the boot default."""
+    a, b, c = world.path("a"), world.path("b"), world.path("c")
+    args = ("--switch-mode", "boot", "--reboot-mode", "reboot", *WINDOW, *CHECK)
+    stage(host, b)
+    host.reboot()
+    host.ctl("unhealthy").write_text("")
+    r = host.once(host.url, *args, env=OUTSIDE)
+    assert r.returncode == 5 and host.profile == a and boot_default(host) == a and host.current == b, r.stderr
+    host.ctl("unhealthy").unlink()
+    host.ctl("fail").write_text(c + "\n")
+    server.pointer(c)
+    r = host.once(host.url, "--switch-mode", "switch", "--reboot-mode", "reboot", *WINDOW, *CHECK, env=OUTSIDE)
+    assert r.returncode == 5, r.stderr
+    assert host.current == b and host.profile == a and boot_default(host) == a, r.stderr
+    assert json.loads(host.agent("status", "--json").stdout)["phase"] == "rolled_back_awaiting_reboot"

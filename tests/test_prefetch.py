@@ -15,8 +15,7 @@ import json
 
 import pytest
 
-from test_cycle import promtool_ok, state_gauge
-from util import track
+from util import promtool_ok, state_gauge, track
 
 ROOT = "/run/nixos-autodeploy-prefetch"
 

@@ -28,7 +28,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from servers import FleetLockServer, free_port
-from util import bucket, promtool_ok, state_gauge
+from util import bucket, promtool_ok, state_gauge, suspend
 from world import AGENT, REPO, Host, app_specific_id
 
 sys.path.insert(0, str(REPO))
@@ -817,3 +817,35 @@ def test_the_status_decides_before_the_reply_size(host, world, server, hostile_l
     assert r.returncode == 0, r.stderr
     assert reboots(host) == 1 and state_gauge(host) == "pending_reboot"
     assert host.state()["reboot_slot"]["granted"] is True
+
+
+# ---------------------------------------------------------------------------
+# FleetLock and suspend (issue #17): a group change while waiting, nothing to release
+# ---------------------------------------------------------------------------
+
+
+def test_group_change_while_waiting_asks_the_new_group_and_releases_the_old(host, world, server, fleetlock):
+    b = world.path("b")
+    assert fl_once(host, fleetlock).returncode == 0
+    fleetlock.operate("pre-reboot", "other", "default")  # group default is full
+    server.pointer(b)
+    assert fl_once(host, fleetlock).returncode == 0 and reboots(host) == 0
+    assert host.state()["reboot_slot"]["group"] == "default"
+    r = fl_once(host, fleetlock, "--fleetlock-group", "web")
+    assert r.returncode == 0, r.stderr
+    assert reboots(host) == 1 and fleetlock.held("web") == [lock_id(host)]
+    steady = [e for e in fleetlock.events if e[1] == "steady-state" and e[3] == "default"]
+    assert steady and steady[-1][2] == lock_id(host)  # the old group's slot given back
+    assert host.state()["reboot_slot"]["group"] == "web"
+
+
+def test_suspended_settled_host_with_nothing_to_release_reports_no_waiting_release(host, world, server, fleetlock):
+    """The model saw a suspended, settled host report `suspended: release the
+    FleetLock slot ... waits` although it held no slot and had initialized
+    FleetLock in this boot: a held step that would do nothing is no hold."""
+    assert fl_once(host, fleetlock).returncode == 0  # tracking, FleetLock initialized in this boot
+    suspend(host)
+    r = fl_once(host, fleetlock)
+    assert r.returncode == 0, r.stderr
+    assert "release the FleetLock slot (once settled): waits" not in r.stderr
+    assert state_gauge(host) == "up_to_date"

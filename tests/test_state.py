@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 import servers
-from util import fill_leaving, wait_for
+from util import INSIDE, WINDOW, fill_leaving, reboot_calls, wait_for
 from test_trust import (AGENT, Signed, error_kind, keygen_sign, keys, serve, sign, signed,  # noqa: F401
                         state_gauge, trust_file)
 from world import METRICS
@@ -807,3 +807,41 @@ def test_a_password_never_masks_the_agents_own_words(host, world, server, tmp_pa
     assert r.returncode == 4, r.stderr
     assert "***" in r.stderr and "DePloy" not in r.stderr + everything_persisted(host)
     assert "ops:deploy" not in r.stderr + everything_persisted(host)
+
+
+# ---------------------------------------------------------------------------
+# state.json written by the agent of 1abd54b (issue #17)
+# ---------------------------------------------------------------------------
+
+
+# What 1abd54b wrote after a boot deploy of b failed its check after the reboot
+# (rolled back to a, reboot into a deferred), plus a key from a newer agent.
+OLD_STATE = {
+    "activation": "boot", "behind_since": 1764000000.0, "boot_failure": None, "boot_failures_total": 0,
+    "boot_free_bytes": None, "boot_needed_bytes": None, "deployed": "@a", "deployed_at": 1764000300.0,
+    "deploys_total": 1, "dirty": False, "fleetlock_error": None, "fleetlock_failures": {}, "highest_revision": None,
+    "history": [], "intent": None, "interrupted": {}, "last_error": None, "last_reason": "x", "last_run": 1764000300.0,
+    "last_run_duration": 1.0, "last_run_success": False, "last_state": "rolled_back", "last_success": 1764000000.0,
+    "pointer": None, "previous": "@b", "quarantine_reason": "health", "quarantined": "@b", "reboot_reason": None,
+    "reboot_required": True, "reboot_slot": None, "reboot_window_wait": True, "revision_path": None,
+    "rollbacks_total": 1, "rollout": None, "staged_boot_id": "BOOT", "staged_from": "@b", "upstream": "@b",
+    "upstream_revision": None, "verified": True, "x_future_field": {"kept": [1, 2]},
+}
+
+
+def test_state_from_the_previous_agent_keeps_working_and_keeps_unknown_keys(host, world, server):
+    a, b = world.path("a"), world.path("b")
+    host.sh(f"nix-store --realise {b} >/dev/null; /usr/bin/nix-env -p /nix/var/nix/profiles/system --set {a}; "
+            f"ln -sfn {b} /run/current-system; ln -sfn {b} /run/booted-system")
+    state = {k: (a if v == "@a" else b if v == "@b" else v) for k, v in OLD_STATE.items()}
+    state["staged_boot_id"] = host.boot_id_file.read_text().strip()
+    state_dir = host.var_lib / "nixos-autodeploy"
+    state_dir.mkdir(mode=0o700, exist_ok=True)
+    (state_dir / "state.json").write_text(json.dumps(state))
+    server.pointer(b)
+    r = host.once(host.url, "--reboot-mode", "reboot", *WINDOW, env=INSIDE)
+    assert r.returncode == 0, r.stderr
+    assert reboot_calls(host) == 1  # the deferred rollback reboot, from an old record
+    assert json.loads(host.agent("status", "--json").stdout)["phase"] == "rolled_back_awaiting_reboot"
+    saved = host.state()
+    assert saved["x_future_field"] == {"kept": [1, 2]} and saved["rollback_of"] == b

@@ -1,6 +1,7 @@
 """Helpers the test files share, one home for each: what a host's metrics
-say, waiting for a condition, killing the agent, filling a disk, and the
-documented rollout bucket.  Servers are in servers.py, the test world in
+say, waiting for a condition, killing the agent, filling a disk, the
+documented rollout bucket, suspend, reboot requests, a failing health check
+and a reboot window.  Servers are in servers.py, the test world in
 world.py, fixtures in conftest.py."""
 
 from __future__ import annotations
@@ -73,3 +74,20 @@ def fill_leaving(directory: Path, keep: int) -> Path:
 def bucket(hostname: str, path: str) -> int:
     """The documented rule: sha256(hostname NUL store path) as an integer, mod 10000."""
     return int.from_bytes(hashlib.sha256(f"{hostname}\0{path}".encode()).digest(), "big") % 10000
+
+
+# A health check the test fails by creating /var/lib/standin/unhealthy, and a
+# reboot window with a time outside and one inside it.
+CHECK = ("--health-check", "test ! -e /var/lib/standin/unhealthy")
+WINDOW = ("--reboot-window", "02:00-04:00")
+OUTSIDE = {"NIXOS_AUTODEPLOY_NOW": "2026-11-23T12:00:00"}
+INSIDE = {"NIXOS_AUTODEPLOY_NOW": "2026-11-24T03:00:00"}
+
+
+def suspend(host, reason: str = "maintenance") -> None:
+    r = host.agent("suspend", "--reason", reason)
+    assert r.returncode == 0, r.stderr
+
+
+def reboot_calls(host) -> int:
+    return sum(1 for c in host.calls() if c in ("systemctl reboot", "systemctl kexec"))
