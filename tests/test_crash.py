@@ -13,7 +13,7 @@ import pytest
 
 from test_boot import boot_default, stage
 from test_rollout import fl_once
-from util import CHECK, assert_host, kill, quarantined, reboot_calls, state_gauge, track, wait_for
+from util import CHECK, assert_host, fill_leaving, kill, quarantined, reboot_calls, state_gauge, track, wait_for
 
 
 # ---------------------------------------------------------------------------
@@ -441,3 +441,44 @@ def test_an_activation_unit_that_outlasts_the_recovery_wait_is_a_failure_not_a_r
     r = host.once(host.url)
     assert r.returncode == 0, r.stderr
     assert host.state()["intent"] is None
+
+
+# ---------------------------------------------------------------------------
+# Stops and a full /run during an activation (adversarial review)
+# ---------------------------------------------------------------------------
+
+
+def test_sigterm_while_recover_waits_for_the_activation_unit(host, world, server):
+    b = world.path("b")
+    assert host.once(host.url).returncode == 0
+    server.pointer(b)
+    host.ctl("hang").write_text(b + "\n")
+    try:
+        first = host.agent_background("--once", "--url", host.url)
+        wait_for(lambda: host.activations(), what="the activation")
+        first.kill()                        # the unit keeps running, as under systemd
+        first.wait(10)
+        intent = host.state()["intent"]
+        assert intent and intent["phase"] == "activate"
+        second = host.agent_background("--once", "--url", host.url)
+        wait_for(lambda: "still running" in second.log_path.read_text(), what="the wait")
+        started = time.monotonic()
+        second.send_signal(signal.SIGTERM)
+        second.wait(10)
+        assert time.monotonic() - started < 3
+        assert host.state()["intent"] == intent   # nothing changed; the next run converges
+    finally:
+        host.ctl("hang").unlink()
+    host.kill_orphans()
+
+
+def test_full_run_directory_during_activation_still_deploys(host, world, server):
+    b = world.path("b")
+    assert host.once(host.url).returncode == 0
+    run_dir = host.small_disk("/run/nixos-autodeploy", "16k")
+    fill_leaving(run_dir, 0)
+    server.pointer(b)
+    r = host.once(host.url)
+    assert r.returncode == 0, r.stderr
+    assert "cannot write /run/nixos-autodeploy/activating" in r.stderr
+    assert host.current == b and host.profile == b and host.state()["intent"] is None

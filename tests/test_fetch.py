@@ -8,8 +8,11 @@ test_hostile.py.
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import autodeploy as ad  # noqa: E402
 import servers  # noqa: E402
-from util import promtool_ok, state_gauge  # noqa: E402
+from util import everything_persisted, pointer_requests, promtool_ok, state_gauge, wait_for  # noqa: E402
+from world import METRICS  # noqa: E402
 
 A = "/nix/store/0123456789abcdfghijklmnpqrsvwxyz-nixos-system-a"
 B = "/nix/store/1123456789abcdfghijklmnpqrsvwxyz-nixos-system-b"
@@ -574,3 +578,298 @@ def test_fetch_failures_change_nothing(host, world, server, kind):
     assert state_gauge(host) == "failed"
     assert host.metrics()["nixos_autodeploy_last_success_timestamp_seconds"] > 0  # kept from the last success
     promtool_ok(host)
+
+
+# ---------------------------------------------------------------------------
+# The real agent against hostile and real servers (real nix): server bytes escaped, secrets masked, slow and flooding servers, validators and ETags, proxies
+# ---------------------------------------------------------------------------
+
+
+def hook_dump(host, tmp_path) -> tuple[str, Path]:
+    dump = host.var_lib / "hook.env"
+    return "env | grep NIXOS_AUTODEPLOY_ > /var/lib/hook.env", dump
+
+
+def test_escape_sequences_and_nul_from_the_server_reach_no_one(host, world, server, tmp_path):
+    hook, dump = hook_dump(host, tmp_path)
+    server.set("/start", "", status=302,
+               headers={"Location": "/x\x1b[2K\rnixos-autodeploy: state: up_to_date\x1b]0;pwned\x07\x00end"})
+    server.set("/bad", "\x1b[2J\x1b[Hnixos-autodeploy: state: up_to_date\x00\n")
+    for path in ("/start", "/bad"):
+        r = host.once(server.base + path, "-v", "--on-failure", hook)
+        assert r.returncode in (3, 4), r.stderr
+        assert "\x1b" not in r.stderr and "\x00" not in r.stderr and "\x07" not in r.stderr
+        assert not any(line.startswith("nixos-autodeploy: state:") for line in r.stderr.splitlines())
+        env = dump.read_text()
+        assert "NIXOS_AUTODEPLOY_ERROR=" in env and "\x1b" not in env
+        dump.unlink()
+        persisted = everything_persisted(host)
+        assert "\x1b" not in persisted and "\\u001b" not in persisted
+        status = host.agent("status")
+        assert status.returncode == 0 and "\x1b" not in status.stdout
+
+
+def test_nul_in_a_redirect_does_not_kill_loop_mode(host, world, server):
+    server.set("/start", "", status=302, headers={"Location": "/\x00"})
+    proc = host.agent_background("--url", server.base + "/start", "--interval", "0.05",
+                                 "--on-failure", "true", "--prometheus-path", METRICS)
+    try:
+        wait_for(lambda: sum(q["path"] == "/start" for q in server.requests) >= 4, what="4 polls")
+        assert proc.poll() is None, proc.log_path.read_text()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert proc.returncode == 0 and "ValueError" not in proc.log_path.read_text()
+
+
+def test_echoed_token_leaks_nowhere(host, world, server, tmp_path):
+    token_file = host.var_lib / "token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
+    server.set("/pointer", f"unauthorized, token was {TOKEN}", status=401,
+               headers={"WWW-Authenticate": f'Bearer realm="{TOKEN}"', "X-Echo": TOKEN})
+    hook, dump = hook_dump(host, tmp_path)
+    r = host.once(host.url, "-v", "--token-file", "/var/lib/token", "--on-failure", hook)
+    assert r.returncode == 3 and "HTTP 401" in r.stderr, r.stderr
+    assert pointer_requests(server)[-1]["headers"]["Authorization"] == f"Bearer {TOKEN}"
+    seen = [r.stderr, everything_persisted(host), dump.read_text(), host.agent("status").stdout,
+            host.agent("status", "--json").stdout]
+    assert not [s for s in seen if TOKEN in s]
+    # The pointer itself echoing the token: refused, with the excerpt redacted.
+    server.set("/pointer", f"<html>{TOKEN}</html>")
+    r = host.once(host.url, "--token-file", "/var/lib/token")
+    assert r.returncode == 4 and "***" in r.stderr and TOKEN not in r.stderr + everything_persisted(host)
+
+
+def test_token_echoed_as_a_pointer_key_leaks_nowhere(host, world, server, tmp_path):
+    token = "deadbeefcafe0123456789abcdef0123"
+    token_file = host.var_lib / "token"
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
+    hook, dump = hook_dump(host, tmp_path)
+    for body in (f"{world.path('a')}\n{token}: echoed\n", f"{world.path('a')}\nx-{token}: 1\nx-{token}: 2\n"):
+        server.set("/pointer", body)
+        r = host.once(host.url, "--token-file", "/var/lib/token", "--on-failure", hook)
+        assert r.returncode == 4, r.stderr
+        assert token not in r.stderr + everything_persisted(host) + dump.read_text()
+
+
+def test_redirect_to_an_internal_endpoint_reads_nothing_back(host, world, server):
+    internal = type(server)(world.cache)
+    try:
+        internal.set("/admin", "INTERNAL-SECRET: db password hunter2\n")
+        server.set("/pointer", "", status=302, headers={"Location": internal.base + "/admin"})
+        r = host.once(host.url)
+        assert r.returncode == 4, r.stderr
+        assert "redirect target on another host" in r.stderr
+        assert "INTERNAL-SECRET" not in r.stderr + everything_persisted(host)
+    finally:
+        internal.close()
+
+
+@pytest.mark.parametrize("line", ["rollout: INTERNAL-SECRET", "rollout-start: INTERNAL-SECRET\nrollout-duration: 1h",
+                                  "rollout-start: 2026-01-01T00:00:00Z\nrollout-duration: INTERNAL-SECRET",
+                                  "pause: INTERNAL-SECRET"])
+def test_rollout_text_from_another_origin_is_shown_nowhere(host, world, server, tmp_path, line):
+    """Issue #18, item 7: the rule for pointer excerpts also holds for rollout fields."""
+    internal = type(server)(world.cache)
+    try:
+        internal.set("/admin", f"{world.path('b')}\n{line}\n")
+        server.set("/pointer", "", status=302, headers={"Location": internal.base + "/admin"})
+        hook, dump = hook_dump(host, tmp_path)
+        r = host.once(host.url, "--on-failure", hook, "--prometheus-path", METRICS)
+        assert r.returncode == 4, r.stderr
+        assert "redirect target on another host" in r.stderr
+        seen = [r.stderr, everything_persisted(host), dump.read_text(), host.agent("status").stdout,
+                host.agent("status", "--json").stdout]
+        assert not [s for s in seen if "INTERNAL-SECRET" in s]
+        # The same pointer from the pointer's own origin is shown (escaped): the rule is about origins.
+        server.set("/pointer", f"{world.path('b')}\n{line}\n")
+        r = host.once(host.url)
+        assert r.returncode == 4 and "INTERNAL-SECRET" in r.stderr, r.stderr
+    finally:
+        internal.close()
+
+
+def test_a_password_never_masks_the_agents_own_words(host, world, server, tmp_path):
+    b = world.path("b")
+    url = host.url.replace("http://", "http://ops:deploy@")
+    assert host.once(url).returncode == 0  # tracking a
+    server.pointer(b)
+    hook, dump = hook_dump(host, tmp_path)
+    r = host.once(url, "--on-success", hook, "--prometheus-path", METRICS)
+    assert r.returncode == 0, r.stderr
+    assert host.current == b
+    text = host.metrics_text()
+    assert 'nixos_autodeploy_state{state="deployed"} 1' in text and "***ed" not in text
+    assert "deployed" in r.stderr and "***ed" not in r.stderr
+    assert "NIXOS_AUTODEPLOY_OUTCOME=deployed" in dump.read_text().splitlines()
+    status = host.agent("status")
+    assert "deployed" in status.stdout and "***" not in status.stdout
+    assert host.state()["last_state"] == "deployed" and "***" not in host.state()["last_reason"]
+    # What came from outside is still masked: the pointer echoing the password, in any case.
+    server.set("/pointer", "<html>DePloy</html>\n")
+    r = host.once(url)
+    assert r.returncode == 4, r.stderr
+    assert "***" in r.stderr and "DePloy" not in r.stderr + everything_persisted(host)
+    assert "ops:deploy" not in r.stderr + everything_persisted(host)
+
+
+def test_trickling_server_ends_the_run_within_the_timeout(host, world):
+    def handler(conn, n):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+        while srv.sleep(0.5):
+            conn.sendall(b"x")
+    srv = servers.RawServer(handler)
+    try:
+        started = time.monotonic()
+        r = host.once(srv.url, "--timeout", "3")
+        took = time.monotonic() - started
+    finally:
+        srv.close()
+    assert r.returncode == 3, r.stderr
+    assert [line for line in r.stderr.splitlines() if "error:" in line] == [
+        f"nixos-autodeploy: error: GET {srv.url}: timed out after 3s"]
+    assert took < 5.5
+
+
+def test_flood_with_a_negative_chunk_size_stays_small(host, world):
+    def handler(conn, n):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\n")
+        end = time.monotonic() + 10
+        while time.monotonic() < end and not srv.closed.is_set():
+            conn.sendall(b"x" * 65536)
+    srv = servers.RawServer(handler)
+    try:
+        proc = subprocess.Popen([servers_unshare(host), *host.agent_argv("--once", "--url", srv.url)],
+                                env=host.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        err = proc.stderr.read().decode()   # until the agent exits
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    finally:
+        srv.close()
+    assert proc.returncode == 3, err
+    assert "invalid chunk size" in err
+    # The agent itself takes 15-25 MiB; the flood is sent for 10 s on loopback
+    # (gigabytes): buffering any of it would show at once.
+    assert usage.ru_maxrss < 100 * 1024, f"peak RSS {usage.ru_maxrss} KiB: {err}"
+
+
+def servers_unshare(host) -> str:
+    """A wrapper script that enters the host's namespace (for wait4 on the agent itself)."""
+    script = host.root / "enter.sh"
+    from world import bind_script
+    script.write_text(f"#!/bin/sh\nexec unshare -m --propagation private /bin/sh -c '{bind_script(host.binds)} "
+                      f"&& exec \"$@\"' sh \"$@\"\n")
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_sigterm_during_a_fetch_changes_nothing(host, world):
+    srv = servers.RawServer(lambda conn, n: srv.sleep(60))
+    state_file = host.var_lib / "nixos-autodeploy" / "state.json"
+    try:
+        assert host.once(host.url).returncode == 0
+        before = state_file.read_bytes(), os.stat(state_file).st_mtime_ns
+        proc = host.agent_background("--once", "--url", srv.url, "--timeout", "60")
+        wait_for(lambda: srv.requests, what="the request")
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+        assert time.monotonic() - started < 1.5
+    finally:
+        srv.close()
+    assert (state_file.read_bytes(), os.stat(state_file).st_mtime_ns) == before
+
+
+def test_gzip_from_nginx_is_a_fetch_error_not_a_refusal(host, world, tmp_path):
+    nginx = servers.Nginx(tmp_path / "nginx")
+    try:
+        nginx.publish(world.path("b") + "\n")
+        r = host.once(f"{nginx.base}/forced-gzip")
+    finally:
+        nginx.close()
+    assert r.returncode == 3 and "Content-Encoding 'gzip'" in r.stderr, r.stderr
+    assert host.current == world.path("a")
+
+
+def test_validators_belong_to_one_url(host, world, tmp_path):
+    """Two pointers with nginx's identical ETags (same size, same second)."""
+    a, b = world.path("a"), world.path("b")
+    nginx = servers.Nginx(tmp_path / "nginx")
+    try:
+        now = int(time.time())
+        url_a = nginx.publish(a + "\n", "pa", mtime=now)
+        url_b = nginx.publish(b + "\n", "pb", mtime=now)
+        assert host.once(url_a).returncode == 0
+        r = host.once(url_b)
+        assert r.returncode == 0 and host.current == b, r.stderr
+        assert '"GET /pb HTTP/1.1" 200' in "\n".join(nginx.access_log())
+    finally:
+        nginx.close()
+
+
+def test_a_weak_etag_cannot_hide_a_change_for_more_than_an_hour(host, world, tmp_path):
+    a, b = world.path("a"), world.path("b")
+    nginx = servers.Nginx(tmp_path / "nginx")
+    state_file = host.var_lib / "nixos-autodeploy" / "state.json"
+    try:
+        now = int(time.time())
+        url = nginx.publish(a + "\n", mtime=now)
+        assert host.once(url).returncode == 0
+        nginx.publish(b + "\n", mtime=now)   # same size, same second: the same ETag
+        assert host.once(url).returncode == 0 and host.current == a  # 304: not seen yet
+        assert nginx.access_log()[-1].split('"')[2].split()[0] == "304"
+        data = json.loads(state_file.read_text())
+        data["pointer"]["fetched_at"] -= 3601   # an hour later
+        state_file.write_text(json.dumps(data))
+        r = host.once(url)
+        assert r.returncode == 0 and host.current == b, r.stderr
+        assert nginx.access_log()[-2].split('"')[2].split()[0] == "200"
+    finally:
+        nginx.close()
+
+
+def test_once_after_a_failure_fetches_unconditionally(host, world, server):
+    server.pointer(world.path("a"), etag=True)
+    assert host.once(host.url).returncode == 0
+    server.unreachable = True
+    assert host.once(host.url).returncode == 3
+    server.unreachable = False
+    assert host.once(host.url).returncode == 0
+    assert "If-None-Match" not in pointer_requests(server)[-1]["headers"]
+    assert host.once(host.url).returncode == 0
+    assert "If-None-Match" in pointer_requests(server)[-1]["headers"]
+
+
+def test_transient_failure_is_retried_within_the_run(host, world, server):
+    b = world.path("b")
+    assert host.once(host.url).returncode == 0
+    server.pointer(b)
+    calls = []
+
+    def flaky(headers):
+        calls.append(1)
+        server.routes["/pointer"].status = 200 if len(calls) > 1 else 503
+    server.routes["/pointer"].hook = flaky
+    server.routes["/pointer"].status = 503
+    r = host.once(host.url)
+    assert r.returncode == 0 and host.current == b, r.stderr
+    assert "HTTP 503 (try 1 of 4" in r.stderr
+
+
+def test_proxy_only_host_deploys_through_the_proxy(host, world, tmp_path):
+    b = world.path("b")
+    assert host.once(host.url).returncode == 0
+    proxy = servers.Tinyproxy(tmp_path / "proxy")
+    nginx = servers.Nginx(tmp_path / "nginx", only_from=proxy.bind)
+    try:
+        url = nginx.publish(b + "\n")
+        r = host.once(url)
+        assert r.returncode == 3 and "HTTP 403" in r.stderr, r.stderr   # direct: refused
+        r = host.once(url, env={"http_proxy": proxy.url})
+        assert r.returncode == 0 and host.current == b, r.stderr
+        assert any("/pointer" in line and "200" in line for line in nginx.access_log())
+    finally:
+        nginx.close()
+        proxy.close()

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from util import promtool_ok, state_gauge
-from world import REPO
+from util import error_kind, promtool_ok, state_gauge
+from world import AGENT, REPO
 
 sys.path.insert(0, str(REPO))
 
@@ -238,3 +238,41 @@ def test_status_before_any_run(host):
     assert r.returncode == 0
     data = json.loads(r.stdout)
     assert data["deployed"] is None and data["state"] is None and data["current"]
+
+
+# ---------------------------------------------------------------------------
+# The command line a newcomer meets
+# ---------------------------------------------------------------------------
+
+
+def test_not_root_exits_2_before_writing_anything(host, world, tmp_path):
+    setpriv = "/usr/bin/setpriv"
+    r = subprocess.run([setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, str(AGENT),
+                        "--once", "--url", host.url, "--state-dir", str(tmp_path / "state")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr
+    assert len(r.stderr.splitlines()) == 1 and "must run as root" in r.stderr
+    assert not (tmp_path / "state").exists()
+
+
+def test_dry_run_prints_its_errors(host, world, server):
+    server.unreachable = True
+    r = host.once(host.url, "--dry-run")
+    assert r.returncode == 3 and "error: GET" in r.stderr
+
+
+def test_not_a_nixos_host_has_its_own_exit_code(host, world):
+    (host.run_dir / "current-system").unlink()
+    r = host.once(host.url)
+    assert r.returncode == 8 and "not a running NixOS system" in r.stderr, r.stderr
+    assert state_gauge(host) == "failed" and error_kind(host) == "not_nixos"
+
+
+def test_agent_is_executable_in_git():
+    repo = Path(AGENT).parent
+    if not (repo / ".git").exists():
+        pytest.skip("not a git checkout")
+    r = subprocess.run(["git", "-C", str(repo), "ls-files", "-s", "autodeploy.py"], capture_output=True, text=True)
+    assert r.stdout.startswith("100755 "), r.stdout
+    r = subprocess.run([str(AGENT), "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "--url" in r.stdout and "--once" in r.stdout and "trust-reset" in r.stdout

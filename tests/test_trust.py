@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from util import promtool_ok, state_gauge
+from util import error_kind, pointer_requests, promtool_ok, state_gauge
 from world import AGENT, METRICS
 
 NAMESPACE = "nixos-autodeploy"
@@ -88,12 +87,6 @@ def serve(server, body: bytes, sig: bytes | None) -> None:
 def trust_file(path: Path, *lines: str) -> Path:
     path.write_text("".join(line + "\n" for line in lines))
     return path
-
-
-def error_kind(host) -> str | None:
-    kinds = re.findall(r'^nixos_autodeploy_last_error_info\{kind="([^"]*)"', host.metrics_text(), re.M)
-    assert len(kinds) <= 1, kinds
-    return kinds[0] if kinds else None
 
 
 def snapshot(host) -> tuple:
@@ -844,3 +837,178 @@ def test_error_shows_what_was_received_escaped_and_truncated(host, server):
     line = [ln for ln in r.stderr.splitlines() if "error:" in ln][0]
     assert "<html>AAAA" in line and "... (" in line and len(line) < 400
     assert "\x1b" not in r.stderr
+
+
+# ---------------------------------------------------------------------------
+# Trust under attack (adversarial review): a 304 replays only a pointer verified under the current keys, URL and hosts; the revision floor fails closed; signed pointers name their hosts; strict metadata; options in a key file; plain http:// warned about
+# ---------------------------------------------------------------------------
+
+
+def test_304_never_replays_a_pointer_stored_by_a_keyless_run(signed: Signed, host, world, server):
+    a, b = world.path("a"), world.path("b")
+    server.pointer(b, etag=True)            # unsigned, for another system, with an ETag
+    server.routes.pop("/pointer.sig", None)
+    assert host.agent("suspend", "--reason", "maintenance").returncode == 0
+    r = host.once(host.url)                 # an operator's manual run without --trusted-keys
+    assert r.returncode == 0, r.stderr
+    assert host.state()["pointer"]["keys"] is None and host.state()["pointer"]["etag"]
+    assert host.agent("resume").returncode == 0
+    before = len(pointer_requests(server))
+    r = signed.once()
+    assert r.returncode == 4, r.stderr      # fetched unconditionally and refused: unsigned
+    last = pointer_requests(server)[before]
+    assert "If-None-Match" not in last["headers"] and last["status"] == 200
+    assert host.current == a and host.profile == a and error_kind(host) == "signature"
+
+
+def test_304_replay_under_other_keys_fetches_unconditionally(signed: Signed, host, world, server, tmp_path, keys):
+    server.routes["/pointer"].etag = True
+    assert signed.once().returncode == 0    # record verified under ci1, with the ETag
+    assert host.state()["pointer"]["etag"]
+    other = trust_file(tmp_path / "other.pub", keys["ci2"].public)
+    before = len(pointer_requests(server))
+    r = host.once(host.url, "--trusted-keys", str(other))
+    assert r.returncode == 4 and error_kind(host) == "signature", r.stderr
+    assert "If-None-Match" not in pointer_requests(server)[before]["headers"]
+
+
+def test_304_replay_checks_expiry_again(signed: Signed, host, world, server):
+    b = world.path("b")
+    expiry = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 6))
+    signed.publish("ci1", 2, b, not_after=expiry)
+    server.routes["/pointer"].etag = True
+    assert signed.once().returncode == 0 and host.current == b
+    time.sleep(max(0.0, time.mktime(time.strptime(expiry, "%Y-%m-%dT%H:%M:%SZ")) - time.mktime(time.gmtime()) + 1.5))
+    r = signed.once()
+    assert pointer_requests(server)[-1]["status"] == 304
+    assert r.returncode == 4 and "expired" in r.stderr and error_kind(host) == "expired"
+
+
+@pytest.fixture
+def at_revision_5(signed: Signed, world, host):
+    signed.publish("ci1", 5, world.path("b"))
+    assert signed.once().returncode == 0 and host.current == world.path("b")
+    assert host.metrics()["nixos_autodeploy_revision_floor"] == 5
+    return signed
+
+
+def test_corrupt_state_fails_closed_until_trust_reset(at_revision_5: Signed, host, world):
+    state_file = host.var_lib / "nixos-autodeploy" / "state.json"
+    state_file.write_text('{"deployed": "/nix/store/x", "highest_revision": ')
+    at_revision_5.publish("ci1", 6, world.path("c"))
+    r = at_revision_5.once()
+    assert r.returncode == 9, r.stderr
+    assert "trust-reset --min-revision" in r.stderr
+    assert host.current == world.path("b")
+    assert state_file.read_text().endswith('"highest_revision": ')  # left for inspection
+    assert state_gauge(host) == "failed" and error_kind(host) == "state"
+    assert host.metrics()["nixos_autodeploy_last_run_success"] == 0
+    reset = host.agent("trust-reset", "--min-revision", "6")
+    assert reset.returncode == 0 and "TRUST RESET" in reset.stderr and "floor set to 6" in reset.stderr
+    assert list(state_file.parent.glob("state.json.corrupt-*"))
+    at_revision_5.publish("ci1", 5, world.path("a"))
+    r = at_revision_5.once()
+    assert r.returncode == 4 and "lower than revision 6" in r.stderr
+    at_revision_5.publish("ci1", 6, world.path("b"))
+    r = at_revision_5.once()
+    assert r.returncode == 0 and state_gauge(host) == "tracking", r.stderr
+
+
+@pytest.mark.parametrize("tamper", ["delete", "null"])
+def test_lost_floor_in_state_json_still_refuses_old_revisions(at_revision_5: Signed, host, world, tamper):
+    state_file = host.var_lib / "nixos-autodeploy" / "state.json"
+    if tamper == "delete":
+        state_file.unlink()
+    else:
+        data = json.loads(state_file.read_text())
+        data["highest_revision"] = None
+        state_file.write_text(json.dumps(data))
+    at_revision_5.publish("ci1", 1, world.path("a"))   # an old, validly signed pointer
+    r = at_revision_5.once()
+    assert r.returncode == 4 and "lower than revision 5" in r.stderr, r.stderr
+    assert host.current == world.path("b")
+
+
+def test_trust_reset_is_root_only_and_validated(host):
+    r = host.agent("trust-reset", "--min-revision", "-1")
+    assert r.returncode == 2
+    r = host.agent("trust-reset")
+    assert r.returncode == 2 and "--min-revision" in r.stderr
+
+
+def test_signed_pointer_without_hosts_is_refused(signed: Signed, host, world, keys, tmp_path):
+    body, sig = keygen_sign(keys["ci1"], f"{world.path('b')}\nrevision: 2\n".encode(), tmp_path / "nohosts")
+    serve(signed.server, body, sig)
+    r = signed.once()
+    assert r.returncode == 4 and "no `hosts:` line" in r.stderr and error_kind(host) == "host"
+    assert host.current == world.path("a")
+
+
+def test_mix_and_match_across_hosts_is_refused(signed: Signed, host, world):
+    signed.publish("ci1", 2, world.path("b"), hosts=("web-1",))   # web-1's pointer, served to db-1
+    r = signed.once("--hostname", "db-1")
+    assert r.returncode == 4 and error_kind(host) == "host"
+    r = signed.once("--hostname", "web-1")
+    assert r.returncode == 0 and host.current == world.path("b"), r.stderr
+
+
+def test_huge_revision_is_refused_and_later_runs_work(signed: Signed, host, world, keys, tmp_path):
+    body, sig = keygen_sign(keys["ci1"], f"{world.path('b')}\nrevision: 1{'0' * 400}\nhosts: *\n".encode(),
+                            tmp_path / "huge")
+    serve(signed.server, body, sig)
+    r = signed.once()
+    assert r.returncode == 4 and "whole number" in r.stderr
+    signed.publish("ci1", 2, world.path("b"))
+    r = signed.once()
+    assert r.returncode == 0 and host.metrics()["nixos_autodeploy_revision_floor"] == 2, r.stderr
+
+
+def test_key_line_with_leading_options_is_refused(host, world, keys, tmp_path):
+    trusted = trust_file(tmp_path / "opts.pub", f'namespaces="git" {keys["ci1"].public}')
+    r = host.once(host.url, "--trusted-keys", str(trusted))
+    assert r.returncode == 2 and "starts with options" in r.stderr, r.stderr
+    assert not (host.var_lib / "nixos-autodeploy" / "state.json").exists()
+
+
+def test_allowed_signers_options_are_honoured(host, world, server, keys, tmp_path):
+    trusted = trust_file(tmp_path / "signers", f'ci namespaces="git" {keys["ci1"].public}')
+    body, sig = sign(keys["ci1"], 1, world.path("a"), tmp_path / "p")
+    serve(server, body, sig)
+    r = host.once(host.url, "--trusted-keys", str(trusted))
+    assert r.returncode == 4 and error_kind(host) == "signature", r.stderr
+
+
+def test_token_over_plain_http_warns_once(host, world, tmp_path):
+    token_file = host.var_lib / "token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
+    r = host.once(host.url, "--token-file", "/var/lib/token")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("credentials are sent over plain http://") == 1
+
+
+def test_credentials_to_a_plain_http_signature_url_are_warned_about(host, world, keys, tmp_path):
+    token_file = host.var_lib / "token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
+    trusted = trust_file(tmp_path / "t.pub", keys["ci1"].public)
+    r = host.once("https://127.0.0.1:9/pointer", "--signature-url", "http://127.0.0.1:9/pointer.sig",
+                  "--trusted-keys", str(trusted), "--token-file", "/var/lib/token", "--timeout", "1")
+    assert r.stderr.count("credentials are sent over plain http://") == 1, r.stderr
+
+
+def test_a_key_past_valid_before_is_refused_within_the_hour(host, world, server, keys, tmp_path):
+    valid_before = time.strftime("%Y%m%d%H%M%SZ", time.gmtime(time.time() + 4))
+    trusted = trust_file(tmp_path / "signers", f'ci valid-before="{valid_before}" {keys["ci1"].public}')
+    body, sig = sign(keys["ci1"], 1, world.path("a"), tmp_path / "p")
+    serve(server, body, sig)
+    assert host.once(host.url, "--trusted-keys", str(trusted)).returncode == 0
+    time.sleep(5)
+    r = host.once(host.url, "--trusted-keys", str(trusted))
+    assert r.returncode == 0, r.stderr      # the same pointer, verified less than an hour ago
+    state_file = host.var_lib / "nixos-autodeploy" / "state.json"
+    data = json.loads(state_file.read_text())
+    data["pointer"]["verified_at"] -= 3601
+    state_file.write_text(json.dumps(data))
+    r = host.once(host.url, "--trusted-keys", str(trusted))
+    assert r.returncode == 4 and error_kind(host) == "signature", r.stderr

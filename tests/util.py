@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import signal
 import subprocess
 import time
 from pathlib import Path
+
+from world import METRICS
 
 
 def promtool_ok(host) -> None:
@@ -91,3 +94,24 @@ def suspend(host, reason: str = "maintenance") -> None:
 
 def reboot_calls(host) -> int:
     return sum(1 for c in host.calls() if c in ("systemctl reboot", "systemctl kexec"))
+
+
+def everything_persisted(host) -> str:
+    """state.json, the revision floor and the metrics file, as written."""
+    parts = []
+    for path in (host.var_lib / "nixos-autodeploy" / "state.json",
+                 host.var_lib / "nixos-autodeploy" / "revision-floor",
+                 host.var_lib / METRICS[len("/var/lib/"):]):
+        if path.exists():
+            parts.append(path.read_text())
+    return "\n".join(parts)
+
+
+def pointer_requests(server, path="/pointer"):
+    return [q for q in server.requests if q["path"] == path]
+
+
+def error_kind(host) -> str | None:
+    kinds = re.findall(r'^nixos_autodeploy_last_error_info\{kind="([^"]*)"', host.metrics_text(), re.M)
+    assert len(kinds) <= 1, kinds
+    return kinds[0] if kinds else None
