@@ -493,7 +493,7 @@ def test_behind_upstream_and_waiting_for_the_window(host, world, server):
 
 
 def test_sigkill_while_putting_the_boot_default_back_converges(host, world, server):
-    from test_safety import kill, wait_for
+    from util import kill, wait_for
     a, b = world.path("a"), world.path("b")
     stage(host, b)
     fall_back(host, a)

@@ -1,9 +1,12 @@
-"""The fetcher against real and hostile servers (in-process: autodeploy.Fetcher).
+"""Fetching against real and hostile servers: first the fetcher in-process
+(autodeploy.Fetcher), then the real agent with real nix (exit codes, state,
+metrics, hooks): server bytes escaped, secrets masked, slow and flooding
+servers, validators and ETags, proxies, a failed fetch that changes nothing.
 
 Real servers: Debian's nginx (its own ETag, gzip, redirects, TLS with a test
 CA) and tinyproxy.  Raw socket servers send what no real server sends on
-purpose.  Agent-level consequences (exit codes, state, metrics) are in
-test_hostile.py.
+purpose.  A 304 that would replay a pointer under other keys is a trust
+question: test_trust.py.
 """
 
 from __future__ import annotations

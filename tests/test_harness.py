@@ -234,8 +234,8 @@ def test_the_suites_tests_are_placed_by_what_they_use(tmp_path):
             for item in session.items:
                 print("TIER", tiers.tier_of(item), item.nodeid)
     """))
-    files = ["tests/test_unit.py", "tests/test_hostile.py", "tests/test_module.py", "tests/test_model.py",
-             "tests/test_promote.py", "tests/vm/test_vm.py"]
+    files = ["tests/test_unit.py", "tests/test_fetch.py", "tests/test_state.py", "tests/test_module.py",
+             "tests/test_model.py", "tests/test_promote.py", "tests/vm/test_vm.py"]
     r = subprocess.run([sys.executable, "-m", "pytest", "--co", "-q", "-p", "no:cacheprovider", "-p", "dump_tiers",
                         *files], cwd=REPO, capture_output=True, text=True, timeout=300,
                        env=clean_env(PYTHONPATH=str(tmp_path)))
@@ -243,9 +243,9 @@ def test_the_suites_tests_are_placed_by_what_they_use(tmp_path):
     placed = {nodeid: tier for tier, nodeid in (line[len("TIER "):].rsplit(" ", 1)
                                                 for line in r.stdout.splitlines() if line.startswith("TIER "))}
     assert placed["tests/test_unit.py::test_parse_plain_pointer_with_metadata"] == "unit"
-    assert placed["tests/test_hostile.py::test_validators_belong_to_one_url"] == "real servers"
+    assert placed["tests/test_fetch.py::test_validators_belong_to_one_url"] == "real servers"
     assert placed["tests/test_promote.py::test_promote_through_real_prometheus"] == "real servers"
-    assert placed["tests/test_hostile.py::test_planted_temp_file_symlinks_in_a_shared_metrics_directory"] == "real nix"
+    assert placed["tests/test_state.py::test_planted_temp_file_symlinks_in_a_shared_metrics_directory"] == "real nix"
     assert placed["tests/test_module.py::test_defaults"] == "module evaluation"
     assert placed["tests/test_model.py::test_model"] == "model-based"
     assert placed["tests/vm/test_vm.py::test_switch_deploy"] == "VM"

@@ -17,7 +17,8 @@ and the FleetLock slot free or busy.  After every step it checks invariants:
 
 Bounded: MODEL_BUDGET_SECONDS (default 300) of wall time; MODEL_SEED replays
 a run (the seed is printed).  Every failure it found became a plain
-regression test (tests/test_lifecycle.py).
+regression test (tests/test_cycle.py, tests/test_crash.py, tests/test_rollout.py,
+tests/test_state.py: the lifecycle's joints, issue #17).
 """
 
 from __future__ import annotations

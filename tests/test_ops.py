@@ -1,4 +1,5 @@
-"""Operating a fleet: suspend/resume, hooks, status fields, the demo."""
+"""Operating a fleet: suspend/resume, hooks, status (human and JSON) and its
+fields, the demo, the command line a newcomer meets (root, exit codes, help)."""
 
 from __future__ import annotations
 

@@ -159,7 +159,7 @@ def test_a_stop_during_the_prefetch_ends_it_and_is_no_failure(host, world, serve
     import os
     import signal
 
-    from test_safety import wait_for
+    from util import wait_for
     a, b = world.path("a"), world.path("b")
     track(host)
     before = host.state()

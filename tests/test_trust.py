@@ -1,5 +1,7 @@
-"""Trust against real nix and the real ssh-keygen: signed pointers, revisions,
-host lists, expiry, bearer tokens, URL credentials, Hydra JSON pointers.
+"""The pointer and trust against real nix and the real ssh-keygen: signed
+pointers, revisions and the revision floor, host lists, expiry, 304 replays
+under other keys, bearer tokens, URL credentials, Hydra JSON pointers, bad
+pointers.
 
 Keys are generated here with ``ssh-keygen -t ed25519 -N ''``; pointers are
 signed with ``autodeploy.py sign`` run *outside* the host's namespace (as CI
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from util import error_kind, pointer_requests, promtool_ok, state_gauge
+from util import error_kind, fill_leaving, pointer_requests, promtool_ok, state_gauge
 from world import AGENT, METRICS
 
 NAMESPACE = "nixos-autodeploy"
@@ -716,7 +718,6 @@ def test_dry_run_with_keys_before_the_state_directory_exists(host, world, server
 
 
 def test_full_state_disk_while_verifying_is_a_state_error(host, world, server, keys, tmp_path):
-    from test_hostile import fill_leaving
     state_dir = host.small_disk("/var/lib/nixos-autodeploy", "64k")
     state_dir.chmod(0o700)
     trusted = trust_file(tmp_path / "trusted.pub", keys["ci1"].public)
