@@ -1,6 +1,6 @@
 """Crash safety against real nix: SIGKILL at every step of a deploy, power
 loss, stop requests (SIGTERM to the agent, `systemctl stop` to its unit, a
-killed activation) and full disks; after each, the host is as it was or as
+killed activation) and a full /run; after each, the host is as it was or as
 the deploy left it, and a normal cycle converges."""
 
 from __future__ import annotations

@@ -251,7 +251,7 @@ def test_failed_activation_is_never_recorded(host, world, server):
 
 
 # ---------------------------------------------------------------------------
-# Locking, status
+# Locking
 # ---------------------------------------------------------------------------
 
 
@@ -651,7 +651,9 @@ def test_suspend_holds_the_verdict(host, world, server):
 
 
 # ---------------------------------------------------------------------------
-# The lifecycle's joints (issue #17): a deferred rollback reboot, the previous deploy followed through while the next release is held, dry-run = the plan, suspend, kexec, a failed switch on a host with a reboot due
+# The lifecycle's joints (issue #17): a deferred rollback reboot, the previous
+# deploy followed through while the next release is held, dry-run = the plan,
+# suspend, kexec, a failed switch on a host with a reboot due
 # ---------------------------------------------------------------------------
 
 

@@ -584,7 +584,9 @@ def test_fetch_failures_change_nothing(host, world, server, kind):
 
 
 # ---------------------------------------------------------------------------
-# The real agent against hostile and real servers (real nix): server bytes escaped, secrets masked, slow and flooding servers, validators and ETags, proxies
+# The real agent against hostile and real servers (real nix): server bytes
+# escaped, secrets masked, slow and flooding servers, validators and ETags,
+# proxies
 # ---------------------------------------------------------------------------
 
 

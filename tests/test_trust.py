@@ -841,7 +841,10 @@ def test_error_shows_what_was_received_escaped_and_truncated(host, server):
 
 
 # ---------------------------------------------------------------------------
-# Trust under attack (adversarial review): a 304 replays only a pointer verified under the current keys, URL and hosts; the revision floor fails closed; signed pointers name their hosts; strict metadata; options in a key file; plain http:// warned about
+# Trust under attack (adversarial review): a 304 replays only a pointer
+# verified under the current keys, URL and hosts; the revision floor fails
+# closed; signed pointers name their hosts; strict metadata; options in a key
+# file; plain http:// warned about
 # ---------------------------------------------------------------------------
 
 
