@@ -1014,6 +1014,58 @@ def nix_realise(path: str, root: str = UPSTREAM_GCROOT) -> None:
     run(["nix-store", "--realise", path, "--add-root", root], capture=False)
 
 
+def nix_closure(path: str) -> list[str]:
+    out = run(["nix-store", "--query", "--requisites", path], capture=True).stdout
+    return [line for line in out.split() if line.startswith(STORE_DIR + "/")]
+
+
+def nix_broken_paths(paths: list[str]) -> list[str]:
+    """The paths whose files differ from what nix registered (missing,
+    truncated, modified).  `nix-store --verify-path` reports every modified
+    path but stops at the first one it cannot read at all (a lost file):
+    such a path is broken too, and verifying goes on after it."""
+    import re
+    mentioned = re.compile(re.escape(STORE_DIR) + r"/[^/'\"\s]+")
+    broken: list[str] = []
+    remaining = list(paths)
+    while remaining:
+        result = run(["nix-store", "--verify-path", *remaining], capture=True, check=False)
+        if result.returncode == 0:
+            break
+        named = [p for p in dict.fromkeys(mentioned.findall(result.stdout)) if p in remaining]
+        if not named:
+            raise ProcessError(["nix-store", "--verify-path", "..."], result.returncode, result.stdout)
+        broken += [p for p in named if p not in broken]
+        if not re.search(r"^error:", result.stdout, re.MULTILINE):
+            break  # only modified paths: all were checked
+        remaining = remaining[max(remaining.index(p) for p in named) + 1:]
+    return broken
+
+
+def nix_repair_paths(paths: list[str]) -> None:
+    # From the binary cache only: max-jobs 0 keeps nix from building a
+    # path it cannot substitute (the device never builds).
+    run(["nix-store", "--option", "max-jobs", "0", "--repair-path", *paths])
+
+
+def realise_closure(path: str, root: str) -> None:
+    """Realise `path` from the binary cache and make sure its closure is on
+    disk as registered.  nix marks a path valid before its files reach the
+    disk: after a power loss the closure can be registered and yet lack
+    files, and a realise then does nothing.  Broken paths are repaired from
+    the cache."""
+    nix_realise(path, root)
+    broken = nix_broken_paths(nix_closure(path))
+    if not broken:
+        return
+    log(f"{len(broken)} path(s) of {path}'s closure are registered but damaged on disk (a power loss?): "
+        f"repairing them from the binary cache: {' '.join(broken[:5])}{' ...' if len(broken) > 5 else ''}")
+    nix_repair_paths(broken)
+    still = nix_broken_paths(broken)
+    if still:
+        raise ProcessError(["nix-store", "--repair-path", *still], 1, "still damaged after the repair")
+
+
 def nix_set_profile(path: str) -> None:
     run(["nix-env", "--profile", SYSTEM_PROFILE, "--set", path])
 
@@ -2893,7 +2945,7 @@ class Deployer:
         log(f"realising {upstream} from the binary cache")
         try:
             with Stopping.interruptible():  # a download is a wait: a stop ends it (nix too)
-                nix_realise(upstream)
+                realise_closure(upstream, UPSTREAM_GCROOT)
         except ProcessError as exc:
             Stopping.check(exc)
             raise DeployError(f"cannot realise {upstream}: {exc}", "realise") from None
@@ -2974,7 +3026,7 @@ class Deployer:
         log(f"prefetching {upstream} from the binary cache: its deploy waits, its closure need not")
         try:
             with Stopping.interruptible():  # a download is a wait: a stop ends it (nix too)
-                nix_realise(upstream, PREFETCH_GCROOT)
+                realise_closure(upstream, PREFETCH_GCROOT)
         except ProcessError as exc:
             Stopping.check(exc)
             state.prefetch_failures_total += 1

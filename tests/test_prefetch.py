@@ -183,3 +183,60 @@ def test_a_stop_during_the_prefetch_ends_it_and_is_no_failure(host, world, serve
     assert after == before and host.link(ROOT) is None  # nothing recorded, nothing rooted
     r = host.once(host.url)  # the next cycle prefetches
     assert r.returncode == 0 and host.link(ROOT) == b and host.state()["prefetch_failures_total"] == 0, r.stderr
+
+
+# ---------------------------------------------------------------------------
+# Registered is not on disk: a power loss after nix registered a path
+# ---------------------------------------------------------------------------
+
+
+def test_a_registered_but_damaged_closure_is_repaired_from_the_cache(host, world, server):
+    """nix registers a substituted path valid before its files reach the
+    disk; after a power loss (found by the VM tier) the closure is valid in
+    nix's database while files are gone or empty, and `nix-store --realise`
+    does nothing.  The deploy verifies the closure after every realise and
+    repairs what is damaged from the binary cache (never a build)."""
+    a, b = world.path("a"), world.path("b")
+    track(host)
+    host.sh(f"nix-store --realise {b} >/dev/null")  # realised earlier (a prefetch, a deploy the power cut)
+    kernel = host.sh(f"readlink {b}/kernel").stdout.strip()
+    kernel_path = "/".join(kernel.split("/")[:4])
+    assert kernel_path != b
+    host.sh(f"chmod u+w {b}/bin && rm {b}/bin/switch-to-configuration && : > {kernel}")
+    assert host.sh(f"nix-store --verify-path {b} {kernel_path}", check=False).returncode != 0
+    server.pointer(b)
+    server.requests.clear()
+    r = host.once(host.url)
+    assert r.returncode == 0, r.stderr
+    assert host.current == b and host.profile == b and host.state()["deployed"] == b
+    assert "2 path(s) of" in r.stderr and "repairing them from the binary cache" in r.stderr, r.stderr
+    assert host.sh(f"nix-store --verify-path $(nix-store --query --requisites {b})", check=False).returncode == 0
+    assert any(p.startswith("/cache/") and p.endswith(".nar") for p in cache_requests(server)), cache_requests(server)
+    # Intact: the next realise verifies and repairs nothing.
+    server.pointer(a)
+    r = host.once(host.url)
+    assert r.returncode == 0 and "repairing" not in r.stderr, r.stderr
+
+
+def test_a_damaged_path_the_cache_cannot_give_is_a_failed_realise_not_a_build(host, world, server):
+    """Repair substitutes only (max-jobs 0): a damaged path missing from the
+    cache fails the realise (tried again next cycle), nothing is activated
+    and nothing quarantined."""
+    a, b = world.path("a"), world.path("b")
+    track(host)
+    host.sh(f"nix-store --realise {b} >/dev/null && chmod u+w {b}/bin && rm {b}/bin/switch-to-configuration")
+    server.pointer(b)
+    nars = list((world.cache).glob("nar/*.nar*")) or list(world.cache.rglob("*.nar*"))
+    hidden = [(p, p.with_name(p.name + ".hidden")) for p in nars]
+    for p, h in hidden:
+        p.rename(h)
+    try:
+        r = host.once(host.url)
+    finally:
+        for p, h in hidden:
+            h.rename(p)
+    assert r.returncode == 5, r.stderr
+    assert "cannot realise" in r.stderr, r.stderr
+    state = host.state()
+    assert host.current == a and host.profile == a and state.get("quarantined") != b, state
+    assert host.activations() == []
