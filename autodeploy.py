@@ -255,6 +255,10 @@ BOOT_SPACE_MARGIN_FRACTION: Final = 0.1
 BOOT_ID_FILE: Final = "/proc/sys/kernel/random/boot_id"
 # systemd's Boot Loader Interface variables (vendor GUID of systemd-boot).
 EFIVARS_DIR: Final = "/sys/firmware/efi/efivars"
+# x86 boot parameters as the boot loader (or kexec) handed them to the kernel.
+BOOT_PARAMS_FILE: Final = "/sys/kernel/boot_params/data"
+# Test-only: a file standing in for BOOT_PARAMS_FILE (the test machine's own says how it booted).
+BOOT_PARAMS_ENV: Final = "NIXOS_AUTODEPLOY_BOOT_PARAMS"
 LOADER_GUID: Final = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
 # Test-only: a directory standing in for EFIVARS_DIR (the test machines boot without EFI).
 EFIVARS_ENV: Final = "NIXOS_AUTODEPLOY_EFIVARS"
@@ -508,6 +512,8 @@ class State:
     fleetlock_error: dict[str, str] | None = None  # the last lock operation's error, while unresolved
     rollback_of: str | None = None       # `deployed` is a rollback away from this failed release (reboot due)
     reboot_request: dict[str, Any] | None = None  # the last reboot/kexec asked for: {mode, boot_id, system, time}
+    # The firmware boot systemd-boot's variables describe, as first seen: {boot_id, fingerprint}.
+    loader_boot: dict[str, Any] | None = None
     # Ready before its turn: the closure realised while the deploy waits.
     prefetched: dict[str, Any] | None = None      # {path, time}: rooted at PREFETCH_GCROOT
     prefetch_failures_total: int = 0
@@ -675,6 +681,8 @@ STATE_SCHEMA: Final[dict[str, tuple[Callable[[Any], bool], str]]] = {
     "reboot_request": (_optional(_record({"mode": _text, "boot_id": _opt_text, "system": _opt_text,
                                           "time": _opt_moment})),
                        "a reboot request (an object with typed fields) or null"),
+    "loader_boot": (_optional(_record({"boot_id": _text, "fingerprint": _text}, required=("boot_id", "fingerprint"))),
+                    "a boot loader fingerprint (an object of strings) or null"),
     "prefetched": (_optional(_record({"path": _text, "time": _moment}, required=("path",))),
                    "a prefetched closure (an object with typed fields) or null"),
     "prefetch_error": (_optional(_record({"path": _text, "message": _text, "time": _moment},
@@ -2278,6 +2286,40 @@ def read_loader_variable(name: str) -> str | None:
     return text if text and text.isprintable() else None
 
 
+def loader_boot_fingerprint() -> str | None:
+    """What tells one firmware boot's Boot Loader Interface variables from
+    the next's: systemd-boot's timestamps (microseconds since the firmware
+    started, new on every boot) with the entry it chose.  After a kexec the
+    variables still describe the firmware boot before it.  None where no
+    timestamp is set (GRUB; systemd-boot where it finds no usable TSC, as
+    in a VM): the variables alone then cannot tell two boots apart."""
+    times = [read_loader_variable(n) or "" for n in ("LoaderTimeInitUSec", "LoaderTimeExecUSec")]
+    if not any(times):
+        return None
+    return " ".join([*times, read_loader_variable("LoaderEntrySelected") or ""])
+
+
+def started_by_kexec() -> bool:
+    """The kernel's own word (x86): the boot protocol's type_of_loader
+    (offset 0x210 of the boot parameters) is 0xD? when kexec started this
+    kernel, whoever ran it; boot loaders write their own type there."""
+    try:
+        with open(os.environ.get(BOOT_PARAMS_ENV) or BOOT_PARAMS_FILE, "rb") as f:
+            data = f.read(0x211)
+    except OSError:
+        return False
+    return len(data) > 0x210 and data[0x210] >> 4 == 0xD
+
+
+def loader_variables_stale(recorded: dict[str, Any] | None, fingerprint: str | None, boot_id: str | None) -> bool:
+    """Do the Loader* variables describe an earlier boot than this one: the
+    fingerprint seen in another boot is seen again (no boot loader ran in
+    between: a kexec)?"""
+    if not fingerprint or not boot_id or not isinstance(recorded, dict):
+        return False
+    return recorded.get("fingerprint") == fingerprint and recorded.get("boot_id") != boot_id
+
+
 def boot_dir_of(boot_dir: str | None = None) -> str:
     """$BOOT: `boot_dir` when given (--boot-dir, from the module's boot loader
     configuration), else the first candidate holding a boot loader's files,
@@ -2490,14 +2532,29 @@ class Facts:
     suspension: dict[str, Any] | None
     kexec_boot: bool                 # this boot is the one our kexec started (Loader* variables are stale)
     steady_marker: bool              # the FleetLock initialization ran since this boot
+    # The Loader* variables describe an earlier boot (anyone's kexec): no evidence about this one.
+    loader_stale: bool = False
+    loader_fingerprint: str | None = None
 
 
 def gather_facts(state: State, store: StateStore) -> Facts:
     boot_id = current_boot_id()
     request = state.reboot_request if isinstance(state.reboot_request, dict) else {}
     kexec_boot = request.get("mode") == "kexec" and bool(boot_id) and request.get("boot_id") != boot_id
+    fingerprint = loader_boot_fingerprint()
+    loader_stale = kexec_boot or started_by_kexec() or loader_variables_stale(state.loader_boot, fingerprint, boot_id)
     return Facts(read_host(), boot_id, rebooted_since_staging(state), store.suspension(), kexec_boot,
-                 os.path.exists(FLEETLOCK_STEADY_MARKER))
+                 os.path.exists(FLEETLOCK_STEADY_MARKER), loader_stale, fingerprint)
+
+
+def note_loader_boot(state: State, facts: Facts) -> None:
+    """Remember which firmware boot the Loader* variables describe (the
+    first boot that showed them), so that a later kexec'ed boot, ours or
+    not, does not take them for its own."""
+    if facts.loader_fingerprint and facts.boot_id and not facts.loader_stale:
+        recorded = state.loader_boot if isinstance(state.loader_boot, dict) else {}
+        if recorded.get("fingerprint") != facts.loader_fingerprint:
+            state.loader_boot = {"boot_id": facts.boot_id, "fingerprint": facts.loader_fingerprint}
 
 
 def host_phase(state: State, facts: Facts) -> Phase:
@@ -3243,6 +3300,10 @@ class Deployer:
         if facts.kexec_boot:
             # After a kexec every Loader* variable describes the firmware boot before it.
             choice, detail = "kexec", "the host was kexec'ed; the boot loader's variables describe an earlier boot"
+        elif facts.loader_stale:
+            # Someone else's kexec: they chose what runs, the boot loader never ran.
+            choice, detail = "manual", ("the host was kexec'ed by someone else into what it runs (the boot loader's "
+                                        "variables describe an earlier boot)")
         else:
             choice, detail = boot_entry_choice(bad, self.cfg.boot_dir)
         if choice == "manual":
@@ -3670,6 +3731,7 @@ class Agent:
         if not os.path.lexists(CURRENT_SYSTEM):
             raise NotNixOS(f"{CURRENT_SYSTEM} is missing: this is not a running NixOS system; nothing done")
         facts = gather_facts(state, self.store)
+        note_loader_boot(state, facts)
         if state.intent:
             # Converge first (before the network, which recovery may not need),
             # then decide again from the new facts.

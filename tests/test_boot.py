@@ -171,6 +171,80 @@ def test_boot_loader_that_booted_its_default_is_a_fallback(host, world, server):
     assert host.profile == a and boot_default(host) == a
 
 
+def loader_times(efivars_dir: str, init: str, exec_: str) -> None:
+    """systemd-boot's timestamps of a firmware boot (new on every boot)."""
+    for name, value in (("LoaderTimeInitUSec", init), ("LoaderTimeExecUSec", exec_)):
+        (Path(efivars_dir) / f"{name}-{LOADER_GUID}").write_bytes(
+            b"\x06\x00\x00\x00" + (value + "\0").encode("utf-16-le"))
+
+
+def test_loader_variables_seen_in_an_earlier_boot_are_no_evidence_after_a_kexec(host, world, server):
+    """The VM tier's fact: after a kexec every Loader* variable still
+    describes the firmware boot before it.  b is staged while the variables
+    describe a's firmware boot (its default, so they read as "the boot loader
+    booted its default"); then someone kexecs into a.  The same fingerprint
+    (timestamps, entry) in another boot says no boot loader ran: the
+    operator chose a, so b is no failed boot and stays staged."""
+    a, b = world.path("a"), world.path("b")
+    env = {"NIXOS_AUTODEPLOY_EFIVARS": efivars(host, "nixos-generation-1.conf", "nixos-generation-1.conf")}
+    loader_times(env["NIXOS_AUTODEPLOY_EFIVARS"], "5123456", "9876543")
+    r = host.once(host.url, env=env)
+    assert r.returncode == 0, r.stderr
+    assert host.state()["loader_boot"]["fingerprint"] == "5123456 9876543 nixos-generation-1.conf"
+    server.pointer(b)
+    r = host.once(host.url, "--switch-mode", "boot", env=env)
+    assert r.returncode == 0 and state_gauge(host) == "pending_reboot", r.stderr
+    fall_back(host, a)  # a kexec into a: a new boot ID, the variables unchanged
+    host.ctl("boot-default").write_text(b + "\n")
+    r = host.once(host.url, "--switch-mode", "boot", env=env)
+    assert r.returncode == 0, r.stderr
+    assert state_gauge(host) == "booted_previous", r.stderr
+    assert "kexec'ed by someone else" in r.stderr and "booted its default entry" not in r.stderr, r.stderr
+    state = host.state()
+    assert state.get("boot_failure") is None and state.get("quarantined") is None, state
+    assert host.profile == b and boot_default(host) == b
+
+
+def test_a_new_firmware_boot_with_the_same_entry_is_evidence(host, world, server):
+    """The counterpart: the firmware booted again (new timestamps), the boot
+    loader chose its default a: a fallback, reported as the boot loader's."""
+    a, b = world.path("a"), world.path("b")
+    env = {"NIXOS_AUTODEPLOY_EFIVARS": efivars(host, "nixos-generation-1.conf", "nixos-generation-1.conf")}
+    loader_times(env["NIXOS_AUTODEPLOY_EFIVARS"], "5123456", "9876543")
+    assert host.once(host.url, env=env).returncode == 0
+    server.pointer(b)
+    assert host.once(host.url, "--switch-mode", "boot", env=env).returncode == 0
+    fall_back(host, a)
+    loader_times(env["NIXOS_AUTODEPLOY_EFIVARS"], "5123999", "9877111")
+    r = host.once(host.url, "--switch-mode", "boot", env=env)
+    assert r.returncode == 5, r.stderr
+    assert state_gauge(host) == "boot_failed" and host.state()["boot_failure"]["choice"] == "loader"
+    assert host.state()["loader_boot"]["fingerprint"] == "5123999 9877111 nixos-generation-1.conf"
+
+
+def test_a_kernel_started_by_kexec_does_not_read_the_loader_variables(host, world, server):
+    """Where systemd-boot sets no timestamps (in a VM without a usable TSC,
+    as in the VM tier's guest) the kernel says it: type_of_loader 0xD? in
+    the x86 boot parameters is kexec, whoever ran it."""
+    a, b = world.path("a"), world.path("b")
+    stage(host, b)
+    fall_back(host, a)
+    host.ctl("boot-default").write_text(b + "\n")
+    params = bytearray(4096)
+    params[0x210] = 0xD0
+    (host.root / "boot_params").write_bytes(bytes(params))
+    env = {"NIXOS_AUTODEPLOY_EFIVARS": efivars(host, "nixos-generation-1.conf", "nixos-generation-1.conf")}
+    r = host.once(host.url, "--switch-mode", "boot", env=env)
+    assert r.returncode == 0 and state_gauge(host) == "booted_previous", r.stderr
+    assert host.profile == b and host.state().get("boot_failure") is None
+    # A boot loader's own type (here systemd-boot's 0xFF... any but 0xD?): the variables count.
+    params[0x210] = 0xFF
+    (host.root / "boot_params").write_bytes(bytes(params))
+    fall_back(host, a)
+    r = host.once(host.url, "--switch-mode", "boot", env=env)
+    assert r.returncode == 5 and state_gauge(host) == "boot_failed", r.stderr
+
+
 # ---------------------------------------------------------------------------
 # Item 1: the boot assessment (check-boot)
 # ---------------------------------------------------------------------------

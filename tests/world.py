@@ -306,6 +306,9 @@ class Host:
             "HOME": str(root),
             "LANG": "C.UTF-8",
             "TZ": "UTC",
+            # How this host's kernel was started (x86 boot parameters): not
+            # the test machine's own; a test writes one to model a kexec.
+            "NIXOS_AUTODEPLOY_BOOT_PARAMS": str(root / "boot_params"),
         }
 
     # -- running things inside the host -----------------------------------

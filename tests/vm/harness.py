@@ -671,7 +671,9 @@ def ensure_base(server_for: Callable[[Path], PointerServer]) -> Base:
     try:
         m.create(image / "base.img", "raw", OVMF_VARS)
         log("base: first boot (Debian entry)")
-        m.start()
+        # The first boot checks the new file system (fsck): slower than the
+        # others, and much slower on a loaded machine.
+        m.start(timeout=600)
         m.put("/etc/nix/nix.conf", NIX_CONF.format(host=CACHE_HOST, key=systems.public_key))
         a = systems["a"]
         log("base: installing the stand-in system a")
