@@ -515,7 +515,7 @@ class State:
     # The firmware boot systemd-boot's variables describe, as first seen: {boot_id, fingerprint}.
     loader_boot: dict[str, Any] | None = None
     # Ready before its turn: the closure realised while the deploy waits.
-    prefetched: dict[str, Any] | None = None      # {path, time}: rooted at PREFETCH_GCROOT
+    prefetched: dict[str, Any] | None = None      # {path, time, boot_id}: rooted at PREFETCH_GCROOT
     prefetch_failures_total: int = 0
     prefetch_error: dict[str, Any] | None = None  # the last failed prefetch {path, message, time}, until one succeeds
     # A hand switch back to a system this agent deployed (--accept-manual-rollback).
@@ -683,7 +683,7 @@ STATE_SCHEMA: Final[dict[str, tuple[Callable[[Any], bool], str]]] = {
                        "a reboot request (an object with typed fields) or null"),
     "loader_boot": (_optional(_record({"boot_id": _text, "fingerprint": _text}, required=("boot_id", "fingerprint"))),
                     "a boot loader fingerprint (an object of strings) or null"),
-    "prefetched": (_optional(_record({"path": _text, "time": _moment}, required=("path",))),
+    "prefetched": (_optional(_record({"path": _text, "time": _moment, "boot_id": _opt_text}, required=("path",))),
                    "a prefetched closure (an object with typed fields) or null"),
     "prefetch_error": (_optional(_record({"path": _text, "message": _text, "time": _moment},
                                          required=("message",))),
@@ -1056,13 +1056,15 @@ def nix_repair_paths(paths: list[str]) -> None:
     run(["nix-store", "--option", "max-jobs", "0", "--repair-path", *paths])
 
 
-def realise_closure(path: str, root: str) -> None:
+def realise_closure(path: str, root: str, verify: bool = True) -> None:
     """Realise `path` from the binary cache and make sure its closure is on
     disk as registered.  nix marks a path valid before its files reach the
     disk: after a power loss the closure can be registered and yet lack
     files, and a realise then does nothing.  Broken paths are repaired from
-    the cache."""
+    the cache.  (`verify=False`: verified since the last boot already.)"""
     nix_realise(path, root)
+    if not verify:
+        return
     broken = nix_broken_paths(nix_closure(path))
     if not broken:
         return
@@ -3002,7 +3004,7 @@ class Deployer:
         log(f"realising {upstream} from the binary cache")
         try:
             with Stopping.interruptible():  # a download is a wait: a stop ends it (nix too)
-                realise_closure(upstream, UPSTREAM_GCROOT)
+                realise_closure(upstream, UPSTREAM_GCROOT, verify=not self.verified_by_prefetch(upstream))
         except ProcessError as exc:
             Stopping.check(exc)
             raise DeployError(f"cannot realise {upstream}: {exc}", "realise") from None
@@ -3092,9 +3094,18 @@ class Deployer:
             self.ledger.save()
             log(f"prefetch of {upstream} failed (tried again next cycle; not a failed deploy): {exc}")
             return
-        state.prefetched, state.prefetch_error = {"path": upstream, "time": time.time()}, None
+        state.prefetched = {"path": upstream, "time": time.time(), "boot_id": current_boot_id()}
+        state.prefetch_error = None
         self.ledger.save()
         log(f"prefetched {upstream}: when its turn comes only the activation remains")
+
+    def verified_by_prefetch(self, upstream: str) -> bool:
+        """A prefetch verified upstream's closure during this boot: a power
+        loss since would have meant a new boot, so it needs no second pass
+        (hashing a whole system closure costs seconds)."""
+        done = self.state.prefetched if isinstance(self.state.prefetched, dict) else {}
+        boot_id = current_boot_id()
+        return bool(boot_id) and done.get("path") == upstream and done.get("boot_id") == boot_id
 
     def drop_prefetch(self) -> None:
         """The prefetch root is given up once a deploy realised its own."""

@@ -240,3 +240,28 @@ def test_a_damaged_path_the_cache_cannot_give_is_a_failed_realise_not_a_build(ho
     state = host.state()
     assert host.current == a and host.profile == a and state.get("quarantined") != b, state
     assert host.activations() == []
+
+
+def test_a_closure_the_prefetch_verified_in_this_boot_is_not_hashed_again(host, world, server):
+    """Verifying hashes the whole closure (seconds for a real system): the
+    turn after a prefetch in the same boot skips it; after a reboot (a power
+    loss is one) the deploy verifies again."""
+    a, b = world.path("a"), world.path("b")
+    track(host)
+    waiting(server, b)
+    r = host.once(host.url, "-v")
+    assert r.returncode == 0 and "nix-store --verify-path" in r.stderr, r.stderr
+    assert host.state()["prefetched"]["boot_id"] == host.boot_id_file.read_text().strip()
+    server.set("/pointer", f"{b}\nrollout: 100%\n")
+    r = host.once(host.url, "-v")
+    assert r.returncode == 0 and host.current == b, r.stderr
+    assert "nix-store --verify-path" not in r.stderr, r.stderr
+    # Prefetched in an earlier boot: verified again.
+    server.pointer(a)
+    assert host.once(host.url).returncode == 0 and host.current == a
+    waiting(server, b)
+    assert host.once(host.url).returncode == 0
+    host.reboot()
+    server.set("/pointer", f"{b}\nrollout: 100%\n")
+    r = host.once(host.url, "-v")
+    assert r.returncode == 0 and "nix-store --verify-path" in r.stderr, r.stderr
