@@ -414,8 +414,9 @@ def test_stop_during_activation_is_a_stop_and_the_next_run_converges(vm: Guest) 
     assert vm.run_agent() == 0, vm.last_journal
     state = vm.state()
     assert vm.current() == b and vm.profile() == b, state
-    assert state["deployed"] == b and state["last_state"] == "deployed" and not state.get("intent"), state
-    assert state.get("rollbacks_total", 0) == 0, state
+    assert state["deployed"] == b and state["verified"] is True and not state.get("intent"), state
+    assert "is active and healthy: recording it" in vm.last_journal, vm.last_journal
+    assert state.get("rollbacks_total", 0) == 0 and state["deploys_total"] == 1, state
 
 
 def test_suspend_holds_a_staged_reboot(vm: Guest) -> None:
