@@ -42,7 +42,7 @@ WEIGHTS = {
     "test_manual_choice_in_the_boot_menu": 170, "test_power_loss_during_boot_activation_converges": 170,
     "test_power_loss_during_realise_converges": 150,
     "test_stop_during_activation_is_a_stop_and_the_next_run_converges": 50,
-    "test_suspend_holds_a_staged_reboot": 150,
+    "test_suspend_holds_a_staged_reboot": 150, "test_reboot_window_defers_a_rollback_reboot": 200,
 }
 
 

@@ -204,6 +204,8 @@ def test_loader_variables_after_kexec_are_not_evidence(vm: Guest) -> None:
     vm.sh(f"bootctl set-default {selected}")
     vm.point("b")
     assert vm.run_agent() == 0, vm.last_journal
+    # A firmware boot (systemd-boot's EFI handover) is no kexec to the kernel.
+    assert vm.sh("od -An -tx1 -j 528 -N 1 /sys/kernel/boot_params/data").out.strip() != "d0"
     a = vm.systems["a"]
     old = vm.m.boot_id
     vm.sh(f"kexec --load {a}/kernel --initrd={a}/initrd --append=\"$(cat {a}/kernel-params) init={a}/init\"")
@@ -441,3 +443,35 @@ def test_suspend_holds_a_staged_reboot(vm: Guest) -> None:
     assert vm.booted() == b
     assert vm.run_agent() == 0, vm.last_journal
     assert vm.state()["verified"] is True and vm.state()["deployed"] == b
+
+
+def test_reboot_window_defers_a_rollback_reboot(vm: Guest) -> None:
+    """The booted release fails its health check outside the reboot window:
+    the profile and boot default go back to a at once, the reboot into a
+    waits (no reboot, however often the agent runs) until the window opens."""
+    track_a(vm, "-s", "boot", "-r", "reboot")
+    bad = vm.point("unhealthy")
+    vm.start_agent()
+    vm.reboot_and_wait()
+    vm.agent_log_after_boot()
+    assert vm.booted() == bad
+    hour = int(vm.sh("date +%H").out.strip())
+    closed = f"{(hour + 2) % 24:02d}:00-{(hour + 3) % 24:02d}:00"
+    vm.configure("-s", "boot", "-r", "reboot", "--reboot-window", closed)
+    boot = vm.m.boot_id
+    assert vm.run_agent() == 5, vm.last_journal  # verify fails: rolled back, the reboot waits
+    state = vm.state()
+    assert state["rollback_of"] == bad and state["quarantined"] == bad, state
+    assert state["reboot_window_wait"] is True and vm.profile() == vm.systems["a"], state
+    assert vm.run_agent() == 0, vm.last_journal  # still outside the window: nothing, no reboot
+    assert vm.sh("cat /proc/sys/kernel/random/boot_id").out.strip() == boot
+    assert vm.state()["rollback_of"] == bad and vm.state()["reboot_window_wait"] is True
+    vm.configure("-s", "boot", "-r", "reboot")  # the window opens
+    vm.start_agent()
+    vm.reboot_and_wait()
+    vm.agent_log_after_boot()
+    assert vm.booted() == vm.systems["a"]
+    assert vm.run_agent() == 0, vm.last_journal
+    state = vm.state()
+    assert state["deployed"] == vm.systems["a"] and not state.get("rollback_of"), state
+    assert state["rollbacks_total"] == 1, state
