@@ -202,7 +202,11 @@ def test_a_registered_but_damaged_closure_is_repaired_from_the_cache(host, world
     kernel = host.sh(f"readlink {b}/kernel").stdout.strip()
     kernel_path = "/".join(kernel.split("/")[:4])
     assert kernel_path != b
-    host.sh(f"chmod u+w {b}/bin && rm {b}/bin/switch-to-configuration && : > {kernel}")
+    # The kernel's path is gone (verify-path stops there), b's script is
+    # empty (reported as modified, and b comes after the kernel): both are
+    # found and repaired.
+    host.sh(f"chmod u+w {b}/bin {b}/bin/switch-to-configuration && : > {b}/bin/switch-to-configuration "
+            f"&& chmod -R u+w {kernel_path} && rm -r {kernel_path}")
     assert host.sh(f"nix-store --verify-path {b} {kernel_path}", check=False).returncode != 0
     server.pointer(b)
     server.requests.clear()
