@@ -2389,7 +2389,8 @@ def exhausted_boot_entry(system: str, boot_dir: str | None = None) -> str | None
     return None
 
 
-def boot_entry_choice(staged: str | None = None, boot_dir: str | None = None) -> tuple[str, str]:
+def boot_entry_choice(staged: str | None = None, boot_dir: str | None = None,
+                      variables_stale: bool = False) -> tuple[str, str]:
     """Who chose this boot's entry instead of the staged system's:
     ("loader", why) when the staged entry ran out of tries or systemd-boot
     booted its default, ("manual", why) when systemd-boot says the booted
@@ -2397,12 +2398,18 @@ def boot_entry_choice(staged: str | None = None, boot_dir: str | None = None) ->
     or set with `bootctl set-default`), ("unknown", why) when it does not say
     (GRUB, BIOS, or no LoaderEntryDefault: NixOS writes its default into
     loader.conf).  A default that is a pattern records no manual choice: a
-    fallback must never look like one."""
+    fallback must never look like one.  `variables_stale`: someone else's
+    kexec started this boot (systemd-boot's variables describe the firmware
+    boot before it): they chose what runs, unless the entry files say the
+    boot loader gave up on the staged system earlier."""
     import fnmatch
     exhausted = exhausted_boot_entry(staged, boot_dir) if staged else None
     if exhausted is not None:
         return "loader", f"boot entry {shorten(exhausted, 80)} has no tries left (boot counting)"
     selected = read_loader_variable("LoaderEntrySelected")
+    if variables_stale and selected is not None:
+        return "manual", ("the host was kexec'ed by someone else into what it runs (the boot loader's "
+                          "variables describe an earlier boot)")
     default = read_loader_variable("LoaderEntryDefault")
     if selected is None or default is None:
         return "unknown", "the boot loader does not tell whether the entry was picked by hand"
@@ -3311,12 +3318,8 @@ class Deployer:
         if facts.kexec_boot:
             # After a kexec every Loader* variable describes the firmware boot before it.
             choice, detail = "kexec", "the host was kexec'ed; the boot loader's variables describe an earlier boot"
-        elif facts.loader_stale:
-            # Someone else's kexec: they chose what runs, the boot loader never ran.
-            choice, detail = "manual", ("the host was kexec'ed by someone else into what it runs (the boot loader's "
-                                        "variables describe an earlier boot)")
         else:
-            choice, detail = boot_entry_choice(bad, self.cfg.boot_dir)
+            choice, detail = boot_entry_choice(bad, self.cfg.boot_dir, variables_stale=facts.loader_stale)
         if choice == "manual":
             return Outcome("booted_previous", f"the host rebooted into {basename_or_empty(running)}, not the staged "
                                               f"{basename_or_empty(bad)}: {detail}; the staged system stays the "

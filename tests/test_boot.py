@@ -607,3 +607,23 @@ def test_an_entry_without_tries_left_is_a_fallback_whatever_the_variables_say(bo
     failure = host.state()["boot_failure"]
     assert failure["choice"] == "loader" and "nixos-generation-2+0-3.conf" in failure["reason"]
     assert host.profile == a and boot_default(host) == a
+
+
+def test_after_someone_elses_kexec_an_exhausted_entry_still_settles_it(boot_host, world, server):
+    """The entry files are no variables: an entry without tries left says the
+    boot loader gave up on the staged system, kexec or not."""
+    host = boot_host
+    a, b = world.path("a"), world.path("b")
+    mount = host.mount_boot(8 * MiB)
+    stage(host, b)
+    fall_back(host, a)
+    entries = mount / "loader" / "entries"
+    (entries / "nixos-generation-1.conf").write_text(f"title NixOS\nlinux /x\noptions init={a}/init quiet\n")
+    (entries / "nixos-generation-2+0-3.conf").write_text(f"title NixOS\nlinux /y\noptions init={b}/init quiet\n")
+    params = bytearray(4096)
+    params[0x210] = 0xD0
+    (host.root / "boot_params").write_bytes(bytes(params))
+    env = {"NIXOS_AUTODEPLOY_EFIVARS": efivars(host, "nixos-generation-1.conf", "nixos-generation-1.conf")}
+    r = host.once(host.url, "--switch-mode", "boot", env=env)
+    assert r.returncode == 5 and state_gauge(host) == "boot_failed", r.stderr
+    assert host.state()["boot_failure"]["choice"] == "loader"
