@@ -473,5 +473,6 @@ def test_reboot_window_defers_a_rollback_reboot(vm: Guest) -> None:
     assert vm.booted() == vm.systems["a"]
     assert vm.run_agent() == 0, vm.last_journal
     state = vm.state()
-    assert state["deployed"] == vm.systems["a"] and not state.get("rollback_of"), state
-    assert state["rollbacks_total"] == 1, state
+    # (rollback_of keeps naming the failed release until the next deploy
+    # records anew; it only counts while the host does not run `deployed`.)
+    assert state["deployed"] == vm.systems["a"] == vm.current() and state["quarantined"] == bad, state
