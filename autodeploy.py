@@ -17,8 +17,9 @@ time:
     the upstream path and its own persisted record, what to do (table below),
  4. realises the closure from the binary cache (``nix-store --realise``,
     then ``--verify-path`` on the closure and ``--repair-path`` from the cache
-    for what a power loss left registered but damaged; the device never builds; a build waiting for its rollout wave is realised at
-    once, its *prefetch*, so that its turn costs only the activation) and
+    for what a power loss left registered but damaged; the device never
+    builds; a build waiting for its rollout wave is realised at once, its
+    *prefetch*, so that its turn costs only the activation) and
     checks that it is a NixOS system for this machine,
  5. sets the system profile and activates it through ``systemd-run``
     (``switch``, ``boot``, or ``smart`` = boot only when kernel, initrd or
