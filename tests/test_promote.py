@@ -20,8 +20,7 @@ from pathlib import Path
 import pytest
 
 from servers import NODE_EXPORTER, PROMETHEUS, FakePrometheus, FleetMonitor, free_port, stop
-from test_trust import make_key
-from util import bucket
+from util import bucket, make_key
 from world import AGENT, METRICS, REPO, Host
 
 sys.path.insert(0, str(REPO))

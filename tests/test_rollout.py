@@ -27,7 +27,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from servers import FleetLockServer, HostileLockServer, free_port
-from util import bucket, promtool_ok, state_gauge, suspend
+from util import APP_ID, bucket, fl_once, lock_id, machine_id, promtool_ok, state_gauge, suspend
 from world import AGENT, REPO, Host, app_specific_id
 
 sys.path.insert(0, str(REPO))
@@ -311,28 +311,6 @@ def test_pause_holds_back_the_reboot_into_a_staged_release(host, world, server):
 # ---------------------------------------------------------------------------
 # FleetLock: coordinated reboots
 # ---------------------------------------------------------------------------
-
-
-APP_ID = autodeploy.FLEETLOCK_APP_ID
-
-
-def machine_id(host) -> str:
-    """Each simulated host gets its own /etc/machine-id stand-in (test-only variable)."""
-    path = host.root / "machine-id"
-    if not path.exists():
-        path.write_text(secrets.token_hex(16) + "\n")
-    return path.read_text().strip()
-
-
-def lock_id(host) -> str:
-    return app_specific_id(machine_id(host), APP_ID)
-
-
-def fl_once(host, fleetlock, *args: str, url: str | None = None):
-    machine_id(host)
-    return host.once(host.url, "--switch-mode", "boot", "--reboot-mode", "reboot",
-                     "--fleetlock-url", url or fleetlock.url, *args,
-                     env={"NIXOS_AUTODEPLOY_MACHINE_ID_FILE": str(host.root / "machine-id")})
 
 
 def reboots(host) -> int:
