@@ -14,6 +14,9 @@
 - ``TestCA``: a CA and a server certificate for 127.0.0.1 made with openssl.
 - ``FleetMonitor``: Debian's prometheus-node-exporter per host and prometheus.
 - ``FleetLockServer``: a FleetLock reboot-slot server (Zincati's protocol).
+- ``HostileLockServer``: a lock server whose replies break on purpose.
+- ``TLSServer``: an HTTPS server with a self-signed certificate.
+- ``FakePrometheus``: a query API that gives one fixed answer.
 
 The pointer server and binary cache of the real-nix tests are world.py's
 ``PointerServer``.
@@ -26,6 +29,8 @@ import json
 import os
 import shutil
 import socket
+import ssl
+import struct
 import subprocess
 import threading
 import time
@@ -558,3 +563,107 @@ class FleetLockServer:
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+# ---------------------------------------------------------------------------
+# Hostile lock replies (issue #18, items 1 and 2): the status decides
+# ---------------------------------------------------------------------------
+
+LARGE = b'{"kind": "x", "value": "' + b"y" * 10000 + b'"}'
+HOSTILE_REPLIES = {
+    # A non-200 whose body cannot be read: malformed chunk size, stalled, reset.
+    "chunk": b"HTTP/1.1 500 X\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    "stall": b'HTTP/1.1 500 X\r\nContent-Length: 100\r\n\r\n{"kind"',
+    "reset": b'HTTP/1.1 503 X\r\nContent-Length: 100\r\n\r\n{"ki',
+    # Larger than the reply limit: the status still decides.
+    "big200": b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(LARGE), LARGE),
+    "big409": b"HTTP/1.1 409 X\r\nContent-Length: %d\r\n\r\n%s" % (len(LARGE), LARGE),
+    "ok": b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+}
+
+
+class HostileLockServer:
+    """A raw socket lock server answering every request as `mode` says."""
+
+    def __init__(self) -> None:
+        self.mode = "ok"
+        self.srv = RawServer(self.answer)
+
+    def answer(self, conn, n) -> None:
+        mode = self.mode
+        conn.sendall(HOSTILE_REPLIES[mode])
+        if mode == "stall":
+            self.srv.sleep(30)
+        elif mode == "reset":
+            # The reset comes once the client has the status line: an RST
+            # that arrives first discards the unread reply (then the server
+            # never answered at all, which is another test's case).
+            self.srv.sleep(1.0)
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.srv.port}"
+
+    def operations(self) -> list[str]:
+        return [r.split(b" ", 2)[1].decode() for r in self.srv.requests]
+
+
+# ---------------------------------------------------------------------------
+# HTTPS with a certificate nobody trusts
+# ---------------------------------------------------------------------------
+
+
+class TLSServer:
+    """An HTTPS server on 127.0.0.1 with a fresh self-signed certificate in
+    ``directory``, answering every GET with "x"; ``url`` is its /pointer.
+    Raises RuntimeError when openssl cannot make the certificate."""
+
+    def __init__(self, directory: Path) -> None:
+        cert, key = directory / "cert.pem", directory / "key.pem"
+        r = subprocess.run([OPENSSL, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                            "-days", "1", "-subj", "/CN=127.0.0.1"], capture_output=True)
+        if r.returncode != 0:
+            raise RuntimeError("openssl cannot make a certificate here")
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):  # noqa: N802
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"x\n")
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(cert, key)
+        self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"https://127.0.0.1:{self.httpd.server_address[1]}/pointer"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+
+
+# ---------------------------------------------------------------------------
+# A Prometheus query API with one fixed answer
+# ---------------------------------------------------------------------------
+
+
+class FakePrometheus(RawServer):
+    """Answers every request with ``body`` (JSON-encoded unless bytes) and
+    ``status``; ``url`` is the base `promote --prometheus` takes."""
+
+    def __init__(self, body: object, status: int = 200) -> None:
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+
+        def handler(conn, n):
+            conn.sendall(f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {len(raw)}\r\n"
+                         f"Connection: close\r\n\r\n".encode() + raw)
+        super().__init__(handler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"

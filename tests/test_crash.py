@@ -12,8 +12,8 @@ import time
 import pytest
 
 from test_boot import boot_default, stage
-from test_rollout import fl_once
-from util import CHECK, assert_host, fill_leaving, kill, quarantined, reboot_calls, state_gauge, track, wait_for
+from util import (CHECK, assert_host, fill_leaving, fl_once, kill, quarantined, reboot_calls, state_gauge, track,
+                  wait_for)
 
 
 # ---------------------------------------------------------------------------

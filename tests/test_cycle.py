@@ -11,9 +11,8 @@ import time
 import pytest
 
 from test_boot import boot_default, efivars, fall_back, stage
-from test_rollout import lock_id, machine_id
-from util import (CHECK, INSIDE, OUTSIDE, WINDOW, assert_host, promtool_ok, quarantined, reboot_calls, state_gauge,
-                  suspend, track)
+from util import (CHECK, INSIDE, OUTSIDE, WINDOW, assert_host, lock_id, machine_id, promtool_ok, quarantined,
+                  reboot_calls, state_gauge, suspend, track)
 from world import METRICS
 
 

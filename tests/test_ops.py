@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from util import error_kind, promtool_ok, state_gauge
+from util import hook_script, read_env  # re-exported for test_boot.py (and used here)
 from world import AGENT, REPO
 
 sys.path.insert(0, str(REPO))
@@ -56,19 +57,6 @@ def test_suspend_and_resume_across_runs(host, world, server):
     assert host.current == b and host.state()["deployed"] == b
     assert host.metrics()["nixos_autodeploy_suspended"] == 0
     assert json.loads(host.agent("status", "--json").stdout)["suspended"] is False
-
-
-def hook_script(host, name: str, body: str = "") -> str:
-    out = host.root / f"{name}.env"
-    script = host.root / f"{name}.sh"
-    script.write_text("#!/bin/sh\nenv | grep ^NIXOS_AUTODEPLOY_ | sort > " + str(out) + "\n" + body)
-    script.chmod(0o755)
-    return str(script)
-
-
-def read_env(host, name: str) -> dict[str, str]:
-    path = host.root / f"{name}.env"
-    return dict(line.split("=", 1) for line in path.read_text().splitlines()) if path.exists() else {}
 
 
 def test_success_hook_gets_outcome_and_systems(host, world, server):

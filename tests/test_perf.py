@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
-import ssl
-import subprocess
-import threading
 import time
-import http.server
 from pathlib import Path
 
 import pytest
 
 import world as world_mod
+from servers import TLSServer
 from util import wait_for
 
 TOOLS = ("nix", "nix-store", "nix-env", "nix-build", "systemd-run", "systemctl", "kexec", "ssh-keygen", "sh",
@@ -146,29 +143,12 @@ def test_sigterm_during_activation_waits_for_it(host, world, server):
 
 @pytest.fixture
 def tls_server(tmp_path):
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    r = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
-                        "-days", "1", "-subj", "/CN=127.0.0.1"], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip("openssl cannot make a certificate here")
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def do_GET(self):  # noqa: N802
-            self.send_response(200)
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"x\n")
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(cert, key)
-    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"https://127.0.0.1:{httpd.server_address[1]}/pointer"
-    httpd.shutdown()
+    try:
+        srv = TLSServer(tmp_path)
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    yield srv.url
+    srv.close()
 
 
 def test_untrusted_tls_certificate_is_a_clear_fetch_error(host, world, tls_server):

@@ -19,9 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from servers import NODE_EXPORTER, PROMETHEUS, FleetMonitor, RawServer, free_port, stop
-from test_trust import make_key
-from util import bucket
+from servers import NODE_EXPORTER, PROMETHEUS, FakePrometheus, FleetMonitor, free_port, stop
+from util import bucket, make_key
 from world import AGENT, METRICS, REPO, Host
 
 sys.path.insert(0, str(REPO))
@@ -305,7 +304,7 @@ def test_steps_refused(text):
 
 
 # ---------------------------------------------------------------------------
-# A Prometheus that answers what the test says (RawServer), hostile pointers
+# A Prometheus that answers what the test says (FakePrometheus), hostile pointers
 # ---------------------------------------------------------------------------
 
 B = "/nix/store/" + "1" * 32 + "-b"
@@ -325,13 +324,8 @@ def fake_prometheus():
     made = []
 
     def serve(body, status: int = 200):
-        raw = body if isinstance(body, bytes) else __import__("json").dumps(body).encode()
-
-        def handler(conn, n):
-            conn.sendall(f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {len(raw)}\r\n"
-                         f"Connection: close\r\n\r\n".encode() + raw)
-        made.append(RawServer(handler))
-        return f"http://127.0.0.1:{made[-1].port}"
+        made.append(FakePrometheus(body, status))
+        return made[-1].url
     yield serve
     for srv in made:
         srv.close()

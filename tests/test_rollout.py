@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -27,8 +26,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from servers import FleetLockServer, free_port
-from util import bucket, promtool_ok, state_gauge, suspend
+from servers import FleetLockServer, HostileLockServer, free_port
+from util import APP_ID, bucket, fl_once, lock_id, machine_id, promtool_ok, state_gauge, suspend
 from world import AGENT, REPO, Host, app_specific_id
 
 sys.path.insert(0, str(REPO))
@@ -312,28 +311,6 @@ def test_pause_holds_back_the_reboot_into_a_staged_release(host, world, server):
 # ---------------------------------------------------------------------------
 # FleetLock: coordinated reboots
 # ---------------------------------------------------------------------------
-
-
-APP_ID = autodeploy.FLEETLOCK_APP_ID
-
-
-def machine_id(host) -> str:
-    """Each simulated host gets its own /etc/machine-id stand-in (test-only variable)."""
-    path = host.root / "machine-id"
-    if not path.exists():
-        path.write_text(secrets.token_hex(16) + "\n")
-    return path.read_text().strip()
-
-
-def lock_id(host) -> str:
-    return app_specific_id(machine_id(host), APP_ID)
-
-
-def fl_once(host, fleetlock, *args: str, url: str | None = None):
-    machine_id(host)
-    return host.once(host.url, "--switch-mode", "boot", "--reboot-mode", "reboot",
-                     "--fleetlock-url", url or fleetlock.url, *args,
-                     env={"NIXOS_AUTODEPLOY_MACHINE_ID_FILE": str(host.root / "machine-id")})
 
 
 def reboots(host) -> int:
@@ -711,47 +688,6 @@ def test_every_servers_all_slots_taken_is_one_kind(status, body):
 # ---------------------------------------------------------------------------
 # Hostile lock replies (issue #18, items 1 and 2): the status decides
 # ---------------------------------------------------------------------------
-
-LARGE = b'{"kind": "x", "value": "' + b"y" * 10000 + b'"}'
-HOSTILE_REPLIES = {
-    # A non-200 whose body cannot be read: malformed chunk size, stalled, reset.
-    "chunk": b"HTTP/1.1 500 X\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
-    "stall": b'HTTP/1.1 500 X\r\nContent-Length: 100\r\n\r\n{"kind"',
-    "reset": b'HTTP/1.1 503 X\r\nContent-Length: 100\r\n\r\n{"ki',
-    # Larger than the reply limit: the status still decides.
-    "big200": b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(LARGE), LARGE),
-    "big409": b"HTTP/1.1 409 X\r\nContent-Length: %d\r\n\r\n%s" % (len(LARGE), LARGE),
-    "ok": b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
-}
-
-
-class HostileLockServer:
-    """A raw socket lock server answering every request as `mode` says."""
-
-    def __init__(self) -> None:
-        import servers
-        self.mode = "ok"
-        self.srv = servers.RawServer(self.answer)
-
-    def answer(self, conn, n) -> None:
-        mode = self.mode
-        conn.sendall(HOSTILE_REPLIES[mode])
-        if mode == "stall":
-            self.srv.sleep(30)
-        elif mode == "reset":
-            import struct
-            # The reset comes once the client has the status line: an RST
-            # that arrives first discards the unread reply (then the server
-            # never answered at all, which is another test's case).
-            self.srv.sleep(1.0)
-            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.srv.port}"
-
-    def operations(self) -> list[str]:
-        return [r.split(b" ", 2)[1].decode() for r in self.srv.requests]
 
 
 @pytest.fixture

@@ -23,34 +23,15 @@ from pathlib import Path
 
 import pytest
 
-from util import error_kind, fill_leaving, pointer_requests, promtool_ok, state_gauge
+from util import SSH_KEYGEN, Key, error_kind, fill_leaving, make_key, pointer_requests, promtool_ok, state_gauge
 from world import AGENT, METRICS
 
 NAMESPACE = "nixos-autodeploy"
-SSH_KEYGEN = "/usr/bin/ssh-keygen"
 
 
 # ---------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Key:
-    name: str
-    private: Path
-    public: str  # "ssh-ed25519 AAAA... comment"
-
-    @property
-    def blob(self) -> str:
-        return " ".join(self.public.split()[:2])
-
-
-def make_key(directory: Path, name: str) -> Key:
-    private = directory / name
-    subprocess.run([SSH_KEYGEN, "-q", "-t", "ed25519", "-N", "", "-C", f"{name}@ci", "-f", str(private)],
-                   check=True, capture_output=True)
-    return Key(name, private, (directory / f"{name}.pub").read_text().strip())
 
 
 def sign(key: Key, revision: int, path: str, out: Path, hosts: tuple[str, ...] = (),

@@ -1,7 +1,8 @@
 """Helpers the test files share, one home for each: what a host's metrics
 say, waiting for a condition, killing the agent, filling a disk, the
 documented rollout bucket, suspend, reboot requests, a failing health check
-and a reboot window.  Servers are in servers.py, the test world in
+and a reboot window, signing keys, hooks that write down their environment
+and a host's FleetLock identity and cycle.  Servers are in servers.py, the test world in
 world.py, fixtures in conftest.py."""
 
 from __future__ import annotations
@@ -10,12 +11,18 @@ import hashlib
 import os
 import re
 import shutil
+import secrets
 import signal
 import subprocess
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from world import METRICS
+from world import METRICS, REPO, app_specific_id
+
+sys.path.insert(0, str(REPO))
+import autodeploy  # noqa: E402
 
 
 def promtool_ok(host) -> None:
@@ -115,3 +122,72 @@ def error_kind(host) -> str | None:
     kinds = re.findall(r'^nixos_autodeploy_last_error_info\{kind="([^"]*)"', host.metrics_text(), re.M)
     assert len(kinds) <= 1, kinds
     return kinds[0] if kinds else None
+
+
+# ---------------------------------------------------------------------------
+# Signing keys (ssh-keygen -t ed25519)
+# ---------------------------------------------------------------------------
+
+SSH_KEYGEN = "/usr/bin/ssh-keygen"
+
+
+@dataclass(frozen=True)
+class Key:
+    name: str
+    private: Path
+    public: str  # "ssh-ed25519 AAAA... comment"
+
+    @property
+    def blob(self) -> str:
+        return " ".join(self.public.split()[:2])
+
+
+def make_key(directory: Path, name: str) -> Key:
+    private = directory / name
+    subprocess.run([SSH_KEYGEN, "-q", "-t", "ed25519", "-N", "", "-C", f"{name}@ci", "-f", str(private)],
+                   check=True, capture_output=True)
+    return Key(name, private, (directory / f"{name}.pub").read_text().strip())
+
+
+# ---------------------------------------------------------------------------
+# Hooks that write down the NIXOS_AUTODEPLOY_* environment they were given
+# ---------------------------------------------------------------------------
+
+
+def hook_script(host, name: str, body: str = "") -> str:
+    out = host.root / f"{name}.env"
+    script = host.root / f"{name}.sh"
+    script.write_text("#!/bin/sh\nenv | grep ^NIXOS_AUTODEPLOY_ | sort > " + str(out) + "\n" + body)
+    script.chmod(0o755)
+    return str(script)
+
+
+def read_env(host, name: str) -> dict[str, str]:
+    path = host.root / f"{name}.env"
+    return dict(line.split("=", 1) for line in path.read_text().splitlines()) if path.exists() else {}
+
+
+# ---------------------------------------------------------------------------
+# FleetLock: a host's client id and a cycle that asks for a reboot slot
+# ---------------------------------------------------------------------------
+
+APP_ID = autodeploy.FLEETLOCK_APP_ID
+
+
+def machine_id(host) -> str:
+    """Each simulated host gets its own /etc/machine-id stand-in (test-only variable)."""
+    path = host.root / "machine-id"
+    if not path.exists():
+        path.write_text(secrets.token_hex(16) + "\n")
+    return path.read_text().strip()
+
+
+def lock_id(host) -> str:
+    return app_specific_id(machine_id(host), APP_ID)
+
+
+def fl_once(host, fleetlock, *args: str, url: str | None = None):
+    machine_id(host)
+    return host.once(host.url, "--switch-mode", "boot", "--reboot-mode", "reboot",
+                     "--fleetlock-url", url or fleetlock.url, *args,
+                     env={"NIXOS_AUTODEPLOY_MACHINE_ID_FILE": str(host.root / "machine-id")})
