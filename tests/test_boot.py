@@ -20,47 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from test_ops import hook_script, read_env
-from util import assert_host, promtool_ok, quarantined, state_gauge
+from util import (LOADER_GUID, MiB, assert_host, boot_default, efivars, fall_back, fill_leaving, hook_script,
+                  promtool_ok, quarantined, read_env, stage, state_gauge)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import autodeploy as ad  # noqa: E402
-
-LOADER_GUID = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
-MiB = 1024 * 1024
-
-
-def boot_default(host) -> str:
-    return host.ctl("boot-default").read_text().strip()
-
-
-def stage(host, system: str, *args: str) -> None:
-    """Track what runs, then stage `system` for the next boot."""
-    r = host.once(host.url)
-    assert r.returncode == 0, r.stderr
-    host.server.pointer(system)
-    r = host.once(host.url, "--switch-mode", "boot", *args)
-    assert r.returncode == 0, r.stderr
-    assert state_gauge(host) == "pending_reboot"
-    assert boot_default(host) == system
-
-
-def fall_back(host, previous: str) -> None:
-    """The boot loader gives up on the staged entry and boots the previous one."""
-    host.ctl("boot-default").write_text(previous + "\n")
-    host.reboot()
-    assert host.current == previous
-
-
-def efivars(host, selected: str, default: str) -> str:
-    """systemd-boot's Boot Loader Interface variables as efivarfs shows them."""
-    d = host.root / "efivars"
-    d.mkdir(exist_ok=True)
-    for name, value in (("LoaderEntrySelected", selected), ("LoaderEntryDefault", default)):
-        (d / f"{name}-{LOADER_GUID}").write_bytes(b"\x06\x00\x00\x00" + (value + "\0").encode("utf-16-le"))
-    return str(d)
-
 
 # ---------------------------------------------------------------------------
 # Item 2: fallback is a failure, loudly, exactly once
@@ -340,15 +305,6 @@ def boot_host(host):
     host.unmount_boot()
 
 
-def fill(mount: Path, leave: int) -> Path:
-    """A file that leaves about `leave` bytes free in the tmpfs at `mount`."""
-    st = os.statvfs(mount)
-    filler = mount / "filler"
-    with open(filler, "wb") as f:
-        f.write(b"\0" * max(0, st.f_bavail * st.f_frsize - leave))
-    return filler
-
-
 def test_full_boot_refuses_a_new_kernel_and_changes_nothing(boot_host, world, server):
     host = boot_host
     b, c, k = world.path("b"), world.path("c"), world.path("k")
@@ -362,7 +318,7 @@ def test_full_boot_refuses_a_new_kernel_and_changes_nothing(boot_host, world, se
     copied = sorted(p.name for p in (mount / "EFI" / "nixos").iterdir())
     assert copied == [f"{kernel_dir}-bzImage.efi", f"{kernel_dir}-initrd.efi"], copied
 
-    filler = fill(mount, 2 * MiB)
+    filler = fill_leaving(mount, 2 * MiB)
     # Same kernel and initrd as b: nothing new for /boot, a full /boot is fine.
     server.pointer(c)
     r = host.once(host.url)
@@ -400,7 +356,7 @@ def test_the_stand_in_installer_fails_half_way_on_a_full_boot(boot_host, world, 
     host = boot_host
     k = world.path("k")
     mount = host.mount_boot(4 * MiB)
-    fill(mount, 0)
+    fill_leaving(mount, 0)
     host.sh(f"nix-store --realise {k} >/dev/null")
     r = host.sh(f"{k}/bin/switch-to-configuration boot", check=False)
     assert r.returncode != 0 and "cannot copy" in r.stderr
@@ -412,7 +368,7 @@ def test_grub_layout_counts_boot_kernels(boot_host, world, server):
     k = world.path("k")
     mount = host.mount_boot(8 * MiB, layout="grub")
     assert host.once(host.url).returncode == 0
-    fill(mount, 1 * MiB)
+    fill_leaving(mount, 1 * MiB)
     server.pointer(k)
     r = host.once(host.url)
     assert r.returncode == 5 and "/boot has" in r.stderr, r.stderr

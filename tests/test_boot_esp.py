@@ -14,13 +14,12 @@ the EFI variables carry the counter as it was at boot.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import pytest
 
-from test_boot import MiB, boot_default, efivars, fall_back, fill, stage
+from util import MiB, boot_default, efivars, fall_back, fill_leaving, stage
 from util import assert_host, state_gauge
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -75,7 +74,7 @@ def test_space_is_checked_where_the_kernels_go(boot_host, world, server, at):
     k = world.path("k")
     mount = host.mount_boot(16 * MiB, at=at)
     assert host.once(host.url).returncode == 0
-    filler = fill(mount, 2 * MiB)
+    filler = fill_leaving(mount, 2 * MiB)
     server.pointer(k)
     r = host.once(host.url)
     assert r.returncode == 5, r.stderr
@@ -212,7 +211,7 @@ def test_grub_leftovers_in_boot_do_not_hide_the_esp(boot_host, world, server, gi
     failure = host.state()["boot_failure"]
     assert failure["choice"] == "loader" and "+0-1.conf" in failure["reason"], failure
     # the space check runs where the kernels go: the ESP, not the leftovers
-    filler = fill(mount, 2 * MiB)
+    filler = fill_leaving(mount, 2 * MiB)
     server.pointer(k)
     r = host.once(host.url, *args, env=env)
     assert r.returncode == 5, r.stderr

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from test_boot import boot_default, stage
+from util import boot_default, stage
 from util import (CHECK, assert_host, fill_leaving, fl_once, kill, quarantined, reboot_calls, state_gauge, track,
                   wait_for)
 

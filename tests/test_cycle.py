@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from test_boot import boot_default, efivars, fall_back, stage
+from util import boot_default, efivars, fall_back, stage
 from util import (CHECK, INSIDE, OUTSIDE, WINDOW, assert_host, lock_id, machine_id, promtool_ok, quarantined,
                   reboot_calls, state_gauge, suspend, track)
 from world import METRICS

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from util import error_kind, promtool_ok, state_gauge
-from util import hook_script, read_env  # re-exported for test_boot.py (and used here)
+from util import hook_script, read_env
 from world import AGENT, REPO
 
 sys.path.insert(0, str(REPO))

@@ -191,3 +191,40 @@ def fl_once(host, fleetlock, *args: str, url: str | None = None):
     return host.once(host.url, "--switch-mode", "boot", "--reboot-mode", "reboot",
                      "--fleetlock-url", url or fleetlock.url, *args,
                      env={"NIXOS_AUTODEPLOY_MACHINE_ID_FILE": str(host.root / "machine-id")})
+
+
+# -- boot: stage a system, fall back, systemd-boot's EFI variables ----------
+
+LOADER_GUID = "4a67b082-0a4c-41cf-b6c7-440b29bb8c4f"
+MiB = 1024 * 1024
+
+
+def boot_default(host) -> str:
+    return host.ctl("boot-default").read_text().strip()
+
+
+def stage(host, system: str, *args: str) -> None:
+    """Track what runs, then stage `system` for the next boot."""
+    r = host.once(host.url)
+    assert r.returncode == 0, r.stderr
+    host.server.pointer(system)
+    r = host.once(host.url, "--switch-mode", "boot", *args)
+    assert r.returncode == 0, r.stderr
+    assert state_gauge(host) == "pending_reboot"
+    assert boot_default(host) == system
+
+
+def fall_back(host, previous: str) -> None:
+    """The boot loader gives up on the staged entry and boots the previous one."""
+    host.ctl("boot-default").write_text(previous + "\n")
+    host.reboot()
+    assert host.current == previous
+
+
+def efivars(host, selected: str, default: str) -> str:
+    """systemd-boot's Boot Loader Interface variables as efivarfs shows them."""
+    d = host.root / "efivars"
+    d.mkdir(exist_ok=True)
+    for name, value in (("LoaderEntrySelected", selected), ("LoaderEntryDefault", default)):
+        (d / f"{name}-{LOADER_GUID}").write_bytes(b"\x06\x00\x00\x00" + (value + "\0").encode("utf-16-le"))
+    return str(d)
