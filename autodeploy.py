@@ -16,7 +16,7 @@ time:
  3. decides, from /run/current-system, /run/booted-system, the system profile,
     the upstream path and its own persisted record, what to do (table below),
  4. realises the closure from the binary cache (``nix-store --realise``,
-    then ``--verify-path`` on the closure and ``--repair-path`` from the cache
+    then ``--verify-path`` on the closure and ``--realise --repair`` from the cache
     for what a power loss left registered but damaged; the device never
     builds; a build waiting for its rollout wave is realised at once, its
     *prefetch*, so that its turn costs only the activation) and
@@ -1053,9 +1053,14 @@ def nix_broken_paths(paths: list[str]) -> list[str]:
 
 
 def nix_repair_paths(paths: list[str]) -> None:
-    # From the binary cache only: max-jobs 0 keeps nix from building a
-    # path it cannot substitute (the device never builds).
-    run(["nix-store", "--option", "max-jobs", "0", "--repair-path", *paths])
+    # From the binary cache only, and never by deleting first: `--realise
+    # --repair` of a store path substitutes it into a temporary path and
+    # swaps it in; it never turns to the path's deriver (max-jobs 0 would
+    # refuse that build anyway).  `--repair-path` does turn to a deriver
+    # that is valid on the host (hosts that once built their own system)
+    # when the cache cannot give the path, and nix 2.8 deletes the damaged
+    # path before it finds that it may not build.
+    run(["nix-store", "--option", "max-jobs", "0", "--realise", "--repair", *paths])
 
 
 def realise_closure(path: str, root: str, verify: bool = True) -> None:
@@ -1075,7 +1080,7 @@ def realise_closure(path: str, root: str, verify: bool = True) -> None:
     nix_repair_paths(broken)
     still = nix_broken_paths(broken)
     if still:
-        raise ProcessError(["nix-store", "--repair-path", *still], 1, "still damaged after the repair")
+        raise ProcessError(["nix-store", "--realise", "--repair", *still], 1, "still damaged after the repair")
 
 
 def nix_set_profile(path: str) -> None:
@@ -1953,6 +1958,12 @@ class StateStore:
     def flush(self) -> None:
         """Write the timestamps held back (loop mode), if any."""
         if self._held is not None:
+            self._write_state(self._held)
+
+    def flush_due(self) -> None:
+        """Write what is held once the bound has passed (the loop calls this
+        while it sleeps: held timestamps never wait for the next poll)."""
+        if self._held is not None and time.monotonic() - self._written_at >= TIMESTAMPS_WRITTEN_EVERY_SECONDS:
             self._write_state(self._held)
 
     def reset_trust(self, min_revision: int) -> State:
@@ -4335,6 +4346,10 @@ def command_run(cfg: Config) -> int:
                 end = time.monotonic() + delay
                 while not Stopping.requested and time.monotonic() < end:
                     time.sleep(min(1.0, end - time.monotonic()))
+                    try:
+                        agent.store.flush_due()
+                    except OSError as exc:
+                        log(f"cannot write the last run's timestamps to {agent.store.path}: {exc.strerror}")
         finally:
             try:
                 agent.store.flush()

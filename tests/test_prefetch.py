@@ -269,3 +269,53 @@ def test_a_closure_the_prefetch_verified_in_this_boot_is_not_hashed_again(host, 
     server.set("/pointer", f"{b}\nrollout: 100%\n")
     r = host.once(host.url, "-v")
     assert r.returncode == 0 and "nix-store --verify-path" in r.stderr, r.stderr
+
+
+REPAIR_WITH_A_DERIVER = r'''
+set -eu
+mount -t tmpfs none /nix
+mkdir -p /nix/store /nix/var/nix
+export NIX_CONFIG="sandbox = false
+build-users-group =
+substituters = http://127.0.0.1:9
+connect-timeout = 1"
+out=$(nix-build --no-out-link -E 'derivation {name="t"; system=builtins.currentSystem; builder="/bin/sh";
+  args=["-c" "/bin/mkdir -p $out/lib; echo a > $out/lib/a; echo b > $out/lib/b"];}' 2>/dev/null)
+chmod u+w "$out/lib" "$out/lib/a"; echo damaged > "$out/lib/a"
+python3 -c "
+import sys; sys.path.insert(0, sys.argv[1]); import autodeploy as ad
+try:
+    ad.realise_closure(sys.argv[2], '/nix/var/nix/gcroots/t')
+    print('REALISED')
+except ad.ProcessError as exc:
+    print('FAILED', exc)
+" "$1" "$out" 2>&1 | tail -n 1
+ls "$out/lib"
+'''
+
+
+@pytest.mark.tier("real nix")
+def test_a_failed_repair_never_deletes_the_damaged_path(tmp_path):
+    """A host that once built its own system has the path's deriver in its
+    store.  When the cache cannot give the damaged path, `nix-store
+    --repair-path` turns to that deriver and nix 2.8 deletes the whole path
+    before max-jobs 0 refuses the build: the path stays registered valid with
+    no files (glibc, say).  The repair substitutes only, into a temporary
+    path: a failed repair leaves the path as it was."""
+    import os
+    import shutil
+    import subprocess
+    import world as world_mod
+    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("nix-build"):
+        pytest.skip("needs root, unshare and nix")
+    script = tmp_path / "repair.sh"
+    script.write_text(REPAIR_WITH_A_DERIVER)
+    agent_dir = tmp_path / "agent"
+    agent_dir.mkdir()
+    shutil.copy(world_mod.AGENT, agent_dir / "autodeploy.py")
+    r = subprocess.run(["unshare", "-m", "sh", str(script), str(agent_dir)], capture_output=True, text=True,
+                       timeout=120)
+    lines = r.stdout.split()
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "FAILED" in r.stdout and "REALISED" not in r.stdout, r.stdout
+    assert lines[-2:] == ["a", "b"], r.stdout      # both files still there

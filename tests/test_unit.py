@@ -355,6 +355,15 @@ def test_loop_mode_writes_state_changes_at_once_and_timestamps_within_the_bound(
     store.flush()  # the loop's end (SIGTERM, SIGINT)
     assert on_disk()["last_run"] == 8.0
 
+    # While the loop sleeps (a poll interval of minutes), what is held is
+    # written once the bound has passed, not at the next poll.
+    cycle(1, last_run=8.5)
+    store.flush_due()
+    assert on_disk()["last_run"] == 8.0
+    clock[0] += ad.TIMESTAMPS_WRITTEN_EVERY_SECONDS
+    store.flush_due()
+    assert on_disk()["last_run"] == 8.5
+
     # Someone else's state.json (an older agent, a restore) wins over what is held.
     cycle(1, last_run=9.0)
     (state_dir / "state.json").write_text(json.dumps({"last_run": 42.0, "deployed": "/nix/store/y"}))
