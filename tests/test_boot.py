@@ -544,18 +544,24 @@ def test_sigkill_while_putting_the_boot_default_back_converges(host, world, serv
     assert host.metrics()["nixos_autodeploy_boot_failures_total"] == 1
 
 
-def test_an_entry_without_tries_left_is_a_fallback_whatever_the_variables_say(boot_host, world, server):
-    """systemd-boot renames an entry that failed all its tries to `+0-N`: that
-    settles it, even when LoaderEntryDefault (a default pinned earlier) names
-    another entry than the one booted."""
-    host = boot_host
-    a, b = world.path("a"), world.path("b")
+def exhausted_b_after_falling_back_to_a(host, a: str, b: str) -> None:
+    """b staged, the boot loader fell back to a, and b's entry has no tries
+    left (`+0-3`)."""
     mount = host.mount_boot(8 * MiB)
     stage(host, b)
     fall_back(host, a)
     entries = mount / "loader" / "entries"
     (entries / "nixos-generation-1.conf").write_text(f"title NixOS\nlinux /x\noptions init={a}/init quiet\n")
     (entries / "nixos-generation-2+0-3.conf").write_text(f"title NixOS\nlinux /y\noptions init={b}/init quiet\n")
+
+
+def test_an_entry_without_tries_left_is_a_fallback_whatever_the_variables_say(boot_host, world, server):
+    """systemd-boot renames an entry that failed all its tries to `+0-N`: that
+    settles it, even when LoaderEntryDefault (a default pinned earlier) names
+    another entry than the one booted."""
+    host = boot_host
+    a, b = world.path("a"), world.path("b")
+    exhausted_b_after_falling_back_to_a(host, a, b)
     env = {"NIXOS_AUTODEPLOY_EFIVARS": efivars(host, "nixos-generation-1.conf", "nixos-generation-2.conf")}
     r = host.once(host.url, "--switch-mode", "boot", env=env)
     assert r.returncode == 5, r.stderr
@@ -570,12 +576,7 @@ def test_after_someone_elses_kexec_an_exhausted_entry_still_settles_it(boot_host
     boot loader gave up on the staged system, kexec or not."""
     host = boot_host
     a, b = world.path("a"), world.path("b")
-    mount = host.mount_boot(8 * MiB)
-    stage(host, b)
-    fall_back(host, a)
-    entries = mount / "loader" / "entries"
-    (entries / "nixos-generation-1.conf").write_text(f"title NixOS\nlinux /x\noptions init={a}/init quiet\n")
-    (entries / "nixos-generation-2+0-3.conf").write_text(f"title NixOS\nlinux /y\noptions init={b}/init quiet\n")
+    exhausted_b_after_falling_back_to_a(host, a, b)
     params = bytearray(4096)
     params[0x210] = 0xD0
     (host.root / "boot_params").write_bytes(bytes(params))
