@@ -187,6 +187,13 @@ def test_a_new_firmware_boot_with_the_same_entry_is_evidence(host, world, server
     assert host.state()["loader_boot"]["fingerprint"] == "5123999 9877111 nixos-generation-1.conf"
 
 
+def boot_params(host, type_of_loader: int) -> None:
+    """The host's x86 boot parameters with this type_of_loader (0x210)."""
+    params = bytearray(4096)
+    params[0x210] = type_of_loader
+    (host.root / "boot_params").write_bytes(bytes(params))
+
+
 def test_a_kernel_started_by_kexec_does_not_read_the_loader_variables(host, world, server):
     """Where systemd-boot sets no timestamps (in a VM without a usable TSC,
     as in the VM tier's guest) the kernel says it: type_of_loader 0xD? in
@@ -195,16 +202,13 @@ def test_a_kernel_started_by_kexec_does_not_read_the_loader_variables(host, worl
     stage(host, b)
     fall_back(host, a)
     host.ctl("boot-default").write_text(b + "\n")
-    params = bytearray(4096)
-    params[0x210] = 0xD0
-    (host.root / "boot_params").write_bytes(bytes(params))
+    boot_params(host, 0xD0)
     env = {"NIXOS_AUTODEPLOY_EFIVARS": efivars(host, "nixos-generation-1.conf", "nixos-generation-1.conf")}
     r = host.once(host.url, "--switch-mode", "boot", env=env)
     assert r.returncode == 0 and state_gauge(host) == "booted_previous", r.stderr
     assert host.profile == b and host.state().get("boot_failure") is None
     # A boot loader's own type (here systemd-boot's 0xFF... any but 0xD?): the variables count.
-    params[0x210] = 0xFF
-    (host.root / "boot_params").write_bytes(bytes(params))
+    boot_params(host, 0xFF)
     fall_back(host, a)
     r = host.once(host.url, "--switch-mode", "boot", env=env)
     assert r.returncode == 5 and state_gauge(host) == "boot_failed", r.stderr
@@ -577,9 +581,7 @@ def test_after_someone_elses_kexec_an_exhausted_entry_still_settles_it(boot_host
     host = boot_host
     a, b = world.path("a"), world.path("b")
     exhausted_b_after_falling_back_to_a(host, a, b)
-    params = bytearray(4096)
-    params[0x210] = 0xD0
-    (host.root / "boot_params").write_bytes(bytes(params))
+    boot_params(host, 0xD0)
     env = {"NIXOS_AUTODEPLOY_EFIVARS": efivars(host, "nixos-generation-1.conf", "nixos-generation-1.conf")}
     r = host.once(host.url, "--switch-mode", "boot", env=env)
     assert r.returncode == 5 and state_gauge(host) == "boot_failed", r.stderr

@@ -11,9 +11,8 @@ import time
 
 import pytest
 
-from util import boot_default, stage
-from util import (CHECK, assert_host, fill_leaving, fl_once, kill, quarantined, reboot_calls, state_gauge, track,
-                  wait_for)
+from util import (CHECK, assert_host, boot_default, fill_leaving, fl_once, kill, quarantined, reboot_calls, stage,
+                  state_gauge, stop_during_download, track, wait_for)
 
 
 # ---------------------------------------------------------------------------
@@ -257,15 +256,7 @@ def test_stop_during_the_download_changes_nothing_and_is_no_failure(host, world,
     before = host.state()
     server.cache_delay = 3
     server.pointer(b)
-    proc = host.agent_background("--once", "--url", host.url, "--prometheus-path",
-                                 "/var/lib/prometheus-node-exporter-text/nixos-autodeploy.prom")
-    digest = os.path.basename(b)[:32]
-    wait_for(lambda: any(q["path"].startswith(f"/cache/{digest}") for q in server.requests), what="the download")
-    if how == "sigterm":
-        proc.send_signal(signal.SIGTERM)
-    else:
-        host.stop_unit(proc)
-    proc.wait(30)
+    proc = stop_during_download(host, server, b, how)
     server.cache_delay = 0
     log = proc.log_path.read_text()
     assert proc.returncode == 0, log

@@ -15,7 +15,7 @@ import json
 
 import pytest
 
-from util import promtool_ok, state_gauge, track
+from util import promtool_ok, state_gauge, stop_during_download, track
 
 ROOT = "/run/nixos-autodeploy-prefetch"
 
@@ -156,25 +156,12 @@ def test_a_newer_build_replaces_the_older_ones_root(host, world, server):
 
 @pytest.mark.parametrize("how", ["sigterm", "systemctl_stop"])
 def test_a_stop_during_the_prefetch_ends_it_and_is_no_failure(host, world, server, how):
-    import os
-    import signal
-
-    from util import wait_for
     a, b = world.path("a"), world.path("b")
     track(host)
     before = host.state()
     server.cache_delay = 3
     waiting(server, b)
-    proc = host.agent_background("--once", "--url", host.url, "--prometheus-path",
-                                 "/var/lib/prometheus-node-exporter-text/nixos-autodeploy.prom")
-    digest = os.path.basename(b)[:32]
-    wait_for(lambda: any(str(q["path"]).startswith(f"/cache/{digest}") for q in server.requests),
-             what="the prefetch's download")
-    if how == "sigterm":
-        proc.send_signal(signal.SIGTERM)
-    else:
-        host.stop_unit(proc)
-    proc.wait(30)
+    proc = stop_during_download(host, server, b, how)
     server.cache_delay = 0
     log = proc.log_path.read_text()
     assert proc.returncode == 0 and "prefetching" in log, log

@@ -228,3 +228,20 @@ def efivars(host, selected: str, default: str) -> str:
     for name, value in (("LoaderEntrySelected", selected), ("LoaderEntryDefault", default)):
         (d / f"{name}-{LOADER_GUID}").write_bytes(b"\x06\x00\x00\x00" + (value + "\0").encode("utf-16-le"))
     return str(d)
+
+
+def stop_during_download(host, server, path: str, how: str):
+    """Start a run, wait until it downloads `path` from the cache, then stop
+    it: SIGTERM, or `systemctl stop` (SIGTERM to every process of the unit,
+    nix included).  Returns the stopped process."""
+    proc = host.agent_background("--once", "--url", host.url, "--prometheus-path",
+                                 "/var/lib/prometheus-node-exporter-text/nixos-autodeploy.prom")
+    digest = os.path.basename(path)[:32]
+    wait_for(lambda: any(str(q["path"]).startswith(f"/cache/{digest}") for q in server.requests),
+             what="the download")
+    if how == "sigterm":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        host.stop_unit(proc)
+    proc.wait(30)
+    return proc
