@@ -141,6 +141,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import enum
+import functools
 import json
 import os
 import signal
@@ -2326,6 +2327,15 @@ def started_by_kexec() -> bool:
     return len(data) > 0x210 and data[0x210] >> 4 == 0xD
 
 
+@functools.lru_cache(maxsize=1)
+def boot_loader_facts(boot_id: str | None) -> tuple[str | None, bool]:
+    """The fingerprint of the firmware boot the Loader* variables describe,
+    and whether kexec started this kernel: both fixed for a boot, so read
+    once per boot (loop mode would otherwise read EFI variables, which
+    efivarfs fetches from the firmware, on every poll)."""
+    return loader_boot_fingerprint(), started_by_kexec()
+
+
 def loader_variables_stale(recorded: dict[str, Any] | None, fingerprint: str | None, boot_id: str | None) -> bool:
     """Do the Loader* variables describe an earlier boot than this one: the
     fingerprint seen in another boot is seen again (no boot loader ran in
@@ -2563,8 +2573,8 @@ def gather_facts(state: State, store: StateStore) -> Facts:
     boot_id = current_boot_id()
     request = state.reboot_request if isinstance(state.reboot_request, dict) else {}
     kexec_boot = request.get("mode") == "kexec" and bool(boot_id) and request.get("boot_id") != boot_id
-    fingerprint = loader_boot_fingerprint()
-    loader_stale = kexec_boot or started_by_kexec() or loader_variables_stale(state.loader_boot, fingerprint, boot_id)
+    fingerprint, kexeced = boot_loader_facts(boot_id)
+    loader_stale = kexec_boot or kexeced or loader_variables_stale(state.loader_boot, fingerprint, boot_id)
     return Facts(read_host(), boot_id, rebooted_since_staging(state), store.suspension(), kexec_boot,
                  os.path.exists(FLEETLOCK_STEADY_MARKER), loader_stale, fingerprint)
 

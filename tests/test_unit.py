@@ -489,3 +489,21 @@ def test_docstring_and_docs_show_the_codes_tables():
         assert text in "\n".join(doc), "the docstring's table differs from the code's:\n" + text
         assert text in lifecycle, "docs/design/lifecycle.md's table differs from the code's:\n" + text
     assert decision in readme, "README's decision table differs from the code's:\n" + decision
+
+
+def test_the_boot_loaders_facts_are_read_once_per_boot(monkeypatch):
+    """Loop mode polls every few minutes; the Loader* variables (fetched
+    from the firmware by efivarfs) and the boot parameters do not change
+    within a boot: read once per boot ID."""
+    reads = []
+    monkeypatch.setattr(ad, "loader_boot_fingerprint", lambda: reads.append("fingerprint") or "t1 t2 e")
+    monkeypatch.setattr(ad, "started_by_kexec", lambda: reads.append("kexec") or False)
+    ad.boot_loader_facts.cache_clear()
+    try:
+        assert ad.boot_loader_facts("boot-1") == ("t1 t2 e", False)
+        assert ad.boot_loader_facts("boot-1") == ("t1 t2 e", False)
+        assert reads == ["fingerprint", "kexec"]
+        ad.boot_loader_facts("boot-2")
+        assert reads == ["fingerprint", "kexec"] * 2
+    finally:
+        ad.boot_loader_facts.cache_clear()
